@@ -1,0 +1,200 @@
+//! The agent's event loop: wait for due work (file notification, deferred due time or a
+//! fallback tick), claim the batch, answer it, write replies and completion atomically.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use ferroclaw_mailbox::agent::{Batch, BatchStatus};
+use ferroclaw_mailbox::content::ChatOut;
+use ferroclaw_mailbox::wake::DirWatch;
+use ferroclaw_mailbox::{
+    AgentMailbox, Destination, InboundRow, JournalMode, NewOutbound, OutboundContent,
+    SessionPaths, now_ms,
+};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::formatter;
+use crate::lock;
+use crate::provider::{Prompt, Provider, by_destination};
+
+/// Fallback rescan and parent check, in case a file notification is missed.
+const TICK: Duration = Duration::from_secs(1);
+/// How often the heartbeat is touched while a batch is being worked on.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub session_dir: PathBuf,
+    pub provider: String,
+    pub timezone: Tz,
+    pub idle_timeout: Duration,
+    pub journal_mode: JournalMode,
+    /// Attempts at one batch (counting those of agents that died on it) before it is failed.
+    pub max_attempts: i64,
+    /// Exit when the parent process goes away (local process backend).
+    pub exit_with_parent: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Mailbox(#[from] ferroclaw_mailbox::Error),
+    #[error(transparent)]
+    Provider(#[from] crate::provider::ProviderError),
+    #[error("session lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Runs until idle for `idle_timeout`, shutdown, or the parent going away.
+pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let paths = SessionPaths::new(&options.session_dir);
+    let lock_path = paths.agent_lock();
+    let Some(_lock) = lock::acquire(&lock_path, &shutdown)
+        .await
+        .map_err(|source| AgentError::Lock {
+            path: lock_path,
+            source,
+        })?
+    else {
+        return Ok(());
+    };
+    let mut provider = Provider::from_name(&options.provider)?;
+    let mut mailbox = AgentMailbox::open(paths.clone(), options.journal_mode).await?;
+    let tz = match mailbox.meta("timezone").await? {
+        Some(name) => name.parse().unwrap_or(options.timezone),
+        None => options.timezone,
+    };
+    let wake = Arc::new(Notify::new());
+    let _watch = DirWatch::notifying(&paths.in_dir(), "inbound.db", wake.clone())?;
+    let parent = std::os::unix::process::parent_id();
+    tracing::info!(session = %paths.root().display(), "agent running");
+
+    let mut idle_deadline = Instant::now() + options.idle_timeout;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let batch = mailbox.due(now_ms()).await?;
+        if !batch.unreadable.is_empty() {
+            fail_unreadable(&mut mailbox, &batch).await?;
+        }
+        if !batch.rows.is_empty() {
+            process(&mut mailbox, &mut provider, &batch.rows, tz, &options).await?;
+            idle_deadline = Instant::now() + options.idle_timeout;
+            if shutdown.is_cancelled() {
+                break;
+            }
+            continue;
+        }
+        let due_in = batch
+            .next_due
+            .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64));
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tick.tick() => {
+                if options.exit_with_parent && std::os::unix::process::parent_id() != parent {
+                    tracing::warn!("parent process is gone; exiting");
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(due_in.unwrap_or(Duration::MAX)), if due_in.is_some() => {}
+            _ = tokio::time::sleep_until(idle_deadline) => {
+                tracing::info!("idle; exiting");
+                break;
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    mailbox.close().await;
+    Ok(())
+}
+
+/// Claims, answers and completes one batch. Failures of the provider become a message to
+/// the user once the batch has used up its attempts; before that they end the agent so the
+/// runner retries it with backoff.
+async fn process(
+    mailbox: &mut AgentMailbox,
+    provider: &mut Provider,
+    rows: &[InboundRow],
+    tz: Tz,
+    options: &AgentOptions,
+) -> Result<(), AgentError> {
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let attempt = mailbox.claim(&seqs).await?;
+    mailbox.touch_heartbeat()?;
+    let span = tracing::info_span!("batch", first = seqs[0], size = seqs.len(), attempt);
+    let _enter = span.enter();
+    if attempt > options.max_attempts {
+        tracing::error!("batch failed {} times; giving up on it", attempt - 1);
+        let notices = failure_notices(rows, attempt - 1);
+        mailbox.finish(&seqs, &notices, BatchStatus::Failed).await?;
+        return Ok(());
+    }
+    let text = formatter::format_batch(rows, tz, now_ms());
+    let prompt = Prompt { text: &text, rows };
+    let replies = {
+        let respond = provider.respond(&prompt);
+        tokio::pin!(respond);
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                result = &mut respond => break result?,
+                _ = beat.tick() => mailbox.touch_heartbeat()?,
+            }
+        }
+    };
+    let trace = rows.last().and_then(|r| r.trace.clone());
+    let out: Vec<NewOutbound> = replies
+        .into_iter()
+        .map(|r| NewOutbound {
+            in_reply_to: Some(r.in_reply_to),
+            destination: r.destination,
+            content: OutboundContent::Chat(ChatOut { text: r.text }),
+            trace: trace.clone(),
+        })
+        .collect();
+    let written = mailbox.finish(&seqs, &out, BatchStatus::Completed).await?;
+    tracing::info!(replies = written.len(), "batch completed");
+    Ok(())
+}
+
+/// One message per destination saying the batch could not be processed.
+fn failure_notices(rows: &[InboundRow], attempts: i64) -> Vec<NewOutbound> {
+    by_destination(rows)
+        .into_iter()
+        .map(|(destination, members)| notice(
+            destination,
+            members.last().map(|r| r.seq),
+            format!(
+                "Sorry, I could not process your message: the agent failed {attempts} times while working on it. Please try again."
+            ),
+        ))
+        .collect()
+}
+
+fn notice(destination: Destination, in_reply_to: Option<i64>, text: String) -> NewOutbound {
+    NewOutbound {
+        in_reply_to,
+        destination,
+        content: OutboundContent::Chat(ChatOut { text }),
+        trace: None,
+    }
+}
+
+/// Rows this agent cannot read (a newer runner?) are failed with a notice, never retried
+/// forever.
+async fn fail_unreadable(mailbox: &mut AgentMailbox, batch: &Batch) -> Result<(), AgentError> {
+    for (seq, origin, error) in &batch.unreadable {
+        tracing::error!(seq, %error, "unreadable inbound message");
+        let text = format!("Sorry, I could not read this message: {error}");
+        let reply = notice(origin.reply_to.clone(), Some(*seq), text);
+        mailbox.finish(&[*seq], &[reply], BatchStatus::Failed).await?;
+    }
+    Ok(())
+}

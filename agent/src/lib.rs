@@ -1,0 +1,9 @@
+//! `ferroclaw-agent`: runs inside a session's container (or as a local process), reads the
+//! session's inbound mailbox, asks a model provider for replies and writes them out.
+
+pub mod agent_loop;
+pub mod formatter;
+pub mod lock;
+pub mod provider;
+
+pub use agent_loop::{AgentOptions, run};

@@ -1,0 +1,66 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ferroclaw_agent::AgentOptions;
+use ferroclaw_common::{shutdown, telemetry};
+use ferroclaw_mailbox::JournalMode;
+
+/// ferroclaw-agent: answers one session's messages. Started by the runner.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// The session directory (holds in/ and out/).
+    #[arg(long, env = "FERROCLAW_SESSION_DIR", default_value = "/session")]
+    session_dir: PathBuf,
+    /// The agent's memory folder.
+    #[arg(long, env = "FERROCLAW_AGENT_DIR", default_value = "/agent")]
+    agent_dir: PathBuf,
+    /// Shared read-only memory.
+    #[arg(long, env = "FERROCLAW_GLOBAL_DIR", default_value = "/global")]
+    global_dir: PathBuf,
+    #[arg(long, env = "FERROCLAW_PROVIDER", default_value = "echo")]
+    provider: String,
+    /// IANA time zone (the session's meta overrides it).
+    #[arg(long, env = "FERROCLAW_TIMEZONE", default_value = "UTC")]
+    timezone: String,
+    #[arg(long, env = "FERROCLAW_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    idle_timeout_secs: u64,
+    #[arg(long, env = "FERROCLAW_JOURNAL_MODE", default_value = "delete")]
+    journal_mode: String,
+    #[arg(long, env = "FERROCLAW_MAX_ATTEMPTS", default_value_t = 3)]
+    max_attempts: i64,
+    /// Exit when the parent process exits.
+    #[arg(long)]
+    exit_with_parent: bool,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init("agent");
+    let timezone = args
+        .timezone
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--timezone {:?} is not an IANA time zone", args.timezone))?;
+    let journal_mode: JournalMode = args
+        .journal_mode
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--journal-mode: {e}"))?;
+    let options = AgentOptions {
+        session_dir: args.session_dir,
+        provider: args.provider,
+        timezone,
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        journal_mode,
+        max_attempts: args.max_attempts,
+        exit_with_parent: args.exit_with_parent,
+    };
+    // The agent and global folders are for the model providers' memory (not read yet by echo).
+    let _ = (args.agent_dir, args.global_dir);
+    let shutdown = shutdown::on_signal();
+    ferroclaw_agent::run(options, shutdown)
+        .await
+        .context("agent failed")
+}

@@ -1,0 +1,459 @@
+//! `ferroclaw.toml` plus `FERROCLAW_*` environment overrides, validated at start.
+//!
+//! Every process reads the same file and uses its own section. Without a file, ferroclaw
+//! runs one agent, `main`, with the echo provider; every API conversation and the webhook
+//! source `default` route to it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ids::is_safe_name;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config key {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Root of every service's state: databases and session directories.
+    pub data_dir: PathBuf,
+    pub gateway: GatewayConfig,
+    pub runner: RunnerConfig,
+    pub delivery: ServiceAddr,
+    pub scheduler: ServiceAddr,
+    pub agents: Vec<AgentConfig>,
+    pub webhooks: Vec<WebhookRoute>,
+    pub conversations: Vec<ConversationRoute>,
+}
+
+/// Where a gRPC service listens and where its peers reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAddr {
+    pub listen: SocketAddr,
+    /// Defaults to `http://<listen>` (with an unspecified IP replaced by loopback).
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+impl ServiceAddr {
+    fn on(port: u16) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            url: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        if let Some(url) = &self.url {
+            return url.clone();
+        }
+        let mut addr = self.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub http_addr: SocketAddr,
+    pub grpc: ServiceAddr,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Bearer token for the REST API (prefer `FERROCLAW_API_TOKEN`). Without one the
+    /// gateway refuses to listen on anything but loopback.
+    pub api_token: Option<String>,
+    /// Longest long-poll a client may ask for, in seconds.
+    pub max_wait_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc: ServiceAddr::on(50054),
+            max_body_bytes: 1024 * 1024,
+            api_token: None,
+            max_wait_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunnerConfig {
+    pub listen: SocketAddr,
+    pub url: Option<String>,
+    /// "process": agents as local child processes (not a security boundary).
+    pub backend: String,
+    /// The `ferroclaw-agent` executable; defaults to the one beside the runner's.
+    pub agent_binary: Option<PathBuf>,
+    /// An agent with nothing to do for this long exits.
+    pub idle_timeout_secs: u64,
+    /// "delete" (default) or "wal" for the session databases.
+    pub journal_mode: String,
+    /// Restarts of a crashing agent before its batch is given up.
+    pub max_restarts: u32,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            url: None,
+            backend: "process".into(),
+            agent_binary: None,
+            idle_timeout_secs: 300,
+            journal_mode: "delete".into(),
+            max_restarts: 5,
+        }
+    }
+}
+
+impl RunnerConfig {
+    pub fn addr(&self) -> ServiceAddr {
+        ServiceAddr {
+            listen: self.listen,
+            url: self.url.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub name: String,
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    /// IANA time zone the agent sees times in.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+}
+
+fn default_provider() -> String {
+    "echo".into()
+}
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
+/// `POST /v1/hooks/{source}` → agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRoute {
+    pub source: String,
+    pub agent: String,
+    /// API conversation that receives the agent's replies; default `webhook-<source>`.
+    #[serde(default)]
+    pub reply_conversation: Option<String>,
+}
+
+impl WebhookRoute {
+    pub fn reply_conversation(&self) -> String {
+        self.reply_conversation
+            .clone()
+            .unwrap_or_else(|| format!("webhook-{}", self.source))
+    }
+}
+
+/// API conversations whose id matches `pattern` → agent. `*` matches everything; `abc*`
+/// matches ids starting with `abc`; anything else matches exactly.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationRoute {
+    pub pattern: String,
+    pub agent: String,
+}
+
+impl ConversationRoute {
+    pub fn matches(&self, conversation: &str) -> bool {
+        match self.pattern.strip_suffix('*') {
+            Some(prefix) => conversation.starts_with(prefix),
+            None => self.pattern == conversation,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("ferroclaw-data"),
+            gateway: GatewayConfig::default(),
+            runner: RunnerConfig::default(),
+            delivery: ServiceAddr::on(50052),
+            scheduler: ServiceAddr::on(50053),
+            agents: vec![AgentConfig {
+                name: "main".into(),
+                provider: default_provider(),
+                timezone: default_timezone(),
+            }],
+            webhooks: vec![WebhookRoute {
+                source: "default".into(),
+                agent: "main".into(),
+                reply_conversation: None,
+            }],
+            conversations: vec![ConversationRoute {
+                pattern: "*".into(),
+                agent: "main".into(),
+            }],
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, or `$FERROCLAW_CONFIG`, or `./ferroclaw.toml` when it exists, or the
+    /// defaults; then applies `FERROCLAW_*` overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let env_path = std::env::var_os("FERROCLAW_CONFIG").map(PathBuf::from);
+        let path = path.map(Path::to_path_buf).or(env_path).or_else(|| {
+            let local = PathBuf::from("ferroclaw.toml");
+            local.exists().then_some(local)
+        });
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse { path, message })?
+            }
+            None => Self::default(),
+        };
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Applies `FERROCLAW_*` overrides read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &str, value: &str) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value.parse().map_err(|e: T::Err| ConfigError::Env {
+                var: var.into(),
+                message: format!("{value:?}: {e}"),
+            })
+        }
+        if let Some(v) = get("FERROCLAW_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get("FERROCLAW_HTTP_ADDR") {
+            self.gateway.http_addr = parse("FERROCLAW_HTTP_ADDR", &v)?;
+        }
+        if let Some(v) = get("FERROCLAW_API_TOKEN").filter(|v| !v.is_empty()) {
+            self.gateway.api_token = Some(v);
+        }
+        if let Some(v) = get("FERROCLAW_MAX_BODY_BYTES") {
+            self.gateway.max_body_bytes = parse("FERROCLAW_MAX_BODY_BYTES", &v)?;
+        }
+        for (prefix, addr) in [
+            ("FERROCLAW_GATEWAY_GRPC", &mut self.gateway.grpc),
+            ("FERROCLAW_DELIVERY", &mut self.delivery),
+            ("FERROCLAW_SCHEDULER", &mut self.scheduler),
+        ] {
+            let var = format!("{prefix}_ADDR");
+            if let Some(v) = get(&var) {
+                addr.listen = parse(&var, &v)?;
+            }
+            if let Some(v) = get(&format!("{prefix}_URL")) {
+                addr.url = Some(v);
+            }
+        }
+        if let Some(v) = get("FERROCLAW_RUNNER_ADDR") {
+            self.runner.listen = parse("FERROCLAW_RUNNER_ADDR", &v)?;
+        }
+        if let Some(v) = get("FERROCLAW_RUNNER_URL") {
+            self.runner.url = Some(v);
+        }
+        if let Some(v) = get("FERROCLAW_AGENT_BINARY") {
+            self.runner.agent_binary = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("FERROCLAW_IDLE_TIMEOUT_SECS") {
+            self.runner.idle_timeout_secs = parse("FERROCLAW_IDLE_TIMEOUT_SECS", &v)?;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| Err(ConfigError::Invalid { key, message });
+        if self.agents.is_empty() {
+            return invalid("agents".into(), "at least one agent is needed".into());
+        }
+        for (i, agent) in self.agents.iter().enumerate() {
+            let key = format!("agents[{i}]");
+            if !is_safe_name(&agent.name) {
+                return invalid(
+                    format!("{key}.name"),
+                    format!("{:?} must be letters, digits, '-', '_' or '.'", agent.name),
+                );
+            }
+            if self.agents[..i].iter().any(|a| a.name == agent.name) {
+                return invalid(format!("{key}.name"), format!("{:?} appears twice", agent.name));
+            }
+            if agent.timezone.parse::<chrono_tz::Tz>().is_err() {
+                return invalid(
+                    format!("{key}.timezone"),
+                    format!("{:?} is not an IANA time zone", agent.timezone),
+                );
+            }
+            if agent.provider != "echo" {
+                return invalid(
+                    format!("{key}.provider"),
+                    format!("unknown provider {:?} (available: echo)", agent.provider),
+                );
+            }
+        }
+        for (i, route) in self.webhooks.iter().enumerate() {
+            if !is_safe_name(&route.source) {
+                return invalid(
+                    format!("webhooks[{i}].source"),
+                    format!("{:?} must be letters, digits, '-', '_' or '.'", route.source),
+                );
+            }
+            self.check_agent(&format!("webhooks[{i}].agent"), &route.agent)?;
+        }
+        for (i, route) in self.conversations.iter().enumerate() {
+            self.check_agent(&format!("conversations[{i}].agent"), &route.agent)?;
+        }
+        if self.runner.backend != "process" {
+            return invalid(
+                "runner.backend".into(),
+                format!("unknown backend {:?} (available: process)", self.runner.backend),
+            );
+        }
+        if let Err(e) = self.runner.journal_mode.parse::<JournalModeName>() {
+            return invalid("runner.journal_mode".into(), e);
+        }
+        if self.gateway.api_token.is_none() && !self.gateway.http_addr.ip().is_loopback() {
+            return invalid(
+                "gateway.http_addr".into(),
+                format!(
+                    "{} is not a loopback address: set FERROCLAW_API_TOKEN before exposing the API",
+                    self.gateway.http_addr
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn check_agent(&self, key: &str, agent: &str) -> Result<(), ConfigError> {
+        if self.agent(agent).is_some() {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid {
+            key: key.into(),
+            message: format!("no agent named {agent:?} in [[agents]]"),
+        })
+    }
+
+    pub fn agent(&self, name: &str) -> Option<&AgentConfig> {
+        self.agents.iter().find(|a| a.name == name)
+    }
+
+    pub fn webhook_route(&self, source: &str) -> Option<&WebhookRoute> {
+        self.webhooks.iter().find(|r| r.source == source)
+    }
+
+    pub fn conversation_route(&self, conversation: &str) -> Option<&ConversationRoute> {
+        self.conversations.iter().find(|r| r.matches(conversation))
+    }
+}
+
+/// Journal mode names accepted in `runner.journal_mode` (the mailbox crate owns the type).
+struct JournalModeName;
+
+impl std::str::FromStr for JournalModeName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "delete" | "wal" => Ok(Self),
+            other => Err(format!("unknown journal mode {other:?} (expected delete or wal)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_route_everything_to_main() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.webhook_route("default").unwrap().agent, "main");
+        assert!(c.webhook_route("other").is_none());
+        assert_eq!(c.conversation_route("anything").unwrap().agent, "main");
+        assert_eq!(c.runner.addr().url(), "http://127.0.0.1:50051");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = Config::parse("data_dirr = \"x\"").unwrap_err();
+        assert!(err.contains("data_dirr"), "{err}");
+        let c = Config::parse(
+            "[[agents]]\nname = \"a\"\ntimezone = \"Mars/Base\"\n",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("agents[0].timezone"), "{err}");
+        let c = Config::parse(
+            "[[agents]]\nname = \"a\"\n[[webhooks]]\nsource = \"gh\"\nagent = \"b\"\n",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("webhooks[0].agent"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_name_the_variable() {
+        let mut c = Config::default();
+        let err = c
+            .apply_env(|k| (k == "FERROCLAW_RUNNER_ADDR").then(|| "nope".to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("FERROCLAW_RUNNER_ADDR"), "{err}");
+        c.apply_env(|k| (k == "FERROCLAW_DATA_DIR").then(|| "/tmp/x".to_string()))
+            .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn public_address_needs_a_token() {
+        let mut c = Config::default();
+        c.gateway.http_addr = "0.0.0.0:8080".parse().unwrap();
+        assert!(c.validate().is_err());
+        c.gateway.api_token = Some("t".into());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn conversation_patterns() {
+        let r = ConversationRoute {
+            pattern: "ops-*".into(),
+            agent: "a".into(),
+        };
+        assert!(r.matches("ops-1"));
+        assert!(!r.matches("dev-1"));
+    }
+}

@@ -1,0 +1,84 @@
+//! gRPC serving and client helpers: every server carries health and reflection.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::transport::server::Router;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic_health::server::HealthReporter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("invalid gRPC URL {url:?}: {message}")]
+    Url { url: String, message: String },
+}
+
+/// A server builder with `grpc.health.v1` (reporting `S` as serving) and reflection.
+pub async fn server_for<S: NamedService>() -> Result<(Router, HealthReporter), GrpcError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<S>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferroclaw_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let router = Server::builder().add_service(health).add_service(reflection);
+    Ok((router, reporter))
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, GrpcError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GrpcError::Bind { addr, source })
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then drains open calls.
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), GrpcError> {
+    router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+/// A channel that connects on first use and reconnects by itself after a peer restarts.
+pub fn channel(url: &str) -> Result<Channel, GrpcError> {
+    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| GrpcError::Url {
+        url: url.to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// Asks a peer's health service whether it serves (`""` = the whole server).
+pub async fn is_serving(channel: Channel, service: &str) -> bool {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut client = HealthClient::new(channel);
+    let request = tonic::Request::new(HealthCheckRequest {
+        service: service.to_string(),
+    });
+    match tokio::time::timeout(Duration::from_secs(2), client.check(request)).await {
+        Ok(Ok(response)) => response.into_inner().status == 1,
+        _ => false,
+    }
+}

@@ -1,0 +1,11 @@
+//! What every ferroclaw process shares: configuration, telemetry, gRPC serving and client
+//! helpers, shutdown signals, ids.
+
+pub mod config;
+pub mod grpc;
+pub mod ids;
+pub mod ready;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{Config, ConfigError};

@@ -1,0 +1,74 @@
+//! Opening the mailbox databases: journal mode, busy timeout, one writer connection.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::error::{Result, SqliteContext};
+
+/// How long a connection waits for a lock held by the other side before it reports busy.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Journal mode of the session databases.
+///
+/// DELETE is the default: WAL's shared-memory file is not safe across VM-backed mounts
+/// (Docker Desktop). WAL may be chosen on Linux hosts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum JournalMode {
+    #[default]
+    Delete,
+    Wal,
+}
+
+impl FromStr for JournalMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "delete" => Ok(Self::Delete),
+            "wal" => Ok(Self::Wal),
+            other => Err(format!(
+                "unknown journal mode {other:?} (expected delete or wal)"
+            )),
+        }
+    }
+}
+
+/// A single-connection pool that may write. One writer per file: the owner opens it.
+pub(crate) async fn open_writer(path: &Path, mode: JournalMode) -> Result<SqlitePool> {
+    let journal = match mode {
+        JournalMode::Delete => SqliteJournalMode::Delete,
+        JournalMode::Wal => SqliteJournalMode::Wal,
+    };
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(journal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(BUSY_TIMEOUT);
+    pool(options, path).await
+}
+
+/// A read-only connection to the file the other side writes.
+pub(crate) async fn open_reader(path: &Path) -> Result<SqlitePool> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(BUSY_TIMEOUT);
+    pool(options, path).await
+}
+
+async fn pool(options: SqliteConnectOptions, path: &Path) -> Result<SqlitePool> {
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .acquire_timeout(Duration::from_secs(60))
+        .connect_with(options)
+        .await
+        .at(path)
+}

@@ -1,0 +1,54 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong reading or writing a session mailbox.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sqlite error on {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(
+        "{path} has mailbox schema version {found}, but this build speaks version {expected}: \
+         run an agent and a runner of the same ferroclaw release"
+    )]
+    SchemaMismatch {
+        path: PathBuf,
+        found: i64,
+        expected: i64,
+    },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid {what} content: {message}")]
+    InvalidContent { what: String, message: String },
+    #[error("file watch failed: {0}")]
+    Watch(#[from] notify::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches the database path to sqlx errors.
+pub(crate) trait SqliteContext<T> {
+    fn at(self, path: &std::path::Path) -> Result<T>;
+}
+
+impl<T> SqliteContext<T> for std::result::Result<T, sqlx::Error> {
+    fn at(self, path: &std::path::Path) -> Result<T> {
+        self.map_err(|source| Error::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+pub(crate) fn io_at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

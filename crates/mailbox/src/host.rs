@@ -1,0 +1,266 @@
+//! The runner's side of a session directory: writes `inbound.db`, reads `outbound.db`.
+
+use std::collections::HashSet;
+
+use sqlx::{Row, SqlitePool};
+use tokio::sync::Mutex;
+
+use crate::content::InboundContent;
+use crate::db::{self, JournalMode};
+use crate::error::{Result, SqliteContext};
+use crate::paths::SessionPaths;
+use crate::rows::{NewInbound, OutboundRow, Outcome};
+use crate::schema;
+use crate::seq;
+
+/// Result of an enqueue: the row's seq and id, and whether it was already there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    pub seq: i64,
+    pub id: String,
+    pub duplicate: bool,
+}
+
+/// Inbound work the agent has not finished.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Active inbound rows not yet completed or failed.
+    pub count: i64,
+    /// The earliest time one of them may be processed (unix ms); `None` when none is pending.
+    pub next_due: Option<i64>,
+}
+
+pub struct HostMailbox {
+    paths: SessionPaths,
+    inbound: SqlitePool,
+    /// Opened once the agent has created and initialised `outbound.db`.
+    outbound: Mutex<Option<SqlitePool>>,
+}
+
+impl HostMailbox {
+    /// Creates the session directory and `inbound.db` if needed, and checks its version.
+    pub async fn open(paths: SessionPaths, mode: JournalMode) -> Result<Self> {
+        paths.create()?;
+        let path = paths.inbound_db();
+        let inbound = db::open_writer(&path, mode).await?;
+        schema::init_inbound(&inbound, &path).await?;
+        Ok(Self {
+            paths,
+            inbound,
+            outbound: Mutex::new(None),
+        })
+    }
+
+    pub fn paths(&self) -> &SessionPaths {
+        &self.paths
+    }
+
+    /// The reader of `outbound.db`, or `None` while the agent has not created it.
+    async fn outbound(&self) -> Result<Option<SqlitePool>> {
+        let mut slot = self.outbound.lock().await;
+        if let Some(pool) = slot.as_ref() {
+            return Ok(Some(pool.clone()));
+        }
+        let path = self.paths.outbound_db();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let pool = db::open_reader(&path).await?;
+        if !schema::check_version(&pool, &path, schema::OUTBOUND_VERSION).await? {
+            pool.close().await;
+            return Ok(None);
+        }
+        *slot = Some(pool.clone());
+        Ok(Some(pool))
+    }
+
+    async fn max_out_seq(&self) -> Result<i64> {
+        let Some(pool) = self.outbound().await? else {
+            return Ok(0);
+        };
+        sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM messages_out")
+            .fetch_one(&pool)
+            .await
+            .map(|v| v.unwrap_or(0))
+            .at(&self.paths.outbound_db())
+    }
+
+    /// Appends a message, or returns the existing row when its id is already there.
+    pub async fn enqueue(&self, msg: &NewInbound) -> Result<Enqueued> {
+        let path = self.paths.inbound_db();
+        let mut tx = self.inbound.begin().await.at(&path)?;
+        let existing: Option<i64> = sqlx::query_scalar("SELECT seq FROM messages_in WHERE id = $1")
+            .bind(&msg.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .at(&path)?;
+        if let Some(seq) = existing {
+            return Ok(Enqueued {
+                seq,
+                id: msg.id.clone(),
+                duplicate: true,
+            });
+        }
+        let max_in: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM messages_in")
+            .fetch_one(&mut *tx)
+            .await
+            .at(&path)?;
+        let max_out = self.max_out_seq().await?;
+        let seq = seq::next_host(max_in.unwrap_or(0).max(max_out));
+        let origin = serde_json::to_string(&msg.origin).unwrap_or_else(|_| "{}".into());
+        sqlx::query(
+            "INSERT INTO messages_in (seq, id, kind, created_at, process_after, state, origin, content, trace)
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8)",
+        )
+        .bind(seq)
+        .bind(&msg.id)
+        .bind(msg.content.kind())
+        .bind(crate::now_ms())
+        .bind(msg.process_after)
+        .bind(origin)
+        .bind(msg.content.to_json())
+        .bind(&msg.trace)
+        .execute(&mut *tx)
+        .await
+        .at(&path)?;
+        tx.commit().await.at(&path)?;
+        Ok(Enqueued {
+            seq,
+            id: msg.id.clone(),
+            duplicate: false,
+        })
+    }
+
+    /// Outbound rows above `after` that have no `delivered` entry yet, oldest first.
+    pub async fn unsettled_after(&self, after: i64) -> Result<Vec<OutboundRow>> {
+        let Some(out) = self.outbound().await? else {
+            return Ok(Vec::new());
+        };
+        let out_path = self.paths.outbound_db();
+        let rows = sqlx::query(
+            "SELECT seq, in_reply_to, created_at, kind, destination, content, trace
+             FROM messages_out WHERE seq > $1 ORDER BY seq",
+        )
+        .bind(after)
+        .fetch_all(&out)
+        .await
+        .at(&out_path)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let settled: HashSet<i64> =
+            sqlx::query_scalar::<_, i64>("SELECT out_seq FROM delivered WHERE out_seq > $1")
+                .bind(after)
+                .fetch_all(&self.inbound)
+                .await
+                .at(&self.paths.inbound_db())?
+                .into_iter()
+                .collect();
+        let mut result = Vec::with_capacity(rows.len());
+        for row in rows {
+            let seq: i64 = row.try_get("seq").at(&out_path)?;
+            if settled.contains(&seq) {
+                continue;
+            }
+            result.push(OutboundRow {
+                seq,
+                in_reply_to: row.try_get("in_reply_to").at(&out_path)?,
+                created_at: row.try_get("created_at").at(&out_path)?,
+                kind: row.try_get("kind").at(&out_path)?,
+                destination: row.try_get("destination").at(&out_path)?,
+                content: row.try_get("content").at(&out_path)?,
+                trace: row.try_get("trace").at(&out_path)?,
+            });
+        }
+        Ok(result)
+    }
+
+    /// Records the outcome of an outbound row. `false`: it was settled before (first wins).
+    pub async fn settle(
+        &self,
+        out_seq: i64,
+        outcome: Outcome,
+        platform_message_id: Option<&str>,
+        detail: Option<&str>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO delivered (out_seq, outcome, platform_message_id, detail, at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (out_seq) DO NOTHING",
+        )
+        .bind(out_seq)
+        .bind(outcome.as_str())
+        .bind(platform_message_id)
+        .bind(detail)
+        .bind(crate::now_ms())
+        .execute(&self.inbound)
+        .await
+        .at(&self.paths.inbound_db())?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The outcome recorded for `out_seq`, if any.
+    pub async fn outcome(&self, out_seq: i64) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT outcome FROM delivered WHERE out_seq = $1")
+            .bind(out_seq)
+            .fetch_optional(&self.inbound)
+            .await
+            .at(&self.paths.inbound_db())
+    }
+
+    /// Inbound work the agent has not completed yet.
+    pub async fn pending(&self) -> Result<Pending> {
+        let inbound: Vec<(i64, Option<i64>, i64)> = sqlx::query_as(
+            "SELECT seq, process_after, created_at FROM messages_in WHERE state = 'active'",
+        )
+        .fetch_all(&self.inbound)
+        .await
+        .at(&self.paths.inbound_db())?;
+        let done: HashSet<i64> = match self.outbound().await? {
+            None => HashSet::new(),
+            Some(out) => sqlx::query_scalar::<_, i64>(
+                "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",
+            )
+            .fetch_all(&out)
+            .await
+            .at(&self.paths.outbound_db())?
+            .into_iter()
+            .collect(),
+        };
+        let mut pending = Pending::default();
+        for (seq, process_after, created_at) in inbound {
+            if done.contains(&seq) {
+                continue;
+            }
+            pending.count += 1;
+            let due = process_after.unwrap_or(created_at);
+            pending.next_due = Some(pending.next_due.map_or(due, |d: i64| d.min(due)));
+        }
+        Ok(pending)
+    }
+
+    /// Sets a session fact (`meta` table): agent name, time zone, default reply origin.
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.inbound)
+        .await
+        .at(&self.paths.inbound_db())?;
+        Ok(())
+    }
+
+    /// Checks that `content_json` is valid content of `kind`, before anything is written.
+    pub fn validate(kind: &str, content_json: &str) -> Result<InboundContent> {
+        InboundContent::parse(kind, content_json)
+    }
+
+    pub async fn close(&self) {
+        self.inbound.close().await;
+        if let Some(out) = self.outbound.lock().await.take() {
+            out.close().await;
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Wake-ups on file changes (inotify through `notify`), so nothing in the message path polls
+//! on a fixed interval. Callers still keep a slow fallback poll in case an event is missed
+//! (e.g. on file systems that do not report changes).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::Notify;
+
+use crate::error::Result;
+
+/// Keeps a directory watch alive; dropping it stops the watch.
+pub struct DirWatch {
+    _watcher: RecommendedWatcher,
+}
+
+impl DirWatch {
+    /// Calls `on_change` (on the watcher's own thread) with the path of every created,
+    /// modified or removed file under `dir`.
+    pub fn new(
+        dir: &Path,
+        recursive: bool,
+        on_change: impl Fn(&Path) + Send + 'static,
+    ) -> Result<Self> {
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, EventKind::Access(_)) {
+                return;
+            }
+            for path in &event.paths {
+                on_change(path);
+            }
+        })?;
+        let mode = if recursive {
+            RecursiveMode::Recursive
+        } else {
+            RecursiveMode::NonRecursive
+        };
+        watcher.watch(dir, mode)?;
+        Ok(Self { _watcher: watcher })
+    }
+
+    /// Wakes `notify` whenever a file under `dir` whose name starts with `prefix` changes.
+    pub fn notifying(dir: &Path, prefix: &str, notify: Arc<Notify>) -> Result<Self> {
+        let prefix = prefix.to_string();
+        Self::new(dir, false, move |path| {
+            if file_name_starts_with(path, &prefix) {
+                notify.notify_one();
+            }
+        })
+    }
+}
+
+/// True when the last component of `path` starts with `prefix` (so `inbound.db` also matches
+/// its `inbound.db-journal`).
+pub fn file_name_starts_with(path: &Path, prefix: &str) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(prefix))
+}
+
+/// The session directory (`<data>/sessions/<agent>/<id>`) a path inside it belongs to.
+pub fn session_of(sessions_root: &Path, path: &Path) -> Option<(String, String)> {
+    let rel = path.strip_prefix(sessions_root).ok()?;
+    let mut parts = rel.components().map(|c| c.as_os_str().to_string_lossy());
+    let agent = parts.next()?.into_owned();
+    let session = parts.next()?.into_owned();
+    Some((agent, session))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_of_paths() {
+        let root = Path::new("/d/sessions");
+        assert_eq!(
+            session_of(root, Path::new("/d/sessions/main/s1/out/outbound.db")),
+            Some(("main".into(), "s1".into()))
+        );
+        assert_eq!(session_of(root, Path::new("/d/sessions/main")), None);
+        assert_eq!(session_of(root, Path::new("/elsewhere/x/y")), None);
+        assert!(file_name_starts_with(
+            Path::new("/a/inbound.db-journal"),
+            "inbound.db"
+        ));
+    }
+}

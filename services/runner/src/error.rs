@@ -1,0 +1,36 @@
+/// Everything the runner can fail at, mapped once to a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Mailbox(#[from] ferroclaw_mailbox::Error),
+    #[error("session registry: {0}")]
+    Registry(#[from] sqlx::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Grpc(#[from] ferroclaw_common::grpc::GrpcError),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = RunnerError> = std::result::Result<T, E>;
+
+impl From<RunnerError> for tonic::Status {
+    fn from(e: RunnerError) -> Self {
+        match &e {
+            RunnerError::InvalidArgument(m) => tonic::Status::invalid_argument(m.clone()),
+            RunnerError::NotFound(m) => tonic::Status::not_found(m.clone()),
+            _ => {
+                tracing::error!(error = %e, "internal error");
+                tonic::Status::internal(e.to_string())
+            }
+        }
+    }
+}

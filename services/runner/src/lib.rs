@@ -1,0 +1,83 @@
+//! The runner: owns sessions, their directories and their agents (ARCHITECTURE.md §2).
+//! It is the only process that touches session directories.
+
+pub mod error;
+mod mailboxes;
+pub mod outbound_feed;
+pub mod process_backend;
+pub mod registry;
+mod service;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferroclaw_common::Config;
+use ferroclaw_common::grpc;
+use ferroclaw_mailbox::JournalMode;
+use ferroclaw_proto::v1::runner_server::RunnerServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::{Result, RunnerError};
+
+use crate::mailboxes::Mailboxes;
+use crate::outbound_feed::OutboundFeed;
+use crate::process_backend::ProcessBackend;
+use crate::registry::Registry;
+use crate::service::RunnerService;
+use crate::supervisor::Supervisor;
+
+/// Runs the runner on `listener` until `shutdown` is cancelled; then stops every agent
+/// (each finishes its batch) before returning.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| RunnerError::Io {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let mode: JournalMode = config
+        .runner
+        .journal_mode
+        .parse()
+        .map_err(RunnerError::Config)?;
+    let registry = Registry::open(&data_dir.join("runner.db")).await?;
+    let meta: HashMap<String, Vec<(String, String)>> = config
+        .agents
+        .iter()
+        .map(|a| (a.name.clone(), vec![("timezone".to_string(), a.timezone.clone())]))
+        .collect();
+    let mailboxes = Arc::new(Mailboxes::new(data_dir.clone(), mode, meta));
+    let binary = config
+        .runner
+        .agent_binary
+        .clone()
+        .unwrap_or_else(ProcessBackend::default_binary);
+    let backend = ProcessBackend::new(
+        binary,
+        data_dir.clone(),
+        config.runner.idle_timeout_secs,
+        config.runner.journal_mode.clone(),
+        config.runner.max_restarts,
+    )?;
+    let supervisor = Supervisor::new(backend, mailboxes.clone(), &config.agents, shutdown.clone());
+    let feed = OutboundFeed::start(data_dir.join("sessions"), registry.clone(), mailboxes.clone())?;
+    supervisor.recover(&registry).await?;
+
+    let service = RunnerService {
+        registry,
+        mailboxes: mailboxes.clone(),
+        supervisor: supervisor.clone(),
+        feed,
+        agents: config.agents.iter().map(|a| (a.name.clone(), a.clone())).collect(),
+        shutdown: shutdown.clone(),
+    };
+    let (router, _health) = grpc::server_for::<RunnerServer<RunnerService>>().await?;
+    let router = router.add_service(RunnerServer::new(service));
+    tracing::info!(addr = ?listener.local_addr().ok(), "runner listening");
+    grpc::serve(router, listener, shutdown.clone()).await?;
+    supervisor.wait_stopped().await;
+    mailboxes.close_all().await;
+    tracing::info!("runner stopped");
+    Ok(())
+}

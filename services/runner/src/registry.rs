@@ -1,0 +1,148 @@
+//! The runner's own database: which sessions exist, for which agent and conversation.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub agent: String,
+    pub conversation_key: String,
+    pub created_at: i64,
+    pub last_activity: i64,
+}
+
+/// Column order of every `SELECT` below (sqlx's derive needs its macros, which we do not build).
+type Columns = (String, String, String, i64, i64);
+const COLUMNS: &str = "id, agent, conversation_key, created_at, last_activity";
+
+impl From<Columns> for SessionRecord {
+    fn from((id, agent, conversation_key, created_at, last_activity): Columns) -> Self {
+        Self {
+            id,
+            agent,
+            conversation_key,
+            created_at,
+            last_activity,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    pool: SqlitePool,
+}
+
+const DDL: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    id               TEXT PRIMARY KEY,
+    agent            TEXT NOT NULL,
+    conversation_key TEXT NOT NULL,
+    created_at       INTEGER NOT NULL,
+    last_activity    INTEGER NOT NULL,
+    UNIQUE (agent, conversation_key)
+);
+";
+
+impl Registry {
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::query(DDL).execute(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The session of (agent, conversation key), created with a new id when absent.
+    pub async fn get_or_create(&self, agent: &str, conversation_key: &str) -> Result<SessionRecord> {
+        if let Some(found) = self.find(agent, conversation_key).await? {
+            return Ok(found);
+        }
+        let now = ferroclaw_mailbox::now_ms();
+        sqlx::query(
+            "INSERT INTO sessions (id, agent, conversation_key, created_at, last_activity)
+             VALUES ($1, $2, $3, $4, $4) ON CONFLICT (agent, conversation_key) DO NOTHING",
+        )
+        .bind(ferroclaw_common::ids::new_id("ses"))
+        .bind(agent)
+        .bind(conversation_key)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        // A concurrent enqueue may have won the insert: read back whichever row stands.
+        self.find(agent, conversation_key)
+            .await?
+            .ok_or_else(|| sqlx::Error::RowNotFound.into())
+    }
+
+    async fn find(&self, agent: &str, conversation_key: &str) -> Result<Option<SessionRecord>> {
+        let sql = format!("SELECT {COLUMNS} FROM sessions WHERE agent = $1 AND conversation_key = $2");
+        let row: Option<Columns> = sqlx::query_as(&sql)
+            .bind(agent)
+            .bind(conversation_key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Into::into))
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<SessionRecord>> {
+        let sql = format!("SELECT {COLUMNS} FROM sessions WHERE id = $1");
+        let row: Option<Columns> = sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Into::into))
+    }
+
+    pub async fn list(&self, agent: Option<&str>) -> Result<Vec<SessionRecord>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sessions WHERE $1 IS NULL OR agent = $1 ORDER BY created_at, id"
+        );
+        let rows: Vec<Columns> = sqlx::query_as(&sql)
+            .bind(agent)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    pub async fn touch(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE sessions SET last_activity = $2 WHERE id = $1")
+            .bind(id)
+            .bind(ferroclaw_mailbox::now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_session_per_agent_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("runner.db")).await.unwrap();
+        let a = reg.get_or_create("main", "api:c1").await.unwrap();
+        let b = reg.get_or_create("main", "api:c1").await.unwrap();
+        let c = reg.get_or_create("main", "api:c2").await.unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a.id, c.id);
+        assert_eq!(reg.list(Some("main")).await.unwrap().len(), 2);
+        assert_eq!(reg.list(Some("other")).await.unwrap().len(), 0);
+        assert_eq!(reg.get(&a.id).await.unwrap().unwrap().agent, "main");
+    }
+}

@@ -1,0 +1,199 @@
+//! The `Runner` gRPC service.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ferroclaw_common::config::AgentConfig;
+use ferroclaw_mailbox::{Destination, HostMailbox, NewInbound, Origin, Outcome as MailOutcome};
+use ferroclaw_proto::v1::runner_server::Runner;
+use ferroclaw_proto::v1::{
+    EnqueueRequest, EnqueueResponse, GetSessionRequest, ListSessionsRequest, ListSessionsResponse,
+    OutboundMessage, Outcome, Session, SettleRequest, SettleResponse, WatchOutboundRequest,
+};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::error::{Result, RunnerError};
+use crate::mailboxes::Mailboxes;
+use crate::outbound_feed::OutboundFeed;
+use crate::registry::{Registry, SessionRecord};
+use crate::supervisor::Supervisor;
+
+pub struct RunnerService {
+    pub(crate) registry: Registry,
+    pub(crate) mailboxes: Arc<Mailboxes>,
+    pub(crate) supervisor: Supervisor,
+    pub(crate) feed: Arc<OutboundFeed>,
+    pub(crate) agents: HashMap<String, AgentConfig>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl RunnerService {
+    /// Validates everything before anything is written: a rejected request leaves no trace.
+    fn parse_enqueue(&self, req: &EnqueueRequest) -> Result<NewInbound> {
+        if !self.agents.contains_key(&req.agent) {
+            return Err(RunnerError::NotFound(format!("no agent named {:?}", req.agent)));
+        }
+        if req.conversation_key.is_empty() {
+            return Err(RunnerError::InvalidArgument(
+                "conversation_key must not be empty".into(),
+            ));
+        }
+        let content = HostMailbox::validate(&req.kind, &req.content_json)
+            .map_err(|e| RunnerError::InvalidArgument(e.to_string()))?;
+        let origin = req
+            .origin
+            .as_ref()
+            .ok_or_else(|| RunnerError::InvalidArgument("origin is required".into()))?;
+        let reply_to: Destination = serde_json::from_str(&origin.reply_to_json).map_err(|e| {
+            RunnerError::InvalidArgument(format!("origin.reply_to_json is not a destination: {e}"))
+        })?;
+        let id = if req.idempotency_key.is_empty() {
+            ferroclaw_common::ids::new_id("msg")
+        } else if req.idempotency_key.len() > 256 {
+            return Err(RunnerError::InvalidArgument(
+                "idempotency_key is longer than 256 bytes".into(),
+            ));
+        } else {
+            req.idempotency_key.clone()
+        };
+        Ok(NewInbound {
+            id,
+            content,
+            origin: Origin {
+                channel: origin.channel.clone(),
+                conversation: origin.conversation.clone(),
+                sender: origin.sender.clone(),
+                reply_to,
+            },
+            process_after: (req.process_after_ms > 0).then_some(req.process_after_ms),
+            trace: (!req.trace.is_empty()).then(|| req.trace.clone()),
+        })
+    }
+
+    async fn session(&self, id: &str) -> Result<SessionRecord> {
+        self.registry
+            .get(id)
+            .await?
+            .ok_or_else(|| RunnerError::NotFound(format!("no session {id:?}")))
+    }
+
+    async fn describe(&self, session: SessionRecord) -> Result<Session> {
+        let pending = self.mailboxes.get(&session).await?.pending().await?;
+        let state = self.supervisor.state(&session.id).await;
+        Ok(Session {
+            agent_state: state.map_or("idle", |s| s.as_str()).to_string(),
+            pending: pending.count,
+            id: session.id,
+            agent: session.agent,
+            conversation_key: session.conversation_key,
+            created_at_ms: session.created_at,
+            last_activity_ms: session.last_activity,
+        })
+    }
+}
+
+type OutboundStream = Pin<Box<dyn Stream<Item = Result<OutboundMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Runner for RunnerService {
+    #[tracing::instrument(skip_all, fields(agent = %request.get_ref().agent, kind = %request.get_ref().kind))]
+    async fn enqueue(
+        &self,
+        request: Request<EnqueueRequest>,
+    ) -> Result<Response<EnqueueResponse>, Status> {
+        let req = request.into_inner();
+        let message = self.parse_enqueue(&req)?;
+        let session = self
+            .registry
+            .get_or_create(&req.agent, &req.conversation_key)
+            .await?;
+        let mailbox = self.mailboxes.get(&session).await?;
+        let enqueued = mailbox.enqueue(&message).await.map_err(RunnerError::from)?;
+        if !enqueued.duplicate {
+            self.registry.touch(&session.id).await?;
+            self.supervisor.ensure(&session).await;
+        }
+        tracing::debug!(session = %session.id, seq = enqueued.seq, duplicate = enqueued.duplicate, "enqueued");
+        Ok(Response::new(EnqueueResponse {
+            session_id: session.id,
+            seq: enqueued.seq,
+            message_id: enqueued.id,
+            duplicate: enqueued.duplicate,
+        }))
+    }
+
+    type WatchOutboundStream = OutboundStream;
+
+    async fn watch_outbound(
+        &self,
+        request: Request<WatchOutboundRequest>,
+    ) -> Result<Response<Self::WatchOutboundStream>, Status> {
+        let consumer = request.into_inner().consumer;
+        let rx = self.feed.subscribe(consumer, self.shutdown.clone());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %request.get_ref().session_id, seq = request.get_ref().out_seq))]
+    async fn settle(
+        &self,
+        request: Request<SettleRequest>,
+    ) -> Result<Response<SettleResponse>, Status> {
+        let req = request.into_inner();
+        let outcome = match Outcome::try_from(req.outcome) {
+            Ok(Outcome::Delivered) => MailOutcome::Delivered,
+            Ok(Outcome::Failed) => MailOutcome::Failed,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "outcome must be DELIVERED or FAILED",
+                ));
+            }
+        };
+        if !ferroclaw_mailbox::seq::is_agent(req.out_seq) {
+            return Err(Status::invalid_argument(format!(
+                "out_seq {} is not an agent (odd) seq",
+                req.out_seq
+            )));
+        }
+        let session = self.session(&req.session_id).await?;
+        let mailbox = self.mailboxes.get(&session).await?;
+        let none_if_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let recorded = mailbox
+            .settle(
+                req.out_seq,
+                outcome,
+                none_if_empty(&req.platform_message_id).as_deref(),
+                none_if_empty(&req.detail).as_deref(),
+            )
+            .await
+            .map_err(RunnerError::from)?;
+        Ok(Response::new(SettleResponse { recorded }))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
+        let agent = request.into_inner().agent;
+        let records = self
+            .registry
+            .list((!agent.is_empty()).then_some(agent.as_str()))
+            .await?;
+        let mut sessions = Vec::with_capacity(records.len());
+        for record in records {
+            sessions.push(self.describe(record).await?);
+        }
+        Ok(Response::new(ListSessionsResponse { sessions }))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<GetSessionRequest>,
+    ) -> Result<Response<Session>, Status> {
+        let session = self.session(&request.into_inner().session_id).await?;
+        Ok(Response::new(self.describe(session).await?))
+    }
+}
