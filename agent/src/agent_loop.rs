@@ -16,6 +16,7 @@ use ferroclaw_mailbox::{
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::formatter;
 use crate::lock;
@@ -129,11 +130,28 @@ async fn process(
     let attempt = mailbox.claim(&seqs).await?;
     mailbox.touch_heartbeat()?;
     let span = tracing::info_span!("batch", first = seqs[0], size = seqs.len(), attempt);
-    let _enter = span.enter();
+    // `instrument`, not `span.enter()`: an entered guard held across `.await` puts events of
+    // other tasks (the shutdown listener) into this span, and makes the future !Send.
+    answer(mailbox, provider, rows, &seqs, attempt, tz, options)
+        .instrument(span)
+        .await
+}
+
+/// The batch part of [`process`] after the claim: fail it once out of attempts, else ask
+/// the provider and complete it with the replies.
+async fn answer(
+    mailbox: &mut AgentMailbox,
+    provider: &mut Provider,
+    rows: &[InboundRow],
+    seqs: &[i64],
+    attempt: i64,
+    tz: Tz,
+    options: &AgentOptions,
+) -> Result<(), AgentError> {
     if attempt > options.max_attempts {
         tracing::error!("batch failed {} times; giving up on it", attempt - 1);
         let notices = failure_notices(rows, attempt - 1);
-        mailbox.finish(&seqs, &notices, BatchStatus::Failed).await?;
+        mailbox.finish(seqs, &notices, BatchStatus::Failed).await?;
         return Ok(());
     }
     let text = formatter::format_batch(rows, tz, now_ms());
@@ -159,7 +177,7 @@ async fn process(
             trace: trace.clone(),
         })
         .collect();
-    let written = mailbox.finish(&seqs, &out, BatchStatus::Completed).await?;
+    let written = mailbox.finish(seqs, &out, BatchStatus::Completed).await?;
     tracing::info!(replies = written.len(), "batch completed");
     Ok(())
 }

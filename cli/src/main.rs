@@ -1,1 +1,95 @@
-fn main() {}
+//! `ferroclaw`: the operator CLI.
+
+mod api;
+mod up;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "ferroclaw: a self-hosted personal AI assistant platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the four services locally (agents as local processes) until Ctrl-C.
+    Up {
+        /// Where databases and session directories live.
+        #[arg(long, default_value = "ferroclaw-data")]
+        data_dir: PathBuf,
+        /// Where the REST API listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: String,
+        /// Config file (default: $FERROCLAW_CONFIG, else ./ferroclaw.toml when present).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Send a chat message to an API conversation and print the replies.
+    Send {
+        #[command(flatten)]
+        api: api::ApiArgs,
+        #[arg(long, short, default_value = "cli")]
+        conversation: String,
+        #[arg(long, default_value = "operator")]
+        sender: String,
+        /// Seconds to wait for replies (0: do not wait).
+        #[arg(long, default_value_t = 30.0)]
+        wait: f64,
+        /// Makes a retried send safe: the same key is accepted once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        text: String,
+    },
+    /// Inject a webhook: a JSON document (argument, or stdin when absent).
+    Hook {
+        #[command(flatten)]
+        api: api::ApiArgs,
+        source: String,
+        json: Option<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up {
+            data_dir,
+            http_addr,
+            config,
+        } => {
+            ferroclaw_common::telemetry::init("ferroclaw");
+            up::run(data_dir, http_addr, config).await
+        }
+        Command::Send {
+            api,
+            conversation,
+            sender,
+            wait,
+            idempotency_key,
+            text,
+        } => {
+            api::send(
+                &api,
+                &conversation,
+                &sender,
+                &text,
+                wait,
+                idempotency_key.as_deref(),
+            )
+            .await
+        }
+        Command::Hook {
+            api,
+            source,
+            json,
+            idempotency_key,
+        } => api::hook(&api, &source, json, idempotency_key.as_deref()).await,
+    }
+}

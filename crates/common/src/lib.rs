@@ -4,6 +4,7 @@
 pub mod config;
 pub mod grpc;
 pub mod ids;
+pub mod launch;
 pub mod ready;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,0 +1,40 @@
+//! Delivery: sends what agents write to where it belongs, exactly once (ARCHITECTURE.md §2).
+
+mod consumer;
+pub mod error;
+pub mod ledger;
+mod service;
+
+use ferroclaw_common::{Config, grpc};
+use ferroclaw_proto::v1::delivery_server::DeliveryServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::{DeliveryError, Result};
+
+use crate::consumer::Consumer;
+use crate::ledger::Ledger;
+use crate::service::DeliveryService;
+
+/// Runs delivery on `listener` until `shutdown`; the row being delivered is finished first.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| DeliveryError::Io {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let ledger = Ledger::open(&config.data_dir.join("delivery.db")).await?;
+    let runner = grpc::channel(&config.runner.addr().url())?;
+    let consumer = Consumer::new(runner, ledger.clone(), "delivery".into());
+    let consuming = tokio::spawn(consumer.run(shutdown.clone()));
+
+    let (router, _health) = grpc::server_for::<DeliveryServer<DeliveryService>>().await?;
+    let router = router.add_service(DeliveryServer::new(DeliveryService {
+        ledger: ledger.clone(),
+    }));
+    tracing::info!(addr = ?listener.local_addr().ok(), "delivery listening");
+    grpc::serve(router, listener, shutdown).await?;
+    let _ = consuming.await;
+    ledger.close().await;
+    tracing::info!("delivery stopped");
+    Ok(())
+}

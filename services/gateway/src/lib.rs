@@ -1,0 +1,59 @@
+//! The gateway: the edge. REST API for people and programs, gRPC ingress, routes and API
+//! tokens (ARCHITECTURE.md §2, §9).
+
+pub mod error;
+mod grpc_service;
+pub mod http;
+pub mod ingress;
+
+use std::sync::Arc;
+
+use ferroclaw_common::{Config, grpc};
+use ferroclaw_proto::v1::gateway_server::GatewayServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::grpc_service::GatewayService;
+use crate::http::AppState;
+use crate::ingress::Ingress;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Grpc(#[from] grpc::GrpcError),
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// Serves the REST API on `http` and gRPC on `grpc_listener` until `shutdown`.
+pub async fn run(
+    config: Config,
+    http: TcpListener,
+    grpc_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let config = Arc::new(config);
+    let runner = grpc::channel(&config.runner.addr().url())?;
+    let delivery = grpc::channel(&config.delivery.url())?;
+    let ingress = Ingress::new(config.clone(), runner.clone());
+    let state = AppState {
+        config: config.clone(),
+        ingress: ingress.clone(),
+        runner,
+        delivery,
+    };
+    let (router, _health) = grpc::server_for::<GatewayServer<GatewayService>>().await?;
+    let router = router.add_service(GatewayServer::new(GatewayService { ingress }));
+    let grpc_task = tokio::spawn(grpc::serve(router, grpc_listener, shutdown.clone()));
+    tracing::info!(addr = ?http.local_addr().ok(), "gateway REST API listening");
+    axum::serve(http, http::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .map_err(GatewayError::Http)?;
+    match grpc_task.await {
+        Ok(result) => result?,
+        Err(e) => tracing::error!(error = %e, "gRPC server task failed"),
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Consumes the runner's outbound stream: each row is delivered at most once (the ledger
+//! remembers), then settled back to the runner. Reconnects with backoff when the runner
+//! goes away; the runner resends every unsettled row on the new stream.
+
+use std::time::Duration;
+
+use ferroclaw_mailbox::{Destination, OutboundContent};
+use ferroclaw_proto::v1::runner_client::RunnerClient;
+use ferroclaw_proto::v1::{OutboundMessage, Outcome, SettleRequest, WatchOutboundRequest};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::error::Result;
+use crate::ledger::{Ledger, NewConversationMessage, Settled};
+
+/// Attempts at a transient failure before the row is recorded as failed.
+const MAX_ATTEMPTS: i64 = 5;
+
+pub struct Consumer {
+    runner: RunnerClient<Channel>,
+    ledger: Ledger,
+    name: String,
+}
+
+/// Why one delivery attempt did not succeed.
+#[derive(Debug)]
+enum SendError {
+    /// Worth retrying (a database hiccup, a peer briefly down).
+    Transient(String),
+    /// Will never work (unknown destination, unsupported kind).
+    Permanent(String),
+}
+
+impl Consumer {
+    pub fn new(runner: Channel, ledger: Ledger, name: String) -> Self {
+        Self {
+            runner: RunnerClient::new(runner),
+            ledger,
+            name,
+        }
+    }
+
+    /// Runs until shutdown, reconnecting to the runner as needed.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        while !shutdown.is_cancelled() {
+            match self.consume(&shutdown).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "outbound stream interrupted");
+                }
+            }
+            let delay = Duration::from_millis((100u64 << failures.min(6)).min(5_000));
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    async fn consume(&mut self, shutdown: &CancellationToken) -> Result<(), tonic::Status> {
+        let request = WatchOutboundRequest {
+            consumer: self.name.clone(),
+        };
+        let mut stream = self.runner.watch_outbound(request).await?.into_inner();
+        tracing::info!("watching the runner's outbound stream");
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m?,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let Some(message) = message else {
+                return Ok(());
+            };
+            // Finish the row in hand even when shutdown arrives meanwhile: it is either
+            // settled or resent by the runner later, never half-done.
+            self.handle(message).await;
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %message.session_id, seq = message.seq))]
+    async fn handle(&mut self, message: OutboundMessage) {
+        let settled = match self.deliver(&message).await {
+            Ok(settled) => settled,
+            Err(e) => {
+                // Not delivered and not recorded: the runner will resend it.
+                tracing::error!(error = %e, "delivery ledger unavailable");
+                return;
+            }
+        };
+        self.settle(&message, &settled).await;
+    }
+
+    /// Delivers unless the ledger says it already was; returns the final outcome.
+    async fn deliver(&self, message: &OutboundMessage) -> Result<Settled> {
+        if let Some(done) = self.ledger.outcome(&message.session_id, message.seq).await? {
+            return Ok(done);
+        }
+        loop {
+            let attempt = self
+                .ledger
+                .attempt(
+                    &message.session_id,
+                    message.seq,
+                    &message.kind,
+                    &message.destination_json,
+                )
+                .await?;
+            match self.send(message).await {
+                Ok(platform_message_id) => {
+                    return Ok(Settled::Delivered {
+                        platform_message_id,
+                    });
+                }
+                Err(SendError::Permanent(detail)) => {
+                    tracing::warn!(%detail, "delivery failed permanently");
+                    self.ledger
+                        .fail(&message.session_id, message.seq, &detail)
+                        .await?;
+                    return Ok(Settled::Failed { detail });
+                }
+                Err(SendError::Transient(detail)) if attempt >= MAX_ATTEMPTS => {
+                    let detail = format!("gave up after {attempt} attempts: {detail}");
+                    tracing::warn!(%detail, "delivery failed");
+                    self.ledger
+                        .fail(&message.session_id, message.seq, &detail)
+                        .await?;
+                    return Ok(Settled::Failed { detail });
+                }
+                Err(SendError::Transient(detail)) => {
+                    let delay = Duration::from_millis(200 << attempt.min(6));
+                    tracing::info!(%detail, attempt, ?delay, "retrying delivery");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// One attempt at sending the row where its destination says.
+    async fn send(&self, message: &OutboundMessage) -> Result<String, SendError> {
+        let destination: Destination = serde_json::from_str(&message.destination_json)
+            .map_err(|e| {
+                SendError::Permanent(format!(
+                    "unknown destination {}: {e}",
+                    message.destination_json
+                ))
+            })?;
+        let content = OutboundContent::parse(&message.kind, &message.content_json)
+            .map_err(|e| SendError::Permanent(e.to_string()))?;
+        if let OutboundContent::Action(action) = &content {
+            return Err(SendError::Permanent(format!(
+                "action {:?} is not supported by this delivery service yet",
+                action.action
+            )));
+        }
+        match destination {
+            Destination::Api { conversation } => self
+                .ledger
+                .deliver_to_conversation(
+                    &message.session_id,
+                    message.seq,
+                    NewConversationMessage {
+                        conversation: &conversation,
+                        in_reply_to: (message.in_reply_to > 0).then_some(message.in_reply_to),
+                        kind: &message.kind,
+                        text: content.text(),
+                        content: &message.content_json,
+                    },
+                )
+                .await
+                .map_err(|e| SendError::Transient(e.to_string())),
+        }
+    }
+
+    /// Tells the runner the outcome. On failure the row stays unsettled there and comes
+    /// back on the next stream, where the ledger answers without sending again.
+    async fn settle(&mut self, message: &OutboundMessage, settled: &Settled) {
+        let (outcome, platform_message_id, detail) = match settled {
+            Settled::Delivered {
+                platform_message_id,
+            } => (Outcome::Delivered, platform_message_id.clone(), String::new()),
+            Settled::Failed { detail } => (Outcome::Failed, String::new(), detail.clone()),
+        };
+        let request = SettleRequest {
+            session_id: message.session_id.clone(),
+            out_seq: message.seq,
+            outcome: outcome as i32,
+            platform_message_id,
+            detail,
+        };
+        for attempt in 1..=3u32 {
+            match self.runner.settle(request.clone()).await {
+                Ok(_) => {
+                    if let Err(e) = self
+                        .ledger
+                        .mark_settled(&message.session_id, message.seq)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not mark the row settled");
+                    }
+                    return;
+                }
+                Err(status) => {
+                    tracing::warn!(%status, attempt, "settle failed");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
+            }
+        }
+    }
+}

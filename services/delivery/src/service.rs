@@ -1,0 +1,86 @@
+//! The `Delivery` gRPC service.
+
+use std::time::Duration;
+
+use ferroclaw_proto::v1::delivery_server::Delivery;
+use ferroclaw_proto::v1::{
+    ConversationMessage, DeliveryRecord, ListConversationMessagesRequest,
+    ListConversationMessagesResponse, ListDeliveriesRequest, ListDeliveriesResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::ledger::Ledger;
+
+/// Longest long-poll a caller may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(120);
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+
+pub struct DeliveryService {
+    pub(crate) ledger: Ledger,
+}
+
+fn limit(requested: u32) -> u32 {
+    match requested {
+        0 => DEFAULT_LIMIT,
+        n => n.min(MAX_LIMIT),
+    }
+}
+
+#[tonic::async_trait]
+impl Delivery for DeliveryService {
+    async fn list_conversation_messages(
+        &self,
+        request: Request<ListConversationMessagesRequest>,
+    ) -> Result<Response<ListConversationMessagesResponse>, Status> {
+        let req = request.into_inner();
+        if req.conversation.is_empty() {
+            return Err(Status::invalid_argument("conversation must not be empty"));
+        }
+        let wait = Duration::from_millis(req.wait_ms.max(0) as u64).min(MAX_WAIT);
+        let messages = self
+            .ledger
+            .wait_conversation_messages(&req.conversation, req.after, limit(req.limit), wait)
+            .await?;
+        let next_cursor = messages.last().map_or(req.after, |m| m.cursor);
+        let messages = messages
+            .into_iter()
+            .map(|m| ConversationMessage {
+                cursor: m.cursor,
+                conversation: m.conversation,
+                session_id: m.session_id,
+                out_seq: m.out_seq,
+                kind: m.kind,
+                text: m.text,
+                content_json: m.content,
+                created_at_ms: m.created_at,
+                in_reply_to: m.in_reply_to.unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(ListConversationMessagesResponse {
+            messages,
+            next_cursor,
+        }))
+    }
+
+    async fn list_deliveries(
+        &self,
+        request: Request<ListDeliveriesRequest>,
+    ) -> Result<Response<ListDeliveriesResponse>, Status> {
+        let entries = self.ledger.list(limit(request.into_inner().limit)).await?;
+        let deliveries = entries
+            .into_iter()
+            .map(|e| DeliveryRecord {
+                session_id: e.session_id,
+                out_seq: e.out_seq,
+                state: e.state,
+                attempts: e.attempts,
+                destination_json: e.destination,
+                platform_message_id: e.platform_message_id.unwrap_or_default(),
+                detail: e.detail.unwrap_or_default(),
+                updated_at_ms: e.updated_at,
+            })
+            .collect();
+        Ok(Response::new(ListDeliveriesResponse { deliveries }))
+    }
+}
