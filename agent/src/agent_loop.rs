@@ -10,8 +10,8 @@ use ferroclaw_mailbox::agent::{Batch, BatchStatus};
 use ferroclaw_mailbox::content::ChatOut;
 use ferroclaw_mailbox::wake::DirWatch;
 use ferroclaw_mailbox::{
-    AgentMailbox, Destination, InboundRow, JournalMode, NewOutbound, OutboundContent,
-    SessionPaths, now_ms,
+    AgentMailbox, Destination, InboundRow, JournalMode, NewOutbound, OutboundContent, SessionPaths,
+    now_ms,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -130,8 +130,8 @@ async fn process(
     let attempt = mailbox.claim(&seqs).await?;
     mailbox.touch_heartbeat()?;
     let span = tracing::info_span!("batch", first = seqs[0], size = seqs.len(), attempt);
-    // `instrument`, not `span.enter()`: an entered guard held across `.await` puts events of
-    // other tasks (the shutdown listener) into this span, and makes the future !Send.
+    // `instrument`, not `span.enter()`: a guard held across `.await` leaves the span entered
+    // while the batch waits, so events of other tasks (the shutdown listener) land in it.
     answer(mailbox, provider, rows, &seqs, attempt, tz, options)
         .instrument(span)
         .await
@@ -212,7 +212,9 @@ async fn fail_unreadable(mailbox: &mut AgentMailbox, batch: &Batch) -> Result<()
         tracing::error!(seq, %error, "unreadable inbound message");
         let text = format!("Sorry, I could not read this message: {error}");
         let reply = notice(origin.reply_to.clone(), Some(*seq), text);
-        mailbox.finish(&[*seq], &[reply], BatchStatus::Failed).await?;
+        mailbox
+            .finish(&[*seq], &[reply], BatchStatus::Failed)
+            .await?;
     }
     Ok(())
 }

@@ -25,7 +25,9 @@ pub fn escape(text: &str) -> String {
 /// A unix-ms time shown in the session's zone, e.g. `2026-11-25 09:30:00 CET`.
 pub fn local_time(ms: i64, tz: Tz) -> String {
     let utc: DateTime<Utc> = Utc.timestamp_millis_opt(ms).single().unwrap_or_default();
-    utc.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S %Z").to_string()
+    utc.with_timezone(&tz)
+        .format("%Y-%m-%d %H:%M:%S %Z")
+        .to_string()
 }
 
 /// The whole prompt for a batch.

@@ -14,7 +14,10 @@ pub struct SessionLock {
 }
 
 /// Waits until the lock is ours; `None` when shutdown came first.
-pub async fn acquire(path: &Path, shutdown: &CancellationToken) -> std::io::Result<Option<SessionLock>> {
+pub async fn acquire(
+    path: &Path,
+    shutdown: &CancellationToken,
+) -> std::io::Result<Option<SessionLock>> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -156,10 +156,7 @@ async fn killed_mid_batch_is_redone_with_one_reply() {
         host.unsettled_after(0).await.unwrap().is_empty(),
         "a reply was written before the kill"
     );
-    assert_eq!(
-        processing(&dir, seq).await,
-        Some(("processing".into(), 1))
-    );
+    assert_eq!(processing(&dir, seq).await, Some(("processing".into(), 1)));
 
     let second = start_agent(&dir, "second.log", 0, &[]);
     wait_for_exit(&dir, second, "second.log").await;
@@ -169,7 +166,11 @@ async fn killed_mid_batch_is_redone_with_one_reply() {
     let reply = &replies[0];
     assert_eq!(chat_text(reply), format!("echo: {TEXT}"));
     assert_eq!(reply.in_reply_to, Some(seq));
-    assert!(reply.seq % 2 == 1 && reply.seq > seq, "reply seq {}", reply.seq);
+    assert!(
+        reply.seq % 2 == 1 && reply.seq > seq,
+        "reply seq {}",
+        reply.seq
+    );
     let destination: Destination = serde_json::from_str(&reply.destination).unwrap();
     assert_eq!(
         destination,

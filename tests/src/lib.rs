@@ -1,0 +1,235 @@
+//! A harness that starts the four real service binaries as separate processes on free
+//! ports (each announces its address; nothing is guessed) and talks to them over REST.
+//! Used by the end-to-end tests in `e2e/` and by the `pipeline-bench` binary.
+//!
+//! The binaries must be built first: `cargo build --workspace --bins`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferroclaw_common::launch::{ServiceProcess, launch, sibling_binary};
+use serde_json::{Value, json};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The four services of one ferroclaw installation, started on a fresh data directory.
+pub struct Cluster {
+    pub data_dir: PathBuf,
+    envs: Vec<(&'static str, String)>,
+    pub runner: ServiceProcess,
+    pub delivery: ServiceProcess,
+    pub scheduler: ServiceProcess,
+    pub gateway: ServiceProcess,
+    pub http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+/// Path of a ferroclaw binary built by cargo, with a clear message when it is missing.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = sibling_binary(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: run `cargo build --workspace --bins` before the end-to-end tests",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+impl Cluster {
+    /// Starts runner, delivery, scheduler and gateway; `extra` env applies to all of them
+    /// (and, through the runner, to agents).
+    pub async fn start(data_dir: &Path, extra: &[(&'static str, String)]) -> anyhow::Result<Self> {
+        let mut envs: Vec<(&'static str, String)> = vec![
+            ("FERROCLAW_DATA_DIR", data_dir.display().to_string()),
+            ("FERROCLAW_RUNNER_ADDR", "127.0.0.1:0".into()),
+            ("FERROCLAW_DELIVERY_ADDR", "127.0.0.1:0".into()),
+            ("FERROCLAW_SCHEDULER_ADDR", "127.0.0.1:0".into()),
+            ("FERROCLAW_GATEWAY_GRPC_ADDR", "127.0.0.1:0".into()),
+            ("FERROCLAW_HTTP_ADDR", "127.0.0.1:0".into()),
+            ("FERROCLAW_AGENT_BINARY", binary("ferroclaw-agent")?.display().to_string()),
+        ];
+        if std::env::var_os("RUST_LOG").is_none() {
+            // Keep test output readable; RUST_LOG=info shows the services' logs.
+            envs.push(("RUST_LOG", "warn".into()));
+        }
+        envs.extend(extra.iter().cloned());
+        let token = envs
+            .iter()
+            .find(|(k, _)| *k == "FERROCLAW_API_TOKEN")
+            .map(|(_, v)| v.clone());
+        let runner = start("runner", &envs, &[]).await?;
+        envs.push(("FERROCLAW_RUNNER_URL", runner.grpc_url()));
+        let delivery = start("delivery", &envs, &[]).await?;
+        envs.push(("FERROCLAW_DELIVERY_URL", delivery.grpc_url()));
+        let scheduler = start("scheduler", &envs, &[]).await?;
+        envs.push(("FERROCLAW_SCHEDULER_URL", scheduler.grpc_url()));
+        let gateway = start("gateway", &envs, &[]).await?;
+        Ok(Self {
+            data_dir: data_dir.to_path_buf(),
+            envs,
+            runner,
+            delivery,
+            scheduler,
+            gateway,
+            http: reqwest::Client::new(),
+            token,
+        })
+    }
+
+    pub fn api(&self) -> String {
+        format!("http://{}", self.gateway.http.expect("gateway announces its HTTP address"))
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.api()));
+        match &self.token {
+            Some(t) => builder.bearer_auth(t),
+            None => builder,
+        }
+    }
+
+    /// `POST /v1/messages`; returns the status and JSON body.
+    pub async fn post_message(
+        &self,
+        conversation: &str,
+        text: &str,
+        key: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut request = self
+            .request(reqwest::Method::POST, "/v1/messages")
+            .json(&json!({"conversation": conversation, "text": text, "sender": "tester"}));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        send(request).await
+    }
+
+    /// `POST /v1/hooks/{source}`.
+    pub async fn post_hook(
+        &self,
+        source: &str,
+        payload: &Value,
+        key: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut request = self
+            .request(reqwest::Method::POST, &format!("/v1/hooks/{source}"))
+            .json(payload);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        send(request).await
+    }
+
+    /// `GET /v1/conversations/{id}/messages?after=&wait=`: (messages, next cursor).
+    pub async fn messages(
+        &self,
+        conversation: &str,
+        after: i64,
+        wait_secs: f64,
+    ) -> anyhow::Result<(Vec<Value>, i64)> {
+        let path = format!("/v1/conversations/{conversation}/messages?after={after}&wait={wait_secs}");
+        let (status, body) = send(self.request(reqwest::Method::GET, &path)).await?;
+        if status != 200 {
+            bail!("GET {path}: {status} {body}");
+        }
+        let messages = body["messages"].as_array().cloned().unwrap_or_default();
+        Ok((messages, body["next_cursor"].as_i64().unwrap_or(after)))
+    }
+
+    /// Every reply text of a conversation so far.
+    pub async fn texts(&self, conversation: &str) -> anyhow::Result<Vec<String>> {
+        let (messages, _) = self.messages(conversation, 0, 0.0).await?;
+        Ok(messages
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect())
+    }
+
+    /// Waits until the conversation's replies contain every one of `lines` (echo replies
+    /// may quote several messages, one per line); returns all reply lines.
+    pub async fn wait_for_lines(
+        &self,
+        conversation: &str,
+        lines: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut cursor = 0;
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            if lines.iter().all(|l| seen.contains(l)) {
+                return Ok(seen);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("{conversation}: timed out; expected {lines:?}, have {seen:?}");
+            }
+            let (messages, next) = self
+                .messages(conversation, cursor, left.as_secs_f64().min(5.0))
+                .await?;
+            cursor = next;
+            for m in messages {
+                seen.extend(m["text"].as_str().unwrap_or_default().lines().map(String::from));
+            }
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        send(self.request(reqwest::Method::GET, path)).await
+    }
+
+    /// SIGKILL the runner (its agents notice and exit on their own).
+    pub async fn kill_runner(&mut self) -> anyhow::Result<()> {
+        self.runner.child.kill().await.context("kill runner")?;
+        self.runner.child.wait().await?;
+        Ok(())
+    }
+
+    /// Starts a new runner on the address the old one had, so peers reconnect to it.
+    pub async fn restart_runner(&mut self) -> anyhow::Result<()> {
+        let addr = self.runner.grpc.context("runner address")?;
+        self.runner = start("runner", &self.envs, &[("FERROCLAW_RUNNER_ADDR", addr.to_string())]).await?;
+        Ok(())
+    }
+
+    /// SIGTERM to every service, gateway first; fails when one does not exit cleanly.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let grace = Duration::from_secs(15);
+        let mut failures = Vec::new();
+        for service in [
+            &mut self.gateway,
+            &mut self.scheduler,
+            &mut self.delivery,
+            &mut self.runner,
+        ] {
+            let status = service.stop(grace).await?;
+            if !status.success() {
+                failures.push(format!("{}: {status}", service.name));
+            }
+        }
+        if !failures.is_empty() {
+            bail!("services did not stop cleanly: {failures:?}");
+        }
+        Ok(())
+    }
+}
+
+async fn start(
+    name: &str,
+    envs: &[(&'static str, String)],
+    overrides: &[(&'static str, String)],
+) -> anyhow::Result<ServiceProcess> {
+    let mut all: Vec<(&str, String)> = envs.to_vec();
+    all.extend(overrides.iter().cloned());
+    let binary = binary(&format!("ferroclaw-{name}"))?;
+    Ok(launch(name, &binary, &all, READY_TIMEOUT).await?)
+}
+
+async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> {
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(Value::Null);
+    Ok((status, body))
+}

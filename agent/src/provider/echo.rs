@@ -72,11 +72,20 @@ mod tests {
 
     #[tokio::test]
     async fn one_reply_per_destination_quoting_each_message() {
-        let rows = vec![chat(2, "a", "one"), chat(4, "b", "two"), chat(6, "a", "three")];
+        let rows = vec![
+            chat(2, "a", "one"),
+            chat(4, "b", "two"),
+            chat(6, "a", "three"),
+        ];
         let echo = Echo {
             delay: Duration::ZERO,
         };
-        let replies = echo.respond(&Prompt { text: "", rows: &rows }).await;
+        let replies = echo
+            .respond(&Prompt {
+                text: "",
+                rows: &rows,
+            })
+            .await;
         assert_eq!(replies.len(), 2);
         assert_eq!(replies[0].text, "echo: one\necho: three");
         assert_eq!(replies[0].in_reply_to, 6);

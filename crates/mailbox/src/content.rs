@@ -101,10 +101,7 @@ impl InboundContent {
             other => {
                 return Err(Error::InvalidContent {
                     what: "inbound".into(),
-                    message: format!(
-                        "unknown kind {other:?} (expected one of {:?})",
-                        Self::KINDS
-                    ),
+                    message: format!("unknown kind {other:?} (expected one of {:?})", Self::KINDS),
                 });
             }
         })
@@ -191,10 +188,7 @@ impl OutboundContent {
             other => {
                 return Err(Error::InvalidContent {
                     what: "outbound".into(),
-                    message: format!(
-                        "unknown kind {other:?} (expected one of {:?})",
-                        Self::KINDS
-                    ),
+                    message: format!("unknown kind {other:?} (expected one of {:?})", Self::KINDS),
                 });
             }
         })

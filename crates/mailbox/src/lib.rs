@@ -44,6 +44,12 @@ fn futures_are_send(host: &HostMailbox, msg: &NewInbound) {
     send(host.pending());
     send(host.set_meta("a", "b"));
     send(host.outcome(1));
-    send(HostMailbox::open(SessionPaths::new("/x"), JournalMode::Delete));
-    send(AgentMailbox::open(SessionPaths::new("/x"), JournalMode::Delete));
+    send(HostMailbox::open(
+        SessionPaths::new("/x"),
+        JournalMode::Delete,
+    ));
+    send(AgentMailbox::open(
+        SessionPaths::new("/x"),
+        JournalMode::Delete,
+    ));
 }

@@ -23,15 +23,16 @@ impl DirWatch {
         recursive: bool,
         on_change: impl Fn(&Path) + Send + 'static,
     ) -> Result<Self> {
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            if matches!(event.kind, EventKind::Access(_)) {
-                return;
-            }
-            for path in &event.paths {
-                on_change(path);
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if matches!(event.kind, EventKind::Access(_)) {
+                    return;
+                }
+                for path in &event.paths {
+                    on_change(path);
+                }
+            })?;
         let mode = if recursive {
             RecursiveMode::Recursive
         } else {

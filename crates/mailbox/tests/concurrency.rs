@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use ferroclaw_mailbox::agent::BatchStatus;
 use ferroclaw_mailbox::content::{ChatIn, ChatOut};
 use ferroclaw_mailbox::{
-    AgentMailbox, Destination, HostMailbox, InboundContent, JournalMode, NewInbound, NewOutbound,
-    Origin, OutboundContent, Outcome, SessionPaths,
+    AgentMailbox, Destination, Error, HostMailbox, InboundContent, JournalMode, NewInbound,
+    NewOutbound, Origin, OutboundContent, Outcome, SessionPaths,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 
 /// Inbound messages the host enqueues (and replies the agent writes).
-const N: usize = 3000;
+const N: usize = 30;
 /// Most rows the agent takes into one batch, so that many transactions interleave.
 const MAX_BATCH: usize = 8;
 /// Names the session directory in a child process.
@@ -126,17 +126,18 @@ async fn child_agent() {
     let deadline = Instant::now() + CHILD_TIMEOUT;
     let open_deadline = Instant::now() + Duration::from_secs(30);
 
-    // The host creates inbound.db; until it has, open fails (not found / not initialised).
+    // The host creates inbound.db; until it has (file and tables), open says "not found",
+    // and only that.
     let mut mailbox = loop {
         match AgentMailbox::open(paths.clone(), JournalMode::Delete).await {
             Ok(mailbox) => break mailbox,
-            Err(e) => {
-                assert!(
-                    Instant::now() < open_deadline,
-                    "agent could not open the mailbox: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && Instant::now() < open_deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            Err(e) => panic!("agent could not open the mailbox: {e}"),
         }
     };
 
@@ -236,6 +237,7 @@ async fn host_and_agent_processes_share_a_session() {
     let started = Instant::now();
     // The agent first, so that it is already retrying when the host creates inbound.db.
     let agent = spawn_child("child_agent", &session, &logs);
+    std::thread::sleep(Duration::from_millis(200));
     let host = spawn_child("child_host", &session, &logs);
     let deadline = started + CHILD_TIMEOUT + Duration::from_secs(30);
     wait_child("child_host", host, &logs, deadline);

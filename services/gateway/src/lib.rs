@@ -8,6 +8,7 @@ pub mod ingress;
 
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use ferroclaw_common::{Config, grpc};
 use ferroclaw_proto::v1::gateway_server::GatewayServer;
 use tokio::net::TcpListener;
@@ -46,6 +47,12 @@ pub async fn run(
     let router = router.add_service(GatewayServer::new(GatewayService { ingress }));
     let grpc_task = tokio::spawn(grpc::serve(router, grpc_listener, shutdown.clone()));
     tracing::info!(addr = ?http.local_addr().ok(), "gateway REST API listening");
+    // TCP_NODELAY: see `grpc::serve`.
+    let http = http.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(http, http::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await

@@ -1,0 +1,136 @@
+//! Warm pipeline overhead: inject over REST → echo agent → reply visible through the API.
+//!
+//! Starts the four services (as the end-to-end tests do), warms one session per
+//! conversation, then sends messages from one client per conversation, each waiting for its
+//! reply through the long-poll endpoint before sending the next. Prints p50/p90/p99 and
+//! messages per second.
+//!
+//! `cargo build --release --workspace --bins && target/release/pipeline-bench [--messages N] [--conversations C]`
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferroclaw_e2e::Cluster;
+
+struct Options {
+    messages: usize,
+    conversations: usize,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut options = Options {
+        messages: 1000,
+        conversations: 10,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value = args.next().with_context(|| format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--messages" => options.messages = value.parse()?,
+            "--conversations" => options.conversations = value.parse()?,
+            other => bail!("unknown option {other} (use --messages N --conversations C)"),
+        }
+    }
+    if options.conversations == 0 || options.messages < options.conversations {
+        bail!("need at least one message per conversation");
+    }
+    Ok(options)
+}
+
+/// Sends `count` messages in `conversation` one after another; returns each round trip.
+async fn client(cluster: &Cluster, conversation: String, count: usize) -> anyhow::Result<Vec<Duration>> {
+    let (_, mut cursor) = cluster.messages(&conversation, 0, 0.0).await?;
+    let mut latencies = Vec::with_capacity(count);
+    for i in 0..count {
+        let text = format!("m{i}");
+        let want = format!("echo: {text}");
+        let started = Instant::now();
+        let (status, body) = cluster.post_message(&conversation, &text, None).await?;
+        if status != 202 {
+            bail!("POST got {status}: {body}");
+        }
+        loop {
+            let (messages, next) = cluster.messages(&conversation, cursor, 30.0).await?;
+            cursor = next;
+            if messages.iter().any(|m| m["text"].as_str() == Some(want.as_str())) {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("{conversation}: no reply to {text}");
+            }
+        }
+        latencies.push(started.elapsed());
+    }
+    Ok(latencies)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = options()?;
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), &[]).await?;
+    let conversations: Vec<String> = (0..options.conversations).map(|i| format!("bench-{i}")).collect();
+
+    // Warm-up: every session exists and its agent runs.
+    let warm: Vec<_> = conversations
+        .iter()
+        .map(|c| client(&cluster, c.clone(), 3))
+        .collect();
+    for result in futures_join(warm).await {
+        result?;
+    }
+
+    let per_conversation = options.messages / options.conversations;
+    let started = Instant::now();
+    let runs: Vec<_> = conversations
+        .iter()
+        .map(|c| client(&cluster, c.clone(), per_conversation))
+        .collect();
+    let mut all = Vec::new();
+    for result in futures_join(runs).await {
+        all.extend(result?);
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "messages {}  conversations {}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  throughput {:.1} msg/s",
+        all.len(),
+        options.conversations,
+        ms(percentile(&all, 0.50)),
+        ms(percentile(&all, 0.90)),
+        ms(percentile(&all, 0.99)),
+        ms(*all.last().unwrap_or(&Duration::ZERO)),
+        all.len() as f64 / elapsed.as_secs_f64()
+    );
+    cluster.stop().await
+}
+
+/// Runs futures concurrently on this task and returns their outputs in order.
+async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
