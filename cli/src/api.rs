@@ -16,7 +16,12 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
-    fn request(&self, client: &reqwest::Client, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
         let url = format!("{}{path}", self.api.trim_end_matches('/'));
         let builder = client.request(method, url);
         match &self.token {
@@ -28,7 +33,10 @@ impl ApiArgs {
 
 /// Sends the request and returns its JSON body, or fails with the API's error message.
 async fn call(builder: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-    let response = builder.send().await.context("cannot reach the ferroclaw API")?;
+    let response = builder
+        .send()
+        .await
+        .context("cannot reach the ferroclaw API")?;
     let status = response.status();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
@@ -64,7 +72,11 @@ pub async fn send(
         "accepted: session {} message {}{}",
         accepted["session_id"].as_str().unwrap_or("?"),
         accepted["message_id"].as_str().unwrap_or("?"),
-        if accepted["duplicate"] == json!(true) { " (duplicate)" } else { "" }
+        if accepted["duplicate"] == json!(true) {
+            " (duplicate)"
+        } else {
+            ""
+        }
     );
     if wait <= 0.0 {
         return Ok(());
@@ -110,10 +122,15 @@ pub async fn hook(
             text
         }
     };
-    let payload: Value = serde_json::from_str(&text).context("the webhook body is not valid JSON")?;
+    let payload: Value =
+        serde_json::from_str(&text).context("the webhook body is not valid JSON")?;
     let client = reqwest::Client::new();
     let mut post = api
-        .request(&client, reqwest::Method::POST, &format!("/v1/hooks/{}", encode(source)))
+        .request(
+            &client,
+            reqwest::Method::POST,
+            &format!("/v1/hooks/{}", encode(source)),
+        )
         .json(&payload);
     if let Some(key) = idempotency_key {
         post = post.header("Idempotency-Key", key);

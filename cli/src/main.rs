@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "ferroclaw: a self-hosted personal AI assistant platform")]
+#[command(
+    version,
+    about = "ferroclaw: a self-hosted personal AI assistant platform"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -11,7 +11,11 @@ use ferroclaw_common::launch::{ServiceProcess, launch, sibling_binary};
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
-pub async fn run(data_dir: PathBuf, http_addr: String, config: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run(
+    data_dir: PathBuf,
+    http_addr: String,
+    config: Option<PathBuf>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
@@ -65,10 +69,18 @@ async fn start_all(
     let runner = start("runner", vec![]).await?;
     let runner_url = runner.grpc_url();
     services.push(runner);
-    let delivery = start("delivery", vec![("FERROCLAW_RUNNER_URL", runner_url.clone())]).await?;
+    let delivery = start(
+        "delivery",
+        vec![("FERROCLAW_RUNNER_URL", runner_url.clone())],
+    )
+    .await?;
     let delivery_url = delivery.grpc_url();
     services.push(delivery);
-    let scheduler = start("scheduler", vec![("FERROCLAW_RUNNER_URL", runner_url.clone())]).await?;
+    let scheduler = start(
+        "scheduler",
+        vec![("FERROCLAW_RUNNER_URL", runner_url.clone())],
+    )
+    .await?;
     let scheduler_url = scheduler.grpc_url();
     services.push(scheduler);
     let gateway = start(

@@ -32,24 +32,52 @@ async fn rejects_leave_nothing_written() -> anyhow::Result<()> {
     let ok_body = br#"{"conversation":"c","text":"hi"}"#.to_vec();
 
     let (status, body) = post("/v1/messages", ok_body.clone(), None).await?;
-    assert_eq!((status, body["error"]["code"].clone()), (401, json!("unauthorized")));
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (401, json!("unauthorized"))
+    );
     let (status, _) = post("/v1/messages", ok_body.clone(), Some("wrong")).await?;
     assert_eq!(status, 401);
 
     let (status, body) = post("/v1/messages", b"{not json".to_vec(), Some("s3cret")).await?;
     assert_eq!(status, 400);
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("invalid JSON"), "{body}");
-    let (status, body) = post("/v1/messages", br#"{"conversation":"c"}"#.to_vec(), Some("s3cret")).await?;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("invalid JSON"),
+        "{body}"
+    );
+    let (status, body) = post(
+        "/v1/messages",
+        br#"{"conversation":"c"}"#.to_vec(),
+        Some("s3cret"),
+    )
+    .await?;
     assert_eq!(status, 400);
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("text"), "{body}");
-    let (status, _) = post("/v1/messages", br#"{"conversation":"c","text":"  "}"#.to_vec(), Some("s3cret")).await?;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("text"),
+        "{body}"
+    );
+    let (status, _) = post(
+        "/v1/messages",
+        br#"{"conversation":"c","text":"  "}"#.to_vec(),
+        Some("s3cret"),
+    )
+    .await?;
     assert_eq!(status, 400);
 
     let (status, body) = post("/v1/hooks/unknown", b"{}".to_vec(), Some("s3cret")).await?;
     assert_eq!(status, 404, "{body}");
     let big = serde_json::to_vec(&json!({"blob": "x".repeat(4096)}))?;
     let (status, body) = post("/v1/hooks/default", big, Some("s3cret")).await?;
-    assert_eq!((status, body["error"]["code"].clone()), (413, json!("payload_too_large")));
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (413, json!("payload_too_large"))
+    );
 
     // Health stays open; everything under /v1 needs the token.
     let (status, _) = cluster.get("/healthz").await?;

@@ -1,6 +1,9 @@
 //! End-to-end tests: the four service binaries as separate processes, real SQLite files,
 //! real gRPC on loopback, agents as real child processes.
 
+mod agent_lifecycle;
 mod bad_input;
+mod cli_up;
+mod grpc_ingress;
 mod pipeline;
 mod runner_restart;

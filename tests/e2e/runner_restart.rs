@@ -5,7 +5,11 @@ use ferroclaw_e2e::Cluster;
 
 /// Posts until accepted: while the runner is down the gateway answers 503, and a client
 /// retries with the same idempotency key.
-async fn post_until_accepted(cluster: &Cluster, conversation: &str, text: &str) -> anyhow::Result<()> {
+async fn post_until_accepted(
+    cluster: &Cluster,
+    conversation: &str,
+    text: &str,
+) -> anyhow::Result<()> {
     for _ in 0..300 {
         let (status, body) = cluster.post_message(conversation, text, Some(text)).await?;
         match status {
@@ -21,7 +25,8 @@ async fn post_until_accepted(cluster: &Cluster, conversation: &str, text: &str) 
 async fn runner_killed_mid_stream_every_message_gets_exactly_one_reply() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     // Slow agents, so the kill lands while batches are in flight and replies unsettled.
-    let mut cluster = Cluster::start(dir.path(), &[("FERROCLAW_ECHO_DELAY_MS", "150".into())]).await?;
+    let mut cluster =
+        Cluster::start(dir.path(), &[("FERROCLAW_ECHO_DELAY_MS", "150".into())]).await?;
     let conversations: Vec<String> = (0..4).map(|i| format!("restart-{i}")).collect();
     let mut expected: HashMap<String, Vec<String>> = HashMap::new();
 
@@ -29,7 +34,10 @@ async fn runner_killed_mid_stream_every_message_gets_exactly_one_reply() -> anyh
         for conversation in &conversations {
             let text = format!("{conversation}-m{round}");
             post_until_accepted(&cluster, conversation, &text).await?;
-            expected.entry(conversation.clone()).or_default().push(format!("echo: {text}"));
+            expected
+                .entry(conversation.clone())
+                .or_default()
+                .push(format!("echo: {text}"));
         }
         if round == 4 {
             cluster.kill_runner().await?;
@@ -37,9 +45,17 @@ async fn runner_killed_mid_stream_every_message_gets_exactly_one_reply() -> anyh
             let retrying = {
                 let conversation = conversations[0].clone();
                 let text = format!("{conversation}-during-outage");
-                expected.entry(conversation.clone()).or_default().push(format!("echo: {text}"));
-                let (status, _) = cluster.post_message(&conversation, &text, Some(&text)).await?;
-                assert!(status == 503 || status == 502, "runner is down, got {status}");
+                expected
+                    .entry(conversation.clone())
+                    .or_default()
+                    .push(format!("echo: {text}"));
+                let (status, _) = cluster
+                    .post_message(&conversation, &text, Some(&text))
+                    .await?;
+                assert!(
+                    status == 503 || status == 502,
+                    "runner is down, got {status}"
+                );
                 (conversation, text)
             };
             tokio::time::sleep(Duration::from_millis(300)).await;

@@ -48,7 +48,10 @@ impl Cluster {
             ("FERROCLAW_SCHEDULER_ADDR", "127.0.0.1:0".into()),
             ("FERROCLAW_GATEWAY_GRPC_ADDR", "127.0.0.1:0".into()),
             ("FERROCLAW_HTTP_ADDR", "127.0.0.1:0".into()),
-            ("FERROCLAW_AGENT_BINARY", binary("ferroclaw-agent")?.display().to_string()),
+            (
+                "FERROCLAW_AGENT_BINARY",
+                binary("ferroclaw-agent")?.display().to_string(),
+            ),
         ];
         if std::env::var_os("RUST_LOG").is_none() {
             // Keep test output readable; RUST_LOG=info shows the services' logs.
@@ -79,7 +82,12 @@ impl Cluster {
     }
 
     pub fn api(&self) -> String {
-        format!("http://{}", self.gateway.http.expect("gateway announces its HTTP address"))
+        format!(
+            "http://{}",
+            self.gateway
+                .http
+                .expect("gateway announces its HTTP address")
+        )
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -129,7 +137,8 @@ impl Cluster {
         after: i64,
         wait_secs: f64,
     ) -> anyhow::Result<(Vec<Value>, i64)> {
-        let path = format!("/v1/conversations/{conversation}/messages?after={after}&wait={wait_secs}");
+        let path =
+            format!("/v1/conversations/{conversation}/messages?after={after}&wait={wait_secs}");
         let (status, body) = send(self.request(reqwest::Method::GET, &path)).await?;
         if status != 200 {
             bail!("GET {path}: {status} {body}");
@@ -171,7 +180,13 @@ impl Cluster {
                 .await?;
             cursor = next;
             for m in messages {
-                seen.extend(m["text"].as_str().unwrap_or_default().lines().map(String::from));
+                seen.extend(
+                    m["text"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .lines()
+                        .map(String::from),
+                );
             }
         }
     }
@@ -190,7 +205,12 @@ impl Cluster {
     /// Starts a new runner on the address the old one had, so peers reconnect to it.
     pub async fn restart_runner(&mut self) -> anyhow::Result<()> {
         let addr = self.runner.grpc.context("runner address")?;
-        self.runner = start("runner", &self.envs, &[("FERROCLAW_RUNNER_ADDR", addr.to_string())]).await?;
+        self.runner = start(
+            "runner",
+            &self.envs,
+            &[("FERROCLAW_RUNNER_ADDR", addr.to_string())],
+        )
+        .await?;
         Ok(())
     }
 
@@ -232,4 +252,37 @@ async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> 
     let status = response.status().as_u16();
     let body = response.json().await.unwrap_or(Value::Null);
     Ok((status, body))
+}
+
+/// Pids of the agent processes serving sessions under `data_dir`, by session directory.
+pub fn agent_processes(data_dir: &Path) -> Vec<(u32, String)> {
+    let needle = data_dir.join("sessions").display().to_string();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.first().is_some_and(|a| a.ends_with("ferroclaw-agent")) {
+            continue;
+        }
+        if let Some(dir) = args
+            .iter()
+            .skip_while(|a| *a != "--session-dir")
+            .nth(1)
+            .filter(|d| d.starts_with(&needle))
+        {
+            found.push((pid, dir.clone()));
+        }
+    }
+    found
 }

@@ -310,7 +310,10 @@ impl Config {
                 );
             }
             if self.agents[..i].iter().any(|a| a.name == agent.name) {
-                return invalid(format!("{key}.name"), format!("{:?} appears twice", agent.name));
+                return invalid(
+                    format!("{key}.name"),
+                    format!("{:?} appears twice", agent.name),
+                );
             }
             if agent.timezone.parse::<chrono_tz::Tz>().is_err() {
                 return invalid(
@@ -329,7 +332,10 @@ impl Config {
             if !is_safe_name(&route.source) {
                 return invalid(
                     format!("webhooks[{i}].source"),
-                    format!("{:?} must be letters, digits, '-', '_' or '.'", route.source),
+                    format!(
+                        "{:?} must be letters, digits, '-', '_' or '.'",
+                        route.source
+                    ),
                 );
             }
             self.check_agent(&format!("webhooks[{i}].agent"), &route.agent)?;
@@ -340,7 +346,10 @@ impl Config {
         if self.runner.backend != "process" {
             return invalid(
                 "runner.backend".into(),
-                format!("unknown backend {:?} (available: process)", self.runner.backend),
+                format!(
+                    "unknown backend {:?} (available: process)",
+                    self.runner.backend
+                ),
             );
         }
         if let Err(e) = self.runner.journal_mode.parse::<JournalModeName>() {
@@ -389,7 +398,9 @@ impl std::str::FromStr for JournalModeName {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "delete" | "wal" => Ok(Self),
-            other => Err(format!("unknown journal mode {other:?} (expected delete or wal)")),
+            other => Err(format!(
+                "unknown journal mode {other:?} (expected delete or wal)"
+            )),
         }
     }
 }
@@ -412,10 +423,7 @@ mod tests {
     fn unknown_keys_and_bad_values_are_named() {
         let err = Config::parse("data_dirr = \"x\"").unwrap_err();
         assert!(err.contains("data_dirr"), "{err}");
-        let c = Config::parse(
-            "[[agents]]\nname = \"a\"\ntimezone = \"Mars/Base\"\n",
-        )
-        .unwrap();
+        let c = Config::parse("[[agents]]\nname = \"a\"\ntimezone = \"Mars/Base\"\n").unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("agents[0].timezone"), "{err}");
         let c = Config::parse(

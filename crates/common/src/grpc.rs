@@ -34,7 +34,9 @@ pub async fn server_for<S: NamedService>() -> Result<(Router, HealthReporter), G
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ferroclaw_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let router = Server::builder().add_service(health).add_service(reflection);
+    let router = Server::builder()
+        .add_service(health)
+        .add_service(reflection);
     Ok((router, reporter))
 }
 

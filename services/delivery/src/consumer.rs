@@ -94,7 +94,11 @@ impl Consumer {
 
     /// Delivers unless the ledger says it already was; returns the final outcome.
     async fn deliver(&self, message: &OutboundMessage) -> Result<Settled> {
-        if let Some(done) = self.ledger.outcome(&message.session_id, message.seq).await? {
+        if let Some(done) = self
+            .ledger
+            .outcome(&message.session_id, message.seq)
+            .await?
+        {
             return Ok(done);
         }
         loop {
@@ -139,8 +143,8 @@ impl Consumer {
 
     /// One attempt at sending the row where its destination says.
     async fn send(&self, message: &OutboundMessage) -> Result<String, SendError> {
-        let destination: Destination = serde_json::from_str(&message.destination_json)
-            .map_err(|e| {
+        let destination: Destination =
+            serde_json::from_str(&message.destination_json).map_err(|e| {
                 SendError::Permanent(format!(
                     "unknown destination {}: {e}",
                     message.destination_json
@@ -179,7 +183,11 @@ impl Consumer {
         let (outcome, platform_message_id, detail) = match settled {
             Settled::Delivered {
                 platform_message_id,
-            } => (Outcome::Delivered, platform_message_id.clone(), String::new()),
+            } => (
+                Outcome::Delivered,
+                platform_message_id.clone(),
+                String::new(),
+            ),
             Settled::Failed { detail } => (Outcome::Failed, String::new(), detail.clone()),
         };
         let request = SettleRequest {

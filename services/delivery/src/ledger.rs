@@ -276,7 +276,9 @@ impl Ledger {
             // Mark the current version seen before querying, so an append that lands
             // between the query and the wait still wakes us.
             appended.borrow_and_update();
-            let messages = self.conversation_messages(conversation, after, limit).await?;
+            let messages = self
+                .conversation_messages(conversation, after, limit)
+                .await?;
             if !messages.is_empty() {
                 return Ok(messages);
             }
@@ -288,29 +290,27 @@ impl Ledger {
     }
 
     pub async fn list(&self, limit: u32) -> Result<Vec<Entry>> {
-        let rows: Vec<(String, i64, String, i64, String, Option<String>, Option<String>, i64)> =
-            sqlx::query_as(
-                "SELECT session_id, out_seq, state, attempts, destination, platform_message_id, detail, updated_at
-                 FROM ledger ORDER BY updated_at DESC LIMIT $1",
-            )
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(session_id, out_seq, state, attempts, destination, pmid, detail, updated_at)| Entry {
-                    session_id,
-                    out_seq,
-                    state,
-                    attempts,
-                    destination,
-                    platform_message_id: pmid,
-                    detail,
-                    updated_at,
-                },
-            )
-            .collect())
+        let rows = sqlx::query(
+            "SELECT session_id, out_seq, state, attempts, destination, platform_message_id, detail, updated_at
+             FROM ledger ORDER BY updated_at DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Entry {
+                    session_id: r.try_get("session_id")?,
+                    out_seq: r.try_get("out_seq")?,
+                    state: r.try_get("state")?,
+                    attempts: r.try_get("attempts")?,
+                    destination: r.try_get("destination")?,
+                    platform_message_id: r.try_get("platform_message_id")?,
+                    detail: r.try_get("detail")?,
+                    updated_at: r.try_get("updated_at")?,
+                })
+            })
+            .collect()
     }
 
     pub async fn close(&self) {
@@ -348,13 +348,26 @@ mod tests {
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let first = ledger.deliver_to_conversation("s", 1, msg("c", "hi")).await.unwrap();
-        let again = ledger.deliver_to_conversation("s", 1, msg("c", "hi")).await.unwrap();
+        let first = ledger
+            .deliver_to_conversation("s", 1, msg("c", "hi"))
+            .await
+            .unwrap();
+        let again = ledger
+            .deliver_to_conversation("s", 1, msg("c", "hi"))
+            .await
+            .unwrap();
         assert_eq!(first, again);
         let got = waiter.await.unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].text, "hi");
-        assert_eq!(ledger.conversation_messages("c", 0, 10).await.unwrap().len(), 1);
+        assert_eq!(
+            ledger
+                .conversation_messages("c", 0, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
         assert!(matches!(
             ledger.outcome("s", 1).await.unwrap(),
             Some(Settled::Delivered { .. })

@@ -41,13 +41,20 @@ impl Gateway for GatewayService {
                 self.ingress.webhook(&source, payload, key).await?
             }
             Some(Target::Conversation(conversation)) => {
-                let (text, sender) = match serde_json::from_str(&req.payload_json).map_err(bad_json)? {
-                    ChatPayload::Text(text) => (text, String::new()),
-                    ChatPayload::Full { text, sender } => (text, sender),
-                };
-                self.ingress.message(&conversation, text, sender, key).await?
+                let (text, sender) =
+                    match serde_json::from_str(&req.payload_json).map_err(bad_json)? {
+                        ChatPayload::Text(text) => (text, String::new()),
+                        ChatPayload::Full { text, sender } => (text, sender),
+                    };
+                self.ingress
+                    .message(&conversation, text, sender, key)
+                    .await?
             }
-            None => return Err(Status::invalid_argument("source or conversation is required")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "source or conversation is required",
+                ));
+            }
         };
         Ok(Response::new(InjectMessageResponse {
             session_id: accepted.session_id,

@@ -15,7 +15,9 @@ use ferroclaw_common::Config;
 use ferroclaw_common::grpc::is_serving;
 use ferroclaw_proto::v1::delivery_client::DeliveryClient;
 use ferroclaw_proto::v1::runner_client::RunnerClient;
-use ferroclaw_proto::v1::{GetSessionRequest, ListConversationMessagesRequest, ListSessionsRequest, Session};
+use ferroclaw_proto::v1::{
+    GetSessionRequest, ListConversationMessagesRequest, ListSessionsRequest, Session,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -36,7 +38,10 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/hooks/{source}", post(post_hook))
         .route("/v1/messages", post(post_message))
-        .route("/v1/conversations/{id}/messages", get(get_conversation_messages))
+        .route(
+            "/v1/conversations/{id}/messages",
+            get(get_conversation_messages),
+        )
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}", get(get_session))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -90,7 +95,8 @@ fn body(body: std::result::Result<Bytes, BytesRejection>) -> Result<Bytes> {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>> {
@@ -166,7 +172,9 @@ async fn get_conversation_messages(
     check_conversation(&conversation)?;
     state.ingress.conversation_agent(&conversation)?;
     if !query.wait.is_finite() || query.wait < 0.0 {
-        return Err(ApiError::BadRequest("wait must be a number of seconds ≥ 0".into()));
+        return Err(ApiError::BadRequest(
+            "wait must be a number of seconds ≥ 0".into(),
+        ));
     }
     let max_wait = state.config.gateway.max_wait_secs as f64;
     let wait = Duration::from_secs_f64(query.wait.min(max_wait));
@@ -195,7 +203,9 @@ async fn get_conversation_messages(
             })
         })
         .collect();
-    Ok(Json(json!({"messages": messages, "next_cursor": response.next_cursor})))
+    Ok(Json(
+        json!({"messages": messages, "next_cursor": response.next_cursor}),
+    ))
 }
 
 fn session_json(s: Session) -> Value {

@@ -45,7 +45,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let meta: HashMap<String, Vec<(String, String)>> = config
         .agents
         .iter()
-        .map(|a| (a.name.clone(), vec![("timezone".to_string(), a.timezone.clone())]))
+        .map(|a| {
+            (
+                a.name.clone(),
+                vec![("timezone".to_string(), a.timezone.clone())],
+            )
+        })
         .collect();
     let mailboxes = Arc::new(Mailboxes::new(data_dir.clone(), mode, meta));
     let binary = config
@@ -61,7 +66,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         config.runner.max_restarts,
     )?;
     let supervisor = Supervisor::new(backend, mailboxes.clone(), &config.agents, shutdown.clone());
-    let feed = OutboundFeed::start(data_dir.join("sessions"), registry.clone(), mailboxes.clone())?;
+    let feed = OutboundFeed::start(
+        data_dir.join("sessions"),
+        registry.clone(),
+        mailboxes.clone(),
+    )?;
     supervisor.recover(&registry).await?;
 
     let service = RunnerService {
@@ -69,7 +78,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         mailboxes: mailboxes.clone(),
         supervisor: supervisor.clone(),
         feed,
-        agents: config.agents.iter().map(|a| (a.name.clone(), a.clone())).collect(),
+        agents: config
+            .agents
+            .iter()
+            .map(|a| (a.name.clone(), a.clone()))
+            .collect(),
         shutdown: shutdown.clone(),
     };
     let (router, _health) = grpc::server_for::<RunnerServer<RunnerService>>().await?;

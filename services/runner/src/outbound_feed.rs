@@ -140,7 +140,12 @@ impl Stream {
 
     /// Sends the unsettled rows of every session, oldest first across sessions.
     async fn scan_all(&mut self) -> Result<(), StreamEnd> {
-        let sessions = self.feed.registry.list(None).await.map_err(StreamEnd::Runner)?;
+        let sessions = self
+            .feed
+            .registry
+            .list(None)
+            .await
+            .map_err(StreamEnd::Runner)?;
         let mut rows: Vec<(SessionRecord, OutboundRow)> = Vec::new();
         for session in sessions {
             for row in self.unsent(&session).await? {
@@ -158,7 +163,13 @@ impl Stream {
     async fn scan_session(&mut self, session_id: &str) -> Result<(), StreamEnd> {
         let session = match self.sessions.get(session_id) {
             Some(s) => s.clone(),
-            None => match self.feed.registry.get(session_id).await.map_err(StreamEnd::Runner)? {
+            None => match self
+                .feed
+                .registry
+                .get(session_id)
+                .await
+                .map_err(StreamEnd::Runner)?
+            {
                 Some(s) => {
                     self.sessions.insert(s.id.clone(), s.clone());
                     s

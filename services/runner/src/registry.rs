@@ -67,7 +67,11 @@ impl Registry {
     }
 
     /// The session of (agent, conversation key), created with a new id when absent.
-    pub async fn get_or_create(&self, agent: &str, conversation_key: &str) -> Result<SessionRecord> {
+    pub async fn get_or_create(
+        &self,
+        agent: &str,
+        conversation_key: &str,
+    ) -> Result<SessionRecord> {
         if let Some(found) = self.find(agent, conversation_key).await? {
             return Ok(found);
         }
@@ -89,7 +93,8 @@ impl Registry {
     }
 
     async fn find(&self, agent: &str, conversation_key: &str) -> Result<Option<SessionRecord>> {
-        let sql = format!("SELECT {COLUMNS} FROM sessions WHERE agent = $1 AND conversation_key = $2");
+        let sql =
+            format!("SELECT {COLUMNS} FROM sessions WHERE agent = $1 AND conversation_key = $2");
         let row: Option<Columns> = sqlx::query_as(&sql)
             .bind(agent)
             .bind(conversation_key)

@@ -35,7 +35,10 @@ impl RunnerService {
     /// Validates everything before anything is written: a rejected request leaves no trace.
     fn parse_enqueue(&self, req: &EnqueueRequest) -> Result<NewInbound> {
         if !self.agents.contains_key(&req.agent) {
-            return Err(RunnerError::NotFound(format!("no agent named {:?}", req.agent)));
+            return Err(RunnerError::NotFound(format!(
+                "no agent named {:?}",
+                req.agent
+            )));
         }
         if req.conversation_key.is_empty() {
             return Err(RunnerError::InvalidArgument(

@@ -176,7 +176,10 @@ impl Inner {
                 // Only deferred work is left: come back when it is due.
                 slots.remove(&session.id);
                 drop(slots);
-                Supervisor { inner: self.clone() }.start_at(session, due);
+                Supervisor {
+                    inner: self.clone(),
+                }
+                .start_at(session, due);
                 return;
             }
             if !crashed {

@@ -102,7 +102,9 @@ mod tests {
     #[tokio::test]
     async fn lists_stored_tasks_by_session() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TaskStore::open(&dir.path().join("scheduler.db")).await.unwrap();
+        let store = TaskStore::open(&dir.path().join("scheduler.db"))
+            .await
+            .unwrap();
         assert!(store.list(None).await.unwrap().is_empty());
         sqlx::query(
             "INSERT INTO tasks VALUES ('t1', 's1', 'main', 'n', 'once', '2026-01-01T00:00:00Z',

@@ -24,7 +24,9 @@ fn options() -> anyhow::Result<Options> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let value = args.next().with_context(|| format!("{arg} needs a value"))?;
+        let value = args
+            .next()
+            .with_context(|| format!("{arg} needs a value"))?;
         match arg.as_str() {
             "--messages" => options.messages = value.parse()?,
             "--conversations" => options.conversations = value.parse()?,
@@ -38,7 +40,11 @@ fn options() -> anyhow::Result<Options> {
 }
 
 /// Sends `count` messages in `conversation` one after another; returns each round trip.
-async fn client(cluster: &Cluster, conversation: String, count: usize) -> anyhow::Result<Vec<Duration>> {
+async fn client(
+    cluster: &Cluster,
+    conversation: String,
+    count: usize,
+) -> anyhow::Result<Vec<Duration>> {
     let (_, mut cursor) = cluster.messages(&conversation, 0, 0.0).await?;
     let mut latencies = Vec::with_capacity(count);
     for i in 0..count {
@@ -52,7 +58,10 @@ async fn client(cluster: &Cluster, conversation: String, count: usize) -> anyhow
         loop {
             let (messages, next) = cluster.messages(&conversation, cursor, 30.0).await?;
             cursor = next;
-            if messages.iter().any(|m| m["text"].as_str() == Some(want.as_str())) {
+            if messages
+                .iter()
+                .any(|m| m["text"].as_str() == Some(want.as_str()))
+            {
                 break;
             }
             if started.elapsed() > Duration::from_secs(60) {
@@ -74,7 +83,9 @@ async fn main() -> anyhow::Result<()> {
     let options = options()?;
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::start(dir.path(), &[]).await?;
-    let conversations: Vec<String> = (0..options.conversations).map(|i| format!("bench-{i}")).collect();
+    let conversations: Vec<String> = (0..options.conversations)
+        .map(|i| format!("bench-{i}"))
+        .collect();
 
     // Warm-up: every session exists and its agent runs.
     let warm: Vec<_> = conversations

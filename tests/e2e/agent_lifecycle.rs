@@ -1,0 +1,108 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ferroclaw_e2e::{Cluster, agent_processes};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_agent_is_restarted_and_the_message_answered_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), &[("FERROCLAW_ECHO_DELAY_MS", "1500".into())]).await?;
+    cluster.post_message("crash", "survive this", None).await?;
+    // Wait for the agent to be mid-batch, then kill it.
+    let mut killed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some((pid, _)) = agent_processes(dir.path()).first() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // SAFETY: kill(2) on a pid we just read; no memory effects.
+            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+            killed = true;
+            break;
+        }
+    }
+    assert!(killed, "the agent never started");
+    let lines = cluster
+        .wait_for_lines(
+            "crash",
+            &["echo: survive this".into()],
+            Duration::from_secs(30),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        cluster.texts("crash").await?,
+        vec!["echo: survive this".to_string()],
+        "{lines:?}"
+    );
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_per_session_under_concurrent_enqueues_and_idle_stop() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(
+        dir.path(),
+        &[
+            ("FERROCLAW_IDLE_TIMEOUT_SECS", "1".into()),
+            ("FERROCLAW_ECHO_DELAY_MS", "50".into()),
+        ],
+    )
+    .await?;
+    let cluster = std::sync::Arc::new(cluster);
+    let mut posts = Vec::new();
+    for i in 0..30 {
+        let cluster = cluster.clone();
+        posts.push(tokio::spawn(async move {
+            cluster
+                .post_message(&format!("burst-{}", i % 3), &format!("b{i}"), None)
+                .await
+        }));
+    }
+    // Sample the process table while the burst is handled.
+    let mut most = 0;
+    for _ in 0..20 {
+        let mut per_session: HashMap<String, usize> = HashMap::new();
+        for (_, session) in agent_processes(dir.path()) {
+            *per_session.entry(session).or_default() += 1;
+        }
+        most = most.max(per_session.values().copied().max().unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for post in posts {
+        let (status, body) = post.await??;
+        assert_eq!(status, 202, "{body}");
+    }
+    assert!(most <= 1, "{most} agents served one session at once");
+    for c in 0..3 {
+        let want: Vec<String> = (0..30)
+            .filter(|i| i % 3 == c)
+            .map(|i| format!("echo: b{i}"))
+            .collect();
+        cluster
+            .wait_for_lines(&format!("burst-{c}"), &want, Duration::from_secs(30))
+            .await?;
+    }
+    // Idle agents exit and the session shows idle; a new message starts one again.
+    let mut idle = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, sessions) = cluster.get("/v1/sessions").await?;
+        let all_idle = sessions["sessions"]
+            .as_array()
+            .is_some_and(|s| s.iter().all(|s| s["agent_state"] == json!("idle")));
+        if all_idle && agent_processes(dir.path()).is_empty() {
+            idle = true;
+            break;
+        }
+    }
+    assert!(idle, "agents did not stop after the idle timeout");
+    cluster.post_message("burst-0", "again", None).await?;
+    cluster
+        .wait_for_lines("burst-0", &["echo: again".into()], Duration::from_secs(30))
+        .await?;
+    match std::sync::Arc::try_unwrap(cluster) {
+        Ok(cluster) => cluster.stop().await,
+        Err(_) => anyhow::bail!("cluster still shared"),
+    }
+}
