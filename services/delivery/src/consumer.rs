@@ -75,21 +75,19 @@ impl Consumer {
             };
             // Finish the row in hand even when shutdown arrives meanwhile: it is either
             // settled or resent by the runner later, never half-done.
-            self.handle(message).await;
+            self.handle(message).await?;
         }
     }
 
+    /// Delivers and settles one row. An error ends the stream: the runner resends every
+    /// unsettled row on the next one, and the ledger keeps a resent row from going out twice.
     #[tracing::instrument(skip_all, fields(session = %message.session_id, seq = message.seq))]
-    async fn handle(&mut self, message: OutboundMessage) {
-        let settled = match self.deliver(&message).await {
-            Ok(settled) => settled,
-            Err(e) => {
-                // Not delivered and not recorded: the runner will resend it.
-                tracing::error!(error = %e, "delivery ledger unavailable");
-                return;
-            }
-        };
-        self.settle(&message, &settled).await;
+    async fn handle(&mut self, message: OutboundMessage) -> Result<(), tonic::Status> {
+        let settled = self.deliver(&message).await.map_err(|e| {
+            tracing::error!(error = %e, "delivery ledger unavailable");
+            tonic::Status::unavailable(e.to_string())
+        })?;
+        self.settle(&message, &settled).await
     }
 
     /// Delivers unless the ledger says it already was; returns the final outcome.
@@ -179,7 +177,11 @@ impl Consumer {
 
     /// Tells the runner the outcome. On failure the row stays unsettled there and comes
     /// back on the next stream, where the ledger answers without sending again.
-    async fn settle(&mut self, message: &OutboundMessage, settled: &Settled) {
+    async fn settle(
+        &mut self,
+        message: &OutboundMessage,
+        settled: &Settled,
+    ) -> Result<(), tonic::Status> {
         let (outcome, platform_message_id, detail) = match settled {
             Settled::Delivered {
                 platform_message_id,
@@ -197,23 +199,25 @@ impl Consumer {
             platform_message_id,
             detail,
         };
-        for attempt in 1..=3u32 {
+        let mut attempt = 0u64;
+        loop {
+            attempt += 1;
             match self.runner.settle(request.clone()).await {
-                Ok(_) => {
-                    if let Err(e) = self
-                        .ledger
-                        .mark_settled(&message.session_id, message.seq)
-                        .await
-                    {
-                        tracing::warn!(error = %e, "could not mark the row settled");
-                    }
-                    return;
-                }
+                Ok(_) => break,
+                Err(status) if attempt >= 3 => return Err(status),
                 Err(status) => {
-                    tracing::warn!(%status, attempt, "settle failed");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                    tracing::warn!(%status, attempt, "settle failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
                 }
             }
         }
+        if let Err(e) = self
+            .ledger
+            .mark_settled(&message.session_id, message.seq)
+            .await
+        {
+            tracing::warn!(error = %e, "could not mark the row settled");
+        }
+        Ok(())
     }
 }

@@ -30,6 +30,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let (router, _health) = grpc::server_for::<DeliveryServer<DeliveryService>>().await?;
     let router = router.add_service(DeliveryServer::new(DeliveryService {
         ledger: ledger.clone(),
+        shutdown: shutdown.clone(),
     }));
     tracing::info!(addr = ?listener.local_addr().ok(), "delivery listening");
     grpc::serve(router, listener, shutdown).await?;

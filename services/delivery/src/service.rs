@@ -18,6 +18,8 @@ const MAX_LIMIT: u32 = 1000;
 
 pub struct DeliveryService {
     pub(crate) ledger: Ledger,
+    /// Ends waiting long-polls when the service stops, so shutdown is not held up.
+    pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }
 
 fn limit(requested: u32) -> u32 {
@@ -37,11 +39,20 @@ impl Delivery for DeliveryService {
         if req.conversation.is_empty() {
             return Err(Status::invalid_argument("conversation must not be empty"));
         }
-        let wait = Duration::from_millis(req.wait_ms.max(0) as u64).min(MAX_WAIT);
-        let messages = self
-            .ledger
-            .wait_conversation_messages(&req.conversation, req.after, limit(req.limit), wait)
-            .await?;
+        let mut wait = Duration::from_millis(req.wait_ms.max(0) as u64).min(MAX_WAIT);
+        if self.shutdown.is_cancelled() {
+            wait = Duration::ZERO;
+        }
+        let waiting = self.ledger.wait_conversation_messages(
+            &req.conversation,
+            req.after,
+            limit(req.limit),
+            wait,
+        );
+        let messages = tokio::select! {
+            messages = waiting => messages?,
+            _ = self.shutdown.cancelled() => Vec::new(),
+        };
         let next_cursor = messages.last().map_or(req.after, |m| m.cursor);
         let messages = messages
             .into_iter()

@@ -28,6 +28,8 @@ use crate::ingress::{Ingress, check_conversation};
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
+    /// Ends waiting long-polls when the gateway stops, so shutdown is not held up.
+    pub shutdown: tokio_util::sync::CancellationToken,
     pub ingress: Ingress,
     pub runner: Channel,
     pub delivery: Channel,
@@ -184,10 +186,15 @@ async fn get_conversation_messages(
         wait_ms: wait.as_millis() as i64,
         limit: query.limit,
     };
-    let response = DeliveryClient::new(state.delivery.clone())
-        .list_conversation_messages(request)
-        .await?
-        .into_inner();
+    let after = request.after;
+    let mut delivery = DeliveryClient::new(state.delivery.clone());
+    let response = tokio::select! {
+        response = delivery.list_conversation_messages(request) => response?.into_inner(),
+        _ = state.shutdown.cancelled() => ferroclaw_proto::v1::ListConversationMessagesResponse {
+            messages: Vec::new(),
+            next_cursor: after,
+        },
+    };
     let messages: Vec<Value> = response
         .messages
         .into_iter()

@@ -39,6 +39,7 @@ pub async fn run(
     let ingress = Ingress::new(config.clone(), runner.clone());
     let state = AppState {
         config: config.clone(),
+        shutdown: shutdown.clone(),
         ingress: ingress.clone(),
         runner,
         delivery,
