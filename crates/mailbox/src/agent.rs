@@ -51,22 +51,22 @@ impl AgentMailbox {
         schema::init_outbound(&outbound, &out_path).await?;
 
         let in_path = paths.inbound_db();
+        let not_ready = |path: std::path::PathBuf| Error::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the runner has not created this session's inbound.db",
+            ),
+        };
         if !in_path.exists() {
-            return Err(Error::Io {
-                path: in_path,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "the runner has not created this session's inbound.db",
-                ),
-            });
+            return Err(not_ready(in_path));
         }
         let inbound = db::open_reader(&in_path).await?;
+        // Version 0: the runner has created the file but not yet its tables (it is opening
+        // it right now). That is "not there yet", not a release mismatch.
         if !schema::check_version(&inbound, &in_path, schema::INBOUND_VERSION).await? {
-            return Err(Error::SchemaMismatch {
-                path: in_path,
-                found: 0,
-                expected: schema::INBOUND_VERSION,
-            });
+            inbound.close().await;
+            return Err(not_ready(in_path));
         }
         let done = sqlx::query_scalar::<_, i64>(
             "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use ferroclaw_mailbox::{
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 
 /// Inbound messages the host enqueues (and replies the agent writes).
-const N: usize = 30;
+const N: usize = 3000;
 /// Most rows the agent takes into one batch, so that many transactions interleave.
 const MAX_BATCH: usize = 8;
 /// Names the session directory in a child process.
@@ -182,7 +182,7 @@ async fn child_agent() {
 }
 
 /// Runs one role of this test binary in its own process, its output going to `<logs>/<role>.log`.
-fn spawn_child(role: &str, session: &Path, logs: &Path) -> std::process::Child {
+fn spawn_child(role: &str, session: &Path, logs: &Path) -> Child {
     let log = std::fs::File::create(logs.join(format!("{role}.log"))).expect("log file");
     Command::new(std::env::current_exe().expect("current exe"))
         .args(["--exact", role, "--nocapture", "--include-ignored"])
@@ -194,28 +194,41 @@ fn spawn_child(role: &str, session: &Path, logs: &Path) -> std::process::Child {
         .expect("spawn child")
 }
 
-fn wait_child(role: &str, mut child: std::process::Child, logs: &Path, deadline: Instant) {
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait child") {
-            break Some(status);
+/// Waits for both children. As soon as one fails (or the deadline passes) the other is
+/// killed, so a failing role does not leave its partner waiting out its whole timeout.
+fn wait_children(mut children: Vec<(&str, Child)>, logs: &Path, deadline: Instant) {
+    let log_of =
+        |role: &str| std::fs::read_to_string(logs.join(format!("{role}.log"))).unwrap_or_default();
+    let mut failure = None;
+    while !children.is_empty() && failure.is_none() {
+        let mut i = 0;
+        while i < children.len() {
+            let (role, child) = &mut children[i];
+            match child.try_wait().expect("wait child") {
+                None => i += 1,
+                Some(status) => {
+                    let output = log_of(role);
+                    if !status.success() {
+                        failure = Some(format!("{role} failed ({status}):\n{output}"));
+                    } else if !output.contains("1 passed") {
+                        failure = Some(format!("{role} did not run its test:\n{output}"));
+                    }
+                    children.remove(i);
+                }
+            }
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
+        if failure.is_none() && !children.is_empty() && Instant::now() > deadline {
+            failure = Some(format!("{} timed out", children[0].0));
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    let output = std::fs::read_to_string(logs.join(format!("{role}.log"))).unwrap_or_default();
-    match status {
-        Some(s) if s.success() => {
-            assert!(
-                output.contains("1 passed"),
-                "{role} did not run its test:\n{output}"
-            );
-        }
-        Some(s) => panic!("{role} failed ({s}):\n{output}"),
-        None => panic!("{role} timed out:\n{output}"),
+    }
+    for (role, mut child) in children {
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("{role} killed; its output:\n{}", log_of(role));
+    }
+    if let Some(failure) = failure {
+        panic!("{failure}");
     }
 }
 
@@ -240,8 +253,11 @@ async fn host_and_agent_processes_share_a_session() {
     std::thread::sleep(Duration::from_millis(200));
     let host = spawn_child("child_host", &session, &logs);
     let deadline = started + CHILD_TIMEOUT + Duration::from_secs(30);
-    wait_child("child_host", host, &logs, deadline);
-    wait_child("child_agent", agent, &logs, deadline);
+    wait_children(
+        vec![("child_host", host), ("child_agent", agent)],
+        &logs,
+        deadline,
+    );
     eprintln!("{N} rows each way in {:?}", started.elapsed());
 
     let paths = SessionPaths::new(&session);
