@@ -116,9 +116,8 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> Result<(
     Ok(())
 }
 
-/// Claims, answers and completes one batch. Failures of the provider become a message to
-/// the user once the batch has used up its attempts; before that they end the agent so the
-/// runner retries it with backoff.
+/// Claims, answers and completes one batch. Messages that already used up their attempts
+/// (agents kept dying on them) are failed with a notice to the user; the rest are answered.
 async fn process(
     mailbox: &mut AgentMailbox,
     provider: &mut Provider,
@@ -127,33 +126,43 @@ async fn process(
     options: &AgentOptions,
 ) -> Result<(), AgentError> {
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let attempt = mailbox.claim(&seqs).await?;
+    let attempts = mailbox.claim(&seqs).await?;
     mailbox.touch_heartbeat()?;
+    let (exhausted, live): (Vec<(&InboundRow, i64)>, Vec<(&InboundRow, i64)>) = rows
+        .iter()
+        .zip(attempts)
+        .partition(|(_, attempt)| *attempt > options.max_attempts);
+    if !exhausted.is_empty() {
+        let failed: Vec<InboundRow> = exhausted.iter().map(|(r, _)| (*r).clone()).collect();
+        let failed_seqs: Vec<i64> = failed.iter().map(|r| r.seq).collect();
+        tracing::error!(seqs = ?failed_seqs, "messages failed {} times; giving up on them", options.max_attempts);
+        let notices = failure_notices(&failed, options.max_attempts);
+        mailbox
+            .finish(&failed_seqs, &notices, BatchStatus::Failed)
+            .await?;
+    }
+    if live.is_empty() {
+        return Ok(());
+    }
+    let attempt = live.iter().map(|(_, a)| *a).max().unwrap_or(1);
+    let rows: Vec<InboundRow> = live.into_iter().map(|(r, _)| r.clone()).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
     let span = tracing::info_span!("batch", first = seqs[0], size = seqs.len(), attempt);
     // `instrument`, not `span.enter()`: a guard held across `.await` leaves the span entered
     // while the batch waits, so events of other tasks (the shutdown listener) land in it.
-    answer(mailbox, provider, rows, &seqs, attempt, tz, options)
+    answer(mailbox, provider, &rows, &seqs, tz)
         .instrument(span)
         .await
 }
 
-/// The batch part of [`process`] after the claim: fail it once out of attempts, else ask
-/// the provider and complete it with the replies.
+/// Asks the provider and completes the batch with its replies in one transaction.
 async fn answer(
     mailbox: &mut AgentMailbox,
     provider: &mut Provider,
     rows: &[InboundRow],
     seqs: &[i64],
-    attempt: i64,
     tz: Tz,
-    options: &AgentOptions,
 ) -> Result<(), AgentError> {
-    if attempt > options.max_attempts {
-        tracing::error!("batch failed {} times; giving up on it", attempt - 1);
-        let notices = failure_notices(rows, attempt - 1);
-        mailbox.finish(seqs, &notices, BatchStatus::Failed).await?;
-        return Ok(());
-    }
     let text = formatter::format_batch(rows, tz, now_ms());
     let prompt = Prompt { text: &text, rows };
     let replies = {

@@ -208,3 +208,54 @@ async fn batch_out_of_attempts_fails_with_one_notice() {
     assert_eq!(host.pending().await.unwrap().count, 0);
     host.close().await;
 }
+
+#[tokio::test]
+async fn a_message_joining_a_redone_batch_is_answered_not_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("session");
+    let (host, poison) = session_with_one_message(&dir).await;
+
+    let first = start_agent(&dir, "first.log", 5000, &["--max-attempts", "1"]);
+    kill_mid_batch(&dir, first, "first.log", poison).await;
+    // A new message arrives while no agent runs: it lands in the same batch as the
+    // message the dead agent held, but has attempts of its own left.
+    let late = host
+        .enqueue(&NewInbound {
+            id: "m2".into(),
+            content: InboundContent::Chat(ChatIn {
+                text: "late".into(),
+                sender: "bob".into(),
+                attachments: vec![],
+            }),
+            origin: Origin {
+                channel: "api".into(),
+                conversation: "c".into(),
+                sender: "bob".into(),
+                reply_to: Destination::Api {
+                    conversation: "c".into(),
+                },
+            },
+            process_after: None,
+            trace: None,
+        })
+        .await
+        .expect("enqueue")
+        .seq;
+
+    let second = start_agent(&dir, "second.log", 0, &["--max-attempts", "1"]);
+    wait_for_exit(&dir, second, "second.log").await;
+
+    let replies = host.unsettled_after(0).await.unwrap();
+    let texts: Vec<String> = replies.iter().map(chat_text).collect();
+    assert_eq!(replies.len(), 2, "{texts:?}");
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.starts_with("Sorry, I could not process")),
+        "{texts:?}"
+    );
+    assert!(texts.contains(&"echo: late".to_string()), "{texts:?}");
+    assert_eq!(processing(&dir, poison).await, Some(("failed".into(), 2)));
+    assert_eq!(processing(&dir, late).await, Some(("completed".into(), 1)));
+    host.close().await;
+}

@@ -145,13 +145,13 @@ impl AgentMailbox {
         Ok(batch)
     }
 
-    /// Marks `seqs` as being processed; returns the highest attempt number among them
-    /// (1 the first time, more when a previous agent died holding them).
-    pub async fn claim(&mut self, seqs: &[i64]) -> Result<i64> {
+    /// Marks `seqs` as being processed; returns each one's attempt number, in order (1 the
+    /// first time, more when a previous agent died holding it).
+    pub async fn claim(&mut self, seqs: &[i64]) -> Result<Vec<i64>> {
         let path = self.paths.outbound_db();
         let now = crate::now_ms();
         let mut tx = self.outbound.begin().await.at(&path)?;
-        let mut max_attempt = 0;
+        let mut attempts = Vec::with_capacity(seqs.len());
         for seq in seqs {
             let attempt: i64 = sqlx::query_scalar(
                 "INSERT INTO processing (in_seq, status, attempt, changed_at)
@@ -165,10 +165,10 @@ impl AgentMailbox {
             .fetch_one(&mut *tx)
             .await
             .at(&path)?;
-            max_attempt = max_attempt.max(attempt);
+            attempts.push(attempt);
         }
         tx.commit().await.at(&path)?;
-        Ok(max_attempt)
+        Ok(attempts)
     }
 
     /// Writes the replies and marks the batch done in ONE transaction: a crash loses both
