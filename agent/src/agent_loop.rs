@@ -182,7 +182,7 @@ async fn answer(
         .map(|r| NewOutbound {
             in_reply_to: Some(r.in_reply_to),
             destination: r.destination,
-            content: OutboundContent::Chat(ChatOut { text: r.text }),
+            content: r.content,
             trace: trace.clone(),
         })
         .collect();

@@ -151,3 +151,90 @@ fn encode(segment: &str) -> String {
     }
     out
 }
+
+#[derive(clap::Subcommand)]
+pub enum TaskCommand {
+    /// Every task (or one session's), one line each.
+    List {
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// A task's run history.
+    Runs {
+        id: String,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
+    /// Fire one run now, outside the schedule.
+    Run {
+        id: String,
+    },
+}
+
+pub async fn tasks(api: &ApiArgs, command: TaskCommand) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let (method, path) = match &command {
+        TaskCommand::List { session } => (
+            reqwest::Method::GET,
+            format!(
+                "/v1/tasks?session_id={}",
+                encode(session.as_deref().unwrap_or(""))
+            ),
+        ),
+        TaskCommand::Runs { id } => (
+            reqwest::Method::GET,
+            format!("/v1/tasks/{}/runs", encode(id)),
+        ),
+        TaskCommand::Pause { id } => (
+            reqwest::Method::POST,
+            format!("/v1/tasks/{}/pause", encode(id)),
+        ),
+        TaskCommand::Resume { id } => (
+            reqwest::Method::POST,
+            format!("/v1/tasks/{}/resume", encode(id)),
+        ),
+        TaskCommand::Cancel { id } => (
+            reqwest::Method::POST,
+            format!("/v1/tasks/{}/cancel", encode(id)),
+        ),
+        TaskCommand::Run { id } => (
+            reqwest::Method::POST,
+            format!("/v1/tasks/{}/run", encode(id)),
+        ),
+    };
+    let body = call(api.request(&client, method, &path)).await?;
+    match command {
+        TaskCommand::List { .. } => {
+            for t in body["tasks"].as_array().cloned().unwrap_or_default() {
+                let schedule = &t["schedule"];
+                let when = schedule["cron"]
+                    .as_str()
+                    .map(String::from)
+                    .or_else(|| {
+                        schedule["interval_secs"]
+                            .as_i64()
+                            .map(|s| format!("every {s}s"))
+                    })
+                    .or_else(|| schedule["at"].as_str().map(|a| format!("at {a}")))
+                    .unwrap_or_default();
+                println!(
+                    "{}  {:<9}  {} ({})  {}",
+                    t["id"].as_str().unwrap_or("?"),
+                    t["state"].as_str().unwrap_or("?"),
+                    when,
+                    schedule["timezone"].as_str().unwrap_or("UTC"),
+                    t["name"].as_str().unwrap_or("")
+                );
+            }
+        }
+        _ => println!("{}", serde_json::to_string_pretty(&body)?),
+    }
+    Ok(())
+}

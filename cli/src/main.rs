@@ -47,6 +47,13 @@ enum Command {
         idempotency_key: Option<String>,
         text: String,
     },
+    /// Scheduled tasks: list them, see a task's runs, pause, resume, cancel or run one now.
+    Tasks {
+        #[command(flatten)]
+        api: api::ApiArgs,
+        #[command(subcommand)]
+        action: api::TaskCommand,
+    },
     /// Inject a webhook: a JSON document (argument, or stdin when absent).
     Hook {
         #[command(flatten)]
@@ -88,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Tasks { api, action } => api::tasks(&api, action).await,
         Command::Hook {
             api,
             source,

@@ -69,13 +69,6 @@ async fn start_all(
     let runner = start("runner", vec![]).await?;
     let runner_url = runner.grpc_url();
     services.push(runner);
-    let delivery = start(
-        "delivery",
-        vec![("FERROCLAW_RUNNER_URL", runner_url.clone())],
-    )
-    .await?;
-    let delivery_url = delivery.grpc_url();
-    services.push(delivery);
     let scheduler = start(
         "scheduler",
         vec![("FERROCLAW_RUNNER_URL", runner_url.clone())],
@@ -83,6 +76,16 @@ async fn start_all(
     .await?;
     let scheduler_url = scheduler.grpc_url();
     services.push(scheduler);
+    let delivery = start(
+        "delivery",
+        vec![
+            ("FERROCLAW_RUNNER_URL", runner_url.clone()),
+            ("FERROCLAW_SCHEDULER_URL", scheduler_url.clone()),
+        ],
+    )
+    .await?;
+    let delivery_url = delivery.grpc_url();
+    services.push(delivery);
     let gateway = start(
         "gateway",
         vec![

@@ -64,10 +64,10 @@ impl Cluster {
             .map(|(_, v)| v.clone());
         let runner = start("runner", &envs, &[]).await?;
         envs.push(("FERROCLAW_RUNNER_URL", runner.grpc_url()));
-        let delivery = start("delivery", &envs, &[]).await?;
-        envs.push(("FERROCLAW_DELIVERY_URL", delivery.grpc_url()));
         let scheduler = start("scheduler", &envs, &[]).await?;
         envs.push(("FERROCLAW_SCHEDULER_URL", scheduler.grpc_url()));
+        let delivery = start("delivery", &envs, &[]).await?;
+        envs.push(("FERROCLAW_DELIVERY_URL", delivery.grpc_url()));
         let gateway = start("gateway", &envs, &[]).await?;
         Ok(Self {
             data_dir: data_dir.to_path_buf(),
@@ -220,8 +220,8 @@ impl Cluster {
         let mut failures = Vec::new();
         for service in [
             &mut self.gateway,
-            &mut self.scheduler,
             &mut self.delivery,
+            &mut self.scheduler,
             &mut self.runner,
         ] {
             let status = service.stop(grace).await?;

@@ -1,9 +1,14 @@
 //! `echo`: a deterministic provider for tests and demos. It quotes what it received, one
 //! line per message, in one reply per destination.
+//!
+//! A chat message `!action {"action": "...", "params": {...}}` makes it emit that action row
+//! instead (as a model's tool call would: `schedule_task`, `pause_task`, …), so the paths
+//! behind agent actions can be driven end to end without a model.
 
 use std::time::Duration;
 
-use ferroclaw_mailbox::content::InboundContent;
+use ferroclaw_mailbox::OutboundContent;
+use ferroclaw_mailbox::content::{ActionOut, ChatOut, InboundContent};
 
 use super::{Prompt, Reply, by_destination};
 
@@ -16,19 +21,43 @@ impl Echo {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        by_destination(prompt.rows)
-            .into_iter()
-            .map(|(destination, rows)| Reply {
-                destination,
-                in_reply_to: rows.last().map_or(0, |r| r.seq),
-                text: rows
-                    .iter()
-                    .map(|r| quote(&r.content))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            })
-            .collect()
+        let mut replies = Vec::new();
+        for (destination, rows) in by_destination(prompt.rows) {
+            let mut lines = Vec::new();
+            let mut actions = Vec::new();
+            for row in &rows {
+                match action_of(&row.content) {
+                    Some(Ok(action)) => actions.push(Reply {
+                        destination: destination.clone(),
+                        in_reply_to: row.seq,
+                        content: OutboundContent::Action(action),
+                    }),
+                    Some(Err(e)) => lines.push(format!("echo: invalid !action: {e}")),
+                    None => lines.push(quote(&row.content)),
+                }
+            }
+            if !lines.is_empty() {
+                replies.push(Reply {
+                    destination: destination.clone(),
+                    in_reply_to: rows.last().map_or(0, |r| r.seq),
+                    content: OutboundContent::Chat(ChatOut {
+                        text: lines.join("\n"),
+                    }),
+                });
+            }
+            replies.extend(actions);
+        }
+        replies
     }
+}
+
+/// The action a `!action {json}` chat message asks for, if it is one.
+fn action_of(content: &InboundContent) -> Option<Result<ActionOut, serde_json::Error>> {
+    let InboundContent::Chat(chat) = content else {
+        return None;
+    };
+    let json = chat.text.trim().strip_prefix("!action")?;
+    Some(serde_json::from_str(json.trim()))
 }
 
 /// `echo: <what came in>` for one message.
@@ -87,8 +116,44 @@ mod tests {
             })
             .await;
         assert_eq!(replies.len(), 2);
-        assert_eq!(replies[0].text, "echo: one\necho: three");
+        assert_eq!(replies[0].content.text(), "echo: one\necho: three");
         assert_eq!(replies[0].in_reply_to, 6);
-        assert_eq!(replies[1].text, "echo: two");
+        assert_eq!(replies[1].content.text(), "echo: two");
+    }
+
+    #[tokio::test]
+    async fn bang_action_becomes_an_action_row() {
+        let rows = vec![
+            chat(
+                2,
+                "a",
+                r#"!action {"action": "pause_task", "params": {"task_id": "t1"}}"#,
+            ),
+            chat(4, "a", "!action {broken"),
+        ];
+        let echo = Echo {
+            delay: Duration::ZERO,
+        };
+        let replies = echo
+            .respond(&Prompt {
+                text: "",
+                rows: &rows,
+            })
+            .await;
+        assert_eq!(replies.len(), 2);
+        assert!(
+            replies[0]
+                .content
+                .text()
+                .starts_with("echo: invalid !action")
+        );
+        match &replies[1].content {
+            OutboundContent::Action(a) => {
+                assert_eq!(a.action, "pause_task");
+                assert_eq!(a.params["task_id"], "t1");
+            }
+            other => panic!("expected an action, got {other:?}"),
+        }
+        assert_eq!(replies[1].in_reply_to, 2);
     }
 }

@@ -4,7 +4,7 @@ mod echo;
 
 use std::time::Duration;
 
-use ferroclaw_mailbox::{Destination, InboundRow};
+use ferroclaw_mailbox::{Destination, InboundRow, OutboundContent};
 
 pub use echo::Echo;
 
@@ -16,11 +16,11 @@ pub struct Prompt<'a> {
 }
 
 /// One message the provider wants sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub destination: Destination,
     pub in_reply_to: i64,
-    pub text: String,
+    pub content: OutboundContent,
 }
 
 #[derive(Debug, thiserror::Error)]

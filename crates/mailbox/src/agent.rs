@@ -243,6 +243,14 @@ impl AgentMailbox {
             .at(&self.paths.inbound_db())
     }
 
+    /// The session's scheduled tasks as mirrored by the runner: (id, JSON spec), by id.
+    pub async fn tasks(&self) -> Result<Vec<(String, String)>> {
+        sqlx::query_as("SELECT id, spec FROM tasks ORDER BY id")
+            .fetch_all(&self.inbound)
+            .await
+            .at(&self.paths.inbound_db())
+    }
+
     /// A session fact written by the runner (`meta` table).
     pub async fn meta(&self, key: &str) -> Result<Option<String>> {
         sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")

@@ -252,6 +252,28 @@ impl HostMailbox {
         Ok(())
     }
 
+    /// Replaces the session's task mirror (`tasks` table) with `tasks` as (id, JSON spec),
+    /// in one transaction so the agent never sees half of it.
+    pub async fn replace_tasks(&self, tasks: &[(String, String)]) -> Result<()> {
+        let path = self.paths.inbound_db();
+        let now = crate::now_ms();
+        let mut tx = self.inbound.begin().await.at(&path)?;
+        sqlx::query("DELETE FROM tasks")
+            .execute(&mut *tx)
+            .await
+            .at(&path)?;
+        for (id, spec) in tasks {
+            sqlx::query("INSERT INTO tasks (id, spec, updated_at) VALUES ($1, $2, $3)")
+                .bind(id)
+                .bind(spec)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .at(&path)?;
+        }
+        tx.commit().await.at(&path)
+    }
+
     /// Checks that `content_json` is valid content of `kind`, before anything is written.
     pub fn validate(kind: &str, content_json: &str) -> Result<InboundContent> {
         InboundContent::parse(kind, content_json)

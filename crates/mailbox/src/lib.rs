@@ -44,6 +44,7 @@ fn futures_are_send(host: &HostMailbox, msg: &NewInbound) {
     send(host.pending());
     send(host.set_meta("a", "b"));
     send(host.outcome(1));
+    send(host.replace_tasks(&[]));
     send(HostMailbox::open(
         SessionPaths::new("/x"),
         JournalMode::Delete,

@@ -4,12 +4,17 @@
 
 use std::time::Duration;
 
-use ferroclaw_mailbox::{Destination, OutboundContent};
+use ferroclaw_mailbox::content::SystemIn;
+use ferroclaw_mailbox::{Destination, InboundContent, OutboundContent};
 use ferroclaw_proto::v1::runner_client::RunnerClient;
-use ferroclaw_proto::v1::{OutboundMessage, Outcome, SettleRequest, WatchOutboundRequest};
+use ferroclaw_proto::v1::scheduler_client::SchedulerClient;
+use ferroclaw_proto::v1::{
+    EnqueueRequest, Origin, OutboundMessage, Outcome, SettleRequest, WatchOutboundRequest,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::actions::{self, ActionError};
 use crate::error::Result;
 use crate::ledger::{Ledger, NewConversationMessage, Settled};
 
@@ -18,6 +23,7 @@ const MAX_ATTEMPTS: i64 = 5;
 
 pub struct Consumer {
     runner: RunnerClient<Channel>,
+    scheduler: SchedulerClient<Channel>,
     ledger: Ledger,
     name: String,
 }
@@ -32,9 +38,10 @@ enum SendError {
 }
 
 impl Consumer {
-    pub fn new(runner: Channel, ledger: Ledger, name: String) -> Self {
+    pub fn new(runner: Channel, scheduler: Channel, ledger: Ledger, name: String) -> Self {
         Self {
             runner: RunnerClient::new(runner),
+            scheduler: SchedulerClient::new(scheduler),
             ledger,
             name,
         }
@@ -87,7 +94,53 @@ impl Consumer {
             tracing::error!(error = %e, "delivery ledger unavailable");
             tonic::Status::unavailable(e.to_string())
         })?;
+        if let (Settled::Failed { detail }, "action") = (&settled, message.kind.as_str()) {
+            self.tell_agent_action_failed(&message, detail).await?;
+        }
         self.settle(&message, &settled).await
+    }
+
+    /// A rejected action comes back to its agent as a system message saying why. The key
+    /// makes it one message however often this row is handled.
+    async fn tell_agent_action_failed(
+        &mut self,
+        message: &OutboundMessage,
+        detail: &str,
+    ) -> Result<(), tonic::Status> {
+        let action = match OutboundContent::parse(&message.kind, &message.content_json) {
+            Ok(OutboundContent::Action(a)) => a,
+            _ => ferroclaw_mailbox::content::ActionOut {
+                action: "unknown".into(),
+                params: serde_json::Value::Null,
+            },
+        };
+        let content = InboundContent::System(SystemIn {
+            event: "action_failed".into(),
+            text: format!(
+                "Your {} action was not carried out: {detail}",
+                action.action
+            ),
+            data: serde_json::json!({
+                "action": action.action,
+                "params": action.params,
+                "out_seq": message.seq,
+            }),
+        });
+        let request = EnqueueRequest {
+            session_id: message.session_id.clone(),
+            kind: content.kind().into(),
+            content_json: content.to_json(),
+            origin: Some(Origin {
+                channel: "system".into(),
+                conversation: String::new(),
+                sender: "ferroclaw".into(),
+                reply_to_json: message.destination_json.clone(),
+            }),
+            idempotency_key: format!("action-failed:{}", message.seq),
+            ..Default::default()
+        };
+        self.runner.enqueue(request).await?;
+        Ok(())
     }
 
     /// Delivers unless the ledger says it already was; returns the final outcome.
@@ -151,10 +204,11 @@ impl Consumer {
         let content = OutboundContent::parse(&message.kind, &message.content_json)
             .map_err(|e| SendError::Permanent(e.to_string()))?;
         if let OutboundContent::Action(action) = &content {
-            return Err(SendError::Permanent(format!(
-                "action {:?} is not supported by this delivery service yet",
-                action.action
-            )));
+            return match actions::perform(&mut self.scheduler.clone(), message, action).await {
+                Ok(task_id) => Ok(format!("task:{task_id}")),
+                Err(ActionError::Rejected(why)) => Err(SendError::Permanent(why)),
+                Err(ActionError::Unavailable(why)) => Err(SendError::Transient(why)),
+            };
         }
         match destination {
             Destination::Api { conversation } => self

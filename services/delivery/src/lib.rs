@@ -1,5 +1,6 @@
 //! Delivery: sends what agents write to where it belongs, exactly once (ARCHITECTURE.md §2).
 
+mod actions;
 mod consumer;
 pub mod error;
 pub mod ledger;
@@ -24,7 +25,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     })?;
     let ledger = Ledger::open(&config.data_dir.join("delivery.db")).await?;
     let runner = grpc::channel(&config.runner.addr().url())?;
-    let consumer = Consumer::new(runner, ledger.clone(), "delivery".into());
+    let scheduler = grpc::channel(&config.scheduler.url())?;
+    let consumer = Consumer::new(runner, scheduler, ledger.clone(), "delivery".into());
     let consuming = tokio::spawn(consumer.run(shutdown.clone()));
 
     let (router, _health) = grpc::server_for::<DeliveryServer<DeliveryService>>().await?;

@@ -15,6 +15,8 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
     Unavailable(String),
@@ -30,6 +32,7 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -41,6 +44,7 @@ impl ApiError {
             Self::BadRequest(_) => "bad_request",
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not_found",
+            Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Unavailable(_) => "unavailable",
             Self::Upstream(_) => "upstream_error",
@@ -55,6 +59,7 @@ impl From<tonic::Status> for ApiError {
         match status.code() {
             tonic::Code::InvalidArgument => Self::BadRequest(message),
             tonic::Code::NotFound => Self::NotFound(message),
+            tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists => Self::Conflict(message),
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                 Self::Unavailable(format!("a ferroclaw service is unavailable: {message}"))
             }
@@ -79,6 +84,7 @@ impl From<ApiError> for tonic::Status {
             }
             ApiError::Unauthorized => tonic::Status::unauthenticated(message),
             ApiError::NotFound(_) => tonic::Status::not_found(message),
+            ApiError::Conflict(_) => tonic::Status::failed_precondition(message),
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),
             ApiError::Upstream(_) => tonic::Status::internal(message),
         }

@@ -24,6 +24,7 @@ use tonic::transport::Channel;
 
 use crate::error::{ApiError, Result};
 use crate::ingress::{Ingress, check_conversation};
+use crate::tasks_api;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -33,6 +34,7 @@ pub struct AppState {
     pub ingress: Ingress,
     pub runner: Channel,
     pub delivery: Channel,
+    pub scheduler: Channel,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -46,6 +48,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}", get(get_session))
+        .route("/v1/tasks", get(tasks_api::list_tasks))
+        .route("/v1/tasks/{id}/runs", get(tasks_api::list_runs))
+        .route("/v1/tasks/{id}/{action}", post(tasks_api::task_action))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
@@ -246,11 +251,12 @@ async fn get_session(State(state): State<AppState>, Path(id): Path<String>) -> R
 
 /// Ready when the gRPC peers the API needs answer their health checks.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let (runner, delivery) = tokio::join!(
+    let (runner, delivery, scheduler) = tokio::join!(
         is_serving(state.runner.clone(), ""),
-        is_serving(state.delivery.clone(), "")
+        is_serving(state.delivery.clone(), ""),
+        is_serving(state.scheduler.clone(), "")
     );
-    let status = if runner && delivery {
+    let status = if runner && delivery && scheduler {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -258,6 +264,10 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let word = |ok: bool| if ok { "ok" } else { "unreachable" };
     (
         status,
-        Json(json!({"runner": word(runner), "delivery": word(delivery)})),
+        Json(json!({
+            "runner": word(runner),
+            "delivery": word(delivery),
+            "scheduler": word(scheduler),
+        })),
     )
 }

@@ -134,6 +134,7 @@ impl Ingress {
             idempotency_key,
             process_after_ms: 0,
             trace: String::new(),
+            session_id: String::new(),
         };
         let response = self.runner.clone().enqueue(request).await?.into_inner();
         Ok(Accepted {

@@ -5,6 +5,7 @@ pub mod error;
 mod grpc_service;
 pub mod http;
 pub mod ingress;
+mod tasks_api;
 
 use std::sync::Arc;
 
@@ -36,6 +37,7 @@ pub async fn run(
     let config = Arc::new(config);
     let runner = grpc::channel(&config.runner.addr().url())?;
     let delivery = grpc::channel(&config.delivery.url())?;
+    let scheduler = grpc::channel(&config.scheduler.url())?;
     let ingress = Ingress::new(config.clone(), runner.clone());
     let state = AppState {
         config: config.clone(),
@@ -43,6 +45,7 @@ pub async fn run(
         ingress: ingress.clone(),
         runner,
         delivery,
+        scheduler,
     };
     let (router, _health) = grpc::server_for::<GatewayServer<GatewayService>>().await?;
     let router = router.add_service(GatewayServer::new(GatewayService { ingress }));

@@ -9,7 +9,8 @@ use ferroclaw_mailbox::{Destination, HostMailbox, NewInbound, Origin, Outcome as
 use ferroclaw_proto::v1::runner_server::Runner;
 use ferroclaw_proto::v1::{
     EnqueueRequest, EnqueueResponse, GetSessionRequest, ListSessionsRequest, ListSessionsResponse,
-    OutboundMessage, Outcome, Session, SettleRequest, SettleResponse, WatchOutboundRequest,
+    OutboundMessage, Outcome, Session, SettleRequest, SettleResponse, SyncTasksRequest,
+    SyncTasksResponse, WatchOutboundRequest,
 };
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -99,6 +100,27 @@ impl RunnerService {
     }
 }
 
+/// A task as the agent reads it from its mailbox (`tasks.spec`).
+fn task_spec(t: &ferroclaw_proto::v1::Task) -> serde_json::Value {
+    let schedule = t.schedule.clone().unwrap_or_default();
+    serde_json::json!({
+        "id": t.id,
+        "name": t.name,
+        "prompt": t.prompt,
+        "state": t.state,
+        "schedule": {
+            "kind": schedule.kind,
+            "cron": schedule.cron,
+            "interval_secs": schedule.interval_secs,
+            "at": schedule.at,
+            "timezone": schedule.timezone,
+        },
+        "catch_up": t.catch_up,
+        "next_run_ms": t.next_run_ms,
+        "last_run_ms": t.last_run_ms,
+    })
+}
+
 type OutboundStream = Pin<Box<dyn Stream<Item = Result<OutboundMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -110,10 +132,13 @@ impl Runner for RunnerService {
     ) -> Result<Response<EnqueueResponse>, Status> {
         let req = request.into_inner();
         let message = self.parse_enqueue(&req)?;
-        let session = self
-            .registry
-            .get_or_create(&req.agent, &req.conversation_key)
-            .await?;
+        let session = if req.session_id.is_empty() {
+            self.registry
+                .get_or_create(&req.agent, &req.conversation_key)
+                .await?
+        } else {
+            self.session(&req.session_id).await?
+        };
         let mailbox = self.mailboxes.get(&session).await?;
         let enqueued = mailbox.enqueue(&message).await.map_err(RunnerError::from)?;
         if !enqueued.duplicate {
@@ -174,6 +199,26 @@ impl Runner for RunnerService {
             .await
             .map_err(RunnerError::from)?;
         Ok(Response::new(SettleResponse { recorded }))
+    }
+
+    async fn sync_tasks(
+        &self,
+        request: Request<SyncTasksRequest>,
+    ) -> Result<Response<SyncTasksResponse>, Status> {
+        let req = request.into_inner();
+        let session = self.session(&req.session_id).await?;
+        let tasks: Vec<(String, String)> = req
+            .tasks
+            .iter()
+            .map(|t| (t.id.clone(), task_spec(t).to_string()))
+            .collect();
+        self.mailboxes
+            .get(&session)
+            .await?
+            .replace_tasks(&tasks)
+            .await
+            .map_err(RunnerError::from)?;
+        Ok(Response::new(SyncTasksResponse {}))
     }
 
     async fn list_sessions(

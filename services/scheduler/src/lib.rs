@@ -1,33 +1,70 @@
-//! The scheduler: scheduled tasks (cron, interval, once) that fire into sessions.
-//! This holds the service, its database and `ListTasks`; creating and firing tasks come with
-//! the scheduler issue.
+//! The scheduler: tasks (cron with time zones, intervals, one-off moments) that fire into
+//! sessions on time and never twice (ARCHITECTURE.md §6.4).
 
 pub mod error;
+pub mod firing;
+pub mod schedule;
 mod service;
 pub mod store;
+pub mod sync;
+
+use std::sync::Arc;
 
 use ferroclaw_common::{Config, grpc};
 use ferroclaw_proto::v1::scheduler_server::SchedulerServer;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{Result, SchedulerError};
 
+use crate::firing::{Clock, Firer, SystemClock};
 use crate::service::SchedulerService;
 use crate::store::TaskStore;
+use crate::sync::Syncer;
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+    run_with_clock(config, listener, shutdown, Arc::new(SystemClock)).await
+}
+
+/// [`run`] with a chosen time source.
+pub async fn run_with_clock(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    clock: Arc<dyn Clock>,
+) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| SchedulerError::Io {
         path: config.data_dir.clone(),
         source,
     })?;
     let store = TaskStore::open(&config.data_dir.join("scheduler.db")).await?;
+    let runner = grpc::channel(&config.runner.addr().url())?;
+    let syncer = Syncer::default();
+    // Mirrors may have been missed while the runner was away: send them all once.
+    for session in store.sessions().await? {
+        syncer.mark(&session);
+    }
+    let firer = Firer::new(store.clone(), runner.clone(), syncer.clone());
+    let changed = Arc::new(Notify::new());
+    let firing = tokio::spawn(
+        firer
+            .clone()
+            .run(clock.clone(), changed.clone(), shutdown.clone()),
+    );
+    let syncing = tokio::spawn(syncer.clone().run(store.clone(), runner, shutdown.clone()));
+
     let (router, _health) = grpc::server_for::<SchedulerServer<SchedulerService>>().await?;
     let router = router.add_service(SchedulerServer::new(SchedulerService {
         store: store.clone(),
+        firer,
+        syncer,
+        changed,
+        clock,
     }));
     tracing::info!(addr = ?listener.local_addr().ok(), "scheduler listening");
     grpc::serve(router, listener, shutdown).await?;
+    let _ = tokio::join!(firing, syncing);
     store.close().await;
     tracing::info!("scheduler stopped");
     Ok(())

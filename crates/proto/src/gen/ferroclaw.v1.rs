@@ -17,6 +17,62 @@ pub struct Origin {
     #[prost(string, tag = "4")]
     pub reply_to_json: ::prost::alloc::string::String,
 }
+/// When a task runs.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Schedule {
+    /// "cron", "interval" or "once".
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    /// cron: five fields (minute hour day-of-month month day-of-week), read in `timezone`.
+    #[prost(string, tag = "2")]
+    pub cron: ::prost::alloc::string::String,
+    /// interval: seconds between runs, counted from the scheduled time of the previous run.
+    #[prost(int64, tag = "3")]
+    pub interval_secs: i64,
+    /// once: RFC 3339 ("2026-12-01T09:00:00+01:00") or local "2026-12-01 09:00" in `timezone`.
+    #[prost(string, tag = "4")]
+    pub at: ::prost::alloc::string::String,
+    /// IANA time zone; default UTC.
+    #[prost(string, tag = "5")]
+    pub timezone: ::prost::alloc::string::String,
+}
+/// A scheduled task; mirrored into its session so the agent can list it.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Task {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Changes when the schedule changes: runs are deduplicated per series and time.
+    #[prost(string, tag = "2")]
+    pub series_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub session_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub agent: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub prompt: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "7")]
+    pub schedule: ::core::option::Option<Schedule>,
+    /// Runs missed while the scheduler was down: "catch_up" (one run) or "skip".
+    #[prost(string, tag = "8")]
+    pub catch_up: ::prost::alloc::string::String,
+    /// "active", "paused", "cancelled" or "completed".
+    #[prost(string, tag = "9")]
+    pub state: ::prost::alloc::string::String,
+    /// Unix ms of the next run; 0 when none.
+    #[prost(int64, tag = "10")]
+    pub next_run_ms: i64,
+    #[prost(int64, tag = "11")]
+    pub created_at_ms: i64,
+    #[prost(int64, tag = "12")]
+    pub updated_at_ms: i64,
+    /// Unix ms of the last run's scheduled time; 0 when it never ran.
+    #[prost(int64, tag = "13")]
+    pub last_run_ms: i64,
+}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EnqueueRequest {
@@ -42,6 +98,9 @@ pub struct EnqueueRequest {
     /// W3C traceparent, carried into the mailbox row.
     #[prost(string, tag = "8")]
     pub trace: ::prost::alloc::string::String,
+    /// Enqueue into this existing session (then agent and conversation_key may be empty).
+    #[prost(string, tag = "9")]
+    pub session_id: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -146,6 +205,18 @@ pub struct Session {
     #[prost(int64, tag = "7")]
     pub pending: i64,
 }
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SyncTasksRequest {
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    /// Every task of the session (all states); replaces the previous mirror.
+    #[prost(message, repeated, tag = "2")]
+    pub tasks: ::prost::alloc::vec::Vec<Task>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SyncTasksResponse {}
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -341,6 +412,31 @@ pub mod runner_client {
                 .insert(GrpcMethod::new("ferroclaw.v1.Runner", "Settle"));
             self.inner.unary(req, path, codec).await
         }
+        /// Replaces the mirror of a session's scheduled tasks in its inbound mailbox.
+        pub async fn sync_tasks(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SyncTasksRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SyncTasksResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Runner/SyncTasks",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Runner", "SyncTasks"));
+            self.inner.unary(req, path, codec).await
+        }
         pub async fn list_sessions(
             &mut self,
             request: impl tonic::IntoRequest<super::ListSessionsRequest>,
@@ -426,6 +522,14 @@ pub mod runner_server {
             &self,
             request: tonic::Request<super::SettleRequest>,
         ) -> std::result::Result<tonic::Response<super::SettleResponse>, tonic::Status>;
+        /// Replaces the mirror of a session's scheduled tasks in its inbound mailbox.
+        async fn sync_tasks(
+            &self,
+            request: tonic::Request<super::SyncTasksRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SyncTasksResponse>,
+            tonic::Status,
+        >;
         async fn list_sessions(
             &self,
             request: tonic::Request<super::ListSessionsRequest>,
@@ -632,6 +736,49 @@ pub mod runner_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SettleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Runner/SyncTasks" => {
+                    #[allow(non_camel_case_types)]
+                    struct SyncTasksSvc<T: Runner>(pub Arc<T>);
+                    impl<T: Runner> tonic::server::UnaryService<super::SyncTasksRequest>
+                    for SyncTasksSvc<T> {
+                        type Response = super::SyncTasksResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SyncTasksRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Runner>::sync_tasks(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SyncTasksSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
@@ -1241,44 +1388,97 @@ pub mod delivery_server {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateTaskRequest {
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub agent: ::prost::alloc::string::String,
+    /// Optional; makes the call idempotent (the same id from the same session returns the task).
+    #[prost(string, tag = "3")]
+    pub task_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub prompt: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "6")]
+    pub schedule: ::core::option::Option<Schedule>,
+    /// "catch_up" (default) or "skip".
+    #[prost(string, tag = "7")]
+    pub catch_up: ::prost::alloc::string::String,
+    /// Where the agent's replies to a run go (a destination JSON object).
+    #[prost(string, tag = "8")]
+    pub reply_to_json: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpdateTaskRequest {
+    #[prost(string, tag = "1")]
+    pub task_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub session_id: ::prost::alloc::string::String,
+    #[prost(string, optional, tag = "3")]
+    pub name: ::core::option::Option<::prost::alloc::string::String>,
+    #[prost(string, optional, tag = "4")]
+    pub prompt: ::core::option::Option<::prost::alloc::string::String>,
+    /// Absent: unchanged. A new schedule starts a new series.
+    #[prost(message, optional, tag = "5")]
+    pub schedule: ::core::option::Option<Schedule>,
+    #[prost(string, optional, tag = "6")]
+    pub catch_up: ::core::option::Option<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TaskRef {
+    #[prost(string, tag = "1")]
+    pub task_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub session_id: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListTasksRequest {
     /// Empty: every session.
     #[prost(string, tag = "1")]
     pub session_id: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct Task {
-    #[prost(string, tag = "1")]
-    pub id: ::prost::alloc::string::String,
-    #[prost(string, tag = "2")]
-    pub session_id: ::prost::alloc::string::String,
-    #[prost(string, tag = "3")]
-    pub agent: ::prost::alloc::string::String,
-    #[prost(string, tag = "4")]
-    pub name: ::prost::alloc::string::String,
-    /// "cron", "interval" or "once".
-    #[prost(string, tag = "5")]
-    pub schedule_kind: ::prost::alloc::string::String,
-    #[prost(string, tag = "6")]
-    pub schedule: ::prost::alloc::string::String,
-    #[prost(string, tag = "7")]
-    pub timezone: ::prost::alloc::string::String,
-    #[prost(string, tag = "8")]
-    pub prompt: ::prost::alloc::string::String,
-    /// "active", "paused" or "cancelled".
-    #[prost(string, tag = "9")]
-    pub state: ::prost::alloc::string::String,
-    #[prost(int64, tag = "10")]
-    pub next_run_ms: i64,
-    #[prost(int64, tag = "11")]
-    pub created_at_ms: i64,
-}
-#[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListTasksResponse {
     #[prost(message, repeated, tag = "1")]
     pub tasks: ::prost::alloc::vec::Vec<Task>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListRunsRequest {
+    #[prost(string, tag = "1")]
+    pub task_id: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Run {
+    #[prost(string, tag = "1")]
+    pub task_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub series_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub scheduled_at_ms: i64,
+    #[prost(int64, tag = "4")]
+    pub fired_at_ms: i64,
+    /// "enqueued", "skipped" or "failed".
+    #[prost(string, tag = "5")]
+    pub outcome: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub detail: ::prost::alloc::string::String,
+    #[prost(string, tag = "7")]
+    pub message_id: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListRunsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub runs: ::prost::alloc::vec::Vec<Run>,
 }
 /// Generated client implementations.
 pub mod scheduler_client {
@@ -1291,7 +1491,10 @@ pub mod scheduler_client {
     )]
     use tonic::codegen::*;
     use tonic::codegen::http::Uri;
-    /// Scheduled tasks (cron, interval, once) that fire into sessions.
+    /// Scheduled tasks (cron, interval, once) that fire into sessions, never twice.
+    ///
+    /// Calls that name a `session_id` act for that session's agent and may touch only its own
+    /// tasks; an empty `session_id` is an operator (REST API, CLI).
     #[derive(Debug, Clone)]
     pub struct SchedulerClient<T> {
         inner: tonic::client::Grpc<T>,
@@ -1372,6 +1575,134 @@ pub mod scheduler_client {
             self.inner = self.inner.max_encoding_message_size(limit);
             self
         }
+        pub async fn create_task(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateTaskRequest>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Scheduler/CreateTask",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Scheduler", "CreateTask"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn update_task(
+            &mut self,
+            request: impl tonic::IntoRequest<super::UpdateTaskRequest>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Scheduler/UpdateTask",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Scheduler", "UpdateTask"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn pause_task(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TaskRef>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Scheduler/PauseTask",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Scheduler", "PauseTask"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn resume_task(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TaskRef>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Scheduler/ResumeTask",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Scheduler", "ResumeTask"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Ends the series for good.
+        pub async fn cancel_task(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TaskRef>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Scheduler/CancelTask",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Scheduler", "CancelTask"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Fires one run now, outside the schedule.
+        pub async fn run_now(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TaskRef>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Scheduler/RunNow",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Scheduler", "RunNow"));
+            self.inner.unary(req, path, codec).await
+        }
         pub async fn list_tasks(
             &mut self,
             request: impl tonic::IntoRequest<super::ListTasksRequest>,
@@ -1396,6 +1727,31 @@ pub mod scheduler_client {
                 .insert(GrpcMethod::new("ferroclaw.v1.Scheduler", "ListTasks"));
             self.inner.unary(req, path, codec).await
         }
+        /// A task's run history, newest first.
+        pub async fn list_runs(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRunsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRunsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Scheduler/ListRuns",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Scheduler", "ListRuns"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1411,6 +1767,32 @@ pub mod scheduler_server {
     /// Generated trait containing gRPC methods that should be implemented for use with SchedulerServer.
     #[async_trait]
     pub trait Scheduler: std::marker::Send + std::marker::Sync + 'static {
+        async fn create_task(
+            &self,
+            request: tonic::Request<super::CreateTaskRequest>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status>;
+        async fn update_task(
+            &self,
+            request: tonic::Request<super::UpdateTaskRequest>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status>;
+        async fn pause_task(
+            &self,
+            request: tonic::Request<super::TaskRef>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status>;
+        async fn resume_task(
+            &self,
+            request: tonic::Request<super::TaskRef>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status>;
+        /// Ends the series for good.
+        async fn cancel_task(
+            &self,
+            request: tonic::Request<super::TaskRef>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status>;
+        /// Fires one run now, outside the schedule.
+        async fn run_now(
+            &self,
+            request: tonic::Request<super::TaskRef>,
+        ) -> std::result::Result<tonic::Response<super::Task>, tonic::Status>;
         async fn list_tasks(
             &self,
             request: tonic::Request<super::ListTasksRequest>,
@@ -1418,8 +1800,19 @@ pub mod scheduler_server {
             tonic::Response<super::ListTasksResponse>,
             tonic::Status,
         >;
+        /// A task's run history, newest first.
+        async fn list_runs(
+            &self,
+            request: tonic::Request<super::ListRunsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRunsResponse>,
+            tonic::Status,
+        >;
     }
-    /// Scheduled tasks (cron, interval, once) that fire into sessions.
+    /// Scheduled tasks (cron, interval, once) that fire into sessions, never twice.
+    ///
+    /// Calls that name a `session_id` act for that session's agent and may touch only its own
+    /// tasks; an empty `session_id` is an operator (REST API, CLI).
     #[derive(Debug)]
     pub struct SchedulerServer<T> {
         inner: Arc<T>,
@@ -1496,6 +1889,268 @@ pub mod scheduler_server {
         }
         fn call(&mut self, req: http::Request<B>) -> Self::Future {
             match req.uri().path() {
+                "/ferroclaw.v1.Scheduler/CreateTask" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateTaskSvc<T: Scheduler>(pub Arc<T>);
+                    impl<
+                        T: Scheduler,
+                    > tonic::server::UnaryService<super::CreateTaskRequest>
+                    for CreateTaskSvc<T> {
+                        type Response = super::Task;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateTaskRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Scheduler>::create_task(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateTaskSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Scheduler/UpdateTask" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpdateTaskSvc<T: Scheduler>(pub Arc<T>);
+                    impl<
+                        T: Scheduler,
+                    > tonic::server::UnaryService<super::UpdateTaskRequest>
+                    for UpdateTaskSvc<T> {
+                        type Response = super::Task;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::UpdateTaskRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Scheduler>::update_task(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpdateTaskSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Scheduler/PauseTask" => {
+                    #[allow(non_camel_case_types)]
+                    struct PauseTaskSvc<T: Scheduler>(pub Arc<T>);
+                    impl<T: Scheduler> tonic::server::UnaryService<super::TaskRef>
+                    for PauseTaskSvc<T> {
+                        type Response = super::Task;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TaskRef>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Scheduler>::pause_task(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PauseTaskSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Scheduler/ResumeTask" => {
+                    #[allow(non_camel_case_types)]
+                    struct ResumeTaskSvc<T: Scheduler>(pub Arc<T>);
+                    impl<T: Scheduler> tonic::server::UnaryService<super::TaskRef>
+                    for ResumeTaskSvc<T> {
+                        type Response = super::Task;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TaskRef>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Scheduler>::resume_task(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ResumeTaskSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Scheduler/CancelTask" => {
+                    #[allow(non_camel_case_types)]
+                    struct CancelTaskSvc<T: Scheduler>(pub Arc<T>);
+                    impl<T: Scheduler> tonic::server::UnaryService<super::TaskRef>
+                    for CancelTaskSvc<T> {
+                        type Response = super::Task;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TaskRef>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Scheduler>::cancel_task(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CancelTaskSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Scheduler/RunNow" => {
+                    #[allow(non_camel_case_types)]
+                    struct RunNowSvc<T: Scheduler>(pub Arc<T>);
+                    impl<T: Scheduler> tonic::server::UnaryService<super::TaskRef>
+                    for RunNowSvc<T> {
+                        type Response = super::Task;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TaskRef>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Scheduler>::run_now(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RunNowSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 "/ferroclaw.v1.Scheduler/ListTasks" => {
                     #[allow(non_camel_case_types)]
                     struct ListTasksSvc<T: Scheduler>(pub Arc<T>);
@@ -1526,6 +2181,51 @@ pub mod scheduler_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListTasksSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Scheduler/ListRuns" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListRunsSvc<T: Scheduler>(pub Arc<T>);
+                    impl<
+                        T: Scheduler,
+                    > tonic::server::UnaryService<super::ListRunsRequest>
+                    for ListRunsSvc<T> {
+                        type Response = super::ListRunsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRunsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Scheduler>::list_runs(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListRunsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
