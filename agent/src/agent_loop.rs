@@ -128,7 +128,8 @@ async fn process(
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
     let attempts = mailbox.claim(&seqs).await?;
     mailbox.touch_heartbeat()?;
-    let (exhausted, live): (Vec<(&InboundRow, i64)>, Vec<(&InboundRow, i64)>) = rows
+    type Claimed<'a> = Vec<(&'a InboundRow, i64)>;
+    let (exhausted, live): (Claimed, Claimed) = rows
         .iter()
         .zip(attempts)
         .partition(|(_, attempt)| *attempt > options.max_attempts);

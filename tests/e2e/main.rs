@@ -7,3 +7,5 @@ mod cli_up;
 mod grpc_ingress;
 mod pipeline;
 mod runner_restart;
+mod scheduler;
+mod scheduler_clock;

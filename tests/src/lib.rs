@@ -286,3 +286,37 @@ pub fn agent_processes(data_dir: &Path) -> Vec<(u32, String)> {
     }
     found
 }
+
+impl Cluster {
+    /// `POST` a JSON body to an API path; returns the status and JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        send(self.request(reqwest::Method::POST, path).json(body)).await
+    }
+
+    /// The task mirror in a session's mailbox, as (id, spec) — what the agent's
+    /// `list_tasks` reads.
+    pub async fn mirrored_tasks(
+        &self,
+        agent: &str,
+        session_id: &str,
+    ) -> anyhow::Result<Vec<(String, Value)>> {
+        use sqlx::ConnectOptions;
+        let path = self
+            .data_dir
+            .join("sessions")
+            .join(agent)
+            .join(session_id)
+            .join("in/inbound.db");
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .read_only(true)
+            .connect()
+            .await?;
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, spec FROM tasks ORDER BY id")
+            .fetch_all(&mut conn)
+            .await?;
+        rows.into_iter()
+            .map(|(id, spec)| Ok((id, serde_json::from_str(&spec)?)))
+            .collect()
+    }
+}

@@ -139,8 +139,20 @@ impl Consumer {
             idempotency_key: format!("action-failed:{}", message.seq),
             ..Default::default()
         };
-        self.runner.enqueue(request).await?;
-        Ok(())
+        match self.runner.enqueue(request).await {
+            Ok(_) => Ok(()),
+            // The session is gone or refuses the notice: nothing to retry.
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::NotFound | tonic::Code::InvalidArgument
+                ) =>
+            {
+                tracing::error!(%status, "cannot tell the agent its action failed");
+                Ok(())
+            }
+            Err(status) => Err(status),
+        }
     }
 
     /// Delivers unless the ledger says it already was; returns the final outcome.

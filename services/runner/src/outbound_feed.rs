@@ -80,8 +80,9 @@ impl OutboundFeed {
                 sent_up_to: HashMap::new(),
                 sessions: HashMap::new(),
             };
-            if let Err(e) = stream.run(changes, shutdown).await {
-                tracing::warn!(%consumer, error = %e, "outbound stream ended");
+            match stream.run(changes, shutdown).await {
+                Ok(()) | Err(StreamEnd::Disconnected) => {}
+                Err(e) => tracing::warn!(%consumer, error = %e, "outbound stream ended"),
             }
             tracing::info!(%consumer, "outbound consumer gone");
         });

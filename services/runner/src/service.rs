@@ -35,13 +35,15 @@ pub struct RunnerService {
 impl RunnerService {
     /// Validates everything before anything is written: a rejected request leaves no trace.
     fn parse_enqueue(&self, req: &EnqueueRequest) -> Result<NewInbound> {
-        if !self.agents.contains_key(&req.agent) {
+        // With a session id, the session names its agent and conversation.
+        let by_session = !req.session_id.is_empty();
+        if !by_session && !self.agents.contains_key(&req.agent) {
             return Err(RunnerError::NotFound(format!(
                 "no agent named {:?}",
                 req.agent
             )));
         }
-        if req.conversation_key.is_empty() {
+        if !by_session && req.conversation_key.is_empty() {
             return Err(RunnerError::InvalidArgument(
                 "conversation_key must not be empty".into(),
             ));

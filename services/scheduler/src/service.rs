@@ -283,8 +283,7 @@ impl Scheduler for SchedulerService {
         let tasks = self
             .store
             .list((!session.is_empty()).then_some(session.as_str()))
-            .await
-            .map_err(SchedulerError::from)?;
+            .await?;
         Ok(Response::new(ListTasksResponse {
             tasks: tasks.iter().map(TaskRow::to_proto).collect(),
         }))
@@ -300,11 +299,7 @@ impl Scheduler for SchedulerService {
             0 => 100,
             n => n.min(1000),
         };
-        let runs = self
-            .store
-            .runs(&req.task_id, limit)
-            .await
-            .map_err(SchedulerError::from)?;
+        let runs = self.store.runs(&req.task_id, limit).await?;
         Ok(Response::new(ListRunsResponse {
             runs: runs
                 .into_iter()
