@@ -54,7 +54,11 @@ async fn session_for(cluster: &Cluster, conversation: &str) -> anyhow::Result<St
 async fn firer(cluster: &Cluster, db: &std::path::Path) -> anyhow::Result<(Firer, TaskStore)> {
     let store = TaskStore::open(db).await?;
     let runner = ferroclaw_common::grpc::channel(&cluster.runner.grpc_url())?;
-    Ok((Firer::new(store.clone(), runner, Syncer::default()), store))
+    let clock = std::sync::Arc::new(ferroclaw_scheduler::firing::SystemClock);
+    Ok((
+        Firer::new(store.clone(), runner, Syncer::default(), clock),
+        store,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -290,6 +290,9 @@ impl Config {
         if let Some(v) = get("FERROCLAW_AGENT_BINARY") {
             self.runner.agent_binary = Some(PathBuf::from(v));
         }
+        if let Some(v) = get("FERROCLAW_JOURNAL_MODE") {
+            self.runner.journal_mode = v;
+        }
         if let Some(v) = get("FERROCLAW_IDLE_TIMEOUT_SECS") {
             self.runner.idle_timeout_secs = parse("FERROCLAW_IDLE_TIMEOUT_SECS", &v)?;
         }

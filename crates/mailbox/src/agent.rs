@@ -168,6 +168,7 @@ impl AgentMailbox {
             attempts.push(attempt);
         }
         tx.commit().await.at(&path)?;
+        crate::paths::ring(&self.paths.outbound_bell());
         Ok(attempts)
     }
 
@@ -230,6 +231,7 @@ impl AgentMailbox {
             .at(&path)?;
         }
         tx.commit().await.at(&path)?;
+        crate::paths::ring(&self.paths.outbound_bell());
         self.done.extend(seqs.iter().copied());
         Ok(written)
     }

@@ -39,15 +39,18 @@ impl FromStr for JournalMode {
 
 /// A single-connection pool that may write. One writer per file: the owner opens it.
 pub(crate) async fn open_writer(path: &Path, mode: JournalMode) -> Result<SqlitePool> {
-    let journal = match mode {
-        JournalMode::Delete => SqliteJournalMode::Delete,
-        JournalMode::Wal => SqliteJournalMode::Wal,
+    // DELETE needs FULL to survive power loss uncorrupted; WAL is safe with NORMAL, which
+    // skips the fsync per commit (a power cut may lose the last commits, never consistency;
+    // a process crash loses nothing either way).
+    let (journal, synchronous) = match mode {
+        JournalMode::Delete => (SqliteJournalMode::Delete, SqliteSynchronous::Full),
+        JournalMode::Wal => (SqliteJournalMode::Wal, SqliteSynchronous::Normal),
     };
     let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(journal)
-        .synchronous(SqliteSynchronous::Full)
+        .synchronous(synchronous)
         .busy_timeout(BUSY_TIMEOUT);
     pool(options, path).await
 }

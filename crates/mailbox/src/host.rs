@@ -124,6 +124,7 @@ impl HostMailbox {
         .await
         .at(&path)?;
         tx.commit().await.at(&path)?;
+        crate::paths::ring(&self.paths.inbound_bell());
         Ok(Enqueued {
             seq,
             id: msg.id.clone(),
@@ -195,6 +196,7 @@ impl HostMailbox {
         .execute(&self.inbound)
         .await
         .at(&self.paths.inbound_db())?;
+        crate::paths::ring(&self.paths.inbound_bell());
         Ok(done.rows_affected() == 1)
     }
 
@@ -271,7 +273,9 @@ impl HostMailbox {
                 .await
                 .at(&path)?;
         }
-        tx.commit().await.at(&path)
+        tx.commit().await.at(&path)?;
+        crate::paths::ring(&self.paths.inbound_bell());
+        Ok(())
     }
 
     /// Checks that `content_json` is valid content of `kind`, before anything is written.

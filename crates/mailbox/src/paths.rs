@@ -49,6 +49,14 @@ impl SessionPaths {
     pub fn state_dir(&self) -> PathBuf {
         self.out_dir().join("state")
     }
+    /// Rewritten by the runner after each commit to `inbound.db` (see [`ring`]).
+    pub fn inbound_bell(&self) -> PathBuf {
+        self.in_dir().join("inbound.bell")
+    }
+    /// Rewritten by the agent after each commit to `outbound.db`.
+    pub fn outbound_bell(&self) -> PathBuf {
+        self.out_dir().join("outbound.bell")
+    }
     /// Held (flock) by the one agent serving this session.
     pub fn agent_lock(&self) -> PathBuf {
         self.out_dir().join("agent.lock")
@@ -60,5 +68,16 @@ impl SessionPaths {
             std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         }
         Ok(())
+    }
+}
+
+/// Rings a doorbell file after a commit, so the other side's file watch wakes up. The
+/// database file alone is not enough: in WAL mode a commit's last step updates the
+/// shared-memory index, which raises no file event, so a reader woken by the WAL write may
+/// look before the commit is visible. A failed ring only delays the reader until its
+/// fallback poll.
+pub fn ring(bell: &Path) {
+    if let Err(e) = std::fs::write(bell, b"\n") {
+        tracing::debug!(bell = %bell.display(), error = %e, "cannot ring the doorbell");
     }
 }

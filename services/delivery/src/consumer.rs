@@ -164,16 +164,23 @@ impl Consumer {
         {
             return Ok(done);
         }
+        let mut attempt = 0;
         loop {
-            let attempt = self
-                .ledger
-                .attempt(
-                    &message.session_id,
-                    message.seq,
-                    &message.kind,
-                    &message.destination_json,
-                )
-                .await?;
+            attempt = if message.kind == "action" {
+                // Actions act on another service: the attempt is on record before it is made.
+                self.ledger
+                    .attempt(
+                        &message.session_id,
+                        message.seq,
+                        &message.kind,
+                        &message.destination_json,
+                    )
+                    .await?
+            } else {
+                // Conversation messages are stored in the same transaction that marks them
+                // delivered, so there is nothing to record before.
+                attempt + 1
+            };
             match self.send(message).await {
                 Ok(platform_message_id) => {
                     return Ok(Settled::Delivered {
@@ -182,17 +189,13 @@ impl Consumer {
                 }
                 Err(SendError::Permanent(detail)) => {
                     tracing::warn!(%detail, "delivery failed permanently");
-                    self.ledger
-                        .fail(&message.session_id, message.seq, &detail)
-                        .await?;
+                    self.ledger.fail(message, &detail).await?;
                     return Ok(Settled::Failed { detail });
                 }
                 Err(SendError::Transient(detail)) if attempt >= MAX_ATTEMPTS => {
                     let detail = format!("gave up after {attempt} attempts: {detail}");
                     tracing::warn!(%detail, "delivery failed");
-                    self.ledger
-                        .fail(&message.session_id, message.seq, &detail)
-                        .await?;
+                    self.ledger.fail(message, &detail).await?;
                     return Ok(Settled::Failed { detail });
                 }
                 Err(SendError::Transient(detail)) => {
@@ -226,8 +229,7 @@ impl Consumer {
             Destination::Api { conversation } => self
                 .ledger
                 .deliver_to_conversation(
-                    &message.session_id,
-                    message.seq,
+                    message,
                     NewConversationMessage {
                         conversation: &conversation,
                         in_reply_to: (message.in_reply_to > 0).then_some(message.in_reply_to),
@@ -269,7 +271,7 @@ impl Consumer {
         loop {
             attempt += 1;
             match self.runner.settle(request.clone()).await {
-                Ok(_) => break,
+                Ok(_) => return Ok(()),
                 Err(status) if attempt >= 3 => return Err(status),
                 Err(status) => {
                     tracing::warn!(%status, attempt, "settle failed; retrying");
@@ -277,13 +279,5 @@ impl Consumer {
                 }
             }
         }
-        if let Err(e) = self
-            .ledger
-            .mark_settled(&message.session_id, message.seq)
-            .await
-        {
-            tracing::warn!(error = %e, "could not mark the row settled");
-        }
-        Ok(())
     }
 }

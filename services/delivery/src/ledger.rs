@@ -5,9 +5,10 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use ferroclaw_proto::v1::OutboundMessage;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
-use tokio::sync::watch;
+use tokio::sync::broadcast;
 
 use crate::error::Result;
 
@@ -21,7 +22,6 @@ CREATE TABLE IF NOT EXISTS ledger (
     destination         TEXT NOT NULL,
     platform_message_id TEXT,
     detail              TEXT,
-    settled             INTEGER NOT NULL DEFAULT 0, -- the runner has recorded the outcome
     updated_at          INTEGER NOT NULL,
     PRIMARY KEY (session_id, out_seq)
 );
@@ -87,8 +87,8 @@ pub struct NewConversationMessage<'a> {
 #[derive(Clone)]
 pub struct Ledger {
     pool: SqlitePool,
-    /// Bumped after every stored conversation message: wakes long-polls.
-    appended: watch::Sender<u64>,
+    /// The conversation of every stored message: wakes that conversation's long-polls only.
+    appended: broadcast::Sender<String>,
 }
 
 impl Ledger {
@@ -106,7 +106,7 @@ impl Ledger {
         sqlx::query(DDL).execute(&pool).await?;
         Ok(Self {
             pool,
-            appended: watch::channel(0).0,
+            appended: broadcast::channel(1024).0,
         })
     }
 
@@ -159,72 +159,67 @@ impl Ledger {
     /// so a crash cannot leave a stored message that the ledger calls undelivered.
     pub async fn deliver_to_conversation(
         &self,
-        session_id: &str,
-        out_seq: i64,
+        row: &OutboundMessage,
         message: NewConversationMessage<'_>,
     ) -> Result<String> {
         let now = ferroclaw_mailbox::now_ms();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let cursor: i64 = sqlx::query_scalar(
             "INSERT INTO conversation_messages
                (conversation, session_id, out_seq, in_reply_to, kind, text, content, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (session_id, out_seq) DO NOTHING",
+             ON CONFLICT (session_id, out_seq) DO UPDATE SET conversation = conversation
+             RETURNING cursor",
         )
         .bind(message.conversation)
-        .bind(session_id)
-        .bind(out_seq)
+        .bind(&row.session_id)
+        .bind(row.seq)
         .bind(message.in_reply_to)
         .bind(message.kind)
         .bind(message.text)
         .bind(message.content)
         .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let cursor: i64 = sqlx::query_scalar(
-            "SELECT cursor FROM conversation_messages WHERE session_id = $1 AND out_seq = $2",
-        )
-        .bind(session_id)
-        .bind(out_seq)
         .fetch_one(&mut *tx)
         .await?;
         let platform_message_id = format!("conversation:{}:{cursor}", message.conversation);
         sqlx::query(
-            "UPDATE ledger SET state = 'delivered', platform_message_id = $3, updated_at = $4
-             WHERE session_id = $1 AND out_seq = $2",
+            "INSERT INTO ledger (session_id, out_seq, state, attempts, kind, destination,
+                platform_message_id, updated_at)
+             VALUES ($1, $2, 'delivered', 1, $3, $4, $5, $6)
+             ON CONFLICT (session_id, out_seq) DO UPDATE
+               SET state = 'delivered', attempts = ledger.attempts + 1,
+                   platform_message_id = $5, updated_at = $6",
         )
-        .bind(session_id)
-        .bind(out_seq)
+        .bind(&row.session_id)
+        .bind(row.seq)
+        .bind(&row.kind)
+        .bind(&row.destination_json)
         .bind(&platform_message_id)
         .bind(now)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        self.appended.send_modify(|n| *n += 1);
+        let _ = self.appended.send(message.conversation.to_string());
         Ok(platform_message_id)
     }
 
     /// Marks a row failed for good.
-    pub async fn fail(&self, session_id: &str, out_seq: i64, detail: &str) -> Result<()> {
+    pub async fn fail(&self, row: &OutboundMessage, detail: &str) -> Result<()> {
         sqlx::query(
-            "UPDATE ledger SET state = 'failed', detail = $3, updated_at = $4
-             WHERE session_id = $1 AND out_seq = $2",
+            "INSERT INTO ledger (session_id, out_seq, state, attempts, kind, destination, detail,
+                updated_at)
+             VALUES ($1, $2, 'failed', 1, $3, $4, $5, $6)
+             ON CONFLICT (session_id, out_seq) DO UPDATE
+               SET state = 'failed', detail = $5, updated_at = $6",
         )
-        .bind(session_id)
-        .bind(out_seq)
+        .bind(&row.session_id)
+        .bind(row.seq)
+        .bind(&row.kind)
+        .bind(&row.destination_json)
         .bind(detail)
         .bind(ferroclaw_mailbox::now_ms())
         .execute(&self.pool)
         .await?;
-        Ok(())
-    }
-
-    pub async fn mark_settled(&self, session_id: &str, out_seq: i64) -> Result<()> {
-        sqlx::query("UPDATE ledger SET settled = 1 WHERE session_id = $1 AND out_seq = $2")
-            .bind(session_id)
-            .bind(out_seq)
-            .execute(&self.pool)
-            .await?;
         Ok(())
     }
 
@@ -271,20 +266,22 @@ impl Ledger {
         wait: Duration,
     ) -> Result<Vec<ConversationMessage>> {
         let deadline = tokio::time::Instant::now() + wait;
+        // Subscribe before the first query, so an append between the two still wakes us.
         let mut appended = self.appended.subscribe();
         loop {
-            // Mark the current version seen before querying, so an append that lands
-            // between the query and the wait still wakes us.
-            appended.borrow_and_update();
             let messages = self
                 .conversation_messages(conversation, after, limit)
                 .await?;
             if !messages.is_empty() {
                 return Ok(messages);
             }
-            match tokio::time::timeout_at(deadline, appended.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return Ok(messages),
+            // Appends to other conversations wake no query.
+            loop {
+                match tokio::time::timeout_at(deadline, appended.recv()).await {
+                    Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(messages),
+                    Ok(Ok(c)) if c != conversation => continue,
+                    Ok(_) => break,
+                }
             }
         }
     }
@@ -322,6 +319,16 @@ impl Ledger {
 mod tests {
     use super::*;
 
+    fn row(seq: i64) -> OutboundMessage {
+        OutboundMessage {
+            session_id: "s".into(),
+            seq,
+            kind: "chat".into(),
+            destination_json: "{}".into(),
+            ..Default::default()
+        }
+    }
+
     fn msg<'a>(conversation: &'a str, text: &'a str) -> NewConversationMessage<'a> {
         NewConversationMessage {
             conversation,
@@ -349,11 +356,11 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         let first = ledger
-            .deliver_to_conversation("s", 1, msg("c", "hi"))
+            .deliver_to_conversation(&row(1), msg("c", "hi"))
             .await
             .unwrap();
         let again = ledger
-            .deliver_to_conversation("s", 1, msg("c", "hi"))
+            .deliver_to_conversation(&row(1), msg("c", "hi"))
             .await
             .unwrap();
         assert_eq!(first, again);

@@ -42,7 +42,8 @@ impl OutboundFeed {
         let sender = changes.clone();
         let root = sessions_root.clone();
         let watch = DirWatch::new(&sessions_root, true, move |path: &Path| {
-            if file_name_starts_with(path, "outbound.db")
+            // outbound.db, its journal or WAL, and the doorbell rung after each commit.
+            if file_name_starts_with(path, "outbound.")
                 && let Some((_, session)) = session_of(&root, path)
             {
                 let _ = sender.send(session);

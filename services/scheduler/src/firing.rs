@@ -96,14 +96,16 @@ pub struct Firer {
     store: TaskStore,
     runner: RunnerClient<Channel>,
     syncer: Syncer,
+    clock: Arc<dyn Clock>,
 }
 
 impl Firer {
-    pub fn new(store: TaskStore, runner: Channel, syncer: Syncer) -> Self {
+    pub fn new(store: TaskStore, runner: Channel, syncer: Syncer, clock: Arc<dyn Clock>) -> Self {
         Self {
             store,
             runner: RunnerClient::new(runner),
             syncer,
+            clock,
         }
     }
 
@@ -173,9 +175,10 @@ impl Firer {
             (Some(at), _) => {
                 let key = run_key(&task, at);
                 match self.enqueue_run(&task, &key).await {
+                    // When it was enqueued (not when the round began): the firing precision.
                     Ok(message_id) => RunRecord {
                         scheduled_at: at,
-                        fired_at: now,
+                        fired_at: now.max(self.clock.now_ms()),
                         outcome: "enqueued".into(),
                         detail: None,
                         message_id: Some(message_id),
@@ -214,12 +217,8 @@ impl Firer {
     }
 
     /// Sleeps until the earliest next run or a change, fires what is due, repeats.
-    pub async fn run(
-        self,
-        clock: Arc<dyn Clock>,
-        changed: Arc<Notify>,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(self, changed: Arc<Notify>, shutdown: CancellationToken) {
+        let clock = self.clock.clone();
         let mut failures: u32 = 0;
         while !shutdown.is_cancelled() {
             let pause = match self.fire_due(clock.now_ms()).await {

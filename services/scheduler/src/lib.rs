@@ -45,13 +45,9 @@ pub async fn run_with_clock(
     for session in store.sessions().await? {
         syncer.mark(&session);
     }
-    let firer = Firer::new(store.clone(), runner.clone(), syncer.clone());
+    let firer = Firer::new(store.clone(), runner.clone(), syncer.clone(), clock.clone());
     let changed = Arc::new(Notify::new());
-    let firing = tokio::spawn(
-        firer
-            .clone()
-            .run(clock.clone(), changed.clone(), shutdown.clone()),
-    );
+    let firing = tokio::spawn(firer.clone().run(changed.clone(), shutdown.clone()));
     let syncing = tokio::spawn(syncer.clone().run(store.clone(), runner, shutdown.clone()));
 
     let (router, _health) = grpc::server_for::<SchedulerServer<SchedulerService>>().await?;

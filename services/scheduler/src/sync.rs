@@ -57,10 +57,17 @@ impl Syncer {
                     session_id: session_id.clone(),
                     tasks,
                 };
-                if let Err(status) = runner.sync_tasks(request).await {
-                    tracing::warn!(%status, session = %session_id, "task mirror not taken; will retry");
-                    self.mark(&session_id);
-                    failed = true;
+                match runner.sync_tasks(request).await {
+                    Ok(_) => {}
+                    // No such session on the runner: there is no mailbox to mirror into.
+                    Err(status) if status.code() == tonic::Code::NotFound => {
+                        tracing::warn!(session = %session_id, "task mirror dropped: {}", status.message());
+                    }
+                    Err(status) => {
+                        tracing::warn!(%status, session = %session_id, "task mirror not taken; will retry");
+                        self.mark(&session_id);
+                        failed = true;
+                    }
                 }
             }
             let pause = if failed { RETRY } else { Duration::MAX };

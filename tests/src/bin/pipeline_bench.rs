@@ -5,7 +5,7 @@
 //! reply through the long-poll endpoint before sending the next. Prints p50/p90/p99 and
 //! messages per second.
 //!
-//! `cargo build --release --workspace --bins && target/release/pipeline-bench [--messages N] [--conversations C]`
+//! `cargo build --release --workspace --bins && target/release/pipeline-bench [--messages N] [--conversations C] [--journal-mode delete|wal]`
 
 use std::time::{Duration, Instant};
 
@@ -15,12 +15,14 @@ use ferroclaw_e2e::Cluster;
 struct Options {
     messages: usize,
     conversations: usize,
+    journal_mode: String,
 }
 
 fn options() -> anyhow::Result<Options> {
     let mut options = Options {
         messages: 1000,
         conversations: 10,
+        journal_mode: "delete".into(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -30,7 +32,10 @@ fn options() -> anyhow::Result<Options> {
         match arg.as_str() {
             "--messages" => options.messages = value.parse()?,
             "--conversations" => options.conversations = value.parse()?,
-            other => bail!("unknown option {other} (use --messages N --conversations C)"),
+            "--journal-mode" => options.journal_mode = value,
+            other => bail!(
+                "unknown option {other} (use --messages N --conversations C --journal-mode delete|wal)"
+            ),
         }
     }
     if options.conversations == 0 || options.messages < options.conversations {
@@ -82,7 +87,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn main() -> anyhow::Result<()> {
     let options = options()?;
     let dir = tempfile::tempdir()?;
-    let cluster = Cluster::start(dir.path(), &[]).await?;
+    let cluster = Cluster::start(
+        dir.path(),
+        &[("FERROCLAW_JOURNAL_MODE", options.journal_mode.clone())],
+    )
+    .await?;
     let conversations: Vec<String> = (0..options.conversations)
         .map(|i| format!("bench-{i}"))
         .collect();
@@ -110,7 +119,8 @@ async fn main() -> anyhow::Result<()> {
     all.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "messages {}  conversations {}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  throughput {:.1} msg/s",
+        "journal {}  messages {}  conversations {}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  throughput {:.1} msg/s",
+        options.journal_mode,
         all.len(),
         options.conversations,
         ms(percentile(&all, 0.50)),

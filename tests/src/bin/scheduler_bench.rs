@@ -1,0 +1,178 @@
+//! Scheduler benchmark: firing precision (due → enqueued) and scale with many tasks.
+//!
+//! 1. Fills the scheduler's database with `--bulk` tasks (default 100,000) due days ahead,
+//!    and times the queries the firing loop makes on it: the earliest next run and the
+//!    due batch.
+//! 2. Starts the four services on that database, reports the scheduler's memory, then
+//!    creates `--tasks` one-off tasks (default 500) due over the next seconds through gRPC
+//!    and reports how late each run was enqueued (from the scheduler's run history).
+//!
+//! `cargo build --release --workspace --bins && target/release/scheduler-bench`
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferroclaw_e2e::Cluster;
+use ferroclaw_proto::v1;
+use ferroclaw_proto::v1::scheduler_client::SchedulerClient;
+use ferroclaw_scheduler::store::{TaskRow, TaskStore};
+use serde_json::json;
+
+fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => Ok(args.get(i + 1).context("missing value")?.parse()?),
+        None => Ok(default),
+    }
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let bulk = arg("--bulk", 100_000)?;
+    let tasks = arg("--tasks", 500)?;
+    let dir = tempfile::tempdir()?;
+    let now = ferroclaw_mailbox::now_ms();
+
+    // 1. Scale of the store.
+    let store = TaskStore::open(&dir.path().join("scheduler.db")).await?;
+    let started = Instant::now();
+    let schedule = v1::Schedule {
+        kind: "cron".into(),
+        cron: "0 9 * * *".into(),
+        timezone: "Europe/Berlin".into(),
+        ..Default::default()
+    };
+    for i in 0..bulk {
+        let id = format!("bulk-{i}");
+        store
+            .insert(&TaskRow {
+                id: id.clone(),
+                series_id: format!("ser-{i}"),
+                session_id: format!("bulk-session-{}", i % 1000),
+                agent: "main".into(),
+                name: id,
+                prompt: "p".into(),
+                schedule: schedule.clone(),
+                catch_up: "catch_up".into(),
+                reply_to: json!({"kind": "api", "conversation": "bulk"}).to_string(),
+                state: "active".into(),
+                // Spread over the next 30 days, never within this run.
+                next_run: Some(now + 86_400_000 + (i as i64 * 7_919) % (30 * 86_400_000)),
+                last_run: None,
+                created_at: now,
+                updated_at: now,
+            })
+            .await?;
+    }
+    let insert = started.elapsed();
+    let rounds = 1000;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        store.earliest_next_run().await?;
+    }
+    let earliest = started.elapsed() / rounds;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        store.due(now, 500).await?;
+    }
+    let due = started.elapsed() / rounds;
+    store.close().await;
+    let db_size = std::fs::metadata(dir.path().join("scheduler.db"))?.len();
+    println!(
+        "store: {bulk} tasks inserted in {:.1} s; earliest next run {:.0} µs; due batch {:.0} µs; database {:.1} MiB",
+        insert.as_secs_f64(),
+        earliest.as_secs_f64() * 1e6,
+        due.as_secs_f64() * 1e6,
+        db_size as f64 / 1048576.0
+    );
+
+    // 2. Precision with the services running on that database.
+    let cluster = Cluster::start(dir.path(), &[]).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = cluster.scheduler.child.id().context("scheduler pid")?;
+    println!(
+        "scheduler memory with {bulk} tasks: {} MiB RSS",
+        rss_kib(pid).unwrap_or(0) / 1024
+    );
+    let mut sessions = Vec::new();
+    for c in 0..10 {
+        let (status, body) = cluster
+            .post_message(&format!("prec-{c}"), "hi", None)
+            .await?;
+        if status != 202 {
+            bail!("{body}");
+        }
+        sessions.push(body["session_id"].as_str().unwrap_or_default().to_string());
+    }
+    let mut scheduler = SchedulerClient::new(ferroclaw_common::grpc::channel(
+        &cluster.scheduler.grpc_url(),
+    )?);
+    let base = ferroclaw_mailbox::now_ms() + 3_000;
+    for i in 0..tasks {
+        let at = chrono::DateTime::from_timestamp_millis(base + (i as i64) * 10)
+            .context("time")?
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let c = i % sessions.len();
+        scheduler
+            .create_task(v1::CreateTaskRequest {
+                session_id: sessions[c].clone(),
+                agent: "main".into(),
+                task_id: format!("prec-{i}"),
+                name: format!("p{i}"),
+                prompt: "tick".into(),
+                schedule: Some(v1::Schedule {
+                    kind: "once".into(),
+                    at,
+                    ..Default::default()
+                }),
+                catch_up: String::new(),
+                reply_to_json: json!({"kind": "api", "conversation": format!("prec-{c}")})
+                    .to_string(),
+            })
+            .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lateness = Vec::new();
+    for i in 0..tasks {
+        loop {
+            let runs = scheduler
+                .list_runs(v1::ListRunsRequest {
+                    task_id: format!("prec-{i}"),
+                    limit: 1,
+                })
+                .await?
+                .into_inner()
+                .runs;
+            if let Some(run) = runs.first() {
+                lateness.push(run.fired_at_ms - run.scheduled_at_ms);
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("task prec-{i} never ran");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    lateness.sort();
+    println!(
+        "firing precision over {tasks} one-off tasks 10 ms apart (due → enqueued): p50 {} ms  p99 {} ms  max {} ms",
+        percentile(&lateness, 0.5),
+        percentile(&lateness, 0.99),
+        lateness.last().copied().unwrap_or(0)
+    );
+    println!(
+        "scheduler memory after: {} MiB RSS",
+        rss_kib(pid).unwrap_or(0) / 1024
+    );
+    cluster.stop().await
+}
