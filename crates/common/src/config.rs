@@ -107,7 +107,9 @@ pub struct RunnerConfig {
     pub agent_binary: Option<PathBuf>,
     /// An agent with nothing to do for this long exits.
     pub idle_timeout_secs: u64,
-    /// "delete" (default) or "wal" for the session databases.
+    /// Journal of the session databases: "wal" (the default for the process backend: readers
+    /// never wait for the writer) or "delete" (for mounts that cannot share WAL's memory
+    /// index, such as VM-backed Docker Desktop volumes).
     pub journal_mode: String,
     /// Restarts of a crashing agent before its batch is given up.
     pub max_restarts: u32,
@@ -121,7 +123,7 @@ impl Default for RunnerConfig {
             backend: "process".into(),
             agent_binary: None,
             idle_timeout_secs: 300,
-            journal_mode: "delete".into(),
+            journal_mode: "wal".into(),
             max_restarts: 5,
         }
     }

@@ -16,6 +16,8 @@ use crate::store::TaskStore;
 
 /// Retry pace while the runner does not take a mirror.
 const RETRY: Duration = Duration::from_secs(2);
+/// How long marks are gathered before mirroring.
+const COALESCE: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Default)]
 pub struct Syncer {
@@ -42,6 +44,8 @@ impl Syncer {
     pub async fn run(self, store: TaskStore, runner: Channel, shutdown: CancellationToken) {
         let mut runner = RunnerClient::new(runner);
         loop {
+            // Gather the marks of a burst (many runs firing together) into one mirror each.
+            tokio::time::sleep(COALESCE).await;
             let mut failed = false;
             for session_id in self.take() {
                 let tasks = match store.list(Some(&session_id)).await {

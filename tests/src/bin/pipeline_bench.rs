@@ -22,7 +22,7 @@ fn options() -> anyhow::Result<Options> {
     let mut options = Options {
         messages: 1000,
         conversations: 10,
-        journal_mode: "delete".into(),
+        journal_mode: "wal".into(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

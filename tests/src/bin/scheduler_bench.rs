@@ -40,6 +40,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 async fn main() -> anyhow::Result<()> {
     let bulk = arg("--bulk", 100_000)?;
     let tasks = arg("--tasks", 500)?;
+    let spacing = arg("--spacing-ms", 10)? as i64;
     let dir = tempfile::tempdir()?;
     let now = ferroclaw_mailbox::now_ms();
 
@@ -97,7 +98,10 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // 2. Precision with the services running on that database.
-    let cluster = Cluster::start(dir.path(), &[]).await?;
+    let journal = std::env::var("FERROCLAW_JOURNAL_MODE").unwrap_or_else(|_| "wal".into());
+    let cluster =
+        Cluster::start(dir.path(), &[("FERROCLAW_JOURNAL_MODE", journal.clone())]).await?;
+    println!("session journal mode: {journal}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = cluster.scheduler.child.id().context("scheduler pid")?;
     println!(
@@ -117,9 +121,10 @@ async fn main() -> anyhow::Result<()> {
     let mut scheduler = SchedulerClient::new(ferroclaw_common::grpc::channel(
         &cluster.scheduler.grpc_url(),
     )?);
-    let base = ferroclaw_mailbox::now_ms() + 3_000;
+    // Far enough ahead that creating them all finishes first.
+    let base = ferroclaw_mailbox::now_ms() + 3_000 + tasks as i64 * 4;
     for i in 0..tasks {
-        let at = chrono::DateTime::from_timestamp_millis(base + (i as i64) * 10)
+        let at = chrono::DateTime::from_timestamp_millis(base + (i as i64) * spacing)
             .context("time")?
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let c = i % sessions.len();
@@ -165,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
     }
     lateness.sort();
     println!(
-        "firing precision over {tasks} one-off tasks 10 ms apart (due → enqueued): p50 {} ms  p99 {} ms  max {} ms",
+        "firing precision over {tasks} one-off tasks {spacing} ms apart (due → enqueued): p50 {} ms  p99 {} ms  max {} ms",
         percentile(&lateness, 0.5),
         percentile(&lateness, 0.99),
         lateness.last().copied().unwrap_or(0)
