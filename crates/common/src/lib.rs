@@ -6,7 +6,9 @@ pub mod grpc;
 pub mod ids;
 pub mod launch;
 pub mod ready;
+pub mod service_db;
 pub mod shutdown;
+pub mod startup;
 pub mod telemetry;
 
 pub use config::{Config, ConfigError};

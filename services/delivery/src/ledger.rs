@@ -2,11 +2,9 @@
 //! and out seq, so a row is sent at most once) and the messages of API conversations.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use ferroclaw_proto::v1::OutboundMessage;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use tokio::sync::broadcast;
 
@@ -93,17 +91,7 @@ pub struct Ledger {
 
 impl Ledger {
     pub async fn open(path: &Path) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        sqlx::query(DDL).execute(&pool).await?;
+        let pool = ferroclaw_common::service_db::open(path, 4, DDL).await?;
         Ok(Self {
             pool,
             appended: broadcast::channel(1024).0,

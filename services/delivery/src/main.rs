@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use ferroclaw_common::{Config, grpc, ready, shutdown, telemetry};
+use ferroclaw_common::startup;
 
 /// ferroclaw delivery: the outbound ledger and channel senders.
 #[derive(Parser)]
@@ -16,12 +16,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init("delivery");
-    let config = Config::load(args.config.as_deref())?;
-    let listener = grpc::bind(config.delivery.listen).await?;
-    let shutdown = shutdown::on_signal();
-    ready::announce("delivery", listener.local_addr().ok(), None);
-    ferroclaw_delivery::run(config, listener, shutdown)
+    let s =
+        startup::grpc_service("delivery", args.config.as_deref(), |c| c.delivery.listen).await?;
+    ferroclaw_delivery::run(s.config, s.listener, s.shutdown)
         .await
         .context("delivery failed")
 }

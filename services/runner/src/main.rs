@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use ferroclaw_common::{Config, grpc, ready, shutdown, telemetry};
+use ferroclaw_common::startup;
 
 /// ferroclaw runner: sessions, session directories and agents.
 #[derive(Parser)]
@@ -16,12 +16,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init("runner");
-    let config = Config::load(args.config.as_deref())?;
-    let listener = grpc::bind(config.runner.listen).await?;
-    let shutdown = shutdown::on_signal();
-    ready::announce("runner", listener.local_addr().ok(), None);
-    ferroclaw_runner::run(config, listener, shutdown)
+    let s = startup::grpc_service("runner", args.config.as_deref(), |c| c.runner.listen).await?;
+    ferroclaw_runner::run(s.config, s.listener, s.shutdown)
         .await
         .context("runner failed")
 }

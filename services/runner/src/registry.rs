@@ -1,11 +1,8 @@
 //! The runner's own database: which sessions exist, for which agent and conversation.
 
 use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
 
 use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::error::Result;
 
@@ -52,17 +49,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 
 impl Registry {
     pub async fn open(path: &Path) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        sqlx::query(DDL).execute(&pool).await?;
+        let pool = ferroclaw_common::service_db::open(path, 4, DDL).await?;
         Ok(Self { pool })
     }
 

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use ferroclaw_common::{Config, grpc, ready, shutdown, telemetry};
+use ferroclaw_common::startup;
 
 /// ferroclaw scheduler: scheduled tasks.
 #[derive(Parser)]
@@ -16,12 +16,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init("scheduler");
-    let config = Config::load(args.config.as_deref())?;
-    let listener = grpc::bind(config.scheduler.listen).await?;
-    let shutdown = shutdown::on_signal();
-    ready::announce("scheduler", listener.local_addr().ok(), None);
-    ferroclaw_scheduler::run(config, listener, shutdown)
+    let s =
+        startup::grpc_service("scheduler", args.config.as_deref(), |c| c.scheduler.listen).await?;
+    ferroclaw_scheduler::run(s.config, s.listener, s.shutdown)
         .await
         .context("scheduler failed")
 }

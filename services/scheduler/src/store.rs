@@ -1,13 +1,9 @@
 //! The scheduler's own database: tasks and their run history.
 
 use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
 
 use ferroclaw_proto::v1;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqlitePool};
 
 use crate::error::Result;
@@ -128,17 +124,7 @@ pub struct TaskStore {
 
 impl TaskStore {
     pub async fn open(path: &Path) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options)
-            .await?;
-        sqlx::query(DDL).execute(&pool).await?;
+        let pool = ferroclaw_common::service_db::open(path, 2, DDL).await?;
         Ok(Self { pool })
     }
 
