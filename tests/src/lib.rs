@@ -320,3 +320,61 @@ impl Cluster {
             .collect()
     }
 }
+
+/// Whether a Docker engine answers. With `FERROCLAW_REQUIRE_DOCKER=1` (CI) a missing engine
+/// is a failure, not a skip.
+pub fn docker_available() -> bool {
+    let ok = std::process::Command::new("docker")
+        .args(["version", "--format", "{{.Server.APIVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok && std::env::var("FERROCLAW_REQUIRE_DOCKER").as_deref() == Ok("1") {
+        panic!("FERROCLAW_REQUIRE_DOCKER=1 but no Docker engine answers");
+    }
+    ok
+}
+
+/// Builds the images once per test binary with the offline script (no registry needed),
+/// from the binaries already built; returns the agent image name.
+pub fn offline_agent_image() -> anyhow::Result<String> {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/build-offline.sh");
+    if !*built {
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .args(["--tag", "e2e", "--no-build"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "offline image build failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        *built = true;
+    }
+    Ok("ferroclaw-agent:e2e".into())
+}
+
+/// `docker inspect` of one container, as JSON (`None` when it does not exist).
+pub fn docker_inspect(name: &str) -> Option<Value> {
+    let out = std::process::Command::new("docker")
+        .args(["inspect", name])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let list: Value = serde_json::from_slice(&out.stdout).ok()?;
+    list.get(0).cloned()
+}
+
+/// Runs `docker ARGS`, failing on a non-zero exit.
+pub fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("docker").args(args).output()?;
+    if !out.status.success() {
+        bail!("docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -101,7 +101,8 @@ impl Default for GatewayConfig {
 pub struct RunnerConfig {
     pub listen: SocketAddr,
     pub url: Option<String>,
-    /// "process": agents as local child processes (not a security boundary).
+    /// "process": agents as local child processes (not a security boundary); "docker": each
+    /// agent in its own locked-down container.
     pub backend: String,
     /// The `ferroclaw-agent` executable; defaults to the one beside the runner's.
     pub agent_binary: Option<PathBuf>,
@@ -113,6 +114,12 @@ pub struct RunnerConfig {
     pub journal_mode: String,
     /// Restarts of a crashing agent before its batch is given up.
     pub max_restarts: u32,
+    /// docker backend: the agent image.
+    pub agent_image: String,
+    /// docker backend: limits of each agent container.
+    pub agent_memory_mb: i64,
+    pub agent_cpus: f64,
+    pub agent_pids: i64,
 }
 
 impl Default for RunnerConfig {
@@ -125,6 +132,10 @@ impl Default for RunnerConfig {
             idle_timeout_secs: 300,
             journal_mode: "wal".into(),
             max_restarts: 5,
+            agent_image: "ferroclaw-agent:latest".into(),
+            agent_memory_mb: 512,
+            agent_cpus: 1.0,
+            agent_pids: 256,
         }
     }
 }
@@ -292,6 +303,12 @@ impl Config {
         if let Some(v) = get("FERROCLAW_AGENT_BINARY") {
             self.runner.agent_binary = Some(PathBuf::from(v));
         }
+        if let Some(v) = get("FERROCLAW_RUNNER_BACKEND") {
+            self.runner.backend = v;
+        }
+        if let Some(v) = get("FERROCLAW_AGENT_IMAGE") {
+            self.runner.agent_image = v;
+        }
         if let Some(v) = get("FERROCLAW_JOURNAL_MODE") {
             self.runner.journal_mode = v;
         }
@@ -348,13 +365,22 @@ impl Config {
         for (i, route) in self.conversations.iter().enumerate() {
             self.check_agent(&format!("conversations[{i}].agent"), &route.agent)?;
         }
-        if self.runner.backend != "process" {
+        if !matches!(self.runner.backend.as_str(), "process" | "docker") {
             return invalid(
                 "runner.backend".into(),
                 format!(
-                    "unknown backend {:?} (available: process)",
+                    "unknown backend {:?} (available: process, docker)",
                     self.runner.backend
                 ),
+            );
+        }
+        if self.runner.agent_memory_mb < 16
+            || self.runner.agent_pids < 8
+            || self.runner.agent_cpus <= 0.0
+        {
+            return invalid(
+                "runner.agent_memory_mb / agent_cpus / agent_pids".into(),
+                "limits too small (at least 16 MiB, 8 pids and some CPU)".into(),
             );
         }
         if let Err(e) = self.runner.journal_mode.parse::<JournalModeName>() {

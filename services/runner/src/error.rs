@@ -11,6 +11,8 @@ pub enum RunnerError {
     Registry(#[from] sqlx::Error),
     #[error("{0}")]
     Config(String),
+    #[error("docker: {0}")]
+    Docker(String),
     #[error(transparent)]
     Grpc(#[from] ferroclaw_common::grpc::GrpcError),
     #[error("I/O error on {path}: {source}")]

@@ -1,6 +1,8 @@
 //! The runner: owns sessions, their directories and their agents (ARCHITECTURE.md §2).
 //! It is the only process that touches session directories.
 
+pub mod backend;
+pub mod docker_backend;
 pub mod error;
 mod mailboxes;
 pub mod outbound_feed;
@@ -21,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::{Result, RunnerError};
 
+use crate::backend::Backend;
+use crate::docker_backend::{DockerBackend, Limits};
 use crate::mailboxes::Mailboxes;
 use crate::outbound_feed::OutboundFeed;
 use crate::process_backend::ProcessBackend;
@@ -36,11 +40,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         path: data_dir.clone(),
         source,
     })?;
-    let mode: JournalMode = config
-        .runner
-        .journal_mode
-        .parse()
-        .map_err(RunnerError::Config)?;
+    let docker = config.runner.backend == "docker";
+    let mode: JournalMode = if docker {
+        // Agents read inbound.db from a read-only mount, where WAL's index cannot be shared.
+        JournalMode::Delete
+    } else {
+        config
+            .runner
+            .journal_mode
+            .parse()
+            .map_err(RunnerError::Config)?
+    };
     let registry = Registry::open(&data_dir.join("runner.db")).await?;
     let meta: HashMap<String, Vec<(String, String)>> = config
         .agents
@@ -53,18 +63,32 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         })
         .collect();
     let mailboxes = Arc::new(Mailboxes::new(data_dir.clone(), mode, meta));
-    let binary = config
-        .runner
-        .agent_binary
-        .clone()
-        .unwrap_or_else(ProcessBackend::default_binary);
-    let backend = ProcessBackend::new(
-        binary,
-        data_dir.clone(),
-        config.runner.idle_timeout_secs,
-        config.runner.journal_mode.clone(),
-        config.runner.max_restarts,
-    )?;
+    let backend = if docker {
+        Backend::Docker(DockerBackend::new(
+            config.runner.agent_image.clone(),
+            data_dir.clone(),
+            config.runner.idle_timeout_secs,
+            config.runner.max_restarts,
+            Limits {
+                memory_mb: config.runner.agent_memory_mb,
+                cpus: config.runner.agent_cpus,
+                pids: config.runner.agent_pids,
+            },
+        ))
+    } else {
+        let binary = config
+            .runner
+            .agent_binary
+            .clone()
+            .unwrap_or_else(ProcessBackend::default_binary);
+        Backend::Process(ProcessBackend::new(
+            binary,
+            data_dir.clone(),
+            config.runner.idle_timeout_secs,
+            config.runner.journal_mode.clone(),
+            config.runner.max_restarts,
+        )?)
+    };
     let supervisor = Supervisor::new(backend, mailboxes.clone(), &config.agents, shutdown.clone());
     let feed = OutboundFeed::start(
         data_dir.join("sessions"),

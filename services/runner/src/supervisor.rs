@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::backend::{Backend, Exit};
 use crate::error::Result;
 use crate::mailboxes::Mailboxes;
-use crate::process_backend::{self, ProcessBackend};
 use crate::registry::{Registry, SessionRecord};
 
 /// How long a stopping agent may take to finish its batch before it is killed.
@@ -45,7 +45,7 @@ pub struct Supervisor {
 }
 
 struct Inner {
-    backend: ProcessBackend,
+    backend: Backend,
     mailboxes: Arc<Mailboxes>,
     agents: HashMap<String, AgentConfig>,
     slots: Mutex<HashMap<String, AgentState>>,
@@ -55,7 +55,7 @@ struct Inner {
 
 impl Supervisor {
     pub fn new(
-        backend: ProcessBackend,
+        backend: Backend,
         mailboxes: Arc<Mailboxes>,
         agents: &[AgentConfig],
         shutdown: CancellationToken,
@@ -100,14 +100,17 @@ impl Supervisor {
         self.inner.slots.lock().await.len()
     }
 
-    /// Starts agents for every session that still has work (after a runner restart).
+    /// After a (re)start: adopts agents still running from before, and starts agents for
+    /// every session that still has work.
     pub async fn recover(&self, registry: &Registry) -> Result<()> {
+        for session in self.inner.backend.leftovers(registry).await? {
+            self.ensure(&session).await;
+        }
         for session in registry.list(None).await? {
             let mailbox = self.inner.mailboxes.get(&session).await?;
             let pending = mailbox.pending().await?;
-            match pending.next_due {
-                None => {}
-                Some(due) => self.start_at(session, due),
+            if let Some(due) = pending.next_due {
+                self.start_at(session, due);
             }
         }
         Ok(())
@@ -141,8 +144,8 @@ impl Inner {
         let mut failures: u32 = 0;
         loop {
             let crashed = match self.run_once(&session).await {
-                Ok(status) if status.success() => false,
-                Ok(status) => {
+                Ok((true, _)) => false,
+                Ok((false, status)) => {
                     tracing::warn!(%status, "agent exited abnormally");
                     true
                 }
@@ -206,7 +209,7 @@ impl Inner {
     }
 
     /// Runs the agent once, until it exits or shutdown stops it.
-    async fn run_once(&self, session: &SessionRecord) -> Result<std::process::ExitStatus> {
+    async fn run_once(&self, session: &SessionRecord) -> Result<Exit> {
         let agent = self.agents.get(&session.agent).ok_or_else(|| {
             crate::error::RunnerError::Config(format!(
                 "agent {:?} is not configured any more",
@@ -214,25 +217,15 @@ impl Inner {
             ))
         })?;
         let paths = self.mailboxes.paths(session);
-        let mut child = self.backend.spawn(&paths, agent)?;
-        tracing::info!(pid = child.id(), "agent started");
-        let io_err = |source| crate::error::RunnerError::Io {
-            path: paths.root().to_path_buf(),
-            source,
+        let mut run = self.backend.start(session, &paths, agent).await?;
+        tracing::info!(agent = %run.describe(), "agent started");
+        let exited = tokio::select! {
+            exit = run.wait() => Some(exit),
+            _ = self.shutdown.cancelled() => None,
         };
-        tokio::select! {
-            status = child.wait() => status.map_err(io_err),
-            _ = self.shutdown.cancelled() => {
-                process_backend::terminate(&child);
-                match tokio::time::timeout(STOP_GRACE, child.wait()).await {
-                    Ok(status) => status.map_err(io_err),
-                    Err(_) => {
-                        tracing::warn!("agent did not stop in time; killing it");
-                        let _ = child.kill().await;
-                        child.wait().await.map_err(io_err)
-                    }
-                }
-            }
+        match exited {
+            Some(exit) => exit,
+            None => run.stop(STOP_GRACE).await,
         }
     }
 }

@@ -1,0 +1,107 @@
+//! Where agents run: local child processes or Docker containers. The supervisor drives both
+//! through this one interface.
+
+use std::time::Duration;
+
+use ferroclaw_common::config::AgentConfig;
+use ferroclaw_mailbox::SessionPaths;
+use tokio::process::Child;
+
+use crate::docker_backend::{ContainerRun, DockerBackend};
+use crate::error::{Result, RunnerError};
+use crate::process_backend::{self, ProcessBackend};
+use crate::registry::{Registry, SessionRecord};
+
+pub enum Backend {
+    Process(ProcessBackend),
+    Docker(DockerBackend),
+}
+
+/// One running agent.
+pub enum AgentRun {
+    Process(Child),
+    Container(ContainerRun),
+}
+
+/// How an agent ended: cleanly or not, and a description for the logs.
+pub type Exit = (bool, String);
+
+impl Backend {
+    pub async fn start(
+        &self,
+        session: &SessionRecord,
+        paths: &SessionPaths,
+        agent: &AgentConfig,
+    ) -> Result<AgentRun> {
+        match self {
+            Self::Process(p) => p.spawn(paths, agent).map(AgentRun::Process),
+            Self::Docker(d) => d
+                .start(session, paths, agent)
+                .await
+                .map(AgentRun::Container),
+        }
+    }
+
+    /// After a runner restart: agent containers of known sessions are handed back (to be
+    /// adopted by `start`), the others removed. Child processes need nothing: they exit with
+    /// their parent.
+    pub async fn leftovers(&self, registry: &Registry) -> Result<Vec<SessionRecord>> {
+        let Self::Docker(docker) = self else {
+            return Ok(Vec::new());
+        };
+        let mut adopt = Vec::new();
+        for (name, session_id, running) in docker.managed().await? {
+            match registry.get(&session_id).await? {
+                Some(session) if running => adopt.push(session),
+                _ => {
+                    tracing::info!(container = %name, "removing a leftover agent container");
+                    docker.remove(&name).await?;
+                }
+            }
+        }
+        Ok(adopt)
+    }
+}
+
+impl AgentRun {
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Process(child) => format!("pid {}", child.id().unwrap_or(0)),
+            Self::Container(c) => format!("container {}", c.name),
+        }
+    }
+
+    pub async fn wait(&mut self) -> Result<Exit> {
+        match self {
+            Self::Process(child) => {
+                let status = child.wait().await.map_err(|source| RunnerError::Io {
+                    path: "agent process".into(),
+                    source,
+                })?;
+                Ok((status.success(), status.to_string()))
+            }
+            Self::Container(c) => c.wait().await,
+        }
+    }
+
+    /// Asks the agent to finish its batch and exit; kills it after `grace`.
+    pub async fn stop(&mut self, grace: Duration) -> Result<Exit> {
+        match self {
+            Self::Process(child) => {
+                process_backend::terminate(child);
+                if let Ok(exit) = tokio::time::timeout(grace, self.wait()).await {
+                    return exit;
+                }
+                tracing::warn!("agent did not stop in time; killing it");
+                if let Self::Process(child) = self {
+                    let _ = child.kill().await;
+                }
+                self.wait().await
+            }
+            Self::Container(c) => {
+                c.stop(grace).await;
+                c.wait().await
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The `docker` backend: each session's agent in its own locked-down container, created
+//! through the Docker API (bollard), never the docker CLI.
+//!
+//! Hardened by default: a non-root user, a read-only root file system, a tmpfs `/tmp`, every
+//! capability dropped, `no-new-privileges`, pids/memory/CPU limits, no network, and only this
+//! session's mounts (its `in/` read-only, its `out/` read-write, the agent's memory folder
+//! read-write, `global/` read-only). Containers carry labels and a deterministic name, so a
+//! restarted runner adopts those of known sessions and removes the rest.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StopContainerOptions,
+    WaitContainerOptions,
+};
+use ferroclaw_common::config::AgentConfig;
+use ferroclaw_mailbox::SessionPaths;
+use tokio::sync::OnceCell;
+use tokio_stream::StreamExt;
+
+use crate::error::{Result, RunnerError};
+use crate::registry::SessionRecord;
+
+/// The agent's user inside its container (the image's /etc/passwd names it).
+pub const AGENT_UID: u32 = 10001;
+const LABEL_MANAGED: &str = "ferroclaw.managed";
+const LABEL_SESSION: &str = "ferroclaw.session";
+const LABEL_AGENT: &str = "ferroclaw.agent";
+
+/// Resource limits of one agent container.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub memory_mb: i64,
+    pub cpus: f64,
+    pub pids: i64,
+}
+
+pub struct DockerBackend {
+    docker: OnceCell<Docker>,
+    image: String,
+    data_dir: PathBuf,
+    idle_timeout_secs: u64,
+    max_attempts: u32,
+    limits: Limits,
+}
+
+/// One agent container of a session, started or adopted.
+pub struct ContainerRun {
+    docker: Docker,
+    pub name: String,
+}
+
+fn docker_error(e: bollard::errors::Error) -> RunnerError {
+    RunnerError::Docker(e.to_string())
+}
+
+/// The deterministic container name of a session.
+pub fn container_name(session_id: &str) -> String {
+    format!("ferroclaw-agent-{session_id}")
+}
+
+impl DockerBackend {
+    pub fn new(
+        image: String,
+        data_dir: PathBuf,
+        idle_timeout_secs: u64,
+        max_attempts: u32,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            docker: OnceCell::new(),
+            image,
+            data_dir,
+            idle_timeout_secs,
+            max_attempts,
+            limits,
+        }
+    }
+
+    /// The engine connection, negotiated on first use (the engine may come up after us).
+    async fn docker(&self) -> Result<Docker> {
+        self.docker
+            .get_or_try_init(|| async {
+                let docker = Docker::connect_with_local_defaults().map_err(docker_error)?;
+                docker
+                    .negotiate_version()
+                    .await
+                    .map_err(|e| RunnerError::Docker(format!("Docker engine unreachable: {e}")))
+            })
+            .await
+            .cloned()
+    }
+
+    /// Containers this runner family created earlier: (name, session id, running).
+    pub async fn managed(&self) -> Result<Vec<(String, String, bool)>> {
+        let docker = self.docker().await?;
+        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_MANAGED}=true")])]);
+        let containers = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(docker_error)?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                let session = labels.get(LABEL_SESSION)?.clone();
+                let name = c.names?.first()?.trim_start_matches('/').to_string();
+                let running = c.state.is_some_and(|s| s.to_string() == "running");
+                Some((name, session, running))
+            })
+            .collect())
+    }
+
+    /// Removes a container (after it is stopped or when its session is unknown).
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        let docker = self.docker().await?;
+        remove(&docker, name).await
+    }
+
+    /// Starts the session's container, or adopts it when it already runs (inspect first,
+    /// create only when absent).
+    pub async fn start(
+        &self,
+        session: &SessionRecord,
+        paths: &SessionPaths,
+        agent: &AgentConfig,
+    ) -> Result<ContainerRun> {
+        let docker = self.docker().await?;
+        let name = container_name(&session.id);
+        if let Ok(found) = docker.inspect_container(&name, None).await {
+            if found.state.and_then(|s| s.running).unwrap_or(false) {
+                tracing::info!(container = %name, "adopting the running agent container");
+                return Ok(ContainerRun { docker, name });
+            }
+            remove(&docker, &name).await?;
+            // The name is free only once the removal has finished.
+            for _ in 0..100 {
+                if docker.inspect_container(&name, None).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        prepare_out_dir(&paths.out_dir())?;
+        let agent_dir = self.data_dir.join("agents").join(&agent.name);
+        let global_dir = self.data_dir.join("global");
+        for dir in [&agent_dir, &global_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| RunnerError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        chown_tree(&agent_dir)?;
+        let bind =
+            |host: &Path, inside: &str, mode: &str| format!("{}:{inside}:{mode}", host.display());
+        let mut env: Vec<String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("FERROCLAW_ECHO_") || k == "RUST_LOG")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        env.push("FERROCLAW_SESSION_DIR=/session".into());
+        let labels = HashMap::from([
+            (LABEL_MANAGED.to_string(), "true".to_string()),
+            (LABEL_SESSION.to_string(), session.id.clone()),
+            (LABEL_AGENT.to_string(), agent.name.clone()),
+        ]);
+        let host_config = HostConfig {
+            binds: Some(vec![
+                bind(&paths.in_dir(), "/session/in", "ro"),
+                bind(&paths.out_dir(), "/session/out", "rw"),
+                bind(&agent_dir, "/agent", "rw"),
+                bind(&global_dir, "/global", "ro"),
+            ]),
+            readonly_rootfs: Some(true),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_string(),
+                "rw,noexec,nosuid,nodev,size=64m".to_string(),
+            )])),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            pids_limit: Some(self.limits.pids),
+            memory: Some(self.limits.memory_mb * 1024 * 1024),
+            nano_cpus: Some((self.limits.cpus * 1e9) as i64),
+            network_mode: Some("none".into()),
+            init: Some(false),
+            ..Default::default()
+        };
+        let config = ContainerCreateBody {
+            image: Some(self.image.clone()),
+            user: Some(format!("{AGENT_UID}:{AGENT_UID}")),
+            cmd: Some(vec![
+                "--session-dir".into(),
+                "/session".into(),
+                "--agent-dir".into(),
+                "/agent".into(),
+                "--global-dir".into(),
+                "/global".into(),
+                "--provider".into(),
+                agent.provider.clone(),
+                "--timezone".into(),
+                agent.timezone.clone(),
+                "--idle-timeout-secs".into(),
+                self.idle_timeout_secs.to_string(),
+                // A read-only in/ mount cannot host WAL's shared-memory index.
+                "--journal-mode".into(),
+                "delete".into(),
+                "--max-attempts".into(),
+                self.max_attempts.to_string(),
+            ]),
+            env: Some(env),
+            labels: Some(labels),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                }),
+                config,
+            )
+            .await
+            .map_err(docker_error)?;
+        docker
+            .start_container(
+                &name,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .map_err(docker_error)?;
+        tracing::info!(container = %name, image = %self.image, "agent container started");
+        Ok(ContainerRun { docker, name })
+    }
+}
+
+impl ContainerRun {
+    /// Waits for the container to exit, removes it, and says whether it exited cleanly.
+    pub async fn wait(&self) -> Result<(bool, String)> {
+        let mut stream = self.docker.wait_container(
+            &self.name,
+            Some(WaitContainerOptions {
+                condition: "not-running".into(),
+            }),
+        );
+        let outcome = match stream.next().await {
+            Some(Ok(response)) => (
+                response.status_code == 0,
+                format!("exit code {}", response.status_code),
+            ),
+            // bollard reports a non-zero exit as an error carrying the code.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                (false, format!("exit code {code}"))
+            }
+            Some(Err(e)) => (false, format!("wait failed: {e}")),
+            None => (false, "wait ended without a status".into()),
+        };
+        if let Err(e) = remove(&self.docker, &self.name).await {
+            tracing::warn!(container = %self.name, error = %e, "cannot remove the container");
+        }
+        Ok(outcome)
+    }
+
+    /// Asks the agent to stop (SIGTERM, so it finishes its batch), then kills it after `grace`.
+    pub async fn stop(&self, grace: Duration) {
+        let options = StopContainerOptions {
+            t: Some(grace.as_secs() as i32),
+            signal: None,
+        };
+        if let Err(e) = self.docker.stop_container(&self.name, Some(options)).await {
+            tracing::warn!(container = %self.name, error = %e, "cannot stop the container");
+        }
+    }
+}
+
+async fn remove(docker: &Docker, name: &str) -> Result<()> {
+    docker
+        .remove_container(
+            name,
+            Some(RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .or_else(|e| match e {
+            // Gone already, or its removal is under way.
+            bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            } => Ok(()),
+            other => Err(docker_error(other)),
+        })
+}
+
+/// The agent's user must own what it writes: `out/` and everything below it.
+fn prepare_out_dir(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|source| RunnerError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    chown_tree(out)
+}
+
+fn chown_tree(dir: &Path) -> Result<()> {
+    let io = |source| RunnerError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::os::unix::fs::chown(dir, Some(AGENT_UID), Some(AGENT_UID)).map_err(io)?;
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        if path.is_dir() {
+            chown_tree(&path)?;
+        } else {
+            std::os::unix::fs::chown(&path, Some(AGENT_UID), Some(AGENT_UID)).map_err(
+                |source| RunnerError::Io {
+                    path: path.clone(),
+                    source,
+                },
+            )?;
+        }
+    }
+    Ok(())
+}

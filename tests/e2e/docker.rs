@@ -1,0 +1,160 @@
+//! Agents in Docker containers (real engine; the images come from the offline build).
+
+use std::time::Duration;
+
+use ferroclaw_e2e::{Cluster, docker, docker_available, docker_inspect, offline_agent_image};
+use serde_json::{Value, json};
+
+async fn docker_cluster(
+    dir: &std::path::Path,
+    extra: &[(&'static str, String)],
+) -> anyhow::Result<Cluster> {
+    let mut env = vec![
+        ("FERROCLAW_RUNNER_BACKEND", "docker".to_string()),
+        ("FERROCLAW_AGENT_IMAGE", offline_agent_image()?),
+    ];
+    env.extend(extra.iter().cloned());
+    Cluster::start(dir, &env).await
+}
+
+fn container(session: &Value) -> String {
+    format!("ferroclaw-agent-{}", session.as_str().unwrap_or_default())
+}
+
+/// Waits until the container of a session runs.
+async fn running(name: &str) -> anyhow::Result<Value> {
+    for _ in 0..200 {
+        if let Some(c) = docker_inspect(name).filter(|c| c["State"]["Running"] == json!(true)) {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("container {name} never ran")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_answer_from_hardened_containers_that_go_away_on_stop() -> anyhow::Result<()> {
+    if !docker_available() {
+        eprintln!("skipped: no Docker engine");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let cluster = docker_cluster(dir.path(), &[]).await?;
+    let (status, body) = cluster
+        .post_message("boxed", "hello from a box", None)
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    cluster
+        .wait_for_lines(
+            "boxed",
+            &["echo: hello from a box".into()],
+            Duration::from_secs(60),
+        )
+        .await?;
+
+    let name = container(&body["session_id"]);
+    let c = running(&name).await?;
+    let host = &c["HostConfig"];
+    assert_eq!(c["Config"]["User"], json!("10001:10001"), "non-root");
+    assert_eq!(host["ReadonlyRootfs"], json!(true));
+    assert_eq!(host["CapDrop"], json!(["ALL"]));
+    assert_eq!(host["SecurityOpt"], json!(["no-new-privileges"]));
+    assert_eq!(host["NetworkMode"], json!("none"));
+    assert!(
+        host["Memory"].as_i64().unwrap_or(0) > 0 && host["PidsLimit"].as_i64().unwrap_or(0) > 0
+    );
+    assert!(host["Tmpfs"]["/tmp"].is_string());
+    let binds: Vec<String> = serde_json::from_value(host["Binds"].clone())?;
+    assert_eq!(binds.len(), 4, "only this session's mounts: {binds:?}");
+    assert!(
+        binds.iter().any(|b| b.ends_with("/in:/session/in:ro")),
+        "{binds:?}"
+    );
+    assert!(binds.iter().all(|b| !b.contains("docker.sock")));
+    assert_eq!(
+        c["Config"]["Labels"]["ferroclaw.session"],
+        body["session_id"]
+    );
+
+    cluster.stop().await?;
+    assert!(
+        docker_inspect(&name).is_none(),
+        "the container was left behind"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_killed_mid_batch_still_gives_exactly_one_reply() -> anyhow::Result<()> {
+    if !docker_available() {
+        eprintln!("skipped: no Docker engine");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let cluster = docker_cluster(dir.path(), &[("FERROCLAW_ECHO_DELAY_MS", "2000".into())]).await?;
+    let (_, body) = cluster.post_message("kill", "still here", None).await?;
+    let name = container(&body["session_id"]);
+    running(&name).await?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    docker(&["kill", &name])?;
+    cluster
+        .wait_for_lines(
+            "kill",
+            &["echo: still here".into()],
+            Duration::from_secs(60),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        cluster.texts("kill").await?,
+        vec!["echo: still here".to_string()]
+    );
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_runner_adopts_running_containers() -> anyhow::Result<()> {
+    if !docker_available() {
+        eprintln!("skipped: no Docker engine");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let mut cluster =
+        docker_cluster(dir.path(), &[("FERROCLAW_ECHO_DELAY_MS", "1500".into())]).await?;
+    let mut names = Vec::new();
+    for c in 0..3 {
+        let (_, body) = cluster
+            .post_message(&format!("adopt-{c}"), &format!("a{c}"), None)
+            .await?;
+        names.push(container(&body["session_id"]));
+    }
+    let mut ids = Vec::new();
+    for name in &names {
+        ids.push(running(name).await?["Id"].clone());
+    }
+    cluster.kill_runner().await?;
+    cluster.restart_runner().await?;
+    for c in 0..3 {
+        cluster
+            .wait_for_lines(
+                &format!("adopt-{c}"),
+                &[format!("echo: a{c}")],
+                Duration::from_secs(60),
+            )
+            .await?;
+    }
+    // The same containers served on: adopted, not recreated.
+    for (name, id) in names.iter().zip(&ids) {
+        if let Some(c) = docker_inspect(name) {
+            assert_eq!(&c["Id"], id, "{name} was recreated");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for c in 0..3 {
+        assert_eq!(
+            cluster.texts(&format!("adopt-{c}")).await?,
+            vec![format!("echo: a{c}")]
+        );
+    }
+    cluster.stop().await
+}
