@@ -5,6 +5,17 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
+/// A 64-bit FNV-1a hash: stable across releases and platforms (unlike std's hasher), for
+/// ids derived from other ids.
+pub fn stable_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
 /// True for names safe to use as one path component and in URLs: ASCII letters, digits,
 /// `-`, `_` and `.` (not leading), 1 to 128 characters.
 pub fn is_safe_name(name: &str) -> bool {

@@ -76,12 +76,7 @@ impl TaskParams {
 
 /// A task id derived from the row, so a retried `schedule_task` creates the same task.
 fn derived_task_id(session_id: &str, seq: i64) -> String {
-    // FNV-1a: stable across releases and platforms, unlike std's hasher.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in session_id.bytes().chain(seq.to_le_bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let hash = ferroclaw_common::ids::stable_hash(session_id.bytes().chain(seq.to_le_bytes()));
     format!("tsk_{hash:016x}")
 }
 

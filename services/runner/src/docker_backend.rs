@@ -30,6 +30,9 @@ pub const AGENT_UID: u32 = 10001;
 const LABEL_MANAGED: &str = "ferroclaw.managed";
 const LABEL_SESSION: &str = "ferroclaw.session";
 const LABEL_AGENT: &str = "ferroclaw.agent";
+/// Which installation (data directory) a container belongs to: a runner adopts or removes
+/// only its own, even when several installations share one engine.
+const LABEL_INSTANCE: &str = "ferroclaw.instance";
 
 /// Resource limits of one agent container.
 #[derive(Debug, Clone)]
@@ -41,6 +44,7 @@ pub struct Limits {
 
 pub struct DockerBackend {
     docker: OnceCell<Docker>,
+    instance: String,
     image: String,
     data_dir: PathBuf,
     idle_timeout_secs: u64,
@@ -58,6 +62,14 @@ fn docker_error(e: bollard::errors::Error) -> RunnerError {
     RunnerError::Docker(e.to_string())
 }
 
+/// The installation label: a stable hash of the data directory's absolute path.
+fn instance_of(data_dir: &Path) -> String {
+    let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let hash =
+        ferroclaw_common::ids::stable_hash(path.as_os_str().as_encoded_bytes().iter().copied());
+    format!("{hash:016x}")
+}
+
 /// The deterministic container name of a session.
 pub fn container_name(session_id: &str) -> String {
     format!("ferroclaw-agent-{session_id}")
@@ -73,6 +85,7 @@ impl DockerBackend {
     ) -> Self {
         Self {
             docker: OnceCell::new(),
+            instance: instance_of(&data_dir),
             image,
             data_dir,
             idle_timeout_secs,
@@ -98,7 +111,13 @@ impl DockerBackend {
     /// Containers this runner family created earlier: (name, session id, running).
     pub async fn managed(&self) -> Result<Vec<(String, String, bool)>> {
         let docker = self.docker().await?;
-        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_MANAGED}=true")])]);
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_INSTANCE}={}", self.instance),
+            ],
+        )]);
         let containers = docker
             .list_containers(Some(ListContainersOptions {
                 all: true,
@@ -170,6 +189,7 @@ impl DockerBackend {
             (LABEL_MANAGED.to_string(), "true".to_string()),
             (LABEL_SESSION.to_string(), session.id.clone()),
             (LABEL_AGENT.to_string(), agent.name.clone()),
+            (LABEL_INSTANCE.to_string(), self.instance.clone()),
         ]);
         let host_config = HostConfig {
             binds: Some(vec![
