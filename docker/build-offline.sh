@@ -59,7 +59,7 @@ rootfs "$ctx/services/rootfs" ferroclaw-gateway ferroclaw-runner ferroclaw-deliv
 cat > "$ctx/services/Dockerfile" <<'DOCKERFILE'
 FROM scratch
 COPY rootfs/ /
-ENTRYPOINT ["/ferroclaw"]
+CMD ["/ferroclaw", "--help"]
 DOCKERFILE
 docker build -q -t "ferroclaw:$tag" "$ctx/services" >/dev/null
 echo "built ferroclaw:$tag"

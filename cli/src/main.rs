@@ -54,6 +54,9 @@ enum Command {
         #[command(subcommand)]
         action: api::TaskCommand,
     },
+    /// Exit 0 when a service answers: `grpc://HOST:PORT` (gRPC health) or `http://…` (GET).
+    /// For container health checks, where images hold no shell or curl.
+    Probe { target: String },
     /// Inject a webhook: a JSON document (argument, or stdin when absent).
     Hook {
         #[command(flatten)]
@@ -96,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::Tasks { api, action } => api::tasks(&api, action).await,
+        Command::Probe { target } => probe(&target).await,
         Command::Hook {
             api,
             source,
@@ -103,4 +107,26 @@ async fn main() -> anyhow::Result<()> {
             idempotency_key,
         } => api::hook(&api, &source, json, idempotency_key.as_deref()).await,
     }
+}
+
+async fn probe(target: &str) -> anyhow::Result<()> {
+    if let Some(addr) = target.strip_prefix("grpc://") {
+        let channel = ferroclaw_common::grpc::channel(&format!("http://{addr}"))?;
+        anyhow::ensure!(
+            ferroclaw_common::grpc::is_serving(channel, "").await,
+            "{target} is not serving"
+        );
+        return Ok(());
+    }
+    let response = reqwest::Client::new()
+        .get(target)
+        .timeout(std::time::Duration::from_secs(3))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{target}: {}",
+        response.status()
+    );
+    Ok(())
 }

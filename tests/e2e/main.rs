@@ -4,6 +4,7 @@
 mod agent_lifecycle;
 mod bad_input;
 mod cli_up;
+mod compose;
 mod docker;
 mod grpc_ingress;
 mod pipeline;

@@ -378,3 +378,21 @@ pub fn docker(args: &[&str]) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The compose command here: the `docker compose` plugin, else standalone `docker-compose`.
+pub fn compose_command() -> Option<Vec<String>> {
+    let works = |cmd: &[&str]| {
+        std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works(&["docker", "compose"]) {
+        Some(vec!["docker".into(), "compose".into()])
+    } else if works(&["docker-compose"]) {
+        Some(vec!["docker-compose".into()])
+    } else {
+        None
+    }
+}

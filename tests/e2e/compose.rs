@@ -1,0 +1,138 @@
+//! `docker compose up` from the offline images → a webhook → its reply, through an agent
+//! container the runner creates on the host's engine.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferroclaw_e2e::{compose_command, docker_available, offline_agent_image};
+use serde_json::{Value, json};
+
+struct Compose {
+    command: Vec<String>,
+    project: String,
+    envs: Vec<(&'static str, String)>,
+}
+
+impl Compose {
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .args(["-p", &self.project, "-f"])
+            .arg(root.join("docker-compose.yml"))
+            .args(args)
+            .envs(self.envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "compose {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "--remove-orphans", "--timeout", "15"]);
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_up_then_a_webhook_gets_its_reply() -> anyhow::Result<()> {
+    if !docker_available() {
+        eprintln!("skipped: no Docker engine");
+        return Ok(());
+    }
+    let Some(command) = compose_command() else {
+        anyhow::ensure!(
+            std::env::var("FERROCLAW_REQUIRE_DOCKER").as_deref() != Ok("1"),
+            "FERROCLAW_REQUIRE_DOCKER=1 but neither `docker compose` nor `docker-compose` is here"
+        );
+        eprintln!("skipped: no compose");
+        return Ok(());
+    };
+    offline_agent_image()?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let compose = Compose {
+        command,
+        project: format!("fce2e{}", std::process::id()),
+        envs: vec![
+            ("FERROCLAW_DATA_DIR", dir.path().display().to_string()),
+            ("FERROCLAW_API_TOKEN", "compose-token".into()),
+            ("FERROCLAW_TAG", "e2e".into()),
+            ("FERROCLAW_HTTP_PORT", port.to_string()),
+        ],
+    };
+    compose.run(&["up", "-d"])?;
+
+    let api = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ready = http.get(format!("{api}/readyz")).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the compose stack never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let unauthorized = http
+        .post(format!("{api}/v1/hooks/default"))
+        .json(&json!({}))
+        .send()
+        .await?;
+    assert_eq!(
+        unauthorized.status().as_u16(),
+        401,
+        "compose requires the API token"
+    );
+    let accepted: Value = http
+        .post(format!("{api}/v1/hooks/default"))
+        .bearer_auth("compose-token")
+        .json(&json!({"from": "compose"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(accepted["session_id"].is_string(), "{accepted}");
+    let replies: Value = http
+        .get(format!(
+            "{api}/v1/conversations/webhook-default/messages?wait=60"
+        ))
+        .bearer_auth("compose-token")
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        replies["messages"][0]["text"],
+        json!(r#"echo: webhook default: {"from":"compose"}"#),
+        "{replies}"
+    );
+    let agent = format!(
+        "ferroclaw-agent-{}",
+        accepted["session_id"].as_str().unwrap_or_default()
+    );
+    assert!(
+        ferroclaw_e2e::docker_inspect(&agent).is_some(),
+        "the agent ran in its own container"
+    );
+    compose.run(&["down", "--remove-orphans", "--timeout", "15"])?;
+    assert!(
+        ferroclaw_e2e::docker_inspect(&agent).is_none(),
+        "compose down stopped the agent container"
+    );
+    Ok(())
+}
