@@ -106,3 +106,101 @@ async fn one_agent_per_session_under_concurrent_enqueues_and_idle_stop() -> anyh
         Err(_) => anyhow::bail!("cluster still shared"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_times_more_busy_sessions_than_slots_all_answered_under_the_cap() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(
+        dir.path(),
+        &[
+            ("FERROCLAW_MAX_RUNNING_AGENTS", "2".into()),
+            ("FERROCLAW_ECHO_DELAY_MS", "200".into()),
+        ],
+    )
+    .await?;
+    let cluster = std::sync::Arc::new(cluster);
+    let sampler = {
+        let data = dir.path().to_path_buf();
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            let mut saw_queued = false;
+            for _ in 0..150 {
+                most = most.max(agent_processes(&data).len());
+                if let Ok((_, s)) = cluster.get("/v1/sessions").await {
+                    saw_queued |= s["sessions"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().any(|s| s["agent_state"] == json!("queued")));
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            (most, saw_queued)
+        })
+    };
+    for round in 0..2 {
+        for s in 0..6 {
+            let (status, body) = cluster
+                .post_message(&format!("cap-{s}"), &format!("r{round}"), None)
+                .await?;
+            assert_eq!(status, 202, "{body}");
+        }
+    }
+    for s in 0..6 {
+        cluster
+            .wait_for_lines(
+                &format!("cap-{s}"),
+                &["echo: r0".into(), "echo: r1".into()],
+                Duration::from_secs(60),
+            )
+            .await?;
+    }
+    let (most, saw_queued) = sampler.await?;
+    assert!(most <= 2, "{most} agents ran at once with a cap of 2");
+    assert!(
+        saw_queued,
+        "no session was ever queued: the cap was not exercised"
+    );
+    match std::sync::Arc::try_unwrap(cluster) {
+        Ok(cluster) => cluster.stop().await,
+        Err(_) => anyhow::bail!("cluster still shared"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_agent_is_killed_retried_and_finally_the_user_is_told() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(
+        dir.path(),
+        &[
+            ("FERROCLAW_STUCK_AFTER_SECS", "1".into()),
+            ("FERROCLAW_ECHO_HANG_MS", "600000".into()),
+            ("FERROCLAW_MAX_RESTARTS", "2".into()),
+        ],
+    )
+    .await?;
+    cluster.post_message("stuck", "are you there", None).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let texts = cluster.texts("stuck").await?;
+        if let Some(t) = texts.first() {
+            break t.clone();
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the user was never told"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        text.starts_with("Sorry, I could not process your message: the agent failed 2 times"),
+        "{text}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        cluster.texts("stuck").await?.len(),
+        1,
+        "one notice, nothing else"
+    );
+    cluster.stop().await
+}

@@ -14,10 +14,15 @@ use super::{Prompt, Reply, by_destination};
 
 pub struct Echo {
     pub delay: Duration,
+    /// Test aid: blocks the thread (no heartbeat) before replying.
+    pub hang: Duration,
 }
 
 impl Echo {
     pub async fn respond(&self, prompt: &Prompt<'_>) -> Vec<Reply> {
+        if !self.hang.is_zero() {
+            std::thread::sleep(self.hang);
+        }
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
@@ -108,6 +113,7 @@ mod tests {
         ];
         let echo = Echo {
             delay: Duration::ZERO,
+            hang: Duration::ZERO,
         };
         let replies = echo
             .respond(&Prompt {
@@ -133,6 +139,7 @@ mod tests {
         ];
         let echo = Echo {
             delay: Duration::ZERO,
+            hang: Duration::ZERO,
         };
         let replies = echo
             .respond(&Prompt {

@@ -45,7 +45,14 @@ impl Provider {
                     .and_then(|v| v.parse().ok())
                     .map(Duration::from_millis)
                     .unwrap_or_default();
-                Ok(Self::Echo(Echo { delay }))
+                // A hang that blocks the agent's only thread, heartbeat included: what a
+                // stuck agent looks like to the runner.
+                let hang = std::env::var("FERROCLAW_ECHO_HANG_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .map(Duration::from_millis)
+                    .unwrap_or_default();
+                Ok(Self::Echo(Echo { delay, hang }))
             }
             other => Err(ProviderError::Unknown(other.to_string())),
         }

@@ -114,6 +114,10 @@ pub struct RunnerConfig {
     pub journal_mode: String,
     /// Restarts of a crashing agent before its batch is given up.
     pub max_restarts: u32,
+    /// Agents running at once; sessions beyond wait their turn in a fair queue.
+    pub max_running_agents: usize,
+    /// An agent with a claimed batch and no heartbeat for this long is killed and retried.
+    pub stuck_after_secs: u64,
     /// docker backend: the agent image.
     pub agent_image: String,
     /// docker backend: limits of each agent container.
@@ -132,6 +136,8 @@ impl Default for RunnerConfig {
             idle_timeout_secs: 300,
             journal_mode: "wal".into(),
             max_restarts: 5,
+            max_running_agents: 8,
+            stuck_after_secs: 120,
             agent_image: "ferroclaw-agent:latest".into(),
             agent_memory_mb: 512,
             agent_cpus: 1.0,
@@ -303,6 +309,15 @@ impl Config {
         if let Some(v) = get("FERROCLAW_AGENT_BINARY") {
             self.runner.agent_binary = Some(PathBuf::from(v));
         }
+        if let Some(v) = get("FERROCLAW_MAX_RESTARTS") {
+            self.runner.max_restarts = parse("FERROCLAW_MAX_RESTARTS", &v)?;
+        }
+        if let Some(v) = get("FERROCLAW_MAX_RUNNING_AGENTS") {
+            self.runner.max_running_agents = parse("FERROCLAW_MAX_RUNNING_AGENTS", &v)?;
+        }
+        if let Some(v) = get("FERROCLAW_STUCK_AFTER_SECS") {
+            self.runner.stuck_after_secs = parse("FERROCLAW_STUCK_AFTER_SECS", &v)?;
+        }
         if let Some(v) = get("FERROCLAW_RUNNER_BACKEND") {
             self.runner.backend = v;
         }
@@ -372,6 +387,18 @@ impl Config {
                     "unknown backend {:?} (available: process, docker)",
                     self.runner.backend
                 ),
+            );
+        }
+        if self.runner.max_running_agents == 0 {
+            return invalid(
+                "runner.max_running_agents".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.runner.stuck_after_secs < 1 {
+            return invalid(
+                "runner.stuck_after_secs".into(),
+                "must be at least 1".into(),
             );
         }
         if self.runner.agent_memory_mb < 16

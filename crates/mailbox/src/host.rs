@@ -240,6 +240,19 @@ impl HostMailbox {
         Ok(pending)
     }
 
+    /// Whether the agent holds a claimed batch it has not finished.
+    pub async fn claimed(&self) -> Result<bool> {
+        let Some(out) = self.outbound().await? else {
+            return Ok(false);
+        };
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM processing WHERE status = 'processing'")
+                .fetch_one(&out)
+                .await
+                .at(&self.paths.outbound_db())?;
+        Ok(n > 0)
+    }
+
     /// Sets a session fact (`meta` table): agent name, time zone, default reply origin.
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         sqlx::query(

@@ -30,7 +30,7 @@ use crate::outbound_feed::OutboundFeed;
 use crate::process_backend::ProcessBackend;
 use crate::registry::Registry;
 use crate::service::RunnerService;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Supervisor, SupervisorLimits};
 
 /// Runs the runner on `listener` until `shutdown` is cancelled; then stops every agent
 /// (each finishes its batch) before returning.
@@ -89,7 +89,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             config.runner.max_restarts,
         )?)
     };
-    let supervisor = Supervisor::new(backend, mailboxes.clone(), &config.agents, shutdown.clone());
+    let limits = SupervisorLimits {
+        max_running_agents: config.runner.max_running_agents,
+        stuck_after: std::time::Duration::from_secs(config.runner.stuck_after_secs),
+    };
+    let supervisor = Supervisor::new(
+        backend,
+        mailboxes.clone(),
+        &config.agents,
+        limits,
+        shutdown.clone(),
+    );
     let feed = OutboundFeed::start(
         data_dir.join("sessions"),
         registry.clone(),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferroclaw_common::config::AgentConfig;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -26,6 +26,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentState {
+    /// Waiting for a free slot under `max_running_agents` (a fair, first-come queue).
+    Queued,
     Running,
     Backoff,
 }
@@ -33,6 +35,7 @@ pub enum AgentState {
 impl AgentState {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Queued => "queued",
             Self::Running => "running",
             Self::Backoff => "backoff",
         }
@@ -49,8 +52,21 @@ struct Inner {
     mailboxes: Arc<Mailboxes>,
     agents: HashMap<String, AgentConfig>,
     slots: Mutex<HashMap<String, AgentState>>,
+    /// One permit per agent allowed to run at once; tokio's semaphore serves waiters in order.
+    permits: Arc<Semaphore>,
+    /// Running agents, each with a token that asks it to give its slot back.
+    yielders: std::sync::Mutex<HashMap<String, (SessionRecord, CancellationToken)>>,
+    /// A claimed batch with a heartbeat older than this means a stuck agent.
+    stuck_after: Duration,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+}
+
+/// Limits of the supervisor.
+#[derive(Debug, Clone, Copy)]
+pub struct SupervisorLimits {
+    pub max_running_agents: usize,
+    pub stuck_after: Duration,
 }
 
 impl Supervisor {
@@ -58,6 +74,7 @@ impl Supervisor {
         backend: Backend,
         mailboxes: Arc<Mailboxes>,
         agents: &[AgentConfig],
+        limits: SupervisorLimits,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -66,6 +83,9 @@ impl Supervisor {
                 mailboxes,
                 agents: agents.iter().map(|a| (a.name.clone(), a.clone())).collect(),
                 slots: Mutex::new(HashMap::new()),
+                permits: Arc::new(Semaphore::new(limits.max_running_agents.max(1))),
+                yielders: std::sync::Mutex::new(HashMap::new()),
+                stuck_after: limits.stuck_after,
                 shutdown,
                 tasks: TaskTracker::new(),
             }),
@@ -208,7 +228,54 @@ impl Inner {
         }
     }
 
-    /// Runs the agent once, until it exits or shutdown stops it.
+    /// Waits for a slot under the cap. While it waits, running agents with nothing to do
+    /// are asked to give theirs back, so every session gets its turn.
+    async fn acquire_slot(&self, session: &SessionRecord) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        self.slots
+            .lock()
+            .await
+            .insert(session.id.clone(), AgentState::Queued);
+        tracing::info!("all agent slots are taken; queued");
+        // One acquire future for the whole wait: dropping it would lose the queue position.
+        let acquire = self.permits.clone().acquire_owned();
+        tokio::pin!(acquire);
+        loop {
+            self.ask_idle_agents_to_yield().await;
+            tokio::select! {
+                permit = &mut acquire => {
+                    self.slots.lock().await.insert(session.id.clone(), AgentState::Running);
+                    return permit.ok();
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    async fn ask_idle_agents_to_yield(&self) {
+        let running: Vec<(SessionRecord, CancellationToken)> = match self.yielders.lock() {
+            Ok(map) => map.values().cloned().collect(),
+            Err(_) => return,
+        };
+        for (session, token) in running {
+            if token.is_cancelled() {
+                continue;
+            }
+            let idle = match self.mailboxes.get(&session).await {
+                Ok(mailbox) => mailbox.pending().await.is_ok_and(|p| p.count == 0),
+                Err(_) => false,
+            };
+            if idle {
+                tracing::info!(session = %session.id, "idle agent gives its slot to a queued session");
+                token.cancel();
+            }
+        }
+    }
+
+    /// Runs the agent once, until it exits, is stuck, is asked to yield, or shutdown.
     async fn run_once(&self, session: &SessionRecord) -> Result<Exit> {
         let agent = self.agents.get(&session.agent).ok_or_else(|| {
             crate::error::RunnerError::Config(format!(
@@ -216,16 +283,69 @@ impl Inner {
                 session.agent
             ))
         })?;
+        let Some(_permit) = self.acquire_slot(session).await else {
+            return Ok((true, "shut down while queued".into()));
+        };
         let paths = self.mailboxes.paths(session);
         let mut run = self.backend.start(session, &paths, agent).await?;
         tracing::info!(agent = %run.describe(), "agent started");
-        let exited = tokio::select! {
-            exit = run.wait() => Some(exit),
-            _ = self.shutdown.cancelled() => None,
+        let yield_token = CancellationToken::new();
+        if let Ok(mut map) = self.yielders.lock() {
+            map.insert(session.id.clone(), (session.clone(), yield_token.clone()));
+        }
+        enum Ended {
+            Exited(Result<Exit>),
+            Stop,
+            Stuck(Duration),
+        }
+        let ended = tokio::select! {
+            exit = run.wait() => Ended::Exited(exit),
+            _ = self.shutdown.cancelled() => Ended::Stop,
+            _ = yield_token.cancelled() => Ended::Stop,
+            stale = self.stuck(session) => Ended::Stuck(stale),
         };
-        match exited {
-            Some(exit) => exit,
-            None => run.stop(STOP_GRACE).await,
+        if let Ok(mut map) = self.yielders.lock() {
+            map.remove(&session.id);
+        }
+        match ended {
+            Ended::Exited(exit) => exit,
+            Ended::Stop => run.stop(STOP_GRACE).await,
+            Ended::Stuck(stale) => {
+                tracing::warn!(
+                    ?stale,
+                    "agent is stuck (no heartbeat while working on a batch); killing it"
+                );
+                run.stop(Duration::ZERO).await?;
+                Ok((
+                    false,
+                    format!("stuck: no heartbeat for {}s", stale.as_secs()),
+                ))
+            }
+        }
+    }
+
+    /// Resolves when the agent holds a claimed batch and its heartbeat is older than
+    /// `stuck_after`; never otherwise.
+    async fn stuck(&self, session: &SessionRecord) -> Duration {
+        let paths = self.mailboxes.paths(session);
+        let every =
+            (self.stuck_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            tokio::time::sleep(every).await;
+            let stale = std::fs::metadata(paths.heartbeat())
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            let Some(stale) = stale.filter(|s| *s > self.stuck_after) else {
+                continue;
+            };
+            let claimed = match self.mailboxes.get(session).await {
+                Ok(mailbox) => mailbox.claimed().await.unwrap_or(false),
+                Err(_) => false,
+            };
+            if claimed {
+                return stale;
+            }
         }
     }
 }
