@@ -4,17 +4,25 @@
 # non-root agent user. Same image names as the Dockerfiles here (which need a registry).
 #
 #   docker/build-offline.sh [--profile debug|release] [--tag TAG] [--no-build]
+#                           [--agent-binary NAME --agent-image IMAGE]
+#
+# --agent-binary builds the agent image from another binary (the isolation test's hostile
+# agent) under another name.
 #
 # Builds the binaries first (cargo build --workspace --bins) unless --no-build.
 set -euo pipefail
 profile=debug
 tag=latest
 build=yes
+agent_binary=ferroclaw-agent
+agent_image=ferroclaw-agent
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile=$2; shift 2 ;;
     --tag) tag=$2; shift 2 ;;
     --no-build) build=no; shift ;;
+    --agent-binary) agent_binary=$2; shift 2 ;;
+    --agent-image) agent_image=$2; shift 2 ;;
     *) echo "usage: $0 [--profile debug|release] [--tag TAG] [--no-build]" >&2; exit 2 ;;
   esac
 done
@@ -44,15 +52,16 @@ rootfs() {
 }
 
 mkdir -p "$ctx/agent"
-rootfs "$ctx/agent/rootfs" ferroclaw-agent
-cat > "$ctx/agent/Dockerfile" <<'DOCKERFILE'
+rootfs "$ctx/agent/rootfs" "$agent_binary"
+cat > "$ctx/agent/Dockerfile" <<DOCKERFILE
 FROM scratch
 COPY rootfs/ /
 USER 10001:10001
-ENTRYPOINT ["/ferroclaw-agent"]
+ENTRYPOINT ["/$agent_binary"]
 DOCKERFILE
-docker build -q -t "ferroclaw-agent:$tag" "$ctx/agent" >/dev/null
-echo "built ferroclaw-agent:$tag"
+docker build -q -t "$agent_image:$tag" "$ctx/agent" >/dev/null
+echo "built $agent_image:$tag"
+if [ "$agent_binary" != ferroclaw-agent ]; then exit 0; fi
 
 mkdir -p "$ctx/services"
 rootfs "$ctx/services/rootfs" ferroclaw-gateway ferroclaw-runner ferroclaw-delivery ferroclaw-scheduler ferroclaw

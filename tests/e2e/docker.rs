@@ -158,3 +158,65 @@ async fn a_restarted_runner_adopts_running_containers() -> anyhow::Result<()> {
     }
     cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_agent_is_contained() -> anyhow::Result<()> {
+    if !docker_available() {
+        eprintln!("skipped: no Docker engine");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    // A normal session first, whose files the hostile agent will go after.
+    let normal = docker_cluster(dir.path(), &[]).await?;
+    let (_, victim) = normal.post_message("victim", "secret", None).await?;
+    normal
+        .wait_for_lines("victim", &["echo: secret".into()], Duration::from_secs(60))
+        .await?;
+    normal.stop().await?;
+    let victim_db = dir
+        .path()
+        .join("sessions/main")
+        .join(victim["session_id"].as_str().unwrap_or_default())
+        .join("in/inbound.db");
+    assert!(victim_db.exists());
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let hostile = Cluster::start(
+        dir.path(),
+        &[
+            ("FERROCLAW_RUNNER_BACKEND", "docker".to_string()),
+            (
+                "FERROCLAW_AGENT_IMAGE",
+                ferroclaw_e2e::offline_hostile_image()?,
+            ),
+            (
+                "FERROCLAW_ECHO_OTHER_SESSION_DB",
+                victim_db.display().to_string(),
+            ),
+            ("FERROCLAW_ECHO_HOST_PORT", port.to_string()),
+        ],
+    )
+    .await?;
+    hostile.post_message("attacker", "try", None).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let report: Value = loop {
+        if let Some(text) = hostile.texts("attacker").await?.first() {
+            break serde_json::from_str(text)?;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no report from the hostile agent"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(report["uid"], json!(10001), "runs as non-root: {report}");
+    assert_eq!(report["read_other_session"], json!(false), "{report}");
+    assert_eq!(report["write_own_inbound"], json!(false), "{report}");
+    assert_eq!(report["write_root_fs"], json!(false), "{report}");
+    assert_eq!(report["interfaces"], json!(["lo"]), "no network: {report}");
+    assert_eq!(report["reach_host_loopback"], json!(false), "{report}");
+    assert_eq!(report["docker_socket"], json!(false), "{report}");
+    drop(listener);
+    hostile.stop().await
+}

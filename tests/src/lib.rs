@@ -396,3 +396,31 @@ pub fn compose_command() -> Option<Vec<String>> {
         None
     }
 }
+
+/// Builds an agent image from the hostile test binary (for the isolation test).
+pub fn offline_hostile_image() -> anyhow::Result<String> {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !*built {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/build-offline.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .args([
+                "--tag",
+                "e2e",
+                "--no-build",
+                "--agent-binary",
+                "hostile-agent",
+            ])
+            .args(["--agent-image", "ferroclaw-hostile"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "hostile image build failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        *built = true;
+    }
+    Ok("ferroclaw-hostile:e2e".into())
+}
