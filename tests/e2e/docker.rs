@@ -220,3 +220,42 @@ async fn a_hostile_agent_is_contained() -> anyhow::Result<()> {
     drop(listener);
     hostile.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_engine_unreachable_messages_wait_and_readyz_says_so() -> anyhow::Result<()> {
+    if !docker_available() {
+        eprintln!("skipped: no Docker engine");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let nowhere = format!("unix://{}", dir.path().join("no-engine.sock").display());
+    let mut cluster = docker_cluster(dir.path(), &[("DOCKER_HOST", nowhere)]).await?;
+    let (status, body) = cluster.post_message("waiting", "hold on", None).await?;
+    assert_eq!(status, 202, "accepted while the engine is away: {body}");
+    let mut not_ready = Value::Null;
+    for _ in 0..50 {
+        let (status, ready) = cluster.get("/readyz").await?;
+        if status == 503 {
+            not_ready = ready;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(not_ready["runner"], json!("unreachable"), "{not_ready}");
+    assert!(cluster.texts("waiting").await?.is_empty());
+
+    // The engine "comes back" (the runner reaches the real one) and the message is answered.
+    cluster.kill_runner().await?;
+    cluster.envs_set("DOCKER_HOST", "unix:///var/run/docker.sock");
+    cluster.restart_runner().await?;
+    cluster
+        .wait_for_lines(
+            "waiting",
+            &["echo: hold on".into()],
+            Duration::from_secs(60),
+        )
+        .await?;
+    let (status, _) = cluster.get("/readyz").await?;
+    assert_eq!(status, 200);
+    cluster.stop().await
+}

@@ -202,6 +202,12 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sets an environment variable for services started from now on (e.g. a restart).
+    pub fn envs_set(&mut self, key: &'static str, value: &str) {
+        self.envs.retain(|(k, _)| *k != key);
+        self.envs.push((key, value.to_string()));
+    }
+
     /// Starts a new runner on the address the old one had, so peers reconnect to it.
     pub async fn restart_runner(&mut self) -> anyhow::Result<()> {
         let addr = self.runner.grpc.context("runner address")?;

@@ -42,6 +42,14 @@ impl Backend {
         }
     }
 
+    /// Whether agents can be started now (the Docker engine answers); `Ok` for processes.
+    pub async fn ready(&self) -> Result<()> {
+        match self {
+            Self::Process(_) => Ok(()),
+            Self::Docker(d) => d.ping().await,
+        }
+    }
+
     /// After a runner restart: agent containers of known sessions are handed back (to be
     /// adopted by `start`), the others removed. Child processes need nothing: they exit with
     /// their parent.

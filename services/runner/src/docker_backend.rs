@@ -108,6 +108,16 @@ impl DockerBackend {
             .cloned()
     }
 
+    /// Whether the engine answers.
+    pub async fn ping(&self) -> Result<()> {
+        let docker = self.docker().await?;
+        docker
+            .ping()
+            .await
+            .map(|_| ())
+            .map_err(|e| RunnerError::Docker(format!("Docker engine unreachable: {e}")))
+    }
+
     /// Containers this runner family created earlier: (name, session id, running).
     pub async fn managed(&self) -> Result<Vec<(String, String, bool)>> {
         let docker = self.docker().await?;

@@ -105,8 +105,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         registry.clone(),
         mailboxes.clone(),
     )?;
-    supervisor.recover(&registry).await?;
+    // With the engine down, recovery waits: messages stay queued in their mailboxes.
+    if let Err(e) = supervisor.recover(&registry).await {
+        tracing::error!(error = %e, "cannot recover agents yet; their messages wait");
+    }
 
+    let registry_for_watch = registry.clone();
     let service = RunnerService {
         registry,
         mailboxes: mailboxes.clone(),
@@ -119,7 +123,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             .collect(),
         shutdown: shutdown.clone(),
     };
-    let (router, _health) = grpc::server_for::<RunnerServer<RunnerService>>().await?;
+    let (router, health) = grpc::server_for::<RunnerServer<RunnerService>>().await?;
+    tokio::spawn(watch_backend(
+        supervisor.clone(),
+        registry_for_watch,
+        health,
+        shutdown.clone(),
+    ));
     let router = router.add_service(RunnerServer::new(service));
     tracing::info!(addr = ?listener.local_addr().ok(), "runner listening");
     grpc::serve(router, listener, shutdown.clone()).await?;
@@ -127,4 +137,41 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     mailboxes.close_all().await;
     tracing::info!("runner stopped");
     Ok(())
+}
+
+/// Reports the backend's state through gRPC health (so `/readyz` shows it) and logs each
+/// change; when the engine comes back, agents of waiting sessions start.
+async fn watch_backend(
+    supervisor: Supervisor,
+    registry: Registry,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut was_ready = true;
+    while !shutdown.is_cancelled() {
+        let ready = supervisor.backend_ready().await;
+        match (&ready, was_ready) {
+            (Err(e), true) => {
+                tracing::error!(error = %e, "agents cannot start; messages wait until the backend is back");
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            (Ok(()), false) => {
+                tracing::info!("agent backend is back");
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+                if let Err(e) = supervisor.recover(&registry).await {
+                    tracing::error!(error = %e, "recovery after the backend came back failed");
+                }
+            }
+            _ => {}
+        }
+        was_ready = ready.is_ok();
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
 }

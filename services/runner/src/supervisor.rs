@@ -116,6 +116,11 @@ impl Supervisor {
         self.inner.slots.lock().await.get(session_id).copied()
     }
 
+    /// Whether the backend can start agents (see [`Backend::ready`]).
+    pub async fn backend_ready(&self) -> Result<()> {
+        self.inner.backend.ready().await
+    }
+
     pub async fn running_count(&self) -> usize {
         self.inner.slots.lock().await.len()
     }
