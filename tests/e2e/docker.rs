@@ -259,3 +259,60 @@ async fn with_the_engine_unreachable_messages_wait_and_readyz_says_so() -> anyho
     assert_eq!(status, 200);
     cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_stay_under_the_cap_and_every_session_is_answered() -> anyhow::Result<()> {
+    if !docker_available() {
+        eprintln!("skipped: no Docker engine");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let cluster = docker_cluster(
+        dir.path(),
+        &[
+            ("FERROCLAW_MAX_RUNNING_AGENTS", "2".into()),
+            ("FERROCLAW_ECHO_DELAY_MS", "200".into()),
+        ],
+    )
+    .await?;
+    let mut names = Vec::new();
+    for s in 0..6 {
+        let (status, body) = cluster
+            .post_message(&format!("ccap-{s}"), "go", None)
+            .await?;
+        assert_eq!(status, 202, "{body}");
+        names.push(container(&body["session_id"]));
+    }
+    let sampler = {
+        let names = names.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            for _ in 0..60 {
+                let listed = docker(&["ps", "--format", "{{.Names}}"]).unwrap_or_default();
+                let ours = listed
+                    .lines()
+                    .filter(|n| names.iter().any(|m| m == n))
+                    .count();
+                most = most.max(ours);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            most
+        })
+    };
+    for s in 0..6 {
+        cluster
+            .wait_for_lines(
+                &format!("ccap-{s}"),
+                &["echo: go".into()],
+                Duration::from_secs(90),
+            )
+            .await?;
+    }
+    let most = sampler.await?;
+    assert!(
+        most <= 2,
+        "{most} agent containers ran at once with a cap of 2"
+    );
+    assert!(most >= 1);
+    cluster.stop().await
+}
