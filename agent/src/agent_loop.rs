@@ -126,8 +126,9 @@ async fn process(
     options: &AgentOptions,
 ) -> Result<(), AgentError> {
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let attempts = mailbox.claim(&seqs).await?;
+    // Heartbeat first: the runner must never see a claimed batch beside an old heartbeat.
     mailbox.touch_heartbeat()?;
+    let attempts = mailbox.claim(&seqs).await?;
     type Claimed<'a> = Vec<(&'a InboundRow, i64)>;
     let (exhausted, live): (Claimed, Claimed) = rows
         .iter()
