@@ -11,3 +11,4 @@ mod pipeline;
 mod runner_restart;
 mod scheduler;
 mod scheduler_clock;
+mod webhooks;

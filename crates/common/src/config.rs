@@ -182,9 +182,59 @@ pub struct WebhookRoute {
     /// API conversation that receives the agent's replies; default `webhook-<source>`.
     #[serde(default)]
     pub reply_conversation: Option<String>,
+    /// Shared secret: requests must be signed (HMAC-SHA256), and replies posted to
+    /// `callback_url` are signed with it. Prefer `secret_env`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Name of the environment variable holding the secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// "ferroclaw" (timestamped, replay window) or "github" (`X-Hub-Signature-256`).
+    #[serde(default = "default_signature")]
+    pub signature: String,
+    /// How far a signed timestamp may be from now, in seconds.
+    #[serde(default = "default_tolerance")]
+    pub tolerance_secs: u64,
+    /// Header carrying the delivery id used for idempotency; default `Idempotency-Key`
+    /// (`X-GitHub-Delivery` for the github scheme).
+    #[serde(default)]
+    pub delivery_id_header: Option<String>,
+    /// Largest body for this source (the gateway's limit still applies).
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+    /// Replies are POSTed here (signed when the source has a secret) instead of being kept
+    /// for an API conversation.
+    #[serde(default)]
+    pub callback_url: Option<String>,
+}
+
+fn default_signature() -> String {
+    "ferroclaw".into()
+}
+fn default_tolerance() -> u64 {
+    300
 }
 
 impl WebhookRoute {
+    /// The secret, from `secret` or the variable `secret_env` names.
+    pub fn secret(&self) -> Option<String> {
+        self.secret.clone().or_else(|| {
+            self.secret_env
+                .as_ref()
+                .and_then(|var| std::env::var(var).ok())
+                .filter(|v| !v.is_empty())
+        })
+    }
+
+    /// The header whose value is the delivery id.
+    pub fn delivery_id_header(&self) -> String {
+        match (&self.delivery_id_header, self.signature.as_str()) {
+            (Some(h), _) => h.to_ascii_lowercase(),
+            (None, "github") => "x-github-delivery".into(),
+            (None, _) => "idempotency-key".into(),
+        }
+    }
+
     pub fn reply_conversation(&self) -> String {
         self.reply_conversation
             .clone()
@@ -227,6 +277,13 @@ impl Default for Config {
                 source: "default".into(),
                 agent: "main".into(),
                 reply_conversation: None,
+                secret: None,
+                secret_env: None,
+                signature: default_signature(),
+                tolerance_secs: default_tolerance(),
+                delivery_id_header: None,
+                max_body_bytes: None,
+                callback_url: None,
             }],
             conversations: vec![ConversationRoute {
                 pattern: "*".into(),
@@ -376,6 +433,29 @@ impl Config {
                 );
             }
             self.check_agent(&format!("webhooks[{i}].agent"), &route.agent)?;
+            if !matches!(route.signature.as_str(), "ferroclaw" | "github") {
+                return invalid(
+                    format!("webhooks[{i}].signature"),
+                    format!("{:?}: expected ferroclaw or github", route.signature),
+                );
+            }
+            if let Some(var) = &route.secret_env
+                && route.secret.is_none()
+                && route.secret().is_none()
+            {
+                return invalid(
+                    format!("webhooks[{i}].secret_env"),
+                    format!("environment variable {var} is not set"),
+                );
+            }
+            if let Some(url) = &route.callback_url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return invalid(
+                    format!("webhooks[{i}].callback_url"),
+                    format!("{url:?} is not an http(s) URL"),
+                );
+            }
         }
         for (i, route) in self.conversations.iter().enumerate() {
             self.check_agent(&format!("conversations[{i}].agent"), &route.agent)?;

@@ -8,6 +8,7 @@ pub mod launch;
 pub mod ready;
 pub mod service_db;
 pub mod shutdown;
+pub mod signing;
 pub mod startup;
 pub mod telemetry;
 

@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 pub enum Destination {
     /// An API conversation, read back with `GET /v1/conversations/{id}/messages`.
     Api { conversation: String },
+    /// The callback URL of a webhook source (looked up by delivery, so neither the URL's
+    /// secret nor the URL itself travels through the agent's files).
+    Callback { source: String },
 }
 
 /// Where an inbound message came from (the `origin` column).

@@ -22,6 +22,8 @@ use crate::ledger::{Ledger, NewConversationMessage, Settled};
 const MAX_ATTEMPTS: i64 = 5;
 
 pub struct Consumer {
+    config: std::sync::Arc<ferroclaw_common::Config>,
+    http: reqwest::Client,
     runner: RunnerClient<Channel>,
     scheduler: SchedulerClient<Channel>,
     ledger: Ledger,
@@ -38,8 +40,16 @@ enum SendError {
 }
 
 impl Consumer {
-    pub fn new(runner: Channel, scheduler: Channel, ledger: Ledger, name: String) -> Self {
+    pub fn new(
+        config: std::sync::Arc<ferroclaw_common::Config>,
+        runner: Channel,
+        scheduler: Channel,
+        ledger: Ledger,
+        name: String,
+    ) -> Self {
         Self {
+            config,
+            http: reqwest::Client::new(),
             runner: RunnerClient::new(runner),
             scheduler: SchedulerClient::new(scheduler),
             ledger,
@@ -166,8 +176,7 @@ impl Consumer {
         }
         let mut attempt = 0;
         loop {
-            attempt = if message.kind == "action" {
-                // Actions act on another service: the attempt is on record before it is made.
+            attempt = if acts_elsewhere(message) {
                 self.ledger
                     .attempt(
                         &message.session_id,
@@ -226,6 +235,19 @@ impl Consumer {
             };
         }
         match destination {
+            Destination::Callback { source } => {
+                let route = self.config.webhook_route(&source).ok_or_else(|| {
+                    SendError::Permanent(format!(
+                        "webhook source {source:?} is not configured any more"
+                    ))
+                })?;
+                crate::callback::post(&self.http, route, message, &content)
+                    .await
+                    .map_err(|e| match e {
+                        crate::callback::CallbackError::Permanent(m) => SendError::Permanent(m),
+                        crate::callback::CallbackError::Transient(m) => SendError::Transient(m),
+                    })
+            }
             Destination::Api { conversation } => self
                 .ledger
                 .deliver_to_conversation(
@@ -280,4 +302,14 @@ impl Consumer {
             }
         }
     }
+}
+
+/// Rows whose sending acts outside delivery's database (an action on the scheduler, a
+/// callback POST): their attempt is on record before it is made.
+fn acts_elsewhere(message: &OutboundMessage) -> bool {
+    message.kind == "action"
+        || matches!(
+            serde_json::from_str::<Destination>(&message.destination_json),
+            Ok(Destination::Callback { .. })
+        )
 }

@@ -1,6 +1,7 @@
 //! Delivery: sends what agents write to where it belongs, exactly once (ARCHITECTURE.md §2).
 
 mod actions;
+mod callback;
 mod consumer;
 pub mod error;
 pub mod ledger;
@@ -26,7 +27,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let ledger = Ledger::open(&config.data_dir.join("delivery.db")).await?;
     let runner = grpc::channel(&config.runner.addr().url())?;
     let scheduler = grpc::channel(&config.scheduler.url())?;
-    let consumer = Consumer::new(runner, scheduler, ledger.clone(), "delivery".into());
+    let consumer = Consumer::new(
+        std::sync::Arc::new(config.clone()),
+        runner,
+        scheduler,
+        ledger.clone(),
+        "delivery".into(),
+    );
     let consuming = tokio::spawn(consumer.run(shutdown.clone()));
 
     let (router, _health) = grpc::server_for::<DeliveryServer<DeliveryService>>().await?;

@@ -12,6 +12,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    #[error("webhook signature rejected: {0}")]
+    BadSignature(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -30,7 +32,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::BadSignature(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -43,6 +45,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => "bad_request",
             Self::Unauthorized => "unauthorized",
+            Self::BadSignature(_) => "bad_signature",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge(_) => "payload_too_large",
@@ -82,7 +85,9 @@ impl From<ApiError> for tonic::Status {
             ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_) => {
                 tonic::Status::invalid_argument(message)
             }
-            ApiError::Unauthorized => tonic::Status::unauthenticated(message),
+            ApiError::Unauthorized | ApiError::BadSignature(_) => {
+                tonic::Status::unauthenticated(message)
+            }
             ApiError::NotFound(_) => tonic::Status::not_found(message),
             ApiError::Conflict(_) => tonic::Status::failed_precondition(message),
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),

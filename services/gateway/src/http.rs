@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferroclaw_common::Config;
 use ferroclaw_common::grpc::is_serving;
+use ferroclaw_common::signing;
 use ferroclaw_proto::v1::delivery_client::DeliveryClient;
 use ferroclaw_proto::v1::runner_client::RunnerClient;
 use ferroclaw_proto::v1::{
@@ -123,11 +124,45 @@ async fn post_hook(
     bytes: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>)> {
     let bytes = body(bytes)?;
+    let route = state
+        .config
+        .webhook_route(&source)
+        .ok_or_else(|| ApiError::NotFound(format!("no route for webhook source {source:?}")))?;
+    if let Some(max) = route.max_body_bytes
+        && bytes.len() > max
+    {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "body is larger than the {max} bytes source {source:?} accepts"
+        )));
+    }
+    if let Some(secret) = route.secret() {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let checked = match route.signature.as_str() {
+            "github" => signing::verify_github(
+                secret.as_bytes(),
+                header(signing::GITHUB_SIGNATURE_HEADER),
+                &bytes,
+            ),
+            _ => signing::verify(
+                secret.as_bytes(),
+                header(signing::TIMESTAMP_HEADER),
+                header(signing::SIGNATURE_HEADER),
+                &bytes,
+                ferroclaw_mailbox::now_ms() / 1000,
+                route.tolerance_secs,
+            ),
+        };
+        checked.map_err(|e| ApiError::BadSignature(e.to_string()))?;
+    }
     let payload: Value = parse_json(&bytes)?;
-    let accepted = state
-        .ingress
-        .webhook(&source, payload, idempotency_key(&headers)?)
-        .await?;
+    let delivery_id = headers
+        .get(route.delivery_id_header().as_str())
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::BadRequest("the delivery id header must be ASCII".into()))
+        })
+        .transpose()?;
+    let accepted = state.ingress.webhook(&source, payload, delivery_id).await?;
     Ok((StatusCode::ACCEPTED, Json(json!(accepted))))
 }
 

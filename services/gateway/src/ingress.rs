@@ -48,8 +48,13 @@ impl Ingress {
             .webhook_route(source)
             .ok_or_else(|| ApiError::NotFound(format!("no route for webhook source {source:?}")))?;
         let key = check_key(idempotency_key)?;
-        let reply_to = Destination::Api {
-            conversation: route.reply_conversation(),
+        let reply_to = match &route.callback_url {
+            Some(_) => Destination::Callback {
+                source: source.to_string(),
+            },
+            None => Destination::Api {
+                conversation: route.reply_conversation(),
+            },
         };
         let content = InboundContent::Webhook(WebhookIn {
             source: source.to_string(),
