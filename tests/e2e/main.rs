@@ -8,6 +8,7 @@ mod compose;
 mod docker;
 mod grpc_ingress;
 mod pipeline;
+mod questions;
 mod runner_restart;
 mod scheduler;
 mod scheduler_clock;

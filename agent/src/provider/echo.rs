@@ -2,13 +2,14 @@
 //! line per message, in one reply per destination.
 //!
 //! A chat message `!action {"action": "...", "params": {...}}` makes it emit that action row
-//! instead (as a model's tool call would: `schedule_task`, `pause_task`, …), so the paths
-//! behind agent actions can be driven end to end without a model.
+//! instead (as a model's tool call would: `schedule_task`, `pause_task`, …), and
+//! `!card {"question_id", "text", "options": [{"id", "label"}]}` asks a question (as
+//! `ask_user_question` would), so those paths can be driven end to end without a model.
 
 use std::time::Duration;
 
 use ferroclaw_mailbox::OutboundContent;
-use ferroclaw_mailbox::content::{ActionOut, ChatOut, InboundContent};
+use ferroclaw_mailbox::content::{ActionOut, CardOut, ChatOut, InboundContent};
 
 use super::{Prompt, Reply, by_destination};
 
@@ -31,6 +32,17 @@ impl Echo {
             let mut lines = Vec::new();
             let mut actions = Vec::new();
             for row in &rows {
+                if let Some(card) = card_of(&row.content) {
+                    match card {
+                        Ok(card) => actions.push(Reply {
+                            destination: destination.clone(),
+                            in_reply_to: row.seq,
+                            content: OutboundContent::Card(card),
+                        }),
+                        Err(e) => lines.push(format!("echo: invalid !card: {e}")),
+                    }
+                    continue;
+                }
                 match action_of(&row.content) {
                     Some(Ok(action)) => actions.push(Reply {
                         destination: destination.clone(),
@@ -54,6 +66,15 @@ impl Echo {
         }
         replies
     }
+}
+
+/// The question a `!card {json}` chat message asks, if it is one.
+fn card_of(content: &InboundContent) -> Option<Result<CardOut, serde_json::Error>> {
+    let InboundContent::Chat(chat) = content else {
+        return None;
+    };
+    let json = chat.text.trim().strip_prefix("!card")?;
+    Some(serde_json::from_str(json.trim()))
 }
 
 /// The action a `!action {json}` chat message asks for, if it is one.

@@ -138,6 +138,13 @@ pub struct CardOut {
     pub question_id: String,
     pub text: String,
     pub options: Vec<CardOption>,
+    /// How long the question may be answered; 0 = one hour.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expires_in_secs: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

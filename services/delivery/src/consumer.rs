@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 
 use crate::actions::{self, ActionError};
 use crate::error::Result;
-use crate::ledger::{Ledger, NewConversationMessage, Settled};
+use crate::ledger::{Ledger, NewConversationMessage, NewQuestion, Settled};
 
 /// Attempts at a transient failure before the row is recorded as failed.
 const MAX_ATTEMPTS: i64 = 5;
@@ -248,20 +248,36 @@ impl Consumer {
                         crate::callback::CallbackError::Transient(m) => SendError::Transient(m),
                     })
             }
-            Destination::Api { conversation } => self
-                .ledger
-                .deliver_to_conversation(
-                    message,
-                    NewConversationMessage {
-                        conversation: &conversation,
-                        in_reply_to: (message.in_reply_to > 0).then_some(message.in_reply_to),
-                        kind: &message.kind,
-                        text: content.text(),
-                        content: &message.content_json,
-                    },
-                )
-                .await
-                .map_err(|e| SendError::Transient(e.to_string())),
+            Destination::Api { conversation } => {
+                let question = match &content {
+                    OutboundContent::Card(card) => Some(NewQuestion {
+                        question_id: card.question_id.clone(),
+                        options_json: serde_json::to_string(&card.options).unwrap_or_default(),
+                        expires_at: ferroclaw_mailbox::now_ms()
+                            + 1000
+                                * if card.expires_in_secs == 0 {
+                                    3600
+                                } else {
+                                    card.expires_in_secs as i64
+                                },
+                    }),
+                    _ => None,
+                };
+                self.ledger
+                    .deliver_to_conversation(
+                        message,
+                        NewConversationMessage {
+                            conversation: &conversation,
+                            in_reply_to: (message.in_reply_to > 0).then_some(message.in_reply_to),
+                            kind: &message.kind,
+                            text: content.text(),
+                            content: &message.content_json,
+                        },
+                        question.as_ref(),
+                    )
+                    .await
+                    .map_err(|e| SendError::Transient(e.to_string()))
+            }
         }
     }
 

@@ -37,7 +37,47 @@ CREATE TABLE IF NOT EXISTS conversation_messages (
 );
 CREATE INDEX IF NOT EXISTS conversation_messages_by_conversation
     ON conversation_messages (conversation, cursor);
+CREATE TABLE IF NOT EXISTS questions (
+    question_id  TEXT PRIMARY KEY,
+    session_id   TEXT NOT NULL,
+    out_seq      INTEGER NOT NULL,
+    conversation TEXT NOT NULL,
+    options      TEXT NOT NULL,           -- JSON [{id, label}]
+    expires_at   INTEGER NOT NULL,
+    answer       TEXT,
+    answered_by  TEXT,
+    answered_at  INTEGER
+);
 ";
+
+/// A question an agent asked in an API conversation.
+#[derive(Debug, Clone)]
+pub struct NewQuestion {
+    pub question_id: String,
+    pub options_json: String,
+    pub expires_at: i64,
+}
+
+/// Why an answer was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerRefused {
+    #[error("no question {0:?}")]
+    Unknown(String),
+    #[error("already answered ({option} by {by})")]
+    Answered { option: String, by: String },
+    #[error("the question expired")]
+    Expired,
+    #[error("{0:?} is not one of the options")]
+    NoSuchOption(String),
+}
+
+/// A claimed answer: what the agent is to be told, and where replies go.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub session_id: String,
+    pub conversation: String,
+    pub label: String,
+}
 
 /// Final state of a ledger entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,9 +189,24 @@ impl Ledger {
         &self,
         row: &OutboundMessage,
         message: NewConversationMessage<'_>,
+        question: Option<&NewQuestion>,
     ) -> Result<String> {
         let now = ferroclaw_mailbox::now_ms();
         let mut tx = self.pool.begin().await?;
+        if let Some(q) = question {
+            sqlx::query(
+                "INSERT INTO questions (question_id, session_id, out_seq, conversation, options, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (question_id) DO NOTHING",
+            )
+            .bind(&q.question_id)
+            .bind(&row.session_id)
+            .bind(row.seq)
+            .bind(message.conversation)
+            .bind(&q.options_json)
+            .bind(q.expires_at)
+            .execute(&mut *tx)
+            .await?;
+        }
         let cursor: i64 = sqlx::query_scalar(
             "INSERT INTO conversation_messages
                (conversation, session_id, out_seq, in_reply_to, kind, text, content, created_at)
@@ -189,6 +244,81 @@ impl Ledger {
         tx.commit().await?;
         let _ = self.appended.send(message.conversation.to_string());
         Ok(platform_message_id)
+    }
+
+    /// Claims the answer to a question: the first valid answer before expiry wins.
+    pub async fn claim_answer(
+        &self,
+        question_id: &str,
+        option: &str,
+        user: &str,
+        now: i64,
+    ) -> Result<std::result::Result<Claimed, AnswerRefused>> {
+        let row = sqlx::query(
+            "SELECT session_id, conversation, options, expires_at, answer, answered_by
+             FROM questions WHERE question_id = $1",
+        )
+        .bind(question_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Err(AnswerRefused::Unknown(question_id.into())));
+        };
+        let session_id: String = row.try_get("session_id")?;
+        let conversation: String = row.try_get("conversation")?;
+        let options: String = row.try_get("options")?;
+        let expires_at: i64 = row.try_get("expires_at")?;
+        let answer: Option<String> = row.try_get("answer")?;
+        let by: Option<String> = row.try_get("answered_by")?;
+        if let Some(answer) = answer {
+            return Ok(Err(AnswerRefused::Answered {
+                option: answer,
+                by: by.unwrap_or_default(),
+            }));
+        }
+        if now > expires_at {
+            return Ok(Err(AnswerRefused::Expired));
+        }
+        let options: Vec<ferroclaw_mailbox::content::CardOption> =
+            serde_json::from_str(&options).unwrap_or_default();
+        let Some(label) = options
+            .iter()
+            .find(|o| o.id == option)
+            .map(|o| o.label.clone())
+        else {
+            return Ok(Err(AnswerRefused::NoSuchOption(option.into())));
+        };
+        let taken = sqlx::query(
+            "UPDATE questions SET answer = $2, answered_by = $3, answered_at = $4
+             WHERE question_id = $1 AND answer IS NULL",
+        )
+        .bind(question_id)
+        .bind(option)
+        .bind(user)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if taken.rows_affected() == 0 {
+            // Another answer won the race just now.
+            return Box::pin(self.claim_answer(question_id, option, user, now)).await;
+        }
+        Ok(Ok(Claimed {
+            session_id,
+            conversation,
+            label,
+        }))
+    }
+
+    /// Gives a claimed answer back (the agent could not be told): it can be answered again.
+    pub async fn release_answer(&self, question_id: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE questions SET answer = NULL, answered_by = NULL, answered_at = NULL
+             WHERE question_id = $1",
+        )
+        .bind(question_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Marks a row failed for good.
@@ -344,11 +474,11 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         let first = ledger
-            .deliver_to_conversation(&row(1), msg("c", "hi"))
+            .deliver_to_conversation(&row(1), msg("c", "hi"), None)
             .await
             .unwrap();
         let again = ledger
-            .deliver_to_conversation(&row(1), msg("c", "hi"))
+            .deliver_to_conversation(&row(1), msg("c", "hi"), None)
             .await
             .unwrap();
         assert_eq!(first, again);

@@ -38,6 +38,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 
     let (router, _health) = grpc::server_for::<DeliveryServer<DeliveryService>>().await?;
     let router = router.add_service(DeliveryServer::new(DeliveryService {
+        runner: ferroclaw_proto::v1::runner_client::RunnerClient::new(grpc::channel(
+            &config.runner.addr().url(),
+        )?),
         ledger: ledger.clone(),
         shutdown: shutdown.clone(),
     }));

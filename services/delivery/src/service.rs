@@ -4,12 +4,13 @@ use std::time::Duration;
 
 use ferroclaw_proto::v1::delivery_server::Delivery;
 use ferroclaw_proto::v1::{
-    ConversationMessage, DeliveryRecord, ListConversationMessagesRequest,
-    ListConversationMessagesResponse, ListDeliveriesRequest, ListDeliveriesResponse,
+    AnswerQuestionRequest, AnswerQuestionResponse, ConversationMessage, DeliveryRecord,
+    EnqueueRequest, ListConversationMessagesRequest, ListConversationMessagesResponse,
+    ListDeliveriesRequest, ListDeliveriesResponse, Origin,
 };
 use tonic::{Request, Response, Status};
 
-use crate::ledger::Ledger;
+use crate::ledger::{AnswerRefused, Ledger};
 
 /// Longest long-poll a caller may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(120);
@@ -18,6 +19,8 @@ const MAX_LIMIT: u32 = 1000;
 
 pub struct DeliveryService {
     pub(crate) ledger: Ledger,
+    /// Hands answers to the asking agent.
+    pub(crate) runner: ferroclaw_proto::v1::runner_client::RunnerClient<tonic::transport::Channel>,
     /// Ends waiting long-polls when the service stops, so shutdown is not held up.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }
@@ -71,6 +74,78 @@ impl Delivery for DeliveryService {
         Ok(Response::new(ListConversationMessagesResponse {
             messages,
             next_cursor,
+        }))
+    }
+
+    async fn answer_question(
+        &self,
+        request: Request<AnswerQuestionRequest>,
+    ) -> Result<Response<AnswerQuestionResponse>, Status> {
+        let req = request.into_inner();
+        if req.question_id.is_empty() || req.option.is_empty() {
+            return Err(Status::invalid_argument(
+                "question_id and option are required",
+            ));
+        }
+        let now = ferroclaw_mailbox::now_ms();
+        let claimed = match self
+            .ledger
+            .claim_answer(&req.question_id, &req.option, &req.user, now)
+            .await?
+        {
+            Ok(claimed) => claimed,
+            Err(refused) => {
+                let message = refused.to_string();
+                return Err(match refused {
+                    AnswerRefused::Unknown(_) => Status::not_found(message),
+                    AnswerRefused::NoSuchOption(_) => Status::invalid_argument(message),
+                    AnswerRefused::Answered { .. } | AnswerRefused::Expired => {
+                        Status::failed_precondition(message)
+                    }
+                });
+            }
+        };
+        let user = if req.user.is_empty() {
+            "someone"
+        } else {
+            req.user.as_str()
+        };
+        let content =
+            ferroclaw_mailbox::InboundContent::System(ferroclaw_mailbox::content::SystemIn {
+                event: "question_response".into(),
+                text: format!("{user} answered {:?}", claimed.label),
+                data: serde_json::json!({
+                    "question_id": req.question_id,
+                    "option": req.option,
+                    "label": claimed.label,
+                    "user": req.user,
+                }),
+            });
+        let reply_to = ferroclaw_mailbox::Destination::Api {
+            conversation: claimed.conversation.clone(),
+        };
+        let enqueue = EnqueueRequest {
+            session_id: claimed.session_id.clone(),
+            kind: content.kind().into(),
+            content_json: content.to_json(),
+            origin: Some(Origin {
+                channel: "api".into(),
+                conversation: claimed.conversation.clone(),
+                sender: req.user.clone(),
+                reply_to_json: serde_json::to_string(&reply_to).unwrap_or_default(),
+            }),
+            idempotency_key: format!("answer:{}", req.question_id),
+            ..Default::default()
+        };
+        if let Err(status) = self.runner.clone().enqueue(enqueue).await {
+            // The agent was not told: the question stays open for another try.
+            self.ledger.release_answer(&req.question_id).await?;
+            return Err(status);
+        }
+        Ok(Response::new(AnswerQuestionResponse {
+            question_id: req.question_id,
+            option: req.option,
+            label: claimed.label,
         }))
     }
 

@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}", get(get_session))
+        .route("/v1/questions/{id}/answer", post(answer_question))
         .route("/v1/tasks", get(tasks_api::list_tasks))
         .route("/v1/tasks/{id}/runs", get(tasks_api::list_runs))
         .route("/v1/tasks/{id}/{action}", post(tasks_api::task_action))
@@ -253,6 +254,37 @@ async fn get_conversation_messages(
     Ok(Json(
         json!({"messages": messages, "next_cursor": response.next_cursor}),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Answer {
+    option: String,
+    #[serde(default)]
+    user: String,
+}
+
+/// `POST /v1/questions/{id}/answer`: answers a question an agent asked in an API conversation.
+async fn answer_question(
+    State(state): State<AppState>,
+    Path(question_id): Path<String>,
+    bytes: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>> {
+    let bytes = body(bytes)?;
+    let answer: Answer = parse_json(&bytes)?;
+    let response = DeliveryClient::new(state.delivery.clone())
+        .answer_question(ferroclaw_proto::v1::AnswerQuestionRequest {
+            question_id,
+            option: answer.option,
+            user: answer.user,
+        })
+        .await?
+        .into_inner();
+    Ok(Json(json!({
+        "question_id": response.question_id,
+        "option": response.option,
+        "label": response.label,
+    })))
 }
 
 fn session_json(s: Session) -> Value {
