@@ -121,10 +121,6 @@ impl Supervisor {
         self.inner.backend.ready().await
     }
 
-    pub async fn running_count(&self) -> usize {
-        self.inner.slots.lock().await.len()
-    }
-
     /// After a (re)start: adopts agents still running from before, and starts agents for
     /// every session that still has work.
     pub async fn recover(&self, registry: &Registry) -> Result<()> {
