@@ -32,7 +32,7 @@ impl Echo {
             let mut lines = Vec::new();
             let mut actions = Vec::new();
             for row in &rows {
-                if let Some(card) = card_of(&row.content) {
+                if let Some(card) = directive::<CardOut>(&row.content, "!card") {
                     match card {
                         Ok(card) => actions.push(Reply {
                             destination: destination.clone(),
@@ -43,7 +43,7 @@ impl Echo {
                     }
                     continue;
                 }
-                match action_of(&row.content) {
+                match directive::<ActionOut>(&row.content, "!action") {
                     Some(Ok(action)) => actions.push(Reply {
                         destination: destination.clone(),
                         in_reply_to: row.seq,
@@ -68,21 +68,15 @@ impl Echo {
     }
 }
 
-/// The question a `!card {json}` chat message asks, if it is one.
-fn card_of(content: &InboundContent) -> Option<Result<CardOut, serde_json::Error>> {
+/// The JSON a chat message `<directive> {json}` carries, parsed, if it is one.
+fn directive<T: serde::de::DeserializeOwned>(
+    content: &InboundContent,
+    directive: &str,
+) -> Option<Result<T, serde_json::Error>> {
     let InboundContent::Chat(chat) = content else {
         return None;
     };
-    let json = chat.text.trim().strip_prefix("!card")?;
-    Some(serde_json::from_str(json.trim()))
-}
-
-/// The action a `!action {json}` chat message asks for, if it is one.
-fn action_of(content: &InboundContent) -> Option<Result<ActionOut, serde_json::Error>> {
-    let InboundContent::Chat(chat) = content else {
-        return None;
-    };
-    let json = chat.text.trim().strip_prefix("!action")?;
+    let json = chat.text.trim().strip_prefix(directive)?;
     Some(serde_json::from_str(json.trim()))
 }
 
