@@ -119,6 +119,14 @@ mod tests {
         }
     }
 
+    async fn respond(rows: &[InboundRow]) -> Vec<Reply> {
+        let echo = Echo {
+            delay: Duration::ZERO,
+            hang: Duration::ZERO,
+        };
+        echo.respond(&Prompt { text: "", rows }).await
+    }
+
     #[tokio::test]
     async fn one_reply_per_destination_quoting_each_message() {
         let rows = vec![
@@ -126,16 +134,7 @@ mod tests {
             chat(4, "b", "two"),
             chat(6, "a", "three"),
         ];
-        let echo = Echo {
-            delay: Duration::ZERO,
-            hang: Duration::ZERO,
-        };
-        let replies = echo
-            .respond(&Prompt {
-                text: "",
-                rows: &rows,
-            })
-            .await;
+        let replies = respond(&rows).await;
         assert_eq!(replies.len(), 2);
         assert_eq!(replies[0].content.text(), "echo: one\necho: three");
         assert_eq!(replies[0].in_reply_to, 6);
@@ -152,16 +151,7 @@ mod tests {
             ),
             chat(4, "a", "!action {broken"),
         ];
-        let echo = Echo {
-            delay: Duration::ZERO,
-            hang: Duration::ZERO,
-        };
-        let replies = echo
-            .respond(&Prompt {
-                text: "",
-                rows: &rows,
-            })
-            .await;
+        let replies = respond(&rows).await;
         assert_eq!(replies.len(), 2);
         assert!(
             replies[0]
