@@ -39,10 +39,17 @@ impl Drop for Compose {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// The host port the engine chose for the gateway: the test publishes port 0, because a
+/// port picked by the test could be taken by a parallel test before compose binds it.
+fn published_port(compose: &Compose) -> anyhow::Result<u16> {
+    let out = compose.run(&["port", "gateway", "8080"])?;
+    let port = out
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .filter(|p: &u16| *p != 0);
+    port.ok_or_else(|| anyhow::anyhow!("compose port gave no host port: {out:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +68,6 @@ async fn compose_up_then_a_webhook_gets_its_reply() -> anyhow::Result<()> {
     };
     offline_agent_image()?;
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
     let compose = Compose {
         command,
         project: format!("fce2e{}", std::process::id()),
@@ -69,10 +75,11 @@ async fn compose_up_then_a_webhook_gets_its_reply() -> anyhow::Result<()> {
             ("FERROCLAW_DATA_DIR", dir.path().display().to_string()),
             ("FERROCLAW_API_TOKEN", "compose-token".into()),
             ("FERROCLAW_TAG", "e2e".into()),
-            ("FERROCLAW_HTTP_PORT", port.to_string()),
+            ("FERROCLAW_HTTP_PORT", "0".into()),
         ],
     };
     compose.run(&["up", "-d"])?;
+    let port = published_port(&compose)?;
 
     let api = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
