@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::formatter;
 use crate::lock;
-use crate::provider::{Prompt, Provider, by_destination};
+use crate::provider::{Folders, Prompt, Provider, by_destination};
 
 /// Fallback rescan and parent check, in case a file notification is missed.
 const TICK: Duration = Duration::from_secs(1);
@@ -30,6 +30,10 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     pub session_dir: PathBuf,
+    /// The agent's memory folder (model providers' workspace).
+    pub agent_dir: PathBuf,
+    /// Shared, read-only memory.
+    pub global_dir: PathBuf,
     pub provider: String,
     pub timezone: Tz,
     pub idle_timeout: Duration,
@@ -66,7 +70,12 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> Result<(
     else {
         return Ok(());
     };
-    let mut provider = Provider::from_name(&options.provider)?;
+    let folders = Folders {
+        agent_dir: options.agent_dir.clone(),
+        global_dir: options.global_dir.clone(),
+        state_dir: paths.state_dir(),
+    };
+    let mut provider = Provider::from_name(&options.provider, &folders)?;
     let mut mailbox = AgentMailbox::open(paths.clone(), options.journal_mode).await?;
     let tz = match mailbox.meta("timezone").await? {
         Some(name) => name.parse().unwrap_or(options.timezone),
@@ -166,18 +175,27 @@ async fn answer(
     tz: Tz,
 ) -> Result<(), AgentError> {
     let text = formatter::format_batch(rows, tz, now_ms());
-    let prompt = Prompt { text: &text, rows };
-    let replies = {
+    let answer = {
+        let shared: &AgentMailbox = mailbox;
+        let prompt = Prompt {
+            text: &text,
+            rows,
+            tz,
+            mailbox: shared,
+        };
         let respond = provider.respond(&prompt);
         tokio::pin!(respond);
         let mut beat = tokio::time::interval(HEARTBEAT);
         loop {
             tokio::select! {
-                result = &mut respond => break result?,
-                _ = beat.tick() => mailbox.touch_heartbeat()?,
+                answer = &mut respond => break answer,
+                _ = beat.tick() => shared.touch_heartbeat()?,
             }
         }
     };
+    let replies = answer.replies;
+    let mut seqs = seqs.to_vec();
+    seqs.extend(answer.consumed);
     let trace = rows.last().and_then(|r| r.trace.clone());
     let out: Vec<NewOutbound> = replies
         .into_iter()
@@ -188,7 +206,7 @@ async fn answer(
             trace: trace.clone(),
         })
         .collect();
-    let written = mailbox.finish(seqs, &out, BatchStatus::Completed).await?;
+    let written = mailbox.finish(&seqs, &out, BatchStatus::Completed).await?;
     tracing::info!(replies = written.len(), "batch completed");
     Ok(())
 }

@@ -2,8 +2,13 @@
 //! session's inbound mailbox, asks a model provider for replies and writes them out.
 
 pub mod agent_loop;
+pub mod conversation;
 pub mod formatter;
 pub mod lock;
+pub mod memory;
+pub mod model;
 pub mod provider;
+pub mod tools;
+pub mod transcript;
 
 pub use agent_loop::{AgentOptions, run};

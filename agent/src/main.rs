@@ -50,6 +50,8 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e: String| anyhow::anyhow!("--journal-mode: {e}"))?;
     let options = AgentOptions {
         session_dir: args.session_dir,
+        agent_dir: args.agent_dir,
+        global_dir: args.global_dir,
         provider: args.provider,
         timezone,
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
@@ -57,8 +59,6 @@ async fn main() -> anyhow::Result<()> {
         max_attempts: args.max_attempts,
         exit_with_parent: args.exit_with_parent,
     };
-    // The agent and global folders are for the model providers' memory (not read yet by echo).
-    let _ = (args.agent_dir, args.global_dir);
     let shutdown = shutdown::on_signal();
     ferroclaw_agent::run(options, shutdown)
         .await

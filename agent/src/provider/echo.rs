@@ -11,7 +11,9 @@ use std::time::Duration;
 use ferroclaw_mailbox::OutboundContent;
 use ferroclaw_mailbox::content::{ActionOut, CardOut, ChatOut, InboundContent};
 
-use super::{Prompt, Reply, by_destination};
+use ferroclaw_mailbox::InboundRow;
+
+use super::{Reply, by_destination};
 
 pub struct Echo {
     pub delay: Duration,
@@ -20,7 +22,7 @@ pub struct Echo {
 }
 
 impl Echo {
-    pub async fn respond(&self, prompt: &Prompt<'_>) -> Vec<Reply> {
+    pub async fn respond(&self, rows: &[InboundRow]) -> Vec<Reply> {
         if !self.hang.is_zero() {
             std::thread::sleep(self.hang);
         }
@@ -28,7 +30,7 @@ impl Echo {
             tokio::time::sleep(self.delay).await;
         }
         let mut replies = Vec::new();
-        for (destination, rows) in by_destination(prompt.rows) {
+        for (destination, rows) in by_destination(rows) {
             let mut lines = Vec::new();
             let mut actions = Vec::new();
             for row in &rows {
@@ -124,7 +126,7 @@ mod tests {
             delay: Duration::ZERO,
             hang: Duration::ZERO,
         };
-        echo.respond(&Prompt { text: "", rows }).await
+        echo.respond(rows).await
     }
 
     #[tokio::test]

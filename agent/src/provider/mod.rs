@@ -2,17 +2,33 @@
 
 mod echo;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use ferroclaw_mailbox::{Destination, InboundRow, OutboundContent};
+use chrono_tz::Tz;
+use ferroclaw_mailbox::{AgentMailbox, Destination, InboundRow, OutboundContent};
 
 pub use echo::Echo;
+
+use crate::conversation::{ModelAgent, ModelAgentOptions};
+use crate::model::{Endpoint, Model, ModelError, RetryPolicy};
 
 /// What the provider is asked to answer.
 pub struct Prompt<'a> {
     /// The batch as the model reads it (see `formatter`).
     pub text: &'a str,
     pub rows: &'a [InboundRow],
+    pub tz: Tz,
+    /// For tools that read the session (tasks, answers) or must send at once (questions).
+    pub mailbox: &'a AgentMailbox,
+}
+
+/// What a provider produced for a batch.
+#[derive(Debug, Default)]
+pub struct Answer {
+    pub replies: Vec<Reply>,
+    /// Further inbound seqs the batch used up (answers to its questions): completed with it.
+    pub consumed: Vec<i64>,
 }
 
 /// One message the provider wants sent.
@@ -25,19 +41,55 @@ pub struct Reply {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
-    #[error("unknown provider {0:?} (available: echo)")]
+    #[error("unknown provider {0:?} (available: echo, anthropic, openai)")]
     Unknown(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Where a model agent keeps its memory and state.
+#[derive(Debug, Clone)]
+pub struct Folders {
+    pub agent_dir: PathBuf,
+    pub global_dir: PathBuf,
+    pub state_dir: PathBuf,
 }
 
 /// The configured provider of this agent.
 pub enum Provider {
     Echo(Echo),
+    Model(Box<ModelAgent>),
 }
 
 impl Provider {
-    /// Builds the provider named in the agent's config.
-    pub fn from_name(name: &str) -> Result<Self, ProviderError> {
+    /// Builds the provider named in the agent's config (model settings come from the
+    /// environment the runner sets).
+    pub fn from_name(name: &str, folders: &Folders) -> Result<Self, ProviderError> {
         match name {
+            "anthropic" | "openai" => {
+                let endpoint = Endpoint::from_env()?;
+                let max_tokens = u64::from(endpoint.max_tokens);
+                let model = Model::new(name, endpoint, RetryPolicy::from_env())?;
+                let env_number = |var: &str| std::env::var(var).ok().and_then(|v| v.parse().ok());
+                let prices = std::env::var("FERROCLAW_PRICE_PER_MTOK")
+                    .ok()
+                    .and_then(|v| {
+                        let (input, output) = v.split_once(',')?;
+                        Some((input.trim().parse().ok()?, output.trim().parse().ok()?))
+                    });
+                let agent = ModelAgent::new(
+                    model,
+                    ModelAgentOptions {
+                        agent_dir: folders.agent_dir.clone(),
+                        global_dir: folders.global_dir.clone(),
+                        state_dir: folders.state_dir.clone(),
+                        context_window: env_number("FERROCLAW_CONTEXT_WINDOW").unwrap_or(200_000),
+                        max_tokens,
+                        prices,
+                    },
+                )?;
+                Ok(Self::Model(Box::new(agent)))
+            }
             "echo" => {
                 // A pause before replying, so tests can catch an agent mid-batch.
                 let delay = std::env::var("FERROCLAW_ECHO_DELAY_MS")
@@ -58,9 +110,16 @@ impl Provider {
         }
     }
 
-    pub async fn respond(&mut self, prompt: &Prompt<'_>) -> Result<Vec<Reply>, ProviderError> {
+    pub async fn respond(&mut self, prompt: &Prompt<'_>) -> Answer {
         match self {
-            Self::Echo(echo) => Ok(echo.respond(prompt).await),
+            Self::Echo(echo) => Answer {
+                replies: echo.respond(prompt.rows).await,
+                consumed: Vec::new(),
+            },
+            Self::Model(agent) => {
+                let (replies, consumed) = agent.respond(prompt).await;
+                Answer { replies, consumed }
+            }
         }
     }
 }

@@ -124,6 +124,12 @@ pub struct RunnerConfig {
     pub agent_memory_mb: i64,
     pub agent_cpus: f64,
     pub agent_pids: i64,
+    /// The credential proxy for model APIs: agents call it with a per-session token and it
+    /// adds the real API key, so no key ever enters an agent.
+    pub proxy_listen: SocketAddr,
+    /// The proxy's base URL as agents reach it; defaults to `http://<proxy_listen>` (right
+    /// for the process backend).
+    pub proxy_url: Option<String>,
 }
 
 impl Default for RunnerConfig {
@@ -142,6 +148,8 @@ impl Default for RunnerConfig {
             agent_memory_mb: 512,
             agent_cpus: 1.0,
             agent_pids: 256,
+            proxy_listen: SocketAddr::from(([127, 0, 0, 1], 50055)),
+            proxy_url: None,
         }
     }
 }
@@ -159,15 +167,86 @@ impl RunnerConfig {
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub name: String,
+    /// echo, anthropic or openai (any OpenAI-compatible server: Ollama, vLLM, OpenRouter).
     #[serde(default = "default_provider")]
     pub provider: String,
     /// IANA time zone the agent sees times in.
     #[serde(default = "default_timezone")]
     pub timezone: String,
+    /// The model name the provider asks for (required for anthropic and openai).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The model API the runner's proxy forwards to; defaults to the provider's public API.
+    #[serde(default)]
+    pub api_base_url: Option<String>,
+    /// The environment variable (of the runner) that holds the API key; defaults to
+    /// ANTHROPIC_API_KEY or OPENAI_API_KEY. Keyless servers (a local Ollama) need none.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Most tokens one model response may have.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// The model's context window in tokens: the history is compacted before it fills.
+    #[serde(default = "default_context_window")]
+    pub context_window: u64,
+    /// Tokens (input plus output) all sessions of this agent may use; unset: no limit.
+    #[serde(default)]
+    pub token_budget: Option<u64>,
 }
+
+impl AgentConfig {
+    /// An echo agent with every other setting at its default.
+    pub fn echo(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            provider: default_provider(),
+            timezone: default_timezone(),
+            model: None,
+            api_base_url: None,
+            api_key_env: None,
+            max_tokens: default_max_tokens(),
+            context_window: default_context_window(),
+            token_budget: None,
+        }
+    }
+
+    /// Whether this agent talks to a model API (through the runner's proxy).
+    pub fn uses_model_api(&self) -> bool {
+        matches!(self.provider.as_str(), "anthropic" | "openai")
+    }
+
+    /// The upstream API the proxy forwards this agent's calls to.
+    pub fn upstream_base_url(&self) -> &str {
+        match (&self.api_base_url, self.provider.as_str()) {
+            (Some(url), _) => url.trim_end_matches('/'),
+            (None, "anthropic") => "https://api.anthropic.com",
+            (None, _) => "https://api.openai.com",
+        }
+    }
+
+    /// The API key from the runner's environment, if this agent has one.
+    pub fn api_key(&self) -> Option<String> {
+        let var = match (&self.api_key_env, self.provider.as_str()) {
+            (Some(var), _) => var.as_str(),
+            (None, "anthropic") => "ANTHROPIC_API_KEY",
+            (None, "openai") => "OPENAI_API_KEY",
+            (None, _) => return None,
+        };
+        std::env::var(var).ok().filter(|k| !k.is_empty())
+    }
+}
+
+/// Providers the agent binary knows.
+pub const PROVIDERS: &[&str] = &["echo", "anthropic", "openai"];
 
 fn default_provider() -> String {
     "echo".into()
+}
+fn default_max_tokens() -> u32 {
+    4096
+}
+fn default_context_window() -> u64 {
+    200_000
 }
 fn default_timezone() -> String {
     "UTC".into()
@@ -268,11 +347,7 @@ impl Default for Config {
             runner: RunnerConfig::default(),
             delivery: ServiceAddr::on(50052),
             scheduler: ServiceAddr::on(50053),
-            agents: vec![AgentConfig {
-                name: "main".into(),
-                provider: default_provider(),
-                timezone: default_timezone(),
-            }],
+            agents: vec![AgentConfig::echo("main")],
             webhooks: vec![WebhookRoute {
                 source: "default".into(),
                 agent: "main".into(),
@@ -375,6 +450,12 @@ impl Config {
         if let Some(v) = get("FERROCLAW_STUCK_AFTER_SECS") {
             self.runner.stuck_after_secs = parse("FERROCLAW_STUCK_AFTER_SECS", &v)?;
         }
+        if let Some(v) = get("FERROCLAW_PROXY_ADDR") {
+            self.runner.proxy_listen = parse("FERROCLAW_PROXY_ADDR", &v)?;
+        }
+        if let Some(v) = get("FERROCLAW_PROXY_URL") {
+            self.runner.proxy_url = Some(v);
+        }
         if let Some(v) = get("FERROCLAW_RUNNER_BACKEND") {
             self.runner.backend = v;
         }
@@ -415,10 +496,37 @@ impl Config {
                     format!("{:?} is not an IANA time zone", agent.timezone),
                 );
             }
-            if agent.provider != "echo" {
+            if !PROVIDERS.contains(&agent.provider.as_str()) {
                 return invalid(
                     format!("{key}.provider"),
-                    format!("unknown provider {:?} (available: echo)", agent.provider),
+                    format!(
+                        "unknown provider {:?} (available: {})",
+                        agent.provider,
+                        PROVIDERS.join(", ")
+                    ),
+                );
+            }
+            if agent.uses_model_api() && agent.model.as_deref().unwrap_or("").is_empty() {
+                return invalid(
+                    format!("{key}.model"),
+                    format!("the {} provider needs a model name", agent.provider),
+                );
+            }
+            if let Some(url) = &agent.api_base_url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return invalid(
+                    format!("{key}.api_base_url"),
+                    format!("{url:?} is not an http(s) URL"),
+                );
+            }
+            if agent.max_tokens == 0 || u64::from(agent.max_tokens) >= agent.context_window {
+                return invalid(
+                    format!("{key}.max_tokens"),
+                    format!(
+                        "{} must be above 0 and below context_window ({})",
+                        agent.max_tokens, agent.context_window
+                    ),
                 );
             }
         }

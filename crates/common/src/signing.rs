@@ -108,9 +108,35 @@ pub fn verify_github(
     check(mac, signature, "X-Hub-Signature-256")
 }
 
+/// The token an agent presents to the runner's credential proxy: its session id and an
+/// HMAC of it under the runner's secret, so the proxy needs no token table.
+pub fn session_token(secret: &[u8], session_id: &str) -> String {
+    let signature = sign_body(secret, session_id.as_bytes());
+    let hex = signature.trim_start_matches("sha256=");
+    format!("{session_id}.{hex}")
+}
+
+/// The session a proxy token was issued to, when its HMAC checks out.
+pub fn verify_session_token<'t>(secret: &[u8], token: &'t str) -> Option<&'t str> {
+    let (session_id, hex) = token.rsplit_once('.')?;
+    let header = format!("sha256={hex}");
+    verify_github(secret, Some(&header), session_id.as_bytes()).ok()?;
+    Some(session_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_tokens_verify_only_under_their_secret() {
+        let token = session_token(b"secret", "ses_1");
+        assert_eq!(verify_session_token(b"secret", &token), Some("ses_1"));
+        assert_eq!(verify_session_token(b"other", &token), None);
+        let forged = token.replace("ses_1", "ses_2");
+        assert_eq!(verify_session_token(b"secret", &forged), None);
+        assert_eq!(verify_session_token(b"secret", "no-dot"), None);
+    }
 
     #[test]
     fn round_trips_and_rejections() {

@@ -183,8 +183,77 @@ impl AgentMailbox {
         let path = self.paths.outbound_db();
         let now = crate::now_ms();
         let mut tx = self.outbound.begin().await.at(&path)?;
+        let written = self.insert_replies(&mut tx, replies, now).await?;
+        let status_text = match status {
+            BatchStatus::Completed => "completed",
+            BatchStatus::Failed => "failed",
+        };
+        for seq in seqs {
+            sqlx::query(
+                "INSERT INTO processing (in_seq, status, attempt, changed_at)
+                 VALUES ($1, $2, 1, $3)
+                 ON CONFLICT (in_seq) DO UPDATE SET status = $2, changed_at = $3",
+            )
+            .bind(seq)
+            .bind(status_text)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .at(&path)?;
+        }
+        tx.commit().await.at(&path)?;
+        crate::paths::ring(&self.paths.outbound_bell());
+        self.done.extend(seqs.iter().copied());
+        Ok(written)
+    }
+
+    /// Writes one message at once, outside any batch: a question must reach the user while
+    /// the turn that asks it waits for the answer.
+    pub async fn send_now(&self, reply: &NewOutbound) -> Result<i64> {
+        let path = self.paths.outbound_db();
+        let mut tx = self.outbound.begin().await.at(&path)?;
+        let written = self
+            .insert_replies(&mut tx, std::slice::from_ref(reply), crate::now_ms())
+            .await?;
+        tx.commit().await.at(&path)?;
+        crate::paths::ring(&self.paths.outbound_bell());
+        Ok(written[0])
+    }
+
+    /// The answer to a question (a `question_response` system message), if it has arrived:
+    /// its seq and content.
+    pub async fn question_answer(
+        &self,
+        question_id: &str,
+    ) -> Result<Option<(i64, InboundContent)>> {
+        let path = self.paths.inbound_db();
+        let found: Option<(i64, String)> = sqlx::query_as(
+            "SELECT seq, content FROM messages_in
+             WHERE kind = 'system' AND state = 'active'
+               AND json_extract(content, '$.event') = 'question_response'
+               AND json_extract(content, '$.data.question_id') = $1
+             ORDER BY seq LIMIT 1",
+        )
+        .bind(question_id)
+        .fetch_optional(&self.inbound)
+        .await
+        .at(&path)?;
+        match found {
+            Some((seq, content)) => Ok(Some((seq, InboundContent::parse("system", &content)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Inserts replies at the next agent seqs inside `tx`.
+    async fn insert_replies(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        replies: &[NewOutbound],
+        now: i64,
+    ) -> Result<Vec<i64>> {
+        let path = self.paths.outbound_db();
         let max_out: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM messages_out")
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut **tx)
             .await
             .at(&path)?;
         let max_in: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM messages_in")
@@ -207,32 +276,12 @@ impl AgentMailbox {
             .bind(destination)
             .bind(reply.content.to_json())
             .bind(&reply.trace)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .at(&path)?;
             written.push(next);
             next += 2;
         }
-        let status_text = match status {
-            BatchStatus::Completed => "completed",
-            BatchStatus::Failed => "failed",
-        };
-        for seq in seqs {
-            sqlx::query(
-                "INSERT INTO processing (in_seq, status, attempt, changed_at)
-                 VALUES ($1, $2, 1, $3)
-                 ON CONFLICT (in_seq) DO UPDATE SET status = $2, changed_at = $3",
-            )
-            .bind(seq)
-            .bind(status_text)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .at(&path)?;
-        }
-        tx.commit().await.at(&path)?;
-        crate::paths::ring(&self.paths.outbound_bell());
-        self.done.extend(seqs.iter().copied());
         Ok(written)
     }
 

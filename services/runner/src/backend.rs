@@ -34,7 +34,7 @@ impl Backend {
         agent: &AgentConfig,
     ) -> Result<AgentRun> {
         match self {
-            Self::Process(p) => p.spawn(paths, agent).map(AgentRun::Process),
+            Self::Process(p) => p.spawn(&session.id, paths, agent).map(AgentRun::Process),
             Self::Docker(d) => d
                 .start(session, paths, agent)
                 .await

@@ -22,6 +22,7 @@ use ferroclaw_mailbox::SessionPaths;
 use tokio::sync::OnceCell;
 use tokio_stream::StreamExt;
 
+use crate::credential_proxy::ModelAccess;
 use crate::error::{Result, RunnerError};
 use crate::registry::SessionRecord;
 
@@ -50,6 +51,7 @@ pub struct DockerBackend {
     idle_timeout_secs: u64,
     max_attempts: u32,
     limits: Limits,
+    model_access: ModelAccess,
 }
 
 /// One agent container of a session, started or adopted.
@@ -82,6 +84,7 @@ impl DockerBackend {
         idle_timeout_secs: u64,
         max_attempts: u32,
         limits: Limits,
+        model_access: ModelAccess,
     ) -> Self {
         Self {
             docker: OnceCell::new(),
@@ -91,6 +94,7 @@ impl DockerBackend {
             idle_timeout_secs,
             max_attempts,
             limits,
+            model_access,
         }
     }
 
@@ -195,6 +199,12 @@ impl DockerBackend {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         env.push("FERROCLAW_SESSION_DIR=/session".into());
+        env.extend(
+            self.model_access
+                .agent_env(&session.id, agent)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}")),
+        );
         let labels = HashMap::from([
             (LABEL_MANAGED.to_string(), "true".to_string()),
             (LABEL_SESSION.to_string(), session.id.clone()),

@@ -2,6 +2,7 @@
 //! It is the only process that touches session directories.
 
 pub mod backend;
+pub mod credential_proxy;
 pub mod docker_backend;
 pub mod error;
 mod mailboxes;
@@ -63,6 +64,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         })
         .collect();
     let mailboxes = Arc::new(Mailboxes::new(data_dir.clone(), mode, meta));
+    let model_access = credential_proxy::start(
+        config.runner.proxy_listen,
+        config.runner.proxy_url.clone(),
+        &data_dir,
+        registry.clone(),
+        &config.agents,
+        shutdown.clone(),
+    )
+    .await?;
     let backend = if docker {
         Backend::Docker(DockerBackend::new(
             config.runner.agent_image.clone(),
@@ -74,6 +84,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
                 cpus: config.runner.agent_cpus,
                 pids: config.runner.agent_pids,
             },
+            model_access,
         ))
     } else {
         let binary = config
@@ -87,6 +98,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             config.runner.idle_timeout_secs,
             config.runner.journal_mode.clone(),
             config.runner.max_restarts,
+            model_access,
         )?)
     };
     let limits = SupervisorLimits {

@@ -10,6 +10,7 @@ use ferroclaw_common::config::AgentConfig;
 use ferroclaw_mailbox::SessionPaths;
 use tokio::process::{Child, Command};
 
+use crate::credential_proxy::ModelAccess;
 use crate::error::{Result, RunnerError};
 
 pub struct ProcessBackend {
@@ -18,6 +19,7 @@ pub struct ProcessBackend {
     idle_timeout_secs: u64,
     journal_mode: String,
     max_attempts: u32,
+    model_access: ModelAccess,
 }
 
 impl ProcessBackend {
@@ -27,6 +29,7 @@ impl ProcessBackend {
         idle_timeout_secs: u64,
         journal_mode: String,
         max_attempts: u32,
+        model_access: ModelAccess,
     ) -> Result<Self> {
         if !binary.is_file() {
             return Err(RunnerError::Config(format!(
@@ -40,6 +43,7 @@ impl ProcessBackend {
             idle_timeout_secs,
             journal_mode,
             max_attempts,
+            model_access,
         })
     }
 
@@ -54,7 +58,12 @@ impl ProcessBackend {
 
     /// Starts the agent of one session. It exits by itself after the idle timeout, and when
     /// the runner dies (`--exit-with-parent`), so no orphan keeps writing.
-    pub fn spawn(&self, paths: &SessionPaths, agent: &AgentConfig) -> Result<Child> {
+    pub fn spawn(
+        &self,
+        session_id: &str,
+        paths: &SessionPaths,
+        agent: &AgentConfig,
+    ) -> Result<Child> {
         let agent_dir = self.data_dir.join("agents").join(&agent.name);
         let global_dir = self.data_dir.join("global");
         for dir in [&agent_dir, &global_dir] {
@@ -81,6 +90,7 @@ impl ProcessBackend {
             .arg("--max-attempts")
             .arg(self.max_attempts.to_string())
             .arg("--exit-with-parent")
+            .envs(self.model_access.agent_env(session_id, agent))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -45,7 +45,30 @@ CREATE TABLE IF NOT EXISTS sessions (
     last_activity    INTEGER NOT NULL,
     UNIQUE (agent, conversation_key)
 );
+CREATE TABLE IF NOT EXISTS model_usage (
+    session_id    TEXT PRIMARY KEY,
+    agent         TEXT NOT NULL,
+    requests      INTEGER NOT NULL,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS model_usage_by_agent ON model_usage (agent);
 ";
+
+/// Model tokens used through the credential proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+impl Usage {
+    pub fn total_tokens(&self) -> i64 {
+        self.input_tokens + self.output_tokens
+    }
+}
 
 impl Registry {
     pub async fn open(path: &Path) -> Result<Self> {
@@ -110,6 +133,49 @@ impl Registry {
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
+    /// Adds one model request's tokens to its session's account.
+    pub async fn record_usage(
+        &self,
+        session_id: &str,
+        agent: &str,
+        input_tokens: i64,
+        output_tokens: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO model_usage (session_id, agent, requests, input_tokens, output_tokens, updated_at)
+             VALUES ($1, $2, 1, $3, $4, $5)
+             ON CONFLICT (session_id) DO UPDATE SET requests = requests + 1,
+                 input_tokens = input_tokens + $3, output_tokens = output_tokens + $4,
+                 updated_at = $5",
+        )
+        .bind(session_id)
+        .bind(agent)
+        .bind(input_tokens)
+        .bind(output_tokens)
+        .bind(ferroclaw_mailbox::now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Tokens used by one session, or by every session of an agent.
+    pub async fn usage(&self, session_id: Option<&str>, agent: Option<&str>) -> Result<Usage> {
+        let (requests, input_tokens, output_tokens): (i64, i64, i64) = sqlx::query_as(
+            "SELECT coalesce(sum(requests), 0), coalesce(sum(input_tokens), 0),
+                    coalesce(sum(output_tokens), 0)
+             FROM model_usage WHERE ($1 IS NULL OR session_id = $1) AND ($2 IS NULL OR agent = $2)",
+        )
+        .bind(session_id)
+        .bind(agent)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Usage {
+            requests,
+            input_tokens,
+            output_tokens,
+        })
+    }
+
     pub async fn touch(&self, id: &str) -> Result<()> {
         sqlx::query("UPDATE sessions SET last_activity = $2 WHERE id = $1")
             .bind(id)
@@ -136,5 +202,28 @@ mod tests {
         assert_eq!(reg.list(Some("main")).await.unwrap().len(), 2);
         assert_eq!(reg.list(Some("other")).await.unwrap().len(), 0);
         assert_eq!(reg.get(&a.id).await.unwrap().unwrap().agent, "main");
+    }
+
+    #[tokio::test]
+    async fn usage_adds_up_per_session_and_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("runner.db")).await.unwrap();
+        reg.record_usage("s1", "main", 100, 10).await.unwrap();
+        reg.record_usage("s1", "main", 50, 5).await.unwrap();
+        reg.record_usage("s2", "main", 1, 1).await.unwrap();
+        reg.record_usage("s3", "other", 7, 7).await.unwrap();
+        let s1 = reg.usage(Some("s1"), None).await.unwrap();
+        assert_eq!(
+            (s1.requests, s1.input_tokens, s1.output_tokens),
+            (2, 150, 15)
+        );
+        assert_eq!(
+            reg.usage(None, Some("main")).await.unwrap().total_tokens(),
+            167
+        );
+        assert_eq!(
+            reg.usage(None, Some("none")).await.unwrap(),
+            Usage::default()
+        );
     }
 }

@@ -1,0 +1,215 @@
+//! OpenAI-compatible chat completions (OpenAI, Ollama, vLLM, OpenRouter) with tool calls.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{
+    Block, Completion, Endpoint, Message, ModelError, Request, Role, Usage, error_of,
+    transport_error,
+};
+
+type Failure = (ModelError, Option<Duration>);
+
+/// The neutral history in chat-completions form: tool results become `tool` messages.
+fn messages(system: &str, history: &[Message]) -> Vec<Value> {
+    let mut out = vec![json!({"role": "system", "content": system})];
+    for message in history {
+        match message.role {
+            Role::User => {
+                for block in &message.content {
+                    if let Block::ToolResult {
+                        tool_use_id,
+                        content,
+                        ..
+                    } = block
+                    {
+                        out.push(json!({"role": "tool", "tool_call_id": tool_use_id, "content": content}));
+                    }
+                }
+                let text = message.text();
+                if !text.is_empty() {
+                    out.push(json!({"role": "user", "content": text}));
+                }
+            }
+            Role::Assistant => {
+                let calls: Vec<Value> = message
+                    .content
+                    .iter()
+                    .filter_map(|b| match b {
+                        Block::ToolUse { id, name, input } => Some(json!({
+                            "id": id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": input.to_string()},
+                        })),
+                        _ => None,
+                    })
+                    .collect();
+                let mut m = json!({"role": "assistant", "content": message.text()});
+                if !calls.is_empty() {
+                    m["tool_calls"] = Value::Array(calls);
+                }
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
+pub fn body(endpoint: &Endpoint, request: &Request<'_>) -> Value {
+    let tools: Vec<Value> = request
+        .tools
+        .iter()
+        .map(|t| {
+            json!({"type": "function", "function": {
+                "name": t.name, "description": t.description, "parameters": t.schema,
+            }})
+        })
+        .collect();
+    json!({
+        "model": endpoint.model,
+        "max_tokens": endpoint.max_tokens,
+        "messages": messages(request.system, request.messages),
+        "tools": tools,
+    })
+}
+
+pub async fn complete(
+    http: &reqwest::Client,
+    endpoint: &Endpoint,
+    request: &Request<'_>,
+) -> Result<Completion, Failure> {
+    let response = http
+        .post(format!("{}/v1/chat/completions", endpoint.base_url))
+        .bearer_auth(&endpoint.token)
+        .json(&body(endpoint, request))
+        .send()
+        .await
+        .map_err(transport_error)?;
+    if !response.status().is_success() {
+        return Err(error_of(response).await);
+    }
+    let answer: Value = response.json().await.map_err(|e| {
+        (
+            ModelError::Transient(format!("unreadable completion: {e}")),
+            None,
+        )
+    })?;
+    parse(&answer)
+}
+
+fn parse(answer: &Value) -> Result<Completion, Failure> {
+    let choice = &answer["choices"][0];
+    if choice.is_null() {
+        return Err((
+            ModelError::Transient(format!("a completion without choices: {answer}")),
+            None,
+        ));
+    }
+    let message = &choice["message"];
+    let mut content = Vec::new();
+    if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
+        content.push(Block::Text { text: text.into() });
+    }
+    for call in message["tool_calls"].as_array().into_iter().flatten() {
+        let name = call["function"]["name"].as_str().unwrap_or("").to_string();
+        let arguments = &call["function"]["arguments"];
+        // Most servers send arguments as a JSON string; some (Ollama) as an object.
+        let input = match arguments {
+            Value::String(s) if s.trim().is_empty() => json!({}),
+            Value::String(s) => serde_json::from_str(s).map_err(|e| {
+                (
+                    ModelError::Transient(format!(
+                        "tool call {name} has unreadable arguments: {e}"
+                    )),
+                    None,
+                )
+            })?,
+            Value::Null => json!({}),
+            other => other.clone(),
+        };
+        content.push(Block::ToolUse {
+            id: call["id"].as_str().unwrap_or("").to_string(),
+            name,
+            input,
+        });
+    }
+    let has_calls = content.iter().any(|b| matches!(b, Block::ToolUse { .. }));
+    let stop_reason = match choice["finish_reason"].as_str() {
+        _ if has_calls => "tool_use",
+        Some("length") => "max_tokens",
+        _ => "end_turn",
+    };
+    let usage = &answer["usage"];
+    let prompt = usage["prompt_tokens"].as_u64().unwrap_or(0);
+    let cached = usage["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0)
+        .min(prompt);
+    Ok(Completion {
+        content,
+        stop_reason: stop_reason.into(),
+        usage: Usage {
+            input_tokens: prompt - cached,
+            output_tokens: usage["completion_tokens"].as_u64().unwrap_or(0),
+            cache_read_tokens: cached,
+            cache_write_tokens: 0,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_calls_round_trip_through_the_wire_shape() {
+        let history = vec![
+            Message::user_text("list files"),
+            Message {
+                role: Role::Assistant,
+                content: vec![Block::ToolUse {
+                    id: "c1".into(),
+                    name: "bash".into(),
+                    input: json!({"command": "ls"}),
+                }],
+            },
+            Message {
+                role: Role::User,
+                content: vec![Block::ToolResult {
+                    tool_use_id: "c1".into(),
+                    content: "a.txt".into(),
+                    is_error: false,
+                }],
+            },
+        ];
+        let wire = messages("sys", &history);
+        assert_eq!(wire[0]["role"], "system");
+        assert_eq!(
+            wire[2]["tool_calls"][0]["function"]["arguments"],
+            "{\"command\":\"ls\"}"
+        );
+        assert_eq!(
+            wire[3],
+            json!({"role": "tool", "tool_call_id": "c1", "content": "a.txt"})
+        );
+
+        let answer = json!({
+            "choices": [{"finish_reason": "tool_calls", "message": {"content": null, "tool_calls": [
+                {"id": "c2", "type": "function", "function": {"name": "send_message", "arguments": "{\"text\":\"hi\"}"}}
+            ]}}],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 5}
+        });
+        let done = parse(&answer).unwrap();
+        assert_eq!(done.stop_reason, "tool_use");
+        assert_eq!(done.usage.input_tokens, 30);
+        assert_eq!(
+            done.content,
+            vec![Block::ToolUse {
+                id: "c2".into(),
+                name: "send_message".into(),
+                input: json!({"text": "hi"})
+            }]
+        );
+    }
+}

@@ -1,0 +1,372 @@
+//! The credential proxy: agents call model APIs through it with a per-session token; it
+//! checks the token, enforces the agent's token budget, swaps in the real API key, streams
+//! the answer back and records the tokens used. No API key ever enters an agent.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ferroclaw_common::config::AgentConfig;
+use ferroclaw_common::signing;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Result, RunnerError};
+use crate::registry::Registry;
+
+/// Largest request body an agent may send (a long history with files in it).
+const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
+/// How much of a response is kept to read its token usage from.
+const USAGE_SCAN_BYTES: usize = 4 * 1024 * 1024;
+
+/// What agents need to reach the proxy: its URL and the secret their tokens are made with.
+#[derive(Clone)]
+pub struct ModelAccess {
+    pub url: String,
+    secret: Arc<Vec<u8>>,
+}
+
+impl ModelAccess {
+    /// The proxy token of one session.
+    pub fn token(&self, session_id: &str) -> String {
+        signing::session_token(&self.secret, session_id)
+    }
+
+    /// The environment an agent of `agent` needs to call its model through the proxy.
+    pub fn agent_env(&self, session_id: &str, agent: &AgentConfig) -> Vec<(String, String)> {
+        if !agent.uses_model_api() {
+            return Vec::new();
+        }
+        vec![
+            ("FERROCLAW_MODEL_URL".into(), self.url.clone()),
+            ("FERROCLAW_MODEL_TOKEN".into(), self.token(session_id)),
+            (
+                "FERROCLAW_MODEL".into(),
+                agent.model.clone().unwrap_or_default(),
+            ),
+            ("FERROCLAW_MAX_TOKENS".into(), agent.max_tokens.to_string()),
+            (
+                "FERROCLAW_CONTEXT_WINDOW".into(),
+                agent.context_window.to_string(),
+            ),
+        ]
+    }
+}
+
+/// The proxy's secret, kept beside the runner's database so tokens of running agents stay
+/// valid across a runner restart.
+pub fn load_secret(data_dir: &Path) -> Result<Vec<u8>> {
+    let path = data_dir.join("runner.proxy-key");
+    let io = |source| RunnerError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(secret) if secret.len() >= 32 => return Ok(secret),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let secret: Vec<u8> = (0..2)
+        .flat_map(|_| uuid::Uuid::new_v4().into_bytes())
+        .collect();
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(&secret).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(secret)
+}
+
+#[derive(Clone)]
+struct Proxy {
+    secret: Arc<Vec<u8>>,
+    registry: Registry,
+    agents: Arc<HashMap<String, AgentConfig>>,
+    http: reqwest::Client,
+}
+
+/// Binds the proxy and serves it until `shutdown`; returns how agents reach it.
+pub async fn start(
+    listen: std::net::SocketAddr,
+    url: Option<String>,
+    data_dir: &Path,
+    registry: Registry,
+    agents: &[AgentConfig],
+    shutdown: CancellationToken,
+) -> Result<ModelAccess> {
+    let secret = Arc::new(load_secret(data_dir)?);
+    let listener = TcpListener::bind(listen).await.map_err(|e| {
+        RunnerError::Config(format!("credential proxy cannot listen on {listen}: {e}"))
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| RunnerError::Config(format!("credential proxy address: {e}")))?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| RunnerError::Config(format!("credential proxy HTTP client: {e}")))?;
+    let proxy = Proxy {
+        secret: secret.clone(),
+        registry,
+        agents: Arc::new(agents.iter().map(|a| (a.name.clone(), a.clone())).collect()),
+        http,
+    };
+    let app = axum::Router::new().fallback(forward).with_state(proxy);
+    tracing::info!(addr = %bound, "credential proxy listening");
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "credential proxy stopped");
+        }
+    });
+    Ok(ModelAccess {
+        url: url.unwrap_or_else(|| format!("http://{bound}")),
+        secret,
+    })
+}
+
+/// An error in the shape both Anthropic's and OpenAI's clients read.
+fn refuse(status: StatusCode, kind: &str, message: String) -> Response {
+    let body = json!({
+        "type": "error",
+        "error": {"type": kind, "code": kind, "message": message},
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+/// The token from `x-api-key` (Anthropic's header) or `Authorization: Bearer` (OpenAI's).
+fn presented_token(headers: &HeaderMap) -> Option<&str> {
+    if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(key);
+    }
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
+    let Some(session_id) = presented_token(request.headers())
+        .and_then(|t| signing::verify_session_token(&proxy.secret, t))
+        .map(str::to_string)
+    else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing or invalid ferroclaw session token".into(),
+        );
+    };
+    let agent = match proxy.registry.get(&session_id).await {
+        Ok(Some(session)) => proxy.agents.get(&session.agent).cloned(),
+        Ok(None) => None,
+        Err(e) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                format!("session registry: {e}"),
+            );
+        }
+    };
+    let Some(agent) = agent.filter(AgentConfig::uses_model_api) else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            format!("session {session_id} has no agent that may call a model API"),
+        );
+    };
+    if let Some(budget) = agent.token_budget {
+        match proxy.registry.usage(None, Some(&agent.name)).await {
+            Ok(used) if used.total_tokens() >= budget as i64 => {
+                return refuse(
+                    StatusCode::PAYMENT_REQUIRED,
+                    "budget_exceeded",
+                    format!(
+                        "the token budget of agent {:?} is spent ({} of {budget} tokens); an operator can raise agents.token_budget",
+                        agent.name,
+                        used.total_tokens()
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "api_error",
+                    format!("usage records: {e}"),
+                );
+            }
+        }
+    }
+    match upstream(&proxy, &agent, &session_id, request).await {
+        Ok(response) => response,
+        Err(message) => refuse(StatusCode::BAD_GATEWAY, "api_error", message),
+    }
+}
+
+/// Sends the request on with the real key and streams the answer back, counting tokens.
+async fn upstream(
+    proxy: &Proxy,
+    agent: &AgentConfig,
+    session_id: &str,
+    request: Request,
+) -> Result<Response, String> {
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let url = format!("{}{path}", agent.upstream_base_url());
+    let method = request.method().clone();
+    let mut headers = request.headers().clone();
+    for name in [
+        "x-api-key",
+        "authorization",
+        "host",
+        "content-length",
+        "connection",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if let Some(key) = agent.api_key() {
+        let value = HeaderValue::from_str(&key).map_err(|_| "the API key is not a valid header")?;
+        if agent.provider == "anthropic" {
+            headers.insert("x-api-key", value);
+        } else {
+            let bearer = HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| "the API key is not a valid header")?;
+            headers.insert(header::AUTHORIZATION, bearer);
+        }
+    }
+    let body = axum::body::to_bytes(request.into_body(), MAX_REQUEST_BYTES)
+        .await
+        .map_err(|e| format!("reading the request: {e}"))?;
+    let answer = proxy
+        .http
+        .request(method, &url)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("model API {}: {e}", agent.upstream_base_url()))?;
+    let status = answer.status();
+    let mut out_headers = HeaderMap::new();
+    for (name, value) in answer.headers() {
+        if !matches!(
+            name.as_str(),
+            "content-length" | "transfer-encoding" | "connection"
+        ) {
+            out_headers.append(name.clone(), value.clone());
+        }
+    }
+    // Pass the body through as it arrives (streaming answers stay streaming) while keeping
+    // a copy to read the usage from when it ends.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let registry = proxy.registry.clone();
+    let session = session_id.to_string();
+    let agent_name = agent.name.clone();
+    let mut stream = answer.bytes_stream();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    if seen.len() < USAGE_SCAN_BYTES {
+                        seen.extend_from_slice(&bytes);
+                    }
+                    if tx.send(Ok(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(std::io::Error::other(e))).await;
+                    break;
+                }
+            }
+        }
+        if status.is_success() {
+            let (input, output) = usage_in(&seen);
+            if let Err(e) = registry
+                .record_usage(&session, &agent_name, input, output)
+                .await
+            {
+                tracing::error!(error = %e, session, "cannot record model usage");
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = out_headers;
+    Ok(response)
+}
+
+/// Input and output tokens reported in a response: a JSON body, or the `data:` events of a
+/// server-sent stream. Anthropic reports `input_tokens` (plus cache tokens) and
+/// `output_tokens`, OpenAI `prompt_tokens` and `completion_tokens`; streamed counts are
+/// cumulative, so the largest of each wins.
+pub fn usage_in(body: &[u8]) -> (i64, i64) {
+    let text = String::from_utf8_lossy(body);
+    let documents: Vec<Value> = match serde_json::from_str::<Value>(&text) {
+        Ok(doc) => vec![doc],
+        Err(_) => text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str(d.trim()).ok())
+            .collect(),
+    };
+    let mut input = 0;
+    let mut output = 0;
+    for doc in &documents {
+        for usage in [&doc["usage"], &doc["message"]["usage"]] {
+            let n = |key: &str| usage[key].as_i64().unwrap_or(0);
+            let this_input = n("input_tokens")
+                + n("cache_creation_input_tokens")
+                + n("cache_read_input_tokens")
+                + n("prompt_tokens");
+            input = input.max(this_input);
+            output = output.max(n("output_tokens") + n("completion_tokens"));
+        }
+    }
+    (input, output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_from_json_and_streams() {
+        let openai = br#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3}}"#;
+        assert_eq!(usage_in(openai), (12, 3));
+        let anthropic = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"cache_read_input_tokens\":5,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\n";
+        assert_eq!(usage_in(anthropic), (25, 42));
+        assert_eq!(usage_in(b"not json"), (0, 0));
+    }
+
+    #[test]
+    fn the_secret_is_kept_across_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_secret(dir.path()).unwrap();
+        let b = load_secret(dir.path()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 32);
+    }
+}
