@@ -25,6 +25,7 @@ pub async fn run(
         ("FERROCLAW_DELIVERY_ADDR", "127.0.0.1:0".into()),
         ("FERROCLAW_SCHEDULER_ADDR", "127.0.0.1:0".into()),
         ("FERROCLAW_GATEWAY_GRPC_ADDR", "127.0.0.1:0".into()),
+        ("FERROCLAW_PROXY_ADDR", "127.0.0.1:0".into()),
         ("FERROCLAW_HTTP_ADDR", http_addr),
     ];
     if let Some(config) = config {

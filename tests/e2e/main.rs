@@ -7,6 +7,7 @@ mod cli_up;
 mod compose;
 mod docker;
 mod grpc_ingress;
+mod models;
 mod pipeline;
 mod questions;
 mod runner_restart;

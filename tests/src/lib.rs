@@ -4,6 +4,8 @@
 //!
 //! The binaries must be built first: `cargo build --workspace --bins`.
 
+pub mod fake_model;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -48,6 +50,7 @@ impl Cluster {
             ("FERROCLAW_SCHEDULER_ADDR", "127.0.0.1:0".into()),
             ("FERROCLAW_GATEWAY_GRPC_ADDR", "127.0.0.1:0".into()),
             ("FERROCLAW_HTTP_ADDR", "127.0.0.1:0".into()),
+            ("FERROCLAW_PROXY_ADDR", "127.0.0.1:0".into()),
             (
                 "FERROCLAW_AGENT_BINARY",
                 binary("ferroclaw-agent")?.display().to_string(),
@@ -211,10 +214,15 @@ impl Cluster {
     /// Starts a new runner on the address the old one had, so peers reconnect to it.
     pub async fn restart_runner(&mut self) -> anyhow::Result<()> {
         let addr = self.runner.grpc.context("runner address")?;
+        // The proxy keeps its address too: agents of the old runner may still be finishing.
+        let proxy = self.runner.http.context("runner proxy address")?;
         self.runner = start(
             "runner",
             &self.envs,
-            &[("FERROCLAW_RUNNER_ADDR", addr.to_string())],
+            &[
+                ("FERROCLAW_RUNNER_ADDR", addr.to_string()),
+                ("FERROCLAW_PROXY_ADDR", proxy.to_string()),
+            ],
         )
         .await?;
         Ok(())

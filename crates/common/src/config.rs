@@ -192,6 +192,9 @@ pub struct AgentConfig {
     /// Tokens (input plus output) all sessions of this agent may use; unset: no limit.
     #[serde(default)]
     pub token_budget: Option<u64>,
+    /// Dollars per million input and output tokens, for `/cost`.
+    #[serde(default)]
+    pub price_per_mtok: Option<(f64, f64)>,
 }
 
 impl AgentConfig {
@@ -207,6 +210,7 @@ impl AgentConfig {
             max_tokens: default_max_tokens(),
             context_window: default_context_window(),
             token_budget: None,
+            price_per_mtok: None,
         }
     }
 

@@ -33,14 +33,46 @@ pub async fn grpc_service(
     config_path: Option<&Path>,
     listen: impl Fn(&Config) -> SocketAddr,
 ) -> Result<Startup, StartupError> {
+    let (config, listener) = load_and_bind(name, config_path, listen).await?;
+    Ok(announce(name, config, listener, None))
+}
+
+/// As [`grpc_service`], for a service that also serves HTTP (the runner's credential
+/// proxy): both addresses are bound before the readiness line names them.
+pub async fn grpc_and_http_service(
+    name: &str,
+    config_path: Option<&Path>,
+    listen: impl Fn(&Config) -> SocketAddr,
+    http_listen: impl Fn(&Config) -> SocketAddr,
+) -> Result<(Startup, TcpListener), StartupError> {
+    let (config, listener) = load_and_bind(name, config_path, listen).await?;
+    let http = grpc::bind(http_listen(&config)).await?;
+    let startup = announce(name, config, listener, http.local_addr().ok());
+    Ok((startup, http))
+}
+
+async fn load_and_bind(
+    name: &str,
+    config_path: Option<&Path>,
+    listen: impl Fn(&Config) -> SocketAddr,
+) -> Result<(Config, TcpListener), StartupError> {
     telemetry::init(name);
     let config = Config::load(config_path)?;
     let listener = grpc::bind(listen(&config)).await?;
+    Ok((config, listener))
+}
+
+fn announce(
+    name: &str,
+    config: Config,
+    listener: TcpListener,
+    http: Option<SocketAddr>,
+) -> Startup {
     let shutdown = shutdown::on_signal();
-    ready::announce(name, listener.local_addr().ok(), None);
-    Ok(Startup {
+    ready::announce(name, listener.local_addr().ok(), http);
+    Startup {
         config,
         listener,
         shutdown,
-    })
+    }
 }

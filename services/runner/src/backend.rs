@@ -23,6 +23,24 @@ pub enum AgentRun {
     Container(ContainerRun),
 }
 
+/// The runner's environment variables an agent may see: logging, and the test knobs of the
+/// echo provider and of the tools. Nothing else passes, API keys least of all.
+pub fn passthrough_env(with_system: bool) -> Vec<(String, String)> {
+    const TEST_KNOBS: &[&str] = &[
+        "FERROCLAW_MODEL_RETRY_BASE_MS",
+        "FERROCLAW_BASH_TIMEOUT_SECS",
+        "FERROCLAW_QUESTION_TIMEOUT_SECS",
+    ];
+    std::env::vars()
+        .filter(|(k, _)| {
+            k == "RUST_LOG"
+                || k.starts_with("FERROCLAW_ECHO_")
+                || TEST_KNOBS.contains(&k.as_str())
+                || (with_system && matches!(k.as_str(), "PATH" | "HOME" | "LANG" | "TMPDIR"))
+        })
+        .collect()
+}
+
 /// How an agent ended: cleanly or not, and a description for the logs.
 pub type Exit = (bool, String);
 

@@ -43,7 +43,7 @@ impl ModelAccess {
         if !agent.uses_model_api() {
             return Vec::new();
         }
-        vec![
+        let mut env = vec![
             ("FERROCLAW_MODEL_URL".into(), self.url.clone()),
             ("FERROCLAW_MODEL_TOKEN".into(), self.token(session_id)),
             (
@@ -55,7 +55,14 @@ impl ModelAccess {
                 "FERROCLAW_CONTEXT_WINDOW".into(),
                 agent.context_window.to_string(),
             ),
-        ]
+        ];
+        if let Some((input, output)) = agent.price_per_mtok {
+            env.push((
+                "FERROCLAW_PRICE_PER_MTOK".into(),
+                format!("{input},{output}"),
+            ));
+        }
+        env
     }
 }
 
@@ -102,7 +109,7 @@ struct Proxy {
 
 /// Binds the proxy and serves it until `shutdown`; returns how agents reach it.
 pub async fn start(
-    listen: std::net::SocketAddr,
+    listener: TcpListener,
     url: Option<String>,
     data_dir: &Path,
     registry: Registry,
@@ -110,9 +117,6 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<ModelAccess> {
     let secret = Arc::new(load_secret(data_dir)?);
-    let listener = TcpListener::bind(listen).await.map_err(|e| {
-        RunnerError::Config(format!("credential proxy cannot listen on {listen}: {e}"))
-    })?;
     let bound = listener
         .local_addr()
         .map_err(|e| RunnerError::Config(format!("credential proxy address: {e}")))?;

@@ -194,8 +194,8 @@ impl DockerBackend {
         chown_tree(&agent_dir)?;
         let bind =
             |host: &Path, inside: &str, mode: &str| format!("{}:{inside}:{mode}", host.display());
-        let mut env: Vec<String> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("FERROCLAW_ECHO_") || k == "RUST_LOG")
+        let mut env: Vec<String> = crate::backend::passthrough_env(false)
+            .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         env.push("FERROCLAW_SESSION_DIR=/session".into());

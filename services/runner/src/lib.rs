@@ -35,7 +35,13 @@ use crate::supervisor::{Supervisor, SupervisorLimits};
 
 /// Runs the runner on `listener` until `shutdown` is cancelled; then stops every agent
 /// (each finishes its batch) before returning.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+/// `proxy` is the credential proxy's listener.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    proxy: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| RunnerError::Io {
         path: data_dir.clone(),
@@ -65,7 +71,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .collect();
     let mailboxes = Arc::new(Mailboxes::new(data_dir.clone(), mode, meta));
     let model_access = credential_proxy::start(
-        config.runner.proxy_listen,
+        proxy,
         config.runner.proxy_url.clone(),
         &data_dir,
         registry.clone(),

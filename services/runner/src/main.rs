@@ -16,8 +16,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let s = startup::grpc_service("runner", args.config.as_deref(), |c| c.runner.listen).await?;
-    ferroclaw_runner::run(s.config, s.listener, s.shutdown)
+    let (s, proxy) = startup::grpc_and_http_service(
+        "runner",
+        args.config.as_deref(),
+        |c| c.runner.listen,
+        |c| c.runner.proxy_listen,
+    )
+    .await?;
+    ferroclaw_runner::run(s.config, s.listener, proxy, s.shutdown)
         .await
         .context("runner failed")
 }

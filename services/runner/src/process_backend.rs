@@ -90,6 +90,8 @@ impl ProcessBackend {
             .arg("--max-attempts")
             .arg(self.max_attempts.to_string())
             .arg("--exit-with-parent")
+            .env_clear()
+            .envs(crate::backend::passthrough_env(true))
             .envs(self.model_access.agent_env(session_id, agent))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,391 @@
+//! Model agents end to end: the agent talks to a fake Anthropic or OpenAI-compatible API on
+//! loopback through the runner's credential proxy, runs tools, keeps its conversation
+//! across restarts, and never sees the API key.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ferroclaw_e2e::Cluster;
+use ferroclaw_e2e::fake_model::{FakeModel, Step, last_user_text};
+use serde_json::{Value, json};
+
+const KEY: &str = "sk-real-key-7f3a9c";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A cluster whose agent `main` uses `provider` against the fake, with `extra` TOML lines
+/// in its agent section.
+async fn model_cluster(
+    dir: &Path,
+    provider: &str,
+    fake: &FakeModel,
+    extra: &str,
+) -> anyhow::Result<Cluster> {
+    let config = dir.join("ferroclaw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[agents]]\nname = \"main\"\nprovider = \"{provider}\"\nmodel = \"test-model\"\napi_base_url = \"{}\"\n{extra}\n",
+            fake.url()
+        ),
+    )?;
+    let key_var = if provider == "anthropic" {
+        "ANTHROPIC_API_KEY"
+    } else {
+        "OPENAI_API_KEY"
+    };
+    Cluster::start(
+        &dir.join("data"),
+        &[
+            ("FERROCLAW_CONFIG", config.display().to_string()),
+            (key_var, KEY.to_string()),
+            ("FERROCLAW_MODEL_RETRY_BASE_MS", "20".into()),
+        ],
+    )
+    .await
+}
+
+fn tool(name: &str, input: Value) -> (String, Value) {
+    (name.to_string(), input)
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_agent_runs_bash_and_send_message_and_never_sees_the_key() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([
+        Step::Tools(vec![tool(
+            "bash",
+            json!({"command": "echo hello-from-bash > note.txt && cat note.txt"}),
+        )]),
+        Step::Tools(vec![tool("send_message", json!({"text": "working on it"}))]),
+        Step::Text("done: the note says hello-from-bash".into()),
+    ]);
+    let cluster = model_cluster(dir.path(), "anthropic", &fake, "").await?;
+    cluster
+        .post_message("work", "please make a note", None)
+        .await?;
+    cluster
+        .wait_for_lines(
+            "work",
+            &[
+                "working on it".into(),
+                "done: the note says hello-from-bash".into(),
+            ],
+            WAIT,
+        )
+        .await?;
+    let texts = cluster.texts("work").await?;
+    assert_eq!(
+        texts,
+        vec!["working on it", "done: the note says hello-from-bash"],
+        "the progress message first, then the answer, each once"
+    );
+
+    let received = fake.received();
+    assert_eq!(received.len(), 3, "one request per step");
+    assert!(
+        received.iter().all(|r| r.key.as_deref() == Some(KEY)),
+        "the proxy put the real key on every request"
+    );
+    let first = &received[0].body;
+    assert_eq!(first["model"], json!("test-model"));
+    assert_eq!(first["stream"], json!(true));
+    assert_eq!(
+        first["system"][0]["cache_control"]["type"],
+        json!("ephemeral")
+    );
+    assert!(last_user_text(first).contains("please make a note"));
+    let tools: Vec<&str> = first["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(tools.contains(&"bash") && tools.contains(&"ask_user_question"));
+    // The bash result went back to the model as a tool_result block.
+    let second = received[1].body["messages"].to_string();
+    assert!(
+        second.contains("tool_result") && second.contains("hello-from-bash"),
+        "{second}"
+    );
+    let note = cluster.data_dir.join("agents/main/note.txt");
+    assert_eq!(std::fs::read_to_string(note)?.trim(), "hello-from-bash");
+
+    // The key is nowhere the agent can look: not in its environment or command line, not
+    // in any file of the data directory.
+    let agents = ferroclaw_e2e::agent_processes(&cluster.data_dir);
+    assert!(!agents.is_empty(), "the agent is still running (idle)");
+    for (pid, _) in &agents {
+        let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(!environ.contains(KEY), "key in the agent's environment");
+        assert!(!String::from_utf8_lossy(&cmdline).contains(KEY));
+        assert!(
+            environ.contains("FERROCLAW_MODEL_TOKEN="),
+            "the agent has its session token instead"
+        );
+    }
+    assert_eq!(
+        files_containing(&cluster.data_dir, KEY),
+        Vec::<String>::new()
+    );
+
+    // /cost reports what the proxy and the model counted.
+    cluster.post_message("work", "/cost", None).await?;
+    let cost = wait_for_text(&cluster, "work", "Tokens so far").await?;
+    assert!(cost.contains("in 3 requests"), "{cost}");
+    cluster.stop().await
+}
+
+/// Waits for a reply containing `needle`; returns it.
+async fn wait_for_text(
+    cluster: &Cluster,
+    conversation: &str,
+    needle: &str,
+) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(t) = cluster
+            .texts(conversation)
+            .await?
+            .into_iter()
+            .find(|t| t.contains(needle))
+        {
+            return Ok(t);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{conversation}: no reply containing {needle:?}; have {:?}",
+            cluster.texts(conversation).await?
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_in_the_stream_and_529_are_retried_and_giving_up_is_explained()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([
+        Step::OverloadMidStream,
+        Step::Status(529),
+        Step::Text("answer after two retries".into()),
+    ]);
+    let cluster = model_cluster(dir.path(), "anthropic", &fake, "").await?;
+    cluster.post_message("flaky", "hello", None).await?;
+    cluster
+        .wait_for_lines("flaky", &["answer after two retries".into()], WAIT)
+        .await?;
+    assert_eq!(fake.received().len(), 3);
+    assert_eq!(
+        cluster.texts("flaky").await?.len(),
+        1,
+        "the lost partial answer never went out"
+    );
+
+    // Six overloads in a row: the agent gives up and says so.
+    fake.push((0..6).map(|_| Step::Status(529)));
+    cluster.post_message("flaky", "again", None).await?;
+    let notice = wait_for_text(&cluster, "flaky", "gave up").await?;
+    assert!(notice.contains("529"), "{notice}");
+    assert_eq!(fake.received().len(), 9);
+    // The failed turn left no trace: the next request holds the first exchange and the new
+    // message only.
+    cluster.post_message("flaky", "third", None).await?;
+    wait_for_text(&cluster, "flaky", "model: ").await?;
+    let last = fake
+        .received()
+        .last()
+        .map(|r| r.body.clone())
+        .unwrap_or_default();
+    let history = last["messages"].to_string();
+    assert!(
+        history.contains("answer after two retries") && !history.contains("again"),
+        "{history}"
+    );
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_survives_a_restart_and_clear_and_compact_work() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([Step::Text("Nice to meet you, Ann.".into())]);
+    let mut cluster = model_cluster(dir.path(), "anthropic", &fake, "").await?;
+    cluster.post_message("mem", "my name is Ann", None).await?;
+    cluster
+        .wait_for_lines("mem", &["Nice to meet you, Ann.".into()], WAIT)
+        .await?;
+
+    // The runner dies (its agent with it); a new one starts a new agent process.
+    cluster.kill_runner().await?;
+    cluster.restart_runner().await?;
+    fake.push([Step::Text("You are Ann.".into())]);
+    cluster
+        .post_message("mem", "what is my name?", None)
+        .await?;
+    cluster
+        .wait_for_lines("mem", &["You are Ann.".into()], WAIT)
+        .await?;
+    let body = &fake.received()[1].body;
+    let history = body["messages"].as_array().cloned().unwrap_or_default();
+    assert_eq!(history.len(), 3, "{history:?}");
+    assert!(history[0].to_string().contains("my name is Ann"));
+    assert!(history[1].to_string().contains("Nice to meet you, Ann."));
+
+    // /compact: the model writes a summary that replaces the history.
+    fake.push([Step::Text("The user is called Ann.".into())]);
+    cluster.post_message("mem", "/compact", None).await?;
+    let compacted = wait_for_text(&cluster, "mem", "Compacted").await?;
+    assert!(compacted.contains("saved about"), "{compacted}");
+    let summary_request = &fake.received()[2].body;
+    assert_eq!(summary_request["tools"], json!([]));
+    fake.push([Step::Text("Still Ann.".into())]);
+    cluster.post_message("mem", "and now?", None).await?;
+    cluster
+        .wait_for_lines("mem", &["Still Ann.".into()], WAIT)
+        .await?;
+    let after = fake.received()[3].body["messages"].clone();
+    assert_eq!(after.as_array().map(Vec::len), Some(3), "{after}");
+    assert!(after[0].to_string().contains("The user is called Ann."));
+
+    // /context and /clear.
+    cluster.post_message("mem", "/context", None).await?;
+    let context = wait_for_text(&cluster, "mem", "Context:").await?;
+    assert!(context.contains("of 200000 tokens"), "{context}");
+    cluster.post_message("mem", "/clear", None).await?;
+    wait_for_text(&cluster, "mem", "Started a fresh conversation").await?;
+    cluster.post_message("mem", "who am I?", None).await?;
+    wait_for_text(&cluster, "mem", "model: ").await?;
+    let fresh = fake
+        .received()
+        .last()
+        .map(|r| r.body["messages"].clone())
+        .unwrap_or_default();
+    assert_eq!(fresh.as_array().map(Vec::len), Some(1), "{fresh}");
+    assert_eq!(fake.received().len(), 5, "commands never reached the model");
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_compatible_agent_calls_tools_and_a_spent_budget_is_explained() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([
+        Step::Tools(vec![tool(
+            "write_file",
+            json!({"path": "plans/today.md", "content": "1. tea\n2. code\n"}),
+        )]),
+        Step::Tools(vec![tool("read_file", json!({"path": "plans/today.md"}))]),
+        Step::Text("Plan saved.".into()),
+    ]);
+    let mut cluster = model_cluster(dir.path(), "openai", &fake, "").await?;
+    cluster.post_message("plan", "plan my day", None).await?;
+    cluster
+        .wait_for_lines("plan", &["Plan saved.".into()], WAIT)
+        .await?;
+    let received = fake.received();
+    assert_eq!(received[0].path, "/v1/chat/completions");
+    assert!(received.iter().all(|r| r.key.as_deref() == Some(KEY)));
+    let third = received[2].body["messages"].clone();
+    let tool_message = third
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rfind(|m| m["role"] == "tool")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        tool_message["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("1. tea"),
+        "{third}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(cluster.data_dir.join("agents/main/plans/today.md"))?,
+        "1. tea\n2. code\n"
+    );
+
+    // The operator sets a budget below what the agent has used: the proxy refuses, and the
+    // user is told why.
+    let config = dir.path().join("ferroclaw.toml");
+    let with_budget = std::fs::read_to_string(&config)? + "token_budget = 100\n";
+    std::fs::write(&config, with_budget)?;
+    cluster.kill_runner().await?;
+    cluster.restart_runner().await?;
+    cluster.post_message("plan", "and tomorrow?", None).await?;
+    let refused = wait_for_text(&cluster, "plan", "budget").await?;
+    assert!(
+        refused.contains("token budget of agent \"main\" is spent"),
+        "{refused}"
+    );
+    assert_eq!(fake.received().len(), 3, "the proxy refused before the API");
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_user_question_waits_for_the_answer() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([
+        Step::Tools(vec![tool(
+            "ask_user_question",
+            json!({"question": "Which colour?", "options": ["Red", "Blue"]}),
+        )]),
+        Step::Text("Blue it is.".into()),
+    ]);
+    let cluster = model_cluster(dir.path(), "anthropic", &fake, "").await?;
+    cluster.post_message("ask", "paint the shed", None).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let card = loop {
+        let (messages, _) = cluster.messages("ask", 0, 1.0).await?;
+        if let Some(m) = messages.iter().find(|m| m["kind"] == json!("card")) {
+            break m.clone();
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no question card");
+    };
+    assert_eq!(card["text"], json!("Which colour?"));
+    let question_id = card["content"]["question_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (status, body) = cluster
+        .post(
+            &format!("/v1/questions/{question_id}/answer"),
+            &json!({"option": "1", "user": "ann"}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    cluster
+        .wait_for_lines("ask", &["Blue it is.".into()], WAIT)
+        .await?;
+    let results = fake.received()[1].body["messages"].to_string();
+    assert!(results.contains("ann answered: Blue"), "{results}");
+    // The answer was used up by the waiting tool call, not answered again as a new turn.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.received().len(), 2);
+    cluster.stop().await
+}
