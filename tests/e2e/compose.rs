@@ -76,6 +76,10 @@ async fn compose_up_then_a_webhook_gets_its_reply() -> anyhow::Result<()> {
             ("FERROCLAW_API_TOKEN", "compose-token".into()),
             ("FERROCLAW_TAG", "e2e".into()),
             ("FERROCLAW_HTTP_PORT", "0".into()),
+            (
+                "FERROCLAW_AGENT_NETWORK",
+                format!("fce2e{}-agents", std::process::id()),
+            ),
         ],
     };
     compose.run(&["up", "-d"])?;
@@ -135,6 +139,14 @@ async fn compose_up_then_a_webhook_gets_its_reply() -> anyhow::Result<()> {
     assert!(
         ferroclaw_e2e::docker_inspect(&agent).is_some(),
         "the agent ran in its own container"
+    );
+    let network = format!("fce2e{}-agents", std::process::id());
+    let agents_net: Value =
+        serde_json::from_str(&ferroclaw_e2e::docker(&["network", "inspect", &network])?)?;
+    assert_eq!(
+        agents_net[0]["Internal"],
+        json!(true),
+        "the agents' network has no route out"
     );
     compose.run(&["down", "--remove-orphans", "--timeout", "15"])?;
     assert!(

@@ -19,6 +19,7 @@ async fn model_cluster(
     provider: &str,
     fake: &FakeModel,
     extra: &str,
+    env: &[(&'static str, String)],
 ) -> anyhow::Result<Cluster> {
     let config = dir.join("ferroclaw.toml");
     std::fs::write(
@@ -33,15 +34,13 @@ async fn model_cluster(
     } else {
         "OPENAI_API_KEY"
     };
-    Cluster::start(
-        &dir.join("data"),
-        &[
-            ("FERROCLAW_CONFIG", config.display().to_string()),
-            (key_var, KEY.to_string()),
-            ("FERROCLAW_MODEL_RETRY_BASE_MS", "20".into()),
-        ],
-    )
-    .await
+    let mut all = vec![
+        ("FERROCLAW_CONFIG", config.display().to_string()),
+        (key_var, KEY.to_string()),
+        ("FERROCLAW_MODEL_RETRY_BASE_MS", "20".into()),
+    ];
+    all.extend(env.iter().cloned());
+    Cluster::start(&dir.join("data"), &all).await
 }
 
 fn tool(name: &str, input: Value) -> (String, Value) {
@@ -79,7 +78,7 @@ async fn anthropic_agent_runs_bash_and_send_message_and_never_sees_the_key() -> 
         Step::Tools(vec![tool("send_message", json!({"text": "working on it"}))]),
         Step::Text("done: the note says hello-from-bash".into()),
     ]);
-    let cluster = model_cluster(dir.path(), "anthropic", &fake, "").await?;
+    let cluster = model_cluster(dir.path(), "anthropic", &fake, "", &[]).await?;
     cluster
         .post_message("work", "please make a note", None)
         .await?;
@@ -192,7 +191,7 @@ async fn overload_in_the_stream_and_529_are_retried_and_giving_up_is_explained()
         Step::Status(529),
         Step::Text("answer after two retries".into()),
     ]);
-    let cluster = model_cluster(dir.path(), "anthropic", &fake, "").await?;
+    let cluster = model_cluster(dir.path(), "anthropic", &fake, "", &[]).await?;
     cluster.post_message("flaky", "hello", None).await?;
     cluster
         .wait_for_lines("flaky", &["answer after two retries".into()], WAIT)
@@ -232,7 +231,7 @@ async fn history_survives_a_restart_and_clear_and_compact_work() -> anyhow::Resu
     let dir = tempfile::tempdir()?;
     let fake = FakeModel::start(KEY).await?;
     fake.push([Step::Text("Nice to meet you, Ann.".into())]);
-    let mut cluster = model_cluster(dir.path(), "anthropic", &fake, "").await?;
+    let mut cluster = model_cluster(dir.path(), "anthropic", &fake, "", &[]).await?;
     cluster.post_message("mem", "my name is Ann", None).await?;
     cluster
         .wait_for_lines("mem", &["Nice to meet you, Ann.".into()], WAIT)
@@ -301,7 +300,7 @@ async fn openai_compatible_agent_calls_tools_and_a_spent_budget_is_explained() -
         Step::Tools(vec![tool("read_file", json!({"path": "plans/today.md"}))]),
         Step::Text("Plan saved.".into()),
     ]);
-    let mut cluster = model_cluster(dir.path(), "openai", &fake, "").await?;
+    let mut cluster = model_cluster(dir.path(), "openai", &fake, "", &[]).await?;
     cluster.post_message("plan", "plan my day", None).await?;
     cluster
         .wait_for_lines("plan", &["Plan saved.".into()], WAIT)
@@ -357,7 +356,7 @@ async fn ask_user_question_waits_for_the_answer() -> anyhow::Result<()> {
         )]),
         Step::Text("Blue it is.".into()),
     ]);
-    let cluster = model_cluster(dir.path(), "anthropic", &fake, "").await?;
+    let cluster = model_cluster(dir.path(), "anthropic", &fake, "", &[]).await?;
     cluster.post_message("ask", "paint the shed", None).await?;
     let deadline = std::time::Instant::now() + WAIT;
     let card = loop {
@@ -388,4 +387,80 @@ async fn ask_user_question_waits_for_the_answer() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fake.received().len(), 2);
     cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_containerised_model_agent_reaches_only_the_proxy_and_never_the_key() -> anyhow::Result<()>
+{
+    if !ferroclaw_e2e::docker_available() {
+        eprintln!("skipped: no Docker engine");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([
+        Step::Tools(vec![tool(
+            "send_message",
+            json!({"text": "hello from a container"}),
+        )]),
+        Step::Text("done".into()),
+    ]);
+    let network = format!("fc-e2e-{}-agents", std::process::id());
+    let cluster = model_cluster(
+        dir.path(),
+        "anthropic",
+        &fake,
+        "",
+        &[
+            ("FERROCLAW_RUNNER_BACKEND", "docker".into()),
+            (
+                "FERROCLAW_AGENT_IMAGE",
+                ferroclaw_e2e::offline_agent_image()?,
+            ),
+            // Containers reach the proxy through their network's gateway, not loopback.
+            ("FERROCLAW_PROXY_ADDR", "0.0.0.0:0".into()),
+            ("FERROCLAW_AGENT_NETWORK", network.clone()),
+        ],
+    )
+    .await?;
+    let (_, accepted) = cluster.post_message("boxed", "hi", None).await?;
+    cluster
+        .wait_for_lines(
+            "boxed",
+            &["hello from a container".into(), "done".into()],
+            WAIT,
+        )
+        .await?;
+    assert!(
+        fake.received()
+            .iter()
+            .all(|r| r.key.as_deref() == Some(KEY))
+    );
+
+    let name = format!(
+        "ferroclaw-agent-{}",
+        accepted["session_id"].as_str().unwrap_or_default()
+    );
+    let container = ferroclaw_e2e::docker_inspect(&name)
+        .ok_or_else(|| anyhow::anyhow!("no container {name}"))?;
+    assert_eq!(container["HostConfig"]["NetworkMode"], json!(network));
+    let env = container["Config"]["Env"].to_string();
+    assert!(!env.contains(KEY), "key in the container's environment");
+    assert!(env.contains("FERROCLAW_MODEL_TOKEN="), "{env}");
+    let processes = ferroclaw_e2e::docker(&["top", &name, "-eo", "pid,args"])?;
+    assert!(
+        processes.contains("ferroclaw-agent") && !processes.contains(KEY),
+        "{processes}"
+    );
+    assert_eq!(
+        files_containing(&cluster.data_dir, KEY),
+        Vec::<String>::new()
+    );
+    let net: Value =
+        serde_json::from_str(&ferroclaw_e2e::docker(&["network", "inspect", &network])?)?;
+    assert_eq!(net[0]["Internal"], json!(true), "no route out of the host");
+
+    cluster.stop().await?;
+    ferroclaw_e2e::docker(&["network", "rm", &network])?;
+    Ok(())
 }

@@ -130,6 +130,8 @@ pub struct RunnerConfig {
     /// The proxy's base URL as agents reach it; defaults to `http://<proxy_listen>` (right
     /// for the process backend).
     pub proxy_url: Option<String>,
+    /// docker backend: the internal network model agents join (created when absent).
+    pub agent_network: String,
 }
 
 impl Default for RunnerConfig {
@@ -150,6 +152,7 @@ impl Default for RunnerConfig {
             agent_pids: 256,
             proxy_listen: SocketAddr::from(([127, 0, 0, 1], 50055)),
             proxy_url: None,
+            agent_network: "ferroclaw-agents".into(),
         }
     }
 }
@@ -459,6 +462,9 @@ impl Config {
         }
         if let Some(v) = get("FERROCLAW_PROXY_URL") {
             self.runner.proxy_url = Some(v);
+        }
+        if let Some(v) = get("FERROCLAW_AGENT_NETWORK") {
+            self.runner.agent_network = v;
         }
         if let Some(v) = get("FERROCLAW_RUNNER_BACKEND") {
             self.runner.backend = v;

@@ -28,7 +28,9 @@ const USAGE_SCAN_BYTES: usize = 4 * 1024 * 1024;
 /// What agents need to reach the proxy: its URL and the secret their tokens are made with.
 #[derive(Clone)]
 pub struct ModelAccess {
-    pub url: String,
+    /// Where the proxy listens, and the URL the config gives for it (if any).
+    pub listen: std::net::SocketAddr,
+    pub configured_url: Option<String>,
     secret: Arc<Vec<u8>>,
 }
 
@@ -39,12 +41,25 @@ impl ModelAccess {
     }
 
     /// The environment an agent of `agent` needs to call its model through the proxy.
-    pub fn agent_env(&self, session_id: &str, agent: &AgentConfig) -> Vec<(String, String)> {
+    /// The proxy URL for local agents (the process backend).
+    pub fn local_url(&self) -> String {
+        self.configured_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
+    /// The environment an agent of `agent` needs to call its model at `url`.
+    pub fn agent_env(
+        &self,
+        session_id: &str,
+        agent: &AgentConfig,
+        url: &str,
+    ) -> Vec<(String, String)> {
         if !agent.uses_model_api() {
             return Vec::new();
         }
         let mut env = vec![
-            ("FERROCLAW_MODEL_URL".into(), self.url.clone()),
+            ("FERROCLAW_MODEL_URL".into(), url.to_string()),
             ("FERROCLAW_MODEL_TOKEN".into(), self.token(session_id)),
             (
                 "FERROCLAW_MODEL".into(),
@@ -141,7 +156,8 @@ pub async fn start(
         }
     });
     Ok(ModelAccess {
-        url: url.unwrap_or_else(|| format!("http://{bound}")),
+        listen: bound,
+        configured_url: url,
         secret,
     })
 }

@@ -2,17 +2,20 @@
 //! through the Docker API (bollard), never the docker CLI.
 //!
 //! Hardened by default: a non-root user, a read-only root file system, a tmpfs `/tmp`, every
-//! capability dropped, `no-new-privileges`, pids/memory/CPU limits, no network, and only this
+//! capability dropped, `no-new-privileges`, pids/memory/CPU limits, and only this
 //! session's mounts (its `in/` read-only, its `out/` read-write, the agent's memory folder
 //! read-write, `global/` read-only). Containers carry labels and a deterministic name, so a
 //! restarted runner adopts those of known sessions and removes the rest.
+//!
+//! Network: none for agents that call no model; model agents join an internal network (no
+//! route out of the host) whose only service for them is the runner's credential proxy.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StopContainerOptions,
     WaitContainerOptions,
@@ -52,6 +55,9 @@ pub struct DockerBackend {
     max_attempts: u32,
     limits: Limits,
     model_access: ModelAccess,
+    /// The internal network of model agents, and the proxy URL they use on it.
+    network: String,
+    proxy_url: OnceCell<String>,
 }
 
 /// One agent container of a session, started or adopted.
@@ -85,6 +91,7 @@ impl DockerBackend {
         max_attempts: u32,
         limits: Limits,
         model_access: ModelAccess,
+        network: String,
     ) -> Self {
         Self {
             docker: OnceCell::new(),
@@ -95,7 +102,71 @@ impl DockerBackend {
             max_attempts,
             limits,
             model_access,
+            network,
+            proxy_url: OnceCell::new(),
         }
+    }
+
+    /// Creates the agents' internal network unless it exists (compose creates it itself);
+    /// returns the proxy URL agents use on it: the configured one, else the network's
+    /// gateway (this host) at the proxy's port.
+    async fn agent_network(&self, docker: &Docker) -> Result<String> {
+        self.proxy_url
+            .get_or_try_init(|| async {
+                let found = match docker.inspect_network(&self.network, None).await {
+                    Ok(found) => found,
+                    Err(_) => {
+                        let labels = HashMap::from([
+                            (LABEL_MANAGED.to_string(), "true".to_string()),
+                            (LABEL_INSTANCE.to_string(), self.instance.clone()),
+                        ]);
+                        let created = docker
+                            .create_network(NetworkCreateRequest {
+                                name: self.network.clone(),
+                                driver: Some("bridge".into()),
+                                internal: Some(true),
+                                labels: Some(labels),
+                                ..Default::default()
+                            })
+                            .await;
+                        if let Err(e) = created {
+                            // A concurrent start may have created it: inspect decides.
+                            tracing::debug!(error = %e, "creating the agent network");
+                        }
+                        docker
+                            .inspect_network(&self.network, None)
+                            .await
+                            .map_err(|e| {
+                                RunnerError::Docker(format!(
+                                    "agent network {}: {e}",
+                                    self.network
+                                ))
+                            })?
+                    }
+                };
+                if found.internal != Some(true) {
+                    tracing::warn!(network = %self.network, "the agent network is not internal: agents can reach more than the proxy");
+                }
+                if let Some(url) = &self.model_access.configured_url {
+                    return Ok(url.clone());
+                }
+                let gateway = found
+                    .ipam
+                    .and_then(|i| i.config)
+                    .and_then(|c| c.into_iter().find_map(|c| c.gateway))
+                    .ok_or_else(|| {
+                        RunnerError::Docker(format!(
+                            "agent network {} has no gateway; set runner.proxy_url",
+                            self.network
+                        ))
+                    })?;
+                if self.model_access.listen.ip().is_loopback() {
+                    tracing::warn!(proxy = %self.model_access.listen, "the credential proxy listens on loopback, which agent containers cannot reach: set runner.proxy_listen to 0.0.0.0:<port> or the network's gateway");
+                }
+                Ok(format!("http://{gateway}:{}", self.model_access.listen.port()))
+            })
+            .await
+            .cloned()
     }
 
     /// The engine connection, negotiated on first use (the engine may come up after us).
@@ -199,12 +270,18 @@ impl DockerBackend {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         env.push("FERROCLAW_SESSION_DIR=/session".into());
-        env.extend(
-            self.model_access
-                .agent_env(&session.id, agent)
-                .into_iter()
-                .map(|(k, v)| format!("{k}={v}")),
-        );
+        let network = if agent.uses_model_api() {
+            let proxy_url = self.agent_network(&docker).await?;
+            env.extend(
+                self.model_access
+                    .agent_env(&session.id, agent, &proxy_url)
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}")),
+            );
+            self.network.clone()
+        } else {
+            "none".to_string()
+        };
         let labels = HashMap::from([
             (LABEL_MANAGED.to_string(), "true".to_string()),
             (LABEL_SESSION.to_string(), session.id.clone()),
@@ -228,7 +305,7 @@ impl DockerBackend {
             pids_limit: Some(self.limits.pids),
             memory: Some(self.limits.memory_mb * 1024 * 1024),
             nano_cpus: Some((self.limits.cpus * 1e9) as i64),
-            network_mode: Some("none".into()),
+            network_mode: Some(network),
             init: Some(false),
             ..Default::default()
         };

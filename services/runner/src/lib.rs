@@ -91,6 +91,7 @@ pub async fn run(
                 pids: config.runner.agent_pids,
             },
             model_access,
+            config.runner.agent_network.clone(),
         ))
     } else {
         let binary = config

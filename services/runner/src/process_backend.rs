@@ -92,7 +92,10 @@ impl ProcessBackend {
             .arg("--exit-with-parent")
             .env_clear()
             .envs(crate::backend::passthrough_env(true))
-            .envs(self.model_access.agent_env(session_id, agent))
+            .envs(
+                self.model_access
+                    .agent_env(session_id, agent, &self.model_access.local_url()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
