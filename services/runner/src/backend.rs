@@ -14,7 +14,7 @@ use crate::registry::{Registry, SessionRecord};
 
 pub enum Backend {
     Process(ProcessBackend),
-    Docker(DockerBackend),
+    Docker(Box<DockerBackend>),
 }
 
 /// One running agent.

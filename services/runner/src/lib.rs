@@ -80,7 +80,7 @@ pub async fn run(
     )
     .await?;
     let backend = if docker {
-        Backend::Docker(DockerBackend::new(
+        Backend::Docker(Box::new(DockerBackend::new(
             config.runner.agent_image.clone(),
             data_dir.clone(),
             config.runner.idle_timeout_secs,
@@ -92,7 +92,7 @@ pub async fn run(
             },
             model_access,
             config.runner.agent_network.clone(),
-        ))
+        )))
     } else {
         let binary = config
             .runner
