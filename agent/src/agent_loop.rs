@@ -71,6 +71,8 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> Result<(
         return Ok(());
     };
     let folders = Folders {
+        session_dir: options.session_dir.clone(),
+        journal_mode: options.journal_mode,
         agent_dir: options.agent_dir.clone(),
         global_dir: options.global_dir.clone(),
         state_dir: paths.state_dir(),

@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 
-use ferroclaw_mailbox::content::{ChatOut, InboundContent};
-use ferroclaw_mailbox::{Destination, InboundRow, OutboundContent, now_ms};
+use ferroclaw_mailbox::{Destination, InboundRow, now_ms};
 
+use crate::commands::{Command, Segment, segments};
 use crate::formatter;
 use crate::model::{Block, Completion, Message, Model, ModelError, Request, Role, ToolSpec};
 use crate::provider::{Prompt, Reply, by_destination};
@@ -33,28 +33,6 @@ pub struct ModelAgent {
     max_tokens: u64,
     prices: Prices,
     http: reqwest::Client,
-}
-
-/// The session commands handled by the agent itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Command {
-    Clear,
-    Compact,
-    Cost,
-    Context,
-}
-
-fn command_of(row: &InboundRow) -> Option<Command> {
-    let InboundContent::Chat(chat) = &row.content else {
-        return None;
-    };
-    match chat.text.split_whitespace().next()? {
-        "/clear" => Some(Command::Clear),
-        "/compact" => Some(Command::Compact),
-        "/cost" => Some(Command::Cost),
-        "/context" => Some(Command::Context),
-        _ => None,
-    }
 }
 
 pub struct ModelAgentOptions {
@@ -93,25 +71,19 @@ impl ModelAgent {
         let mut replies = Vec::new();
         let mut consumed = Vec::new();
         for (destination, rows) in by_destination(prompt.rows) {
-            let mut pending: Vec<InboundRow> = Vec::new();
-            for row in rows {
-                let Some(command) = command_of(row) else {
-                    pending.push(row.clone());
-                    continue;
-                };
-                if !pending.is_empty() {
-                    let (r, c) = self.turn(&destination, &pending, prompt).await;
-                    replies.extend(r);
-                    consumed.extend(c);
-                    pending.clear();
+            for segment in segments(&rows) {
+                match segment {
+                    Segment::Turn(turn) => {
+                        let turn: Vec<InboundRow> = turn.into_iter().cloned().collect();
+                        let (r, c) = self.turn(&destination, &turn, prompt).await;
+                        replies.extend(r);
+                        consumed.extend(c);
+                    }
+                    Segment::Command(command, row) => {
+                        let text = self.command(command).await;
+                        replies.push(Reply::chat(&destination, row.seq, text));
+                    }
                 }
-                let text = self.command(command).await;
-                replies.push(chat(&destination, row.seq, text));
-            }
-            if !pending.is_empty() {
-                let (r, c) = self.turn(&destination, &pending, prompt).await;
-                replies.extend(r);
-                consumed.extend(c);
             }
         }
         self.save();
@@ -169,7 +141,7 @@ impl ModelAgent {
                     self.transcript.last_turn = None;
                     self.save();
                     let mut replies = ctx.replies;
-                    replies.push(chat(destination, in_reply_to, failure_text(&e)));
+                    replies.push(Reply::chat(destination, in_reply_to, failure_text(&e)));
                     return (replies, ctx.consumed);
                 }
             };
@@ -225,7 +197,7 @@ impl ModelAgent {
             );
         }
         if !answer.trim().is_empty() {
-            replies.push(chat(destination, in_reply_to, answer));
+            replies.push(Reply::chat(destination, in_reply_to, answer));
         }
         (replies, ctx.consumed)
     }
@@ -382,14 +354,6 @@ impl ModelAgent {
                 )
             }
         }
-    }
-}
-
-fn chat(destination: &Destination, in_reply_to: i64, text: String) -> Reply {
-    Reply {
-        destination: destination.clone(),
-        in_reply_to,
-        content: OutboundContent::Chat(ChatOut { text }),
     }
 }
 

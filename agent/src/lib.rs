@@ -2,9 +2,12 @@
 //! session's inbound mailbox, asks a model provider for replies and writes them out.
 
 pub mod agent_loop;
+pub mod claude_code;
+pub mod commands;
 pub mod conversation;
 pub mod formatter;
 pub mod lock;
+pub mod mcp_server;
 pub mod memory;
 pub mod model;
 pub mod provider;

@@ -34,12 +34,52 @@ struct Args {
     /// Exit when the parent process exits.
     #[arg(long)]
     exit_with_parent: bool,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// Serve ferroclaw's tools over MCP on stdio for one turn (started by Claude Code).
+    McpServer {
+        #[arg(long)]
+        session_dir: PathBuf,
+        #[arg(long)]
+        agent_dir: PathBuf,
+        /// Where the turn's messages go (JSON, as in the mailbox).
+        #[arg(long)]
+        destination: String,
+        #[arg(long)]
+        in_reply_to: i64,
+        #[arg(long, default_value = "delete")]
+        journal_mode: String,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init("agent");
+    if let Some(Sub::McpServer {
+        session_dir,
+        agent_dir,
+        destination,
+        in_reply_to,
+        journal_mode,
+    }) = args.command
+    {
+        let turn = ferroclaw_agent::mcp_server::McpTurn {
+            session_dir,
+            agent_dir,
+            destination: serde_json::from_str(&destination)
+                .context("--destination is not a mailbox destination")?,
+            in_reply_to,
+            journal_mode: journal_mode
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--journal-mode: {e}"))?,
+        };
+        return ferroclaw_agent::mcp_server::serve(turn).await;
+    }
     let timezone = args
         .timezone
         .parse()

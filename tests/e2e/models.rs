@@ -29,10 +29,10 @@ async fn model_cluster(
             fake.url()
         ),
     )?;
-    let key_var = if provider == "anthropic" {
-        "ANTHROPIC_API_KEY"
-    } else {
+    let key_var = if provider == "openai" {
         "OPENAI_API_KEY"
+    } else {
+        "ANTHROPIC_API_KEY"
     };
     let mut all = vec![
         ("FERROCLAW_CONFIG", config.display().to_string()),
@@ -463,4 +463,97 @@ async fn a_containerised_model_agent_reaches_only_the_proxy_and_never_the_key() 
     cluster.stop().await?;
     ferroclaw_e2e::docker(&["network", "rm", &network])?;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_runs_the_cli_with_ferroclaw_tools_over_mcp_and_resumes() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([Step::Text("claude says hi".into())]);
+    let claude = ferroclaw_e2e::binary("fake-claude")?;
+    let cluster = model_cluster(
+        dir.path(),
+        "claude-code",
+        &fake,
+        &format!("command = \"{}\"", claude.display()),
+        &[],
+    )
+    .await?;
+    cluster.post_message("cc", "hello claude", None).await?;
+    let first = "claude says hi [session fake-session-1, resumed: false]";
+    cluster
+        .wait_for_lines("cc", &["via mcp".into(), first.into()], WAIT)
+        .await?;
+    assert_eq!(cluster.texts("cc").await?, vec!["via mcp", first]);
+    let received = fake.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        received[0].key.as_deref(),
+        Some(KEY),
+        "the proxy added the key"
+    );
+    assert!(last_user_text(&received[0].body).contains("hello claude"));
+
+    fake.push([Step::Text("again".into())]);
+    cluster.post_message("cc", "more", None).await?;
+    cluster
+        .wait_for_lines(
+            "cc",
+            &["again [session fake-session-1, resumed: true]".into()],
+            WAIT,
+        )
+        .await?;
+    cluster.post_message("cc", "/cost", None).await?;
+    let cost = wait_for_text(&cluster, "cc", "Tokens so far").await?;
+    assert!(
+        cost.contains("in 2 turns") && cost.contains("$0.0250"),
+        "{cost}"
+    );
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_context_is_compacted_before_the_next_request() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([
+        Step::Text("one".into()),
+        Step::Text("two".into()),
+        Step::Text("SUMMARY: counted to two".into()),
+        Step::Text("three".into()),
+    ]);
+    // A window the tool definitions alone nearly fill.
+    let cluster = model_cluster(
+        dir.path(),
+        "anthropic",
+        &fake,
+        "context_window = 1000\nmax_tokens = 100",
+        &[],
+    )
+    .await?;
+    for (text, answer) in [("count", "one"), ("go on", "two"), ("and on", "three")] {
+        cluster.post_message("long", text, None).await?;
+        cluster
+            .wait_for_lines("long", &[answer.to_string()], WAIT)
+            .await?;
+    }
+    let received = fake.received();
+    assert_eq!(received.len(), 4);
+    assert_eq!(
+        received[2].body["tools"],
+        json!([]),
+        "the third request is the summary"
+    );
+    let after = received[3].body["messages"].clone();
+    assert!(
+        after[0].to_string().contains("SUMMARY: counted to two"),
+        "{after}"
+    );
+    assert!(last_user_text(&received[3].body).contains("and on"));
+    assert!(
+        !after.to_string().contains("go on"),
+        "the old turns are gone: {after}"
+    );
+    cluster.stop().await
 }

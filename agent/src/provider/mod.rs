@@ -10,6 +10,7 @@ use ferroclaw_mailbox::{AgentMailbox, Destination, InboundRow, OutboundContent};
 
 pub use echo::Echo;
 
+use crate::claude_code::ClaudeCode;
 use crate::conversation::{ModelAgent, ModelAgentOptions};
 use crate::model::{Endpoint, Model, ModelError, RetryPolicy};
 
@@ -39,9 +40,19 @@ pub struct Reply {
     pub content: OutboundContent,
 }
 
+impl Reply {
+    pub fn chat(destination: &Destination, in_reply_to: i64, text: String) -> Self {
+        Self {
+            destination: destination.clone(),
+            in_reply_to,
+            content: OutboundContent::Chat(ferroclaw_mailbox::content::ChatOut { text }),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
-    #[error("unknown provider {0:?} (available: echo, anthropic, openai)")]
+    #[error("unknown provider {0:?} (available: echo, anthropic, openai, claude-code)")]
     Unknown(String),
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -50,6 +61,8 @@ pub enum ProviderError {
 /// Where a model agent keeps its memory and state.
 #[derive(Debug, Clone)]
 pub struct Folders {
+    pub session_dir: PathBuf,
+    pub journal_mode: ferroclaw_mailbox::JournalMode,
     pub agent_dir: PathBuf,
     pub global_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -59,6 +72,7 @@ pub struct Folders {
 pub enum Provider {
     Echo(Echo),
     Model(Box<ModelAgent>),
+    ClaudeCode(Box<ClaudeCode>),
 }
 
 impl Provider {
@@ -66,6 +80,11 @@ impl Provider {
     /// environment the runner sets).
     pub fn from_name(name: &str, folders: &Folders) -> Result<Self, ProviderError> {
         match name {
+            "claude-code" => Ok(Self::ClaudeCode(Box::new(ClaudeCode::new(
+                folders,
+                folders.session_dir.clone(),
+                folders.journal_mode,
+            )))),
             "anthropic" | "openai" => {
                 let endpoint = Endpoint::from_env()?;
                 let max_tokens = u64::from(endpoint.max_tokens);
@@ -117,6 +136,10 @@ impl Provider {
                 consumed: Vec::new(),
             },
             Self::Model(agent) => {
+                let (replies, consumed) = agent.respond(prompt).await;
+                Answer { replies, consumed }
+            }
+            Self::ClaudeCode(agent) => {
                 let (replies, consumed) = agent.respond(prompt).await;
                 Answer { replies, consumed }
             }

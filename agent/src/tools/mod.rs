@@ -95,13 +95,13 @@ pub async fn run(name: &str, input: &Value, ctx: &mut ToolContext<'_>) -> ToolRe
         "schedule_task" | "update_task" | "pause_task" | "resume_task" | "cancel_task" => {
             tasks::task_action(name, input, ctx)
         }
-        "bash" => workspace::bash(input, ctx).await,
-        "read_file" => workspace::read_file(input, ctx),
-        "write_file" => workspace::write_file(input, ctx),
-        "edit_file" => workspace::edit_file(input, ctx),
-        "glob" => workspace::glob(input, ctx),
-        "grep" => workspace::grep(input, ctx),
-        "web_fetch" => workspace::web_fetch(input, ctx).await,
+        "bash" => workspace::bash(input, &ctx.workspace, &ctx.limits).await,
+        "read_file" => workspace::read_file(input, &ctx.workspace, &ctx.limits),
+        "write_file" => workspace::write_file(input, &ctx.workspace),
+        "edit_file" => workspace::edit_file(input, &ctx.workspace),
+        "glob" => workspace::glob(input, &ctx.workspace),
+        "grep" => workspace::grep(input, &ctx.workspace, &ctx.limits),
+        "web_fetch" => workspace::web_fetch(input, &ctx.http, &ctx.limits).await,
         other => Err(format!("there is no tool named {other:?}")),
     }
 }

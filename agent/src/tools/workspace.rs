@@ -6,7 +6,7 @@ use std::process::Stdio;
 
 use serde_json::{Value, json};
 
-use super::{ToolContext, ToolResult, cap, object_schema, text};
+use super::{ToolLimits, ToolResult, cap, object_schema, text};
 use crate::model::ToolSpec;
 
 /// Files a search looks at, at most (a runaway `**` in a big tree stops here).
@@ -98,17 +98,17 @@ pub fn resolve(workspace: &Path, path: &str) -> PathBuf {
     }
 }
 
-pub async fn bash(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
+pub async fn bash(input: &Value, workspace: &Path, limits: &ToolLimits) -> ToolResult {
     let command = text(input, "command")?;
     let timeout = input["timeout_secs"]
         .as_u64()
         .map(|s| std::time::Duration::from_secs(s.clamp(1, 600)))
-        .unwrap_or(ctx.limits.bash_timeout);
-    std::fs::create_dir_all(&ctx.workspace).map_err(|e| format!("workspace: {e}"))?;
+        .unwrap_or(limits.bash_timeout);
+    std::fs::create_dir_all(workspace).map_err(|e| format!("workspace: {e}"))?;
     let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
-        .current_dir(&ctx.workspace)
+        .current_dir(workspace)
         // The session's proxy token is the agent's business, not the commands'.
         .env_remove("FERROCLAW_MODEL_TOKEN")
         .stdin(Stdio::null())
@@ -131,7 +131,7 @@ pub async fn bash(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
                 .status
                 .code()
                 .map_or_else(|| "killed by a signal".to_string(), |c| c.to_string());
-            let body = cap(&text, ctx.limits.output_cap);
+            let body = cap(&text, limits.output_cap);
             if output.status.success() {
                 Ok(format!("exit code 0\n{body}"))
             } else {
@@ -154,8 +154,8 @@ pub async fn bash(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
     }
 }
 
-pub fn read_file(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
-    let path = resolve(&ctx.workspace, text(input, "path")?);
+pub fn read_file(input: &Value, workspace: &Path, limits: &ToolLimits) -> ToolResult {
+    let path = resolve(workspace, text(input, "path")?);
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let content = String::from_utf8(bytes)
         .map_err(|_| format!("{} is not a text file (UTF-8)", path.display()))?;
@@ -174,11 +174,11 @@ pub fn read_file(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
             content.lines().count()
         ));
     }
-    Ok(cap(&lines.join("\n"), ctx.limits.output_cap))
+    Ok(cap(&lines.join("\n"), limits.output_cap))
 }
 
-pub fn write_file(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
-    let path = resolve(&ctx.workspace, text(input, "path")?);
+pub fn write_file(input: &Value, workspace: &Path) -> ToolResult {
+    let path = resolve(workspace, text(input, "path")?);
     let content = text(input, "content")?;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
@@ -191,8 +191,8 @@ pub fn write_file(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
     ))
 }
 
-pub fn edit_file(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
-    let path = resolve(&ctx.workspace, text(input, "path")?);
+pub fn edit_file(input: &Value, workspace: &Path) -> ToolResult {
+    let path = resolve(workspace, text(input, "path")?);
     let old = text(input, "old_string")?;
     let new = text(input, "new_string")?;
     if old.is_empty() {
@@ -259,9 +259,9 @@ fn walk(root: &Path) -> Vec<String> {
         .collect()
 }
 
-pub fn glob(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
+pub fn glob(input: &Value, workspace: &Path) -> ToolResult {
     let matcher = glob_regex(text(input, "pattern")?)?;
-    let root = resolve(&ctx.workspace, input["path"].as_str().unwrap_or("."));
+    let root = resolve(workspace, input["path"].as_str().unwrap_or("."));
     let mut found: Vec<String> = walk(&root)
         .into_iter()
         .filter(|p| matcher.is_match(p))
@@ -279,11 +279,11 @@ pub fn glob(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
     Ok(out)
 }
 
-pub fn grep(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
+pub fn grep(input: &Value, workspace: &Path, limits: &ToolLimits) -> ToolResult {
     let pattern = text(input, "pattern")?;
     let matcher = regex::Regex::new(pattern).map_err(|e| format!("bad pattern: {e}"))?;
     let only = input["glob"].as_str().map(glob_regex).transpose()?;
-    let root = resolve(&ctx.workspace, input["path"].as_str().unwrap_or("."));
+    let root = resolve(workspace, input["path"].as_str().unwrap_or("."));
     let files = if root.is_file() {
         vec![String::new()]
     } else {
@@ -316,16 +316,15 @@ pub fn grep(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
     if hits.is_empty() {
         return Ok("no matches".into());
     }
-    Ok(cap(&hits.join("\n"), ctx.limits.output_cap))
+    Ok(cap(&hits.join("\n"), limits.output_cap))
 }
 
-pub async fn web_fetch(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
+pub async fn web_fetch(input: &Value, http: &reqwest::Client, limits: &ToolLimits) -> ToolResult {
     let url = text(input, "url")?;
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(format!("{url:?} is not an http(s) URL"));
     }
-    let response = ctx
-        .http
+    let response = http
         .get(url)
         .timeout(std::time::Duration::from_secs(30))
         .send()
@@ -336,7 +335,7 @@ pub async fn web_fetch(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
         .text()
         .await
         .map_err(|e| format!("reading {url}: {e}"))?;
-    let body = cap(&body, ctx.limits.output_cap);
+    let body = cap(&body, limits.output_cap);
     if status.is_success() {
         Ok(body)
     } else {
@@ -347,6 +346,94 @@ pub async fn web_fetch(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits() -> ToolLimits {
+        ToolLimits {
+            bash_timeout: std::time::Duration::from_secs(1),
+            output_cap: 200,
+            ..ToolLimits::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn bash_reports_exit_codes_caps_output_and_kills_on_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path();
+        let ok = bash(&json!({"command": "echo hi; echo oops >&2"}), ws, &limits()).await;
+        assert_eq!(ok.unwrap(), "exit code 0\nhi\n\n[stderr]\noops\n");
+        let failed = bash(&json!({"command": "exit 3"}), ws, &limits()).await;
+        assert!(failed.unwrap_err().starts_with("exit code 3"));
+        let long = bash(&json!({"command": "seq 1 10000"}), ws, &limits())
+            .await
+            .unwrap();
+        assert!(
+            long.contains("characters cut") && long.len() < 400,
+            "{long}"
+        );
+        let started = std::time::Instant::now();
+        let hung = bash(&json!({"command": "sleep 30"}), ws, &limits()).await;
+        assert!(hung.unwrap_err().contains("longer than 1 s"));
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        assert!(
+            bash(&json!({}), ws, &limits())
+                .await
+                .unwrap_err()
+                .contains("command")
+        );
+    }
+
+    #[test]
+    fn files_are_written_read_edited_and_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path();
+        write_file(
+            &json!({"path": "a/b.txt", "content": "one\ntwo\ntwo\n"}),
+            ws,
+        )
+        .unwrap();
+        let read = read_file(
+            &json!({"path": "a/b.txt", "offset": 2, "limit": 1}),
+            ws,
+            &limits(),
+        );
+        assert_eq!(read.unwrap(), "     2\ttwo");
+        let twice = edit_file(
+            &json!({"path": "a/b.txt", "old_string": "two", "new_string": "2"}),
+            ws,
+        );
+        assert!(twice.unwrap_err().contains("occurs 2 times"));
+        let missing = edit_file(
+            &json!({"path": "a/b.txt", "old_string": "zz", "new_string": "2"}),
+            ws,
+        );
+        assert!(missing.unwrap_err().contains("does not occur"));
+        edit_file(
+            &json!({"path": "a/b.txt", "old_string": "two", "new_string": "2", "replace_all": true}),
+            ws,
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(ws.join("a/b.txt")).unwrap(),
+            "one\n2\n2\n"
+        );
+        assert_eq!(
+            glob(&json!({"pattern": "**/*.txt"}), ws).unwrap(),
+            "a/b.txt"
+        );
+        let hits = grep(
+            &json!({"pattern": "^2$", "glob": "**/*.txt"}),
+            ws,
+            &limits(),
+        )
+        .unwrap();
+        assert_eq!(hits.lines().count(), 2, "{hits}");
+        assert!(read_file(&json!({"path": "nope"}), ws, &limits()).is_err());
+        assert!(
+            grep(&json!({"pattern": "("}), ws, &limits())
+                .unwrap_err()
+                .contains("bad pattern")
+        );
+    }
 
     #[test]
     fn glob_patterns() {

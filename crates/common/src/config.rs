@@ -195,6 +195,9 @@ pub struct AgentConfig {
     /// Tokens (input plus output) all sessions of this agent may use; unset: no limit.
     #[serde(default)]
     pub token_budget: Option<u64>,
+    /// claude-code: the Claude Code executable (default `claude` on the agent's PATH).
+    #[serde(default)]
+    pub command: Option<String>,
     /// Dollars per million input and output tokens, for `/cost`.
     #[serde(default)]
     pub price_per_mtok: Option<(f64, f64)>,
@@ -214,17 +217,29 @@ impl AgentConfig {
             context_window: default_context_window(),
             token_budget: None,
             price_per_mtok: None,
+            command: None,
         }
     }
 
     /// Whether this agent talks to a model API (through the runner's proxy).
     pub fn uses_model_api(&self) -> bool {
-        matches!(self.provider.as_str(), "anthropic" | "openai")
+        matches!(
+            self.provider.as_str(),
+            "anthropic" | "openai" | "claude-code"
+        )
+    }
+
+    /// The wire format of its model API: Claude Code speaks Anthropic's.
+    pub fn api_flavour(&self) -> &str {
+        match self.provider.as_str() {
+            "openai" => "openai",
+            _ => "anthropic",
+        }
     }
 
     /// The upstream API the proxy forwards this agent's calls to.
     pub fn upstream_base_url(&self) -> &str {
-        match (&self.api_base_url, self.provider.as_str()) {
+        match (&self.api_base_url, self.api_flavour()) {
             (Some(url), _) => url.trim_end_matches('/'),
             (None, "anthropic") => "https://api.anthropic.com",
             (None, _) => "https://api.openai.com",
@@ -233,18 +248,17 @@ impl AgentConfig {
 
     /// The API key from the runner's environment, if this agent has one.
     pub fn api_key(&self) -> Option<String> {
-        let var = match (&self.api_key_env, self.provider.as_str()) {
+        let var = match (&self.api_key_env, self.api_flavour()) {
             (Some(var), _) => var.as_str(),
             (None, "anthropic") => "ANTHROPIC_API_KEY",
-            (None, "openai") => "OPENAI_API_KEY",
-            (None, _) => return None,
+            (None, _) => "OPENAI_API_KEY",
         };
         std::env::var(var).ok().filter(|k| !k.is_empty())
     }
 }
 
 /// Providers the agent binary knows.
-pub const PROVIDERS: &[&str] = &["echo", "anthropic", "openai"];
+pub const PROVIDERS: &[&str] = &["echo", "anthropic", "openai", "claude-code"];
 
 fn default_provider() -> String {
     "echo".into()
@@ -516,7 +530,9 @@ impl Config {
                     ),
                 );
             }
-            if agent.uses_model_api() && agent.model.as_deref().unwrap_or("").is_empty() {
+            if matches!(agent.provider.as_str(), "anthropic" | "openai")
+                && agent.model.as_deref().unwrap_or("").is_empty()
+            {
                 return invalid(
                     format!("{key}.model"),
                     format!("the {} provider needs a model name", agent.provider),

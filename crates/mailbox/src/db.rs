@@ -24,6 +24,15 @@ pub enum JournalMode {
     Wal,
 }
 
+impl std::fmt::Display for JournalMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Delete => "delete",
+            Self::Wal => "wal",
+        })
+    }
+}
+
 impl FromStr for JournalMode {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

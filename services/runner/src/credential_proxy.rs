@@ -71,6 +71,9 @@ impl ModelAccess {
                 agent.context_window.to_string(),
             ),
         ];
+        if let Some(command) = &agent.command {
+            env.push(("FERROCLAW_CLAUDE_BIN".into(), command.clone()));
+        }
         if let Some((input, output)) = agent.price_per_mtok {
             env.push((
                 "FERROCLAW_PRICE_PER_MTOK".into(),
@@ -267,7 +270,7 @@ async fn upstream(
     }
     if let Some(key) = agent.api_key() {
         let value = HeaderValue::from_str(&key).map_err(|_| "the API key is not a valid header")?;
-        if agent.provider == "anthropic" {
+        if agent.api_flavour() == "anthropic" {
             headers.insert("x-api-key", value);
         } else {
             let bearer = HeaderValue::from_str(&format!("Bearer {key}"))
