@@ -707,6 +707,53 @@ mod tests {
     }
 
     #[test]
+    fn model_agents_are_checked() {
+        let c = Config::parse(
+            r#"
+[[agents]]
+name = "main"
+provider = "anthropic"
+model = "claude-sonnet-4-5"
+token_budget = 5000000
+price_per_mtok = [3.0, 15.0]
+
+[[agents]]
+name = "local"
+provider = "openai"
+model = "llama3.1"
+api_base_url = "http://ollama:11434/"
+api_key_env = "OLLAMA_KEY"
+
+[[agents]]
+name = "coder"
+provider = "claude-code"
+command = "/usr/local/bin/claude"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.agents[0].price_per_mtok, Some((3.0, 15.0)));
+        assert_eq!(c.agents[1].upstream_base_url(), "http://ollama:11434");
+        assert_eq!(c.agents[2].upstream_base_url(), "https://api.anthropic.com");
+        assert!(c.agents.iter().all(AgentConfig::uses_model_api));
+        assert_eq!(c.agents[2].api_flavour(), "anthropic");
+
+        let no_model =
+            Config::parse("[[agents]]\nname = \"main\"\nprovider = \"openai\"\n").unwrap();
+        let err = no_model.validate().unwrap_err().to_string();
+        assert!(err.contains("agents[0].model"), "{err}");
+        let unknown = Config::parse("[[agents]]\nname = \"main\"\nprovider = \"gpt\"\n").unwrap();
+        let err = unknown.validate().unwrap_err().to_string();
+        assert!(err.contains("unknown provider \"gpt\""), "{err}");
+        let big = Config::parse(
+            "[[agents]]\nname = \"main\"\nmax_tokens = 9000\ncontext_window = 8000\n",
+        )
+        .unwrap();
+        let err = big.validate().unwrap_err().to_string();
+        assert!(err.contains("agents[0].max_tokens"), "{err}");
+    }
+
+    #[test]
     fn env_overrides_name_the_variable() {
         let mut c = Config::default();
         let err = c
