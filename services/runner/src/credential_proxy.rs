@@ -10,6 +10,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
 use ferroclaw_common::config::AgentConfig;
 use ferroclaw_common::signing;
 use serde_json::{Value, json};
@@ -151,6 +152,13 @@ pub async fn start(
     let app = axum::Router::new().fallback(forward).with_state(proxy);
     tracing::info!(addr = %bound, "credential proxy listening");
     tokio::spawn(async move {
+        // Streamed answers go out in small writes: without NODELAY, Nagle's algorithm and
+        // the client's delayed ACK hold each one back.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        });
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
@@ -324,6 +332,8 @@ async fn upstream(
                 }
             }
         }
+        // The answer is complete for the agent now; recording the usage need not delay it.
+        drop(tx);
         if status.is_success() {
             let (input, output) = usage_in(&seen);
             if let Err(e) = registry
