@@ -128,6 +128,7 @@ impl ModelAgent {
             replies: Vec::new(),
             consumed: Vec::new(),
             http: self.http.clone(),
+            send_to: tools::send_to_from_env(),
         };
         let mut answer = String::new();
         let mut finished = false;

@@ -146,6 +146,7 @@ pub async fn serve(turn: McpTurn) -> anyhow::Result<()> {
                         replies: Vec::new(),
                         consumed: Vec::new(),
                         http: http.clone(),
+                        send_to: tools::send_to_from_env(),
                     };
                     let outcome = tools::run(name, &arguments, &mut ctx).await;
                     append_spool(&spool, &ctx.replies, &ctx.consumed)?;

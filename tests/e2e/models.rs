@@ -557,3 +557,41 @@ async fn a_full_context_is_compacted_before_the_next_request() -> anyhow::Result
     );
     cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_message_reaches_only_the_conversations_the_config_allows() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([
+        Step::Tools(vec![
+            tool(
+                "send_message",
+                json!({"to": "alerts", "text": "disk almost full"}),
+            ),
+            tool("send_message", json!({"to": "private", "text": "leak"})),
+        ]),
+        Step::Text("reported".into()),
+    ]);
+    let cluster = model_cluster(
+        dir.path(),
+        "anthropic",
+        &fake,
+        "send_to = [\"alerts\"]",
+        &[],
+    )
+    .await?;
+    cluster.post_message("ops", "check the disk", None).await?;
+    cluster
+        .wait_for_lines("ops", &["reported".into()], WAIT)
+        .await?;
+    cluster
+        .wait_for_lines("alerts", &["disk almost full".into()], WAIT)
+        .await?;
+    assert!(cluster.texts("private").await?.is_empty());
+    let results = fake.received()[1].body["messages"].to_string();
+    assert!(
+        results.contains("you may not send to \\\"private\\\"; allowed: alerts"),
+        "{results}"
+    );
+    cluster.stop().await
+}

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use ferroclaw_mailbox::content::{CardOption, CardOut, ChatOut, FileOut};
 use ferroclaw_mailbox::wake::DirWatch;
-use ferroclaw_mailbox::{InboundContent, NewOutbound, OutboundContent};
+use ferroclaw_mailbox::{Destination, InboundContent, NewOutbound, OutboundContent};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
@@ -16,8 +16,14 @@ pub fn specs() -> Vec<ToolSpec> {
     vec![
         ToolSpec {
             name: "send_message",
-            description: "Send a message to the conversation you are answering, in addition to your final answer. Use it for progress updates during long work.",
-            schema: object_schema(json!({"text": {"type": "string"}}), &["text"]),
+            description: "Send a message to the conversation you are answering, in addition to your final answer (use it for progress updates during long work), or to another conversation your configuration allows.",
+            schema: object_schema(
+                json!({
+                    "text": {"type": "string"},
+                    "to": {"type": "string", "description": "another conversation id (only those allowed to you); default: this one"},
+                }),
+                &["text"],
+            ),
         },
         ToolSpec {
             name: "send_file",
@@ -58,12 +64,27 @@ pub fn send_message(input: &Value, ctx: &mut ToolContext<'_>) -> ToolResult {
     if message.trim().is_empty() {
         return Err("text is empty".into());
     }
-    let out = reply(
+    let mut out = reply(
         ctx,
         OutboundContent::Chat(ChatOut {
             text: message.into(),
         }),
     );
+    if let Some(to) = input["to"].as_str().filter(|t| !t.is_empty()) {
+        if !ctx.send_to.iter().any(|c| c == to) {
+            return Err(if ctx.send_to.is_empty() {
+                format!("you may not send to {to:?}: only to the conversation you are answering")
+            } else {
+                format!(
+                    "you may not send to {to:?}; allowed: {}",
+                    ctx.send_to.join(", ")
+                )
+            });
+        }
+        out.destination = Destination::Api {
+            conversation: to.to_string(),
+        };
+    }
     ctx.replies.push(out);
     Ok("sent".into())
 }

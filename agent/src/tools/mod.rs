@@ -69,6 +69,18 @@ pub struct ToolContext<'a> {
     /// Inbound seqs the turn consumed (answers to its questions), completed with the batch.
     pub consumed: Vec<i64>,
     pub http: reqwest::Client,
+    /// API conversations `send_message` may also send to (the agent's `send_to`).
+    pub send_to: Vec<String>,
+}
+
+/// The agent's `send_to` list, as the runner passes it.
+pub fn send_to_from_env() -> Vec<String> {
+    std::env::var("FERROCLAW_SEND_TO")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// A tool's result: text for the model, or an error message it can act on.

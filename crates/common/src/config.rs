@@ -195,6 +195,9 @@ pub struct AgentConfig {
     /// Tokens (input plus output) all sessions of this agent may use; unset: no limit.
     #[serde(default)]
     pub token_budget: Option<u64>,
+    /// API conversations its model may send messages to besides the one it answers.
+    #[serde(default)]
+    pub send_to: Vec<String>,
     /// claude-code: the Claude Code executable (default `claude` on the agent's PATH).
     #[serde(default)]
     pub command: Option<String>,
@@ -218,6 +221,7 @@ impl AgentConfig {
             token_budget: None,
             price_per_mtok: None,
             command: None,
+            send_to: Vec::new(),
         }
     }
 
@@ -544,6 +548,16 @@ impl Config {
                 return invalid(
                     format!("{key}.api_base_url"),
                     format!("{url:?} is not an http(s) URL"),
+                );
+            }
+            if let Some(bad) = agent
+                .send_to
+                .iter()
+                .find(|c| c.is_empty() || c.contains(','))
+            {
+                return invalid(
+                    format!("{key}.send_to"),
+                    format!("{bad:?} is not a conversation id"),
                 );
             }
             if agent.max_tokens == 0 || u64::from(agent.max_tokens) >= agent.context_window {

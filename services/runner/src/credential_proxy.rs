@@ -72,6 +72,9 @@ impl ModelAccess {
                 agent.context_window.to_string(),
             ),
         ];
+        if !agent.send_to.is_empty() {
+            env.push(("FERROCLAW_SEND_TO".into(), agent.send_to.join(",")));
+        }
         if let Some(command) = &agent.command {
             env.push(("FERROCLAW_CLAUDE_BIN".into(), command.clone()));
         }
