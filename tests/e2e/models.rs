@@ -150,6 +150,27 @@ async fn anthropic_agent_runs_bash_and_send_message_and_never_sees_the_key() -> 
     );
 
     // /cost reports what the proxy and the model counted.
+    // The proxy serves only holders of a session token it issued.
+    let proxy = format!(
+        "http://{}/v1/messages",
+        cluster
+            .runner
+            .http
+            .ok_or_else(|| anyhow::anyhow!("no proxy address"))?
+    );
+    let http = reqwest::Client::new();
+    for key in [None, Some("ses_x.00"), Some(KEY)] {
+        let mut request = http.post(&proxy).json(&json!({"model": "m"}));
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        let refused = request.send().await?;
+        assert_eq!(refused.status().as_u16(), 401, "{key:?}");
+        let body: Value = refused.json().await?;
+        assert_eq!(body["error"]["type"], json!("authentication_error"));
+    }
+    assert_eq!(fake.received().len(), 3, "nothing got through");
+
     cluster.post_message("work", "/cost", None).await?;
     let cost = wait_for_text(&cluster, "work", "Tokens so far").await?;
     assert!(cost.contains("in 3 requests"), "{cost}");
