@@ -136,7 +136,9 @@ impl ClaudeCode {
                 "Context: about {} tokens in the latest turn (Claude Code compacts on its own; /compact forces it).",
                 s.context_tokens
             ),
-            Command::Compact => unreachable!("handled as a turn"),
+            Command::Files => crate::commands::list_files(&self.folders.agent_dir),
+            // Sent to Claude Code as a turn by `respond`; never answered here.
+            Command::Compact => "/compact runs as a Claude Code turn.".into(),
         }
     }
 

@@ -1,5 +1,5 @@
 //! Session commands answered by the agent itself, never by the model: `/clear`,
-//! `/compact`, `/cost` and `/context`. A batch is cut into model turns and commands, in
+//! `/compact`, `/cost`, `/context` and `/files`. A batch is cut into model turns and commands, in
 //! their order.
 
 use ferroclaw_mailbox::InboundRow;
@@ -11,6 +11,7 @@ pub enum Command {
     Compact,
     Cost,
     Context,
+    Files,
 }
 
 /// A stretch of a batch: messages for one model turn, or one command.
@@ -29,6 +30,7 @@ pub fn command_of(row: &InboundRow) -> Option<Command> {
         "/compact" => Some(Command::Compact),
         "/cost" => Some(Command::Cost),
         "/context" => Some(Command::Context),
+        "/files" => Some(Command::Files),
         _ => None,
     }
 }
@@ -52,6 +54,15 @@ pub fn segments<'a>(rows: &[&'a InboundRow]) -> Vec<Segment<'a>> {
         out.push(Segment::Turn(pending));
     }
     out
+}
+
+/// The answer to `/files`: the files of the agent's workspace.
+pub fn list_files(workspace: &std::path::Path) -> String {
+    match crate::tools::list_workspace(workspace) {
+        Ok(list) if list == "no files match" => "The workspace is empty.".into(),
+        Ok(list) => format!("Files in the workspace:\n{list}"),
+        Err(e) => format!("Cannot list the workspace: {e}"),
+    }
 }
 
 #[cfg(test)]

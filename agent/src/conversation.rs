@@ -344,6 +344,7 @@ impl ModelAgent {
                 }
                 text
             }
+            Command::Files => crate::commands::list_files(&self.agent_dir),
             Command::Context => {
                 let used = self.context_estimate();
                 format!(

@@ -616,3 +616,73 @@ async fn send_message_reaches_only_the_conversations_the_config_allows() -> anyh
     );
     cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_gate_lets_admins_clear_answers_help_and_forwards_the_rest()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([
+        Step::Tools(vec![tool(
+            "write_file",
+            json!({"path": "notes.md", "content": "x"}),
+        )]),
+        Step::Text("noted".into()),
+    ]);
+    let cluster = model_cluster(
+        dir.path(),
+        "anthropic",
+        &fake,
+        "admins = [\"mia\"]\n[roles]\nowners = [\"olga\"]",
+        &[],
+    )
+    .await?;
+    let say = |sender: &'static str, text: &'static str| {
+        let body = json!({"conversation": "gate", "text": text, "sender": sender});
+        let cluster = &cluster;
+        async move { cluster.post("/v1/messages", &body).await }
+    };
+    let (status, _) = say("bob", "take a note").await?;
+    assert_eq!(status, 202);
+    cluster
+        .wait_for_lines("gate", &["noted".into()], WAIT)
+        .await?;
+
+    // A non-admin's admin command: refused with one line, nothing enqueued.
+    for command in ["/clear", "/compact", "/context", "/cost", "/files"] {
+        let (status, body) = say("bob", command).await?;
+        assert_eq!(status, 403, "{command}: {body}");
+        assert_eq!(
+            body["error"]["message"],
+            json!(format!("{command} is for admins only, and bob is not one."))
+        );
+    }
+    // Filtered commands are answered by the gateway, for anyone.
+    let (status, body) = say("bob", "/help").await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["answer"].as_str().unwrap_or("").contains("/compact"),
+        "{body}"
+    );
+    let (status, body) = say("olga", "/login").await?;
+    assert_eq!(
+        (status, body["session_id"].clone()),
+        (200, json!("")),
+        "{body}"
+    );
+    // The agent's admin and the owner may use admin commands; the agent answers them.
+    assert_eq!(say("mia", "/files").await?.0, 202);
+    wait_for_text(&cluster, "gate", "notes.md").await?;
+    assert_eq!(say("olga", "/cost").await?.0, 202);
+    wait_for_text(&cluster, "gate", "Tokens so far").await?;
+    // Any other command goes to the model like a message.
+    assert_eq!(say("bob", "/deploy staging").await?.0, 202);
+    wait_for_text(&cluster, "gate", "model: ").await?;
+    assert_eq!(
+        fake.received().len(),
+        3,
+        "only the messages and /deploy reached the model"
+    );
+    assert!(last_user_text(&fake.received()[2].body).contains("/deploy staging"));
+    cluster.stop().await
+}

@@ -118,6 +118,11 @@ pub async fn run(name: &str, input: &Value, ctx: &mut ToolContext<'_>) -> ToolRe
     }
 }
 
+/// Every file of the workspace (for `/files`).
+pub fn list_workspace(workspace: &std::path::Path) -> ToolResult {
+    workspace::glob(&json!({"pattern": "**"}), workspace)
+}
+
 /// A required string field.
 fn text<'v>(input: &'v Value, field: &str) -> Result<&'v str, String> {
     input[field]

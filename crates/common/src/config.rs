@@ -38,6 +38,16 @@ pub struct Config {
     pub agents: Vec<AgentConfig>,
     pub webhooks: Vec<WebhookRoute>,
     pub conversations: Vec<ConversationRoute>,
+    /// Who may use admin commands everywhere.
+    pub roles: Roles,
+}
+
+/// People by their sender id (an API message's `sender`, later a Discord user id).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Roles {
+    pub owners: Vec<String>,
+    pub admins: Vec<String>,
 }
 
 /// Where a gRPC service listens and where its peers reach it.
@@ -195,6 +205,9 @@ pub struct AgentConfig {
     /// Tokens (input plus output) all sessions of this agent may use; unset: no limit.
     #[serde(default)]
     pub token_budget: Option<u64>,
+    /// Admins of this agent only (besides the global owners and admins).
+    #[serde(default)]
+    pub admins: Vec<String>,
     /// API conversations its model may send messages to besides the one it answers.
     #[serde(default)]
     pub send_to: Vec<String>,
@@ -222,6 +235,7 @@ impl AgentConfig {
             price_per_mtok: None,
             command: None,
             send_to: Vec::new(),
+            admins: Vec::new(),
         }
     }
 
@@ -389,6 +403,7 @@ impl Default for Config {
                 pattern: "*".into(),
                 agent: "main".into(),
             }],
+            roles: Roles::default(),
         }
     }
 }
@@ -673,6 +688,27 @@ impl Config {
 
     pub fn conversation_route(&self, conversation: &str) -> Option<&ConversationRoute> {
         self.conversations.iter().find(|r| r.matches(conversation))
+    }
+
+    /// Whether `sender` may use admin commands with `agent`. With no owner or admin named
+    /// anywhere (a single-user setup), everyone may.
+    pub fn is_admin(&self, agent: &str, sender: &str) -> bool {
+        let agent_admins = self
+            .agents
+            .iter()
+            .find(|a| a.name == agent)
+            .map(|a| &a.admins);
+        let nobody_named = self.roles.owners.is_empty()
+            && self.roles.admins.is_empty()
+            && self.agents.iter().all(|a| a.admins.is_empty());
+        if nobody_named {
+            return true;
+        }
+        let named = |list: &Vec<String>| list.iter().any(|s| s == sender);
+        !sender.is_empty()
+            && (named(&self.roles.owners)
+                || named(&self.roles.admins)
+                || agent_admins.is_some_and(named))
     }
 }
 

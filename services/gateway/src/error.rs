@@ -15,6 +15,8 @@ pub enum ApiError {
     #[error("webhook signature rejected: {0}")]
     BadSignature(String),
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
@@ -33,6 +35,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized | Self::BadSignature(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -46,6 +49,7 @@ impl ApiError {
             Self::BadRequest(_) => "bad_request",
             Self::Unauthorized => "unauthorized",
             Self::BadSignature(_) => "bad_signature",
+            Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge(_) => "payload_too_large",
@@ -88,6 +92,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::Unauthorized | ApiError::BadSignature(_) => {
                 tonic::Status::unauthenticated(message)
             }
+            ApiError::Forbidden(_) => tonic::Status::permission_denied(message),
             ApiError::NotFound(_) => tonic::Status::not_found(message),
             ApiError::Conflict(_) => tonic::Status::failed_precondition(message),
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),

@@ -60,6 +60,7 @@ impl Gateway for GatewayService {
             session_id: accepted.session_id,
             message_id: accepted.message_id,
             duplicate: accepted.duplicate,
+            answer: accepted.answer.unwrap_or_default(),
         }))
     }
 }

@@ -192,7 +192,13 @@ async fn post_message(
             idempotency_key(&headers)?,
         )
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(json!(accepted))))
+    // A command the gateway answered itself was handled, not queued.
+    let status = if accepted.answer.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(json!(accepted))))
 }
 
 #[derive(Deserialize)]

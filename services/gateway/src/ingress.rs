@@ -9,6 +9,7 @@ use ferroclaw_proto::v1::{EnqueueRequest, Origin};
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use crate::command_gate::{self, Gate};
 use crate::error::{ApiError, Result};
 
 const MAX_KEY_BYTES: usize = 256;
@@ -20,6 +21,9 @@ pub struct Accepted {
     pub session_id: String,
     pub message_id: String,
     pub duplicate: bool,
+    /// A command the gateway answered itself (nothing was enqueued).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
 }
 
 #[derive(Clone)]
@@ -89,6 +93,18 @@ impl Ingress {
         if text.trim().is_empty() {
             return Err(ApiError::BadRequest("text must not be empty".into()));
         }
+        match command_gate::check(&self.config, &route, &sender, &text) {
+            Gate::Pass => {}
+            Gate::Answer(answer) => {
+                return Ok(Accepted {
+                    session_id: String::new(),
+                    message_id: String::new(),
+                    duplicate: false,
+                    answer: Some(answer),
+                });
+            }
+            Gate::Deny(why) => return Err(ApiError::Forbidden(why)),
+        }
         let reply_to = Destination::Api {
             conversation: conversation.to_string(),
         };
@@ -146,6 +162,7 @@ impl Ingress {
             session_id: response.session_id,
             message_id: response.message_id,
             duplicate: response.duplicate,
+            answer: None,
         })
     }
 }

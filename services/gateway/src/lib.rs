@@ -1,6 +1,7 @@
 //! The gateway: the edge. REST API for people and programs, gRPC ingress, routes and API
 //! tokens (ARCHITECTURE.md §2, §9).
 
+pub mod command_gate;
 pub mod error;
 mod grpc_service;
 pub mod http;

@@ -2416,6 +2416,9 @@ pub struct InjectMessageResponse {
     pub message_id: ::prost::alloc::string::String,
     #[prost(bool, tag = "3")]
     pub duplicate: bool,
+    /// Set when the gateway answered a command itself (/help …): nothing was enqueued.
+    #[prost(string, tag = "4")]
+    pub answer: ::prost::alloc::string::String,
 }
 /// Generated client implementations.
 pub mod gateway_client {
