@@ -122,3 +122,48 @@ async fn a_question_is_answered_once_and_the_agent_gets_the_answer() -> anyhow::
     );
     cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admins_only_question_refuses_other_answerers() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("ferroclaw.toml");
+    std::fs::write(
+        &config,
+        "[roles]\nadmins = [\"ann\"]\n[[agents]]\nname = \"main\"\nanswerers = \"admins\"\n",
+    )?;
+    let cluster = Cluster::start(
+        &dir.path().join("data"),
+        &[("FERROCLAW_CONFIG", config.display().to_string())],
+    )
+    .await?;
+    cluster
+        .post_message("ops", &card("q-admin", 0), None)
+        .await?;
+    card_message(&cluster, "ops").await?;
+    let (status, body) = cluster
+        .post(
+            "/v1/questions/q-admin/answer",
+            &json!({"option": "yes", "user": "bob"}),
+        )
+        .await?;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        json!("only admins may answer this question, and \"bob\" is not one")
+    );
+    let (status, body) = cluster
+        .post(
+            "/v1/questions/q-admin/answer",
+            &json!({"option": "yes", "user": "ann"}),
+        )
+        .await?;
+    assert_eq!(status, 200, "bob's refusal changed nothing: {body}");
+    cluster
+        .wait_for_lines(
+            "ops",
+            &["echo: system question_response: ann answered \"Yes\"".into()],
+            Duration::from_secs(30),
+        )
+        .await?;
+    cluster.stop().await
+}

@@ -205,6 +205,9 @@ pub struct AgentConfig {
     /// Tokens (input plus output) all sessions of this agent may use; unset: no limit.
     #[serde(default)]
     pub token_budget: Option<u64>,
+    /// Who may answer its questions: "anyone" (in the conversation) or "admins".
+    #[serde(default = "default_answerers")]
+    pub answerers: String,
     /// Admins of this agent only (besides the global owners and admins).
     #[serde(default)]
     pub admins: Vec<String>,
@@ -236,6 +239,7 @@ impl AgentConfig {
             command: None,
             send_to: Vec::new(),
             admins: Vec::new(),
+            answerers: default_answerers(),
         }
     }
 
@@ -280,6 +284,9 @@ pub const PROVIDERS: &[&str] = &["echo", "anthropic", "openai", "claude-code"];
 
 fn default_provider() -> String {
     "echo".into()
+}
+fn default_answerers() -> String {
+    "anyone".into()
 }
 fn default_max_tokens() -> u32 {
     4096
@@ -563,6 +570,12 @@ impl Config {
                 return invalid(
                     format!("{key}.api_base_url"),
                     format!("{url:?} is not an http(s) URL"),
+                );
+            }
+            if !matches!(agent.answerers.as_str(), "anyone" | "admins") {
+                return invalid(
+                    format!("{key}.answerers"),
+                    format!("{:?}: expected anyone or admins", agent.answerers),
                 );
             }
             if let Some(bad) = agent

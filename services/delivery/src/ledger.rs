@@ -69,6 +69,8 @@ pub enum AnswerRefused {
     Expired,
     #[error("{0:?} is not one of the options")]
     NoSuchOption(String),
+    #[error("only admins may answer this question, and {0:?} is not one")]
+    NotAllowed(String),
 }
 
 /// A claimed answer: what the agent is to be told, and where replies go.
@@ -253,6 +255,7 @@ impl Ledger {
         option: &str,
         user: &str,
         now: i64,
+        may_answer: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<std::result::Result<Claimed, AnswerRefused>> {
         let row = sqlx::query(
             "SELECT session_id, conversation, options, expires_at, answer, answered_by
@@ -279,6 +282,9 @@ impl Ledger {
         if now > expires_at {
             return Ok(Err(AnswerRefused::Expired));
         }
+        if !may_answer(&conversation) {
+            return Ok(Err(AnswerRefused::NotAllowed(user.into())));
+        }
         let options: Vec<ferroclaw_mailbox::content::CardOption> =
             serde_json::from_str(&options).unwrap_or_default();
         let Some(label) = options
@@ -300,7 +306,7 @@ impl Ledger {
         .await?;
         if taken.rows_affected() == 0 {
             // Another answer won the race just now.
-            return Box::pin(self.claim_answer(question_id, option, user, now)).await;
+            return Box::pin(self.claim_answer(question_id, option, user, now, may_answer)).await;
         }
         Ok(Ok(Claimed {
             session_id,

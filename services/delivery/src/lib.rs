@@ -42,6 +42,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             &config.runner.addr().url(),
         )?),
         ledger: ledger.clone(),
+        config: std::sync::Arc::new(config.clone()),
         shutdown: shutdown.clone(),
     }));
     tracing::info!(addr = ?listener.local_addr().ok(), "delivery listening");

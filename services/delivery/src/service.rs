@@ -19,10 +19,24 @@ const MAX_LIMIT: u32 = 1000;
 
 pub struct DeliveryService {
     pub(crate) ledger: Ledger,
+    /// Who may answer questions (roles, agents' `answerers`).
+    pub(crate) config: std::sync::Arc<ferroclaw_common::Config>,
     /// Hands answers to the asking agent.
     pub(crate) runner: ferroclaw_proto::v1::runner_client::RunnerClient<tonic::transport::Channel>,
     /// Ends waiting long-polls when the service stops, so shutdown is not held up.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// Whether `user` may answer a question asked in `conversation`: anyone, unless the
+/// conversation's agent has `answerers = "admins"`.
+fn may_answer(config: &ferroclaw_common::Config, conversation: &str, user: &str) -> bool {
+    let agent = config
+        .conversation_route(conversation)
+        .and_then(|route| config.agents.iter().find(|a| a.name == route.agent));
+    match agent {
+        Some(agent) if agent.answerers == "admins" => config.is_admin(&agent.name, user),
+        _ => true,
+    }
 }
 
 fn limit(requested: u32) -> u32 {
@@ -90,7 +104,13 @@ impl Delivery for DeliveryService {
         let now = ferroclaw_mailbox::now_ms();
         let claimed = match self
             .ledger
-            .claim_answer(&req.question_id, &req.option, &req.user, now)
+            .claim_answer(
+                &req.question_id,
+                &req.option,
+                &req.user,
+                now,
+                &|conversation| may_answer(&self.config, conversation, &req.user),
+            )
             .await?
         {
             Ok(claimed) => claimed,
@@ -98,6 +118,7 @@ impl Delivery for DeliveryService {
                 let message = refused.to_string();
                 return Err(match refused {
                     AnswerRefused::Unknown(_) => Status::not_found(message),
+                    AnswerRefused::NotAllowed(_) => Status::permission_denied(message),
                     AnswerRefused::NoSuchOption(_) => Status::invalid_argument(message),
                     AnswerRefused::Answered { .. } | AnswerRefused::Expired => {
                         Status::failed_precondition(message)

@@ -66,6 +66,7 @@ impl From<tonic::Status> for ApiError {
         match status.code() {
             tonic::Code::InvalidArgument => Self::BadRequest(message),
             tonic::Code::NotFound => Self::NotFound(message),
+            tonic::Code::PermissionDenied => Self::Forbidden(message),
             tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists => Self::Conflict(message),
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                 Self::Unavailable(format!("a ferroclaw service is unavailable: {message}"))
