@@ -5,6 +5,7 @@ mod agent_lifecycle;
 mod bad_input;
 mod cli_up;
 mod compose;
+mod discord;
 mod docker;
 mod grpc_ingress;
 mod models;

@@ -4,6 +4,7 @@
 //!
 //! The binaries must be built first: `cargo build --workspace --bins`.
 
+pub mod fake_discord;
 pub mod fake_model;
 
 use std::path::{Path, PathBuf};

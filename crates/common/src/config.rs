@@ -40,6 +40,67 @@ pub struct Config {
     pub conversations: Vec<ConversationRoute>,
     /// Who may use admin commands everywhere.
     pub roles: Roles,
+    pub discord: DiscordConfig,
+}
+
+/// The Discord bot: on when it has routes and a token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscordConfig {
+    /// The environment variable holding the bot token.
+    pub token_env: String,
+    /// Another Discord API base (a fake in tests, or an API proxy); Discord's when unset.
+    /// Rate limiting is then left to ferroclaw's retries.
+    pub api_url: Option<String>,
+    pub routes: Vec<DiscordRoute>,
+}
+
+impl Default for DiscordConfig {
+    fn default() -> Self {
+        Self {
+            token_env: "DISCORD_BOT_TOKEN".into(),
+            api_url: None,
+            routes: Vec::new(),
+        }
+    }
+}
+
+impl DiscordConfig {
+    pub fn token(&self) -> Option<String> {
+        std::env::var(&self.token_env)
+            .ok()
+            .filter(|t| !t.is_empty())
+    }
+
+    /// The route of a channel: by its id, else "dm" for direct messages.
+    pub fn route(&self, channel_id: &str, is_dm: bool) -> Option<&DiscordRoute> {
+        self.routes
+            .iter()
+            .find(|r| r.channel == channel_id)
+            .or_else(|| {
+                is_dm
+                    .then(|| self.routes.iter().find(|r| r.channel == "dm"))
+                    .flatten()
+            })
+    }
+}
+
+/// A Discord channel (by id) or "dm" → an agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscordRoute {
+    pub channel: String,
+    pub agent: String,
+    /// "always", or "mention": only messages that mention the bot.
+    #[serde(default = "default_engage")]
+    pub engage: String,
+    /// Sender ids allowed to talk to the agent; empty: everyone.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+fn default_engage() -> String {
+    "always".into()
 }
 
 /// People by their sender id (an API message's `sender`, later a Discord user id).
@@ -411,6 +472,7 @@ impl Default for Config {
                 agent: "main".into(),
             }],
             roles: Roles::default(),
+            discord: DiscordConfig::default(),
         }
     }
 }
@@ -635,6 +697,22 @@ impl Config {
         }
         for (i, route) in self.conversations.iter().enumerate() {
             self.check_agent(&format!("conversations[{i}].agent"), &route.agent)?;
+        }
+        for (i, route) in self.discord.routes.iter().enumerate() {
+            let key = format!("discord.routes[{i}]");
+            self.check_agent(&format!("{key}.agent"), &route.agent)?;
+            if route.channel != "dm" && route.channel.parse::<u64>().is_err() {
+                return invalid(
+                    format!("{key}.channel"),
+                    format!("{:?}: expected a channel id or \"dm\"", route.channel),
+                );
+            }
+            if !matches!(route.engage.as_str(), "always" | "mention") {
+                return invalid(
+                    format!("{key}.engage"),
+                    format!("{:?}: expected always or mention", route.engage),
+                );
+            }
         }
         if !matches!(self.runner.backend.as_str(), "process" | "docker") {
             return invalid(

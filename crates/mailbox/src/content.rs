@@ -14,6 +14,8 @@ pub enum Destination {
     /// The callback URL of a webhook source (looked up by delivery, so neither the URL's
     /// secret nor the URL itself travels through the agent's files).
     Callback { source: String },
+    /// A Discord channel (a guild channel, a thread or a DM channel).
+    Discord { channel_id: String },
 }
 
 /// Where an inbound message came from (the `origin` column).

@@ -28,6 +28,10 @@ pub struct Consumer {
     scheduler: SchedulerClient<Channel>,
     ledger: Ledger,
     name: String,
+    discord: Option<crate::discord::DiscordOut>,
+    /// Failure notices this consumer enqueued, by (session, inbound seq): a reply to one that
+    /// fails too is not reported again, so a channel that refuses everything cannot loop.
+    notices: std::collections::HashSet<(String, i64)>,
 }
 
 /// Why one delivery attempt did not succeed.
@@ -48,10 +52,12 @@ impl Consumer {
         name: String,
     ) -> Self {
         Self {
-            config,
             http: reqwest::Client::new(),
             runner: RunnerClient::new(runner),
             scheduler: SchedulerClient::new(scheduler),
+            discord: crate::discord::DiscordOut::from_config(&config.discord),
+            notices: std::collections::HashSet::new(),
+            config,
             ledger,
             name,
         }
@@ -104,15 +110,21 @@ impl Consumer {
             tracing::error!(error = %e, "delivery ledger unavailable");
             tonic::Status::unavailable(e.to_string())
         })?;
-        if let (Settled::Failed { detail }, "action") = (&settled, message.kind.as_str()) {
-            self.tell_agent_action_failed(&message, detail).await?;
+        let answers_a_notice = self
+            .notices
+            .contains(&(message.session_id.clone(), message.in_reply_to));
+        if let Settled::Failed { detail } = &settled
+            && (message.kind == "action" || to_discord(&message))
+            && !answers_a_notice
+        {
+            self.tell_agent_it_failed(&message, detail).await?;
         }
         self.settle(&message, &settled).await
     }
 
-    /// A rejected action comes back to its agent as a system message saying why. The key
-    /// makes it one message however often this row is handled.
-    async fn tell_agent_action_failed(
+    /// A rejected action, or a message Discord refused, comes back to its agent as a system
+    /// message saying why. The key makes it one message however often this row is handled.
+    async fn tell_agent_it_failed(
         &mut self,
         message: &OutboundMessage,
         detail: &str,
@@ -124,18 +136,26 @@ impl Consumer {
                 params: serde_json::Value::Null,
             },
         };
-        let content = InboundContent::System(SystemIn {
-            event: "action_failed".into(),
-            text: format!(
-                "Your {} action was not carried out: {detail}",
-                action.action
-            ),
-            data: serde_json::json!({
-                "action": action.action,
-                "params": action.params,
-                "out_seq": message.seq,
-            }),
-        });
+        let content = if message.kind == "action" {
+            InboundContent::System(SystemIn {
+                event: "action_failed".into(),
+                text: format!(
+                    "Your {} action was not carried out: {detail}",
+                    action.action
+                ),
+                data: serde_json::json!({
+                    "action": action.action,
+                    "params": action.params,
+                    "out_seq": message.seq,
+                }),
+            })
+        } else {
+            InboundContent::System(SystemIn {
+                event: "delivery_failed".into(),
+                text: format!("Your message did not arrive: {detail}"),
+                data: serde_json::json!({"out_seq": message.seq, "kind": message.kind}),
+            })
+        };
         let request = EnqueueRequest {
             session_id: message.session_id.clone(),
             kind: content.kind().into(),
@@ -146,11 +166,15 @@ impl Consumer {
                 sender: "ferroclaw".into(),
                 reply_to_json: message.destination_json.clone(),
             }),
-            idempotency_key: format!("action-failed:{}", message.seq),
+            idempotency_key: format!("failed:{}", message.seq),
             ..Default::default()
         };
         match self.runner.enqueue(request).await {
-            Ok(_) => Ok(()),
+            Ok(response) => {
+                let seq = response.into_inner().seq;
+                self.notices.insert((message.session_id.clone(), seq));
+                Ok(())
+            }
             // The session is gone or refuses the notice: nothing to retry.
             Err(status)
                 if matches!(
@@ -235,6 +259,21 @@ impl Consumer {
             };
         }
         match destination {
+            Destination::Discord { channel_id } => {
+                let discord = self.discord.as_ref().ok_or_else(|| {
+                    SendError::Permanent(format!(
+                        "no Discord bot token ({} is not set)",
+                        self.config.discord.token_env
+                    ))
+                })?;
+                discord
+                    .send(&channel_id, message, &content)
+                    .await
+                    .map_err(|e| match e {
+                        crate::discord::DiscordError::Permanent(m) => SendError::Permanent(m),
+                        crate::discord::DiscordError::Transient(m) => SendError::Transient(m),
+                    })
+            }
             Destination::Callback { source } => {
                 let route = self.config.webhook_route(&source).ok_or_else(|| {
                     SendError::Permanent(format!(
@@ -324,8 +363,16 @@ impl Consumer {
 /// callback POST): their attempt is on record before it is made.
 fn acts_elsewhere(message: &OutboundMessage) -> bool {
     message.kind == "action"
+        || to_discord(message)
         || matches!(
             serde_json::from_str::<Destination>(&message.destination_json),
             Ok(Destination::Callback { .. })
         )
+}
+
+fn to_discord(message: &OutboundMessage) -> bool {
+    matches!(
+        serde_json::from_str::<Destination>(&message.destination_json),
+        Ok(Destination::Discord { .. })
+    )
 }

@@ -3,6 +3,7 @@
 mod actions;
 mod callback;
 mod consumer;
+pub mod discord;
 pub mod error;
 pub mod ledger;
 mod service;

@@ -128,6 +128,39 @@ impl Ingress {
         .await
     }
 
+    /// A Discord message in a routed channel. The Discord message id is the idempotency
+    /// key; replies go back to the channel.
+    pub async fn discord_message(
+        &self,
+        agent: &str,
+        channel_id: &str,
+        message_id: &str,
+        sender: &str,
+        text: String,
+    ) -> Result<Accepted> {
+        let reply_to = Destination::Discord {
+            channel_id: channel_id.to_string(),
+        };
+        let content = InboundContent::Chat(ChatIn {
+            text,
+            sender: sender.to_string(),
+            attachments: Vec::new(),
+        });
+        self.enqueue(
+            agent,
+            format!("discord:{channel_id}"),
+            content,
+            Origin {
+                channel: "discord".into(),
+                conversation: channel_id.to_string(),
+                sender: sender.to_string(),
+                reply_to_json: json(&reply_to),
+            },
+            format!("discord:{message_id}"),
+        )
+        .await
+    }
+
     /// The agent an API conversation routes to, or 404.
     pub fn conversation_agent(&self, conversation: &str) -> Result<String> {
         self.config

@@ -2,6 +2,7 @@
 //! tokens (ARCHITECTURE.md §2, §9).
 
 pub mod command_gate;
+mod discord;
 pub mod error;
 mod grpc_service;
 pub mod http;
@@ -49,8 +50,11 @@ pub async fn run(
         scheduler,
     };
     let (router, _health) = grpc::server_for::<GatewayServer<GatewayService>>().await?;
-    let router = router.add_service(GatewayServer::new(GatewayService { ingress }));
+    let router = router.add_service(GatewayServer::new(GatewayService {
+        ingress: ingress.clone(),
+    }));
     let grpc_task = tokio::spawn(grpc::serve(router, grpc_listener, shutdown.clone()));
+    discord::start(config.clone(), state.ingress.clone(), shutdown.clone()).await;
     tracing::info!(addr = ?http.local_addr().ok(), "gateway REST API listening");
     // TCP_NODELAY: see `grpc::serve`.
     let http = http.tap_io(|tcp| {

@@ -1,0 +1,144 @@
+//! Discord end to end against the fake Discord: serenity's gateway client in the gateway
+//! service, its HTTP client in delivery, the echo agent in between.
+
+use std::time::Duration;
+
+use ferroclaw_e2e::Cluster;
+use ferroclaw_e2e::fake_discord::{BOT_ID, FakeDiscord};
+use serde_json::json;
+
+const OPEN: u64 = 111_111_111_111_111_111;
+const MENTION_ONLY: u64 = 222_222_222_222_222_222;
+const DM: u64 = 333_333_333_333_333_333;
+const ANN: u64 = 444_444_444_444_444_444;
+
+async fn discord_cluster(dir: &std::path::Path, fake: &FakeDiscord) -> anyhow::Result<Cluster> {
+    let config = dir.join("ferroclaw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[discord]\napi_url = \"{}\"\n\
+             [[discord.routes]]\nchannel = \"{OPEN}\"\nagent = \"main\"\n\
+             [[discord.routes]]\nchannel = \"{MENTION_ONLY}\"\nagent = \"main\"\nengage = \"mention\"\n\
+             [[discord.routes]]\nchannel = \"dm\"\nagent = \"main\"\n",
+            fake.url()
+        ),
+    )?;
+    let cluster = Cluster::start(
+        &dir.join("data"),
+        &[
+            ("FERROCLAW_CONFIG", config.display().to_string()),
+            ("DISCORD_BOT_TOKEN", "fake-bot-token".into()),
+        ],
+    )
+    .await?;
+    fake.wait_identified(1).await?;
+    Ok(cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_mention_and_dm_messages_get_one_reply_each() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeDiscord::start().await?;
+    let cluster = discord_cluster(dir.path(), &fake).await?;
+
+    // A message in an open channel, then the same event again: one reply.
+    let event = fake.user_message(OPEN, ANN, "hello bot", true);
+    fake.dispatch("MESSAGE_CREATE", event);
+    let replies = fake.wait_posted(OPEN, 1).await?;
+    assert_eq!(replies[0].content, "echo: hello bot");
+
+    // Other bots are ignored.
+    fake.other_bot_message(OPEN, "ignore me");
+
+    // Mention-only channel: without a mention nothing happens; with one, the mention is
+    // stripped.
+    fake.user_message(MENTION_ONLY, ANN, "just chatting", true);
+    fake.user_message(
+        MENTION_ONLY,
+        ANN,
+        &format!("<@{BOT_ID}> what time is it?"),
+        true,
+    );
+    let replies = fake.wait_posted(MENTION_ONLY, 1).await?;
+    assert_eq!(replies[0].content, "echo: what time is it?");
+
+    // A direct message goes to the "dm" route and is answered in the DM channel.
+    fake.user_message(DM, ANN, "psst", false);
+    assert_eq!(fake.wait_posted(DM, 1).await?[0].content, "echo: psst");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open: Vec<String> = fake
+        .posted()
+        .into_iter()
+        .filter(|p| p.channel_id == OPEN.to_string())
+        .map(|p| p.content)
+        .collect();
+    assert_eq!(
+        open,
+        vec!["echo: hello bot"],
+        "duplicate and bot messages gave nothing"
+    );
+    assert_eq!(fake.wait_posted(MENTION_ONLY, 1).await?.len(), 1);
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_reply_arrives_as_ordered_chunks_and_failures_are_handled() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeDiscord::start().await?;
+    let cluster = discord_cluster(dir.path(), &fake).await?;
+
+    let text: String = (0..300)
+        .map(|i| format!("line {i:03} of a long message"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(text.len() > 4500);
+    fake.user_message(OPEN, ANN, &text, true);
+    let chunks = fake.wait_posted(OPEN, 5).await?;
+    assert!(chunks.iter().all(|c| c.content.chars().count() <= 2000));
+    let joined: Vec<String> = chunks.iter().map(|c| c.content.clone()).collect();
+    assert_eq!(
+        joined.join("\n"),
+        format!("echo: {text}"),
+        "nothing lost or reordered"
+    );
+    let nonces: std::collections::HashSet<_> = chunks.iter().map(|c| c.nonce.clone()).collect();
+    assert_eq!(nonces.len(), chunks.len(), "a nonce per chunk");
+
+    // Rate limited twice: delivered after the retries.
+    let before = fake.posted().len();
+    fake.fail_next_posts(
+        2,
+        429,
+        json!({"message": "You are being rate limited.", "retry_after": 0.1, "global": false, "code": 0}),
+    );
+    fake.user_message(OPEN, ANN, "after a rate limit", true);
+    let posted = fake.wait_posted(OPEN, chunks.len() + 1).await?;
+    assert_eq!(
+        posted.last().map(|p| p.content.as_str()),
+        Some("echo: after a rate limit")
+    );
+    assert_eq!(fake.posted().len(), before + 1);
+
+    // Missing permission: recorded as failed, and the agent is told; its answer to the
+    // notice arrives (the fake refuses only once).
+    fake.fail_next_posts(
+        1,
+        403,
+        json!({"message": "Missing Permissions", "code": 50013}),
+    );
+    fake.user_message(OPEN, ANN, "this reply is refused", true);
+    let posted = fake.wait_posted(OPEN, chunks.len() + 2).await?;
+    let notice = &posted.last().map(|p| p.content.clone()).unwrap_or_default();
+    assert!(
+        notice.starts_with("echo: system delivery_failed: Your message did not arrive: Discord answered 403: Missing Permissions"),
+        "{notice}"
+    );
+    assert!(
+        !posted
+            .iter()
+            .any(|p| p.content == "echo: this reply is refused")
+    );
+    cluster.stop().await
+}

@@ -1,0 +1,328 @@
+//! A fake Discord on loopback: the REST routes ferroclaw uses (gateway discovery, create
+//! message with nonce deduplication, scripted failures) and the gateway websocket (HELLO,
+//! IDENTIFY → READY, heartbeats, dispatched events). serenity is pointed at it with its
+//! proxy setting and finds the websocket through `GET /api/v10/gateway`.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+pub const BOT_ID: u64 = 900_000_000_000_000_001;
+pub const GUILD_ID: u64 = 800_000_000_000_000_001;
+
+/// A message the bot posted.
+#[derive(Debug, Clone)]
+pub struct Posted {
+    pub id: String,
+    pub channel_id: String,
+    pub content: String,
+    pub nonce: Option<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    posted: Vec<Posted>,
+    /// Statuses the next create-message calls answer with, before succeeding again.
+    failures: VecDeque<(u16, Value)>,
+    post_attempts: usize,
+    identified: usize,
+}
+
+#[derive(Clone)]
+struct Fake {
+    shared: Arc<Mutex<Shared>>,
+    ids: Arc<AtomicU64>,
+    ws_url: String,
+    events: broadcast::Sender<Value>,
+}
+
+pub struct FakeDiscord {
+    pub addr: SocketAddr,
+    fake: Fake,
+}
+
+impl FakeDiscord {
+    pub async fn start() -> anyhow::Result<Self> {
+        let ws = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let ws_addr = ws.local_addr()?;
+        let (events, _) = broadcast::channel(256);
+        let fake = Fake {
+            shared: Arc::new(Mutex::new(Shared::default())),
+            ids: Arc::new(AtomicU64::new(1_000_000_000_000_000_000)),
+            ws_url: format!("ws://{ws_addr}"),
+            events,
+        };
+        let app = axum::Router::new()
+            .route("/api/v10/gateway", get(gateway))
+            .route("/api/v10/gateway/bot", get(gateway_bot))
+            .route("/api/v10/users/@me", get(current_user))
+            .route("/api/v10/channels/{channel}/messages", post(create_message))
+            .fallback(unknown)
+            .with_state(fake.clone());
+        let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = rest.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(rest, app).await;
+        });
+        let for_ws = fake.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = ws.accept().await {
+                let fake = for_ws.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = session(fake, stream).await {
+                        eprintln!("fake discord websocket: {e}");
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, fake })
+    }
+
+    /// The REST base to give serenity as its proxy.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until `n` gateway sessions have identified (the bot is connected).
+    pub async fn wait_identified(&self, n: usize) -> anyhow::Result<()> {
+        for _ in 0..300 {
+            if self.lock().identified >= n {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("the bot never identified to the fake gateway")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.fake
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn next_id(&self) -> String {
+        self.fake.ids.fetch_add(1, Ordering::SeqCst).to_string()
+    }
+
+    /// A user's message in a guild channel (or a DM when `guild` is false); returns the
+    /// MESSAGE_CREATE event, so a test can dispatch it again.
+    pub fn user_message(&self, channel_id: u64, user_id: u64, content: &str, guild: bool) -> Value {
+        let id = self.next_id();
+        let mentions_bot = content.contains(&format!("<@{BOT_ID}>"));
+        let mut message = message_json(
+            &id,
+            &channel_id.to_string(),
+            json!({"id": user_id.to_string(), "username": format!("user{user_id}"),
+                   "discriminator": "0", "global_name": null, "avatar": null, "bot": false}),
+            content,
+        );
+        if mentions_bot {
+            message["mentions"] = json!([bot_user()]);
+        }
+        if guild {
+            message["guild_id"] = json!(GUILD_ID.to_string());
+        }
+        self.dispatch("MESSAGE_CREATE", message.clone());
+        message
+    }
+
+    /// A message from another bot in a guild channel.
+    pub fn other_bot_message(&self, channel_id: u64, content: &str) {
+        let id = self.next_id();
+        let mut message = message_json(
+            &id,
+            &channel_id.to_string(),
+            json!({"id": "555", "username": "otherbot", "discriminator": "0",
+                   "global_name": null, "avatar": null, "bot": true}),
+            content,
+        );
+        message["guild_id"] = json!(GUILD_ID.to_string());
+        self.dispatch("MESSAGE_CREATE", message);
+    }
+
+    /// Sends an event to every connected gateway session.
+    pub fn dispatch(&self, event: &str, data: Value) {
+        let _ = self.fake.events.send(json!({"t": event, "d": data}));
+    }
+
+    /// The next `n` create-message calls fail with `status` and this Discord error body.
+    pub fn fail_next_posts(&self, n: usize, status: u16, body: Value) {
+        let mut shared = self.lock();
+        for _ in 0..n {
+            shared.failures.push_back((status, body.clone()));
+        }
+    }
+
+    pub fn posted(&self) -> Vec<Posted> {
+        self.lock().posted.clone()
+    }
+
+    pub fn post_attempts(&self) -> usize {
+        self.lock().post_attempts
+    }
+
+    /// Waits for at least `n` posted messages in `channel_id`; returns them in order.
+    pub async fn wait_posted(&self, channel_id: u64, n: usize) -> anyhow::Result<Vec<Posted>> {
+        let channel = channel_id.to_string();
+        for _ in 0..600 {
+            let got: Vec<Posted> = self
+                .posted()
+                .into_iter()
+                .filter(|p| p.channel_id == channel)
+                .collect();
+            if got.len() >= n {
+                return Ok(got);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        anyhow::bail!(
+            "channel {channel}: expected {n} messages, have {:?}",
+            self.posted()
+        )
+    }
+}
+
+fn bot_user() -> Value {
+    json!({"id": BOT_ID.to_string(), "username": "ferroclaw", "discriminator": "0",
+           "global_name": null, "avatar": null, "bot": true})
+}
+
+fn message_json(id: &str, channel_id: &str, author: Value, content: &str) -> Value {
+    json!({
+        "id": id, "channel_id": channel_id, "author": author, "content": content,
+        "timestamp": "2026-11-25T10:00:00.000000+00:00", "edited_timestamp": null,
+        "tts": false, "mention_everyone": false, "mentions": [], "mention_roles": [],
+        "attachments": [], "embeds": [], "pinned": false, "type": 0,
+    })
+}
+
+async fn gateway(State(fake): State<Fake>) -> Json<Value> {
+    Json(json!({"url": fake.ws_url}))
+}
+
+async fn gateway_bot(State(fake): State<Fake>) -> Json<Value> {
+    Json(
+        json!({"url": fake.ws_url, "shards": 1, "session_start_limit":
+        {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}}),
+    )
+}
+
+async fn current_user() -> Json<Value> {
+    Json(bot_user())
+}
+
+async fn unknown(uri: axum::http::Uri) -> Response {
+    eprintln!("fake discord: unhandled {uri}");
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"message": "404: Not Found", "code": 0})),
+    )
+        .into_response()
+}
+
+async fn create_message(
+    State(fake): State<Fake>,
+    Path(channel): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
+    let mut shared = fake
+        .shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    shared.post_attempts += 1;
+    if let Some((status, error)) = shared.failures.pop_front() {
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (code, Json(error)).into_response();
+    }
+    let nonce = match &body["nonce"] {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    // enforce_nonce: a second post with the same nonce returns the first message.
+    if body["enforce_nonce"] == json!(true)
+        && let Some(existing) = shared
+            .posted
+            .iter()
+            .find(|p| p.nonce.is_some() && p.nonce == nonce && p.channel_id == channel)
+    {
+        let m = message_json(&existing.id, &channel, bot_user(), &existing.content);
+        return Json(m).into_response();
+    }
+    let content = body["content"].as_str().unwrap_or("").to_string();
+    if content.chars().count() > 2000 {
+        let error = json!({"message": "Invalid Form Body", "code": 50035});
+        return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+    }
+    let id = fake.ids.fetch_add(1, Ordering::SeqCst).to_string();
+    shared.posted.push(Posted {
+        id: id.clone(),
+        channel_id: channel.clone(),
+        content: content.clone(),
+        nonce,
+    });
+    Json(message_json(&id, &channel, bot_user(), &content)).into_response()
+}
+
+/// One gateway connection: HELLO, then IDENTIFY → READY, heartbeats acknowledged, and
+/// every dispatched event sent with the next sequence number.
+async fn session(fake: Fake, stream: tokio::net::TcpStream) -> anyhow::Result<()> {
+    let mut ws = tokio_tungstenite::accept_async(stream).await?;
+    let mut events = fake.events.subscribe();
+    ws.send(WsMessage::text(
+        json!({"op": 10, "d": {"heartbeat_interval": 41250}}).to_string(),
+    ))
+    .await?;
+    let mut seq = 0u64;
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            incoming = ws.next() => {
+                let Some(incoming) = incoming else { return Ok(()) };
+                let text = match incoming? {
+                    WsMessage::Text(t) => t,
+                    WsMessage::Close(_) => return Ok(()),
+                    _ => continue,
+                };
+                let payload: Value = serde_json::from_str(&text)?;
+                match payload["op"].as_u64() {
+                    Some(1) => {
+                        ws.send(WsMessage::text(json!({"op": 11}).to_string())).await?;
+                    }
+                    Some(2) | Some(6) => {
+                        seq += 1;
+                        let ready_event = json!({"op": 0, "s": seq, "t": "READY", "d": {
+                            "v": 10, "user": bot_user(), "guilds": [],
+                            "session_id": "fake-session", "resume_gateway_url": fake.ws_url,
+                            "shard": [0, 1], "application": {"id": BOT_ID.to_string(), "flags": 0},
+                        }});
+                        ws.send(WsMessage::text(ready_event.to_string())).await?;
+                        ready = true;
+                        if let Ok(mut s) = fake.shared.lock() {
+                            s.identified += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            event = events.recv(), if ready => {
+                let Ok(event) = event else { continue };
+                seq += 1;
+                let frame = json!({"op": 0, "s": seq, "t": event["t"], "d": event["d"]});
+                ws.send(WsMessage::text(frame.to_string())).await?;
+            }
+        }
+    }
+}
