@@ -142,3 +142,56 @@ async fn a_long_reply_arrives_as_ordered_chunks_and_failures_are_handled() -> an
     );
     cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_posted_during_an_outage_or_a_gateway_restart_are_all_answered()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeDiscord::start().await?;
+    let mut cluster = discord_cluster(dir.path(), &fake).await?;
+    fake.user_message(OPEN, ANN, "before", true);
+    fake.wait_posted(OPEN, 1).await?;
+
+    // The connection drops; messages are posted while the bot cannot see them.
+    fake.go_down();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.user_message(OPEN, ANN, "missed one", true);
+    fake.user_message(OPEN, ANN, "missed two", true);
+    fake.come_up();
+    fake.wait_identified(2).await?;
+    let posted = fake.wait_posted(OPEN, 3).await?;
+    let texts: Vec<&str> = posted.iter().map(|p| p.content.as_str()).collect();
+    assert!(
+        texts.contains(&"echo: missed one") && texts.contains(&"echo: missed two"),
+        "{texts:?}"
+    );
+
+    // The gateway itself restarts; a message posted meanwhile is caught up from the saved
+    // cursor.
+    let identified = 2;
+    fake.go_down();
+    cluster.restart_gateway().await?;
+    fake.user_message(OPEN, ANN, "while restarting", true);
+    fake.come_up();
+    fake.wait_identified(identified + 1).await?;
+    let posted = fake.wait_posted(OPEN, 4).await?;
+    assert_eq!(posted[3].content, "echo: while restarting");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut texts: Vec<String> = fake
+        .posted()
+        .into_iter()
+        .filter(|p| p.channel_id == OPEN.to_string())
+        .map(|p| p.content)
+        .collect();
+    texts.sort();
+    let mut expected = vec![
+        "echo: before",
+        "echo: missed one",
+        "echo: missed two",
+        "echo: while restarting",
+    ];
+    expected.sort();
+    assert_eq!(texts, expected, "every message answered exactly once");
+    cluster.stop().await
+}

@@ -37,6 +37,10 @@ struct Shared {
     failures: VecDeque<(u16, Value)>,
     post_attempts: usize,
     identified: usize,
+    /// Every user message, by channel: what a catch-up read returns.
+    history: Vec<Value>,
+    /// While set, the gateway refuses connections (an outage).
+    down: bool,
 }
 
 #[derive(Clone)]
@@ -45,6 +49,8 @@ struct Fake {
     ids: Arc<AtomicU64>,
     ws_url: String,
     events: broadcast::Sender<Value>,
+    /// Ends every open gateway connection.
+    kick: broadcast::Sender<()>,
 }
 
 pub struct FakeDiscord {
@@ -57,17 +63,22 @@ impl FakeDiscord {
         let ws = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let ws_addr = ws.local_addr()?;
         let (events, _) = broadcast::channel(256);
+        let (kick, _) = broadcast::channel(4);
         let fake = Fake {
             shared: Arc::new(Mutex::new(Shared::default())),
             ids: Arc::new(AtomicU64::new(1_000_000_000_000_000_000)),
             ws_url: format!("ws://{ws_addr}"),
             events,
+            kick,
         };
         let app = axum::Router::new()
             .route("/api/v10/gateway", get(gateway))
             .route("/api/v10/gateway/bot", get(gateway_bot))
             .route("/api/v10/users/@me", get(current_user))
-            .route("/api/v10/channels/{channel}/messages", post(create_message))
+            .route(
+                "/api/v10/channels/{channel}/messages",
+                post(create_message).get(list_messages),
+            )
             .fallback(unknown)
             .with_state(fake.clone());
         let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -78,6 +89,10 @@ impl FakeDiscord {
         let for_ws = fake.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = ws.accept().await {
+                if for_ws.shared.lock().map(|s| s.down).unwrap_or(false) {
+                    drop(stream);
+                    continue;
+                }
                 let fake = for_ws.clone();
                 tokio::spawn(async move {
                     if let Err(e) = session(fake, stream).await {
@@ -96,7 +111,7 @@ impl FakeDiscord {
 
     /// Waits until `n` gateway sessions have identified (the bot is connected).
     pub async fn wait_identified(&self, n: usize) -> anyhow::Result<()> {
-        for _ in 0..300 {
+        for _ in 0..1200 {
             if self.lock().identified >= n {
                 return Ok(());
             }
@@ -134,8 +149,19 @@ impl FakeDiscord {
         if guild {
             message["guild_id"] = json!(GUILD_ID.to_string());
         }
+        self.lock().history.push(message.clone());
         self.dispatch("MESSAGE_CREATE", message.clone());
         message
+    }
+
+    /// An outage: open gateway connections end and new ones are refused until `up`.
+    pub fn go_down(&self) {
+        self.lock().down = true;
+        let _ = self.fake.kick.send(());
+    }
+
+    pub fn come_up(&self) {
+        self.lock().down = false;
     }
 
     /// A message from another bot in a guild channel.
@@ -232,6 +258,43 @@ async fn unknown(uri: axum::http::Uri) -> Response {
         .into_response()
 }
 
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /channels/{id}/messages?after=&limit=`: newest first, as Discord answers.
+async fn list_messages(
+    State(fake): State<Fake>,
+    Path(channel): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<ListQuery>,
+) -> Json<Value> {
+    let after: u64 = query.after.and_then(|a| a.parse().ok()).unwrap_or(0);
+    let limit = query.limit.unwrap_or(50).min(100);
+    let shared = fake
+        .shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut found: Vec<Value> = shared
+        .history
+        .iter()
+        .filter(|m| m["channel_id"] == json!(channel))
+        .filter(|m| {
+            m["id"]
+                .as_str()
+                .and_then(|i| i.parse::<u64>().ok())
+                .unwrap_or(0)
+                > after
+        })
+        .cloned()
+        .collect();
+    // The oldest `limit` after the cursor, returned newest first.
+    found.truncate(limit);
+    found.reverse();
+    Json(Value::Array(found))
+}
+
 async fn create_message(
     State(fake): State<Fake>,
     Path(channel): Path<String>,
@@ -281,8 +344,11 @@ async fn create_message(
 async fn session(fake: Fake, stream: tokio::net::TcpStream) -> anyhow::Result<()> {
     let mut ws = tokio_tungstenite::accept_async(stream).await?;
     let mut events = fake.events.subscribe();
+    let mut kick = fake.kick.subscribe();
+    // A 1 s heartbeat (Discord's is about 41 s): serenity notices a dropped connection at
+    // its next heartbeat, and tests should not wait long for that.
     ws.send(WsMessage::text(
-        json!({"op": 10, "d": {"heartbeat_interval": 41250}}).to_string(),
+        json!({"op": 10, "d": {"heartbeat_interval": 1000}}).to_string(),
     ))
     .await?;
     let mut seq = 0u64;
@@ -316,6 +382,10 @@ async fn session(fake: Fake, stream: tokio::net::TcpStream) -> anyhow::Result<()
                     }
                     _ => {}
                 }
+            }
+            _ = kick.recv() => {
+                let _ = ws.close(None).await;
+                return Ok(());
             }
             event = events.recv(), if ready => {
                 let Ok(event) = event else { continue };

@@ -229,6 +229,24 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops the gateway (SIGTERM) and starts a new one on the same addresses.
+    pub async fn restart_gateway(&mut self) -> anyhow::Result<()> {
+        let http = self.gateway.http.context("gateway HTTP address")?;
+        let grpc = self.gateway.grpc.context("gateway gRPC address")?;
+        let status = self.gateway.stop(Duration::from_secs(15)).await?;
+        anyhow::ensure!(status.success(), "gateway exited with {status}");
+        self.gateway = start(
+            "gateway",
+            &self.envs,
+            &[
+                ("FERROCLAW_HTTP_ADDR", http.to_string()),
+                ("FERROCLAW_GATEWAY_GRPC_ADDR", grpc.to_string()),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// SIGTERM to every service, gateway first; fails when one does not exit cleanly.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let grace = Duration::from_secs(15);
