@@ -11,6 +11,8 @@ const OPEN: u64 = 111_111_111_111_111_111;
 const MENTION_ONLY: u64 = 222_222_222_222_222_222;
 const DM: u64 = 333_333_333_333_333_333;
 const ANN: u64 = 444_444_444_444_444_444;
+const THREADED: u64 = 666_666_666_666_666_666;
+const USER_THREAD: u64 = 777_777_777_777_777_777;
 
 async fn discord_cluster(dir: &std::path::Path, fake: &FakeDiscord) -> anyhow::Result<Cluster> {
     let config = dir.join("ferroclaw.toml");
@@ -20,7 +22,8 @@ async fn discord_cluster(dir: &std::path::Path, fake: &FakeDiscord) -> anyhow::R
             "[discord]\napi_url = \"{}\"\n\
              [[discord.routes]]\nchannel = \"{OPEN}\"\nagent = \"main\"\n\
              [[discord.routes]]\nchannel = \"{MENTION_ONLY}\"\nagent = \"main\"\nengage = \"mention\"\n\
-             [[discord.routes]]\nchannel = \"dm\"\nagent = \"main\"\n",
+             [[discord.routes]]\nchannel = \"dm\"\nagent = \"main\"\n\
+             [[discord.routes]]\nchannel = \"{THREADED}\"\nagent = \"main\"\nengage = \"mention\"\nthread_on_mention = true\n",
             fake.url()
         ),
     )?;
@@ -193,5 +196,61 @@ async fn messages_posted_during_an_outage_or_a_gateway_restart_are_all_answered(
     ];
     expected.sort();
     assert_eq!(texts, expected, "every message answered exactly once");
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_share_or_own_a_session_and_a_mention_opens_one() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeDiscord::start().await?;
+    let cluster = discord_cluster(dir.path(), &fake).await?;
+
+    // A thread someone opened under a "channel"-session route: answered in the thread,
+    // in the channel's session.
+    fake.add_thread(USER_THREAD, OPEN);
+    fake.user_message(OPEN, ANN, "in the channel", true);
+    fake.wait_posted(OPEN, 1).await?;
+    fake.user_message(USER_THREAD, ANN, "in the thread", true);
+    assert_eq!(
+        fake.wait_posted(USER_THREAD, 1).await?[0].content,
+        "echo: in the thread"
+    );
+
+    // A mention in a thread_on_mention channel opens a thread named after the message;
+    // the answer and the rest of the conversation are in it, without further mentions.
+    let asked = fake.user_message(THREADED, ANN, &format!("<@{BOT_ID}> plan a trip"), true);
+    let thread: u64 = asked["id"].as_str().unwrap_or_default().parse()?;
+    let answer = fake.wait_posted(thread, 1).await?;
+    assert_eq!(answer[0].content, "echo: plan a trip");
+    assert!(
+        fake.threads()
+            .contains(&(thread.to_string(), THREADED.to_string()))
+    );
+    fake.user_message(thread, ANN, "to Lisbon", true);
+    assert_eq!(
+        fake.wait_posted(thread, 2).await?[1].content,
+        "echo: to Lisbon"
+    );
+    assert!(
+        fake.posted()
+            .iter()
+            .all(|p| p.channel_id != THREADED.to_string()),
+        "nothing was answered in the channel itself"
+    );
+
+    let (_, sessions) = cluster.get("/v1/sessions").await?;
+    let mut keys: Vec<String> = sessions["sessions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["conversation_key"].as_str().map(str::to_string))
+        .collect();
+    keys.sort();
+    let mut expected = vec![format!("discord:{OPEN}"), format!("discord:{thread}")];
+    expected.sort();
+    assert_eq!(
+        keys, expected,
+        "the user's thread shares the channel's session"
+    );
     cluster.stop().await
 }

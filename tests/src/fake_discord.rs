@@ -41,6 +41,8 @@ struct Shared {
     history: Vec<Value>,
     /// While set, the gateway refuses connections (an outage).
     down: bool,
+    /// Threads: id → parent channel id.
+    threads: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone)]
@@ -75,6 +77,11 @@ impl FakeDiscord {
             .route("/api/v10/gateway", get(gateway))
             .route("/api/v10/gateway/bot", get(gateway_bot))
             .route("/api/v10/users/@me", get(current_user))
+            .route("/api/v10/channels/{channel}", get(get_channel))
+            .route(
+                "/api/v10/channels/{channel}/messages/{message}/threads",
+                post(create_thread),
+            )
             .route(
                 "/api/v10/channels/{channel}/messages",
                 post(create_message).get(list_messages),
@@ -152,6 +159,22 @@ impl FakeDiscord {
         self.lock().history.push(message.clone());
         self.dispatch("MESSAGE_CREATE", message.clone());
         message
+    }
+
+    /// A thread someone opened under `parent`.
+    pub fn add_thread(&self, thread_id: u64, parent_id: u64) {
+        self.lock()
+            .threads
+            .insert(thread_id.to_string(), parent_id.to_string());
+    }
+
+    /// Threads (id, parent) that exist, the bot's included.
+    pub fn threads(&self) -> Vec<(String, String)> {
+        self.lock()
+            .threads
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// An outage: open gateway connections end and new ones are refused until `up`.
@@ -256,6 +279,45 @@ async fn unknown(uri: axum::http::Uri) -> Response {
         Json(json!({"message": "404: Not Found", "code": 0})),
     )
         .into_response()
+}
+
+fn thread_json(id: &str, parent: &str) -> Value {
+    json!({"id": id, "type": 11, "name": "a thread", "guild_id": GUILD_ID.to_string(),
+           "parent_id": parent, "thread_metadata": {"archived": false,
+           "auto_archive_duration": 1440, "archive_timestamp": "2026-11-25T10:00:00.000000+00:00",
+           "locked": false}})
+}
+
+/// A thread's channel object, or a plain text channel for any other id.
+async fn get_channel(State(fake): State<Fake>, Path(channel): Path<String>) -> Json<Value> {
+    let parent = fake
+        .shared
+        .lock()
+        .ok()
+        .and_then(|s| s.threads.get(&channel).cloned());
+    Json(match parent {
+        Some(parent) => thread_json(&channel, &parent),
+        None => {
+            json!({"id": channel, "type": 0, "name": "general", "guild_id": GUILD_ID.to_string()})
+        }
+    })
+}
+
+/// Starts a thread on a message: the thread's id is the message's.
+async fn create_thread(
+    State(fake): State<Fake>,
+    Path((channel, message)): Path<(String, String)>,
+) -> Response {
+    let mut shared = fake
+        .shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if shared.threads.contains_key(&message) {
+        let error = json!({"message": "A thread has already been created for this message", "code": 160004});
+        return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+    }
+    shared.threads.insert(message.clone(), channel.clone());
+    Json(thread_json(&message, &channel)).into_response()
 }
 
 #[derive(serde::Deserialize)]

@@ -97,6 +97,17 @@ pub struct DiscordRoute {
     /// Sender ids allowed to talk to the agent; empty: everyone.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Threads under this channel: "channel" (they share the channel's session) or
+    /// "thread" (each thread is its own session).
+    #[serde(default = "default_sessions")]
+    pub sessions: String,
+    /// A mention of the bot outside a thread opens a thread for that conversation.
+    #[serde(default)]
+    pub thread_on_mention: bool,
+}
+
+fn default_sessions() -> String {
+    "channel".into()
 }
 
 fn default_engage() -> String {
@@ -705,6 +716,12 @@ impl Config {
                 return invalid(
                     format!("{key}.channel"),
                     format!("{:?}: expected a channel id or \"dm\"", route.channel),
+                );
+            }
+            if !matches!(route.sessions.as_str(), "channel" | "thread") {
+                return invalid(
+                    format!("{key}.sessions"),
+                    format!("{:?}: expected channel or thread", route.sessions),
                 );
             }
             if !matches!(route.engage.as_str(), "always" | "mention") {

@@ -7,14 +7,15 @@
 //! a disconnect Discord would not resume, or a gateway restart), every channel with a
 //! cursor is read from that id on, and what was missed is handled like a new message.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ferroclaw_common::Config;
+use ferroclaw_common::config::DiscordRoute;
 use serenity::all::{
-    ChannelId, Context, EventHandler, GatewayIntents, GetMessages, Http, Message, MessageId, Ready,
-    UserId,
+    Channel, ChannelId, Context, CreateThread, EventHandler, GatewayIntents, GetMessages, Http,
+    Message, MessageId, Ready, UserId,
 };
 use serenity::async_trait;
 use serenity::http::HttpBuilder;
@@ -28,6 +29,16 @@ struct Handler {
     ingress: Ingress,
     bot: OnceLock<UserId>,
     cursors: Cursors,
+    /// Thread → parent channel (`None`: not a thread), learnt once per channel.
+    parents: Mutex<HashMap<u64, Option<u64>>>,
+}
+
+/// Where a message belongs: its route, the conversation (session) it is part of, and
+/// whether it was written inside a thread.
+struct Placement<'r> {
+    route: &'r DiscordRoute,
+    conversation: String,
+    in_thread: bool,
 }
 
 /// The last message id handled in each channel, kept in a file so a restarted gateway
@@ -103,6 +114,7 @@ pub async fn start(config: Arc<Config>, ingress: Ingress, shutdown: Cancellation
         ingress,
         bot: OnceLock::new(),
         cursors: Cursors::load(config.data_dir.join("discord-cursors.json")),
+        parents: Mutex::new(HashMap::new()),
     };
     let built = serenity::all::ClientBuilder::new_with_http(http.build(), intents)
         .event_handler(handler)
@@ -135,6 +147,84 @@ fn without_mention(text: &str, bot: UserId) -> String {
 }
 
 impl Handler {
+    /// The parent channel of a thread, `None` for other channels (asked once, then kept).
+    async fn parent_of(&self, http: &Http, channel: ChannelId) -> Option<u64> {
+        if let Some(known) = self
+            .parents
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&channel.get()).copied())
+        {
+            return known;
+        }
+        let parent = match http.get_channel(channel).await {
+            Ok(Channel::Guild(c)) if c.thread_metadata.is_some() => c.parent_id.map(|p| p.get()),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, %channel, "cannot look up a Discord channel");
+                return None; // not kept: asked again next time
+            }
+        };
+        if let Ok(mut p) = self.parents.lock() {
+            p.insert(channel.get(), parent);
+        }
+        parent
+    }
+
+    /// Finds the route of a message: its channel's own, or for a thread its parent's.
+    async fn place(&self, http: &Http, msg: &Message) -> Option<Placement<'_>> {
+        let channel = msg.channel_id.to_string();
+        let discord = &self.config.discord;
+        if let Some(route) = discord.route(&channel, msg.guild_id.is_none()) {
+            return Some(Placement {
+                route,
+                conversation: channel,
+                in_thread: false,
+            });
+        }
+        msg.guild_id?;
+        let parent = self.parent_of(http, msg.channel_id).await?.to_string();
+        let route = discord.route(&parent, false)?;
+        let own_session = route.sessions == "thread" || route.thread_on_mention;
+        Some(Placement {
+            route,
+            conversation: if own_session { channel } else { parent },
+            in_thread: true,
+        })
+    }
+
+    /// Opens a thread on a message (its id is the message's); `None` when Discord refuses.
+    async fn open_thread(&self, http: &Http, msg: &Message, text: &str) -> Option<String> {
+        let name: String = text.chars().take(80).collect();
+        let name = if name.trim().is_empty() {
+            "conversation".to_string()
+        } else {
+            name
+        };
+        match msg
+            .channel_id
+            .create_thread_from_message(http, msg.id, CreateThread::new(name))
+            .await
+        {
+            Ok(thread) => {
+                if let Ok(mut p) = self.parents.lock() {
+                    p.insert(thread.id.get(), Some(msg.channel_id.get()));
+                }
+                Some(thread.id.to_string())
+            }
+            // Already opened (a redelivered event): a message's thread has its id.
+            Err(serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(e)))
+                if e.error.code == 160004 =>
+            {
+                Some(msg.id.to_string())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a thread; answering in the channel");
+                None
+            }
+        }
+    }
+
     /// Handles one message, live or caught up; `false` when it could not be enqueued (it is
     /// to be read again).
     async fn handle(&self, http: &Http, msg: &Message) -> bool {
@@ -142,16 +232,19 @@ impl Handler {
             return true; // our own messages and other bots'
         }
         let channel = msg.channel_id.to_string();
-        let Some(route) = self.config.discord.route(&channel, msg.guild_id.is_none()) else {
+        let Some(placement) = self.place(http, msg).await else {
             return true;
         };
+        let route = placement.route;
         let sender = msg.author.id.to_string();
         if !route.allow.is_empty() && !route.allow.contains(&sender) {
             return true;
         }
         let bot = self.bot.get().copied();
         let mentioned = bot.is_some_and(|b| msg.mentions.iter().any(|u| u.id == b));
-        if route.engage == "mention" && !mentioned {
+        // Inside a thread the bot opened, the thread is the conversation: no mention needed.
+        let engaged = mentioned || (placement.in_thread && route.thread_on_mention);
+        if route.engage == "mention" && !engaged {
             return true;
         }
         let text = match bot {
@@ -172,9 +265,26 @@ impl Handler {
             self.cursors.advance(&channel, msg.id.get());
             return true;
         }
+        let mut conversation = placement.conversation;
+        let mut reply_channel = channel.clone();
+        if route.thread_on_mention
+            && mentioned
+            && !placement.in_thread
+            && let Some(thread) = self.open_thread(http, msg, &text).await
+        {
+            conversation = thread.clone();
+            reply_channel = thread;
+        }
         let enqueued = self
             .ingress
-            .discord_message(&route.agent, &channel, &msg.id.to_string(), &sender, text)
+            .discord_message(
+                &route.agent,
+                &conversation,
+                &reply_channel,
+                &msg.id.to_string(),
+                &sender,
+                text,
+            )
             .await;
         match enqueued {
             Ok(_) => {

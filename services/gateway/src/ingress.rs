@@ -133,6 +133,7 @@ impl Ingress {
     pub async fn discord_message(
         &self,
         agent: &str,
+        conversation: &str,
         channel_id: &str,
         message_id: &str,
         sender: &str,
@@ -148,11 +149,11 @@ impl Ingress {
         });
         self.enqueue(
             agent,
-            format!("discord:{channel_id}"),
+            format!("discord:{conversation}"),
             content,
             Origin {
                 channel: "discord".into(),
-                conversation: channel_id.to_string(),
+                conversation: conversation.to_string(),
                 sender: sender.to_string(),
                 reply_to_json: json(&reply_to),
             },
