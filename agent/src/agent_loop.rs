@@ -158,7 +158,10 @@ async fn process(
         return Ok(());
     }
     let attempt = live.iter().map(|(_, a)| *a).max().unwrap_or(1);
-    let rows: Vec<InboundRow> = live.into_iter().map(|(r, _)| r.clone()).collect();
+    let rows: Vec<InboundRow> = live
+        .into_iter()
+        .map(|(r, _)| with_local_attachments(r.clone(), &options.session_dir))
+        .collect();
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
     let span = tracing::info_span!("batch", first = seqs[0], size = seqs.len(), attempt);
     // `instrument`, not `span.enter()`: a guard held across `.await` leaves the span entered
@@ -211,6 +214,19 @@ async fn answer(
     let written = mailbox.finish(&seqs, &out, BatchStatus::Completed).await?;
     tracing::info!(replies = written.len(), "batch completed");
     Ok(())
+}
+
+/// Attachment paths arrive relative to the session directory (`in/inbox/…`): the agent
+/// and its model see where the files are from here.
+fn with_local_attachments(mut row: InboundRow, session_dir: &std::path::Path) -> InboundRow {
+    if let ferroclaw_mailbox::InboundContent::Chat(chat) = &mut row.content {
+        for a in &mut chat.attachments {
+            if std::path::Path::new(&a.path).is_relative() {
+                a.path = session_dir.join(&a.path).display().to_string();
+            }
+        }
+    }
+    row
 }
 
 /// One message per destination saying the batch could not be processed.

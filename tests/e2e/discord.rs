@@ -254,3 +254,90 @@ async fn threads_share_or_own_a_session_and_a_mention_opens_one() -> anyhow::Res
     );
     cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attachment_reaches_the_model_and_a_file_goes_back_as_an_attachment()
+-> anyhow::Result<()> {
+    use ferroclaw_e2e::fake_model::{FakeModel, Step};
+    let dir = tempfile::tempdir()?;
+    let fake = FakeDiscord::start().await?;
+    let model = FakeModel::start("sk-key").await?;
+    let config = dir.path().join("ferroclaw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[discord]\napi_url = \"{}\"\nmax_upload_bytes = 1000\n\
+             [[discord.routes]]\nchannel = \"{OPEN}\"\nagent = \"main\"\n\
+             [[agents]]\nname = \"main\"\nprovider = \"anthropic\"\nmodel = \"m\"\napi_base_url = \"{}\"\n",
+            fake.url(),
+            model.url()
+        ),
+    )?;
+    let cluster = Cluster::start(
+        &dir.path().join("data"),
+        &[
+            ("FERROCLAW_CONFIG", config.display().to_string()),
+            ("DISCORD_BOT_TOKEN", "fake-bot-token".into()),
+            ("ANTHROPIC_API_KEY", "sk-key".into()),
+        ],
+    )
+    .await?;
+    fake.wait_identified(1).await?;
+    std::fs::create_dir_all(cluster.data_dir.join("agents/main"))?;
+    std::fs::write(
+        cluster.data_dir.join("agents/main/big.bin"),
+        vec![7u8; 5000],
+    )?;
+    model.push([
+        Step::Tools(vec![
+            (
+                "send_file".into(),
+                json!({"path": "summary.txt", "caption": "here it is"}),
+            ),
+            ("send_file".into(), json!({"path": "big.bin"})),
+        ]),
+        Step::Text("sent".into()),
+    ]);
+    std::fs::write(
+        cluster.data_dir.join("agents/main/summary.txt"),
+        "the summary",
+    )?;
+    fake.user_message_with_file(OPEN, ANN, "summarise this", "notes.txt", b"some notes");
+
+    // The model sees the message with the attachment's local path, and the file is there.
+    let received = model.wait_for_requests(1).await?;
+    let prompt = ferroclaw_e2e::fake_model::last_user_text(&received[0].body);
+    let path = prompt
+        .split("path=\"")
+        .nth(1)
+        .and_then(|p| p.split('"').next())
+        .ok_or_else(|| anyhow::anyhow!("no attachment in {prompt}"))?;
+    assert!(
+        path.ends_with("/in/inbox/") == false && path.ends_with("notes.txt"),
+        "{path}"
+    );
+    assert_eq!(std::fs::read(path)?, b"some notes");
+
+    // Its file comes back as an attachment with its caption; one over the upload limit
+    // fails clearly and the agent is told.
+    let posted = fake.wait_posted(OPEN, 3).await?;
+    let with_file = posted
+        .iter()
+        .find(|p| !p.files.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("no attachment in {posted:?}"))?;
+    assert_eq!(with_file.content, "here it is");
+    assert_eq!(
+        with_file.files,
+        vec![("summary.txt".to_string(), b"the summary".to_vec())]
+    );
+    assert!(posted.iter().any(|p| p.content == "sent"));
+    // Requests 1 and 2 are the turn (message, tool results); 3 is the failure notice.
+    let notice = model.wait_for_requests(3).await?;
+    let told = ferroclaw_e2e::fake_model::last_user_text(&notice[2].body);
+    assert!(
+        told.contains("delivery_failed")
+            && told.contains("big.bin is 5000 bytes; Discord takes files up to 1000 bytes"),
+        "{told}"
+    );
+    cluster.stop().await
+}

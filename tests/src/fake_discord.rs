@@ -28,6 +28,8 @@ pub struct Posted {
     pub channel_id: String,
     pub content: String,
     pub nonce: Option<String>,
+    /// Attached files: (name, bytes).
+    pub files: Files,
 }
 
 #[derive(Default)]
@@ -43,6 +45,8 @@ struct Shared {
     down: bool,
     /// Threads: id → parent channel id.
     threads: std::collections::BTreeMap<String, String>,
+    /// Users' attachments served for download: (attachment id, file name) → bytes.
+    downloads: std::collections::BTreeMap<(String, String), Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -86,6 +90,7 @@ impl FakeDiscord {
                 "/api/v10/channels/{channel}/messages",
                 post(create_message).get(list_messages),
             )
+            .route("/attachments/{id}/{name}", get(download))
             .fallback(unknown)
             .with_state(fake.clone());
         let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -185,6 +190,39 @@ impl FakeDiscord {
 
     pub fn come_up(&self) {
         self.lock().down = false;
+    }
+
+    /// A user's guild message with one attached file, served for download by the fake.
+    pub fn user_message_with_file(
+        &self,
+        channel_id: u64,
+        user_id: u64,
+        content: &str,
+        name: &str,
+        data: &[u8],
+    ) -> Value {
+        let id = self.next_id();
+        let attachment_id = self.next_id();
+        let url = format!("{}/attachments/{attachment_id}/{name}", self.url());
+        let mut message = message_json(
+            &id,
+            &channel_id.to_string(),
+            json!({"id": user_id.to_string(), "username": format!("user{user_id}"),
+                   "discriminator": "0", "global_name": null, "avatar": null, "bot": false}),
+            content,
+        );
+        message["guild_id"] = json!(GUILD_ID.to_string());
+        message["attachments"] = json!([{"id": attachment_id, "filename": name,
+            "size": data.len(), "url": url, "proxy_url": url}]);
+        {
+            let mut shared = self.lock();
+            shared
+                .downloads
+                .insert((attachment_id, name.to_string()), data.to_vec());
+            shared.history.push(message.clone());
+        }
+        self.dispatch("MESSAGE_CREATE", message.clone());
+        message
     }
 
     /// A message from another bot in a guild channel.
@@ -357,11 +395,81 @@ async fn list_messages(
     Json(Value::Array(found))
 }
 
+async fn download(State(fake): State<Fake>, Path((id, name)): Path<(String, String)>) -> Response {
+    let found = fake
+        .shared
+        .lock()
+        .ok()
+        .and_then(|s| s.downloads.get(&(id, name)).cloned());
+    match found {
+        Some(bytes) => bytes.into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// The JSON payload and files of a create-message request: plain JSON, or
+/// multipart/form-data with `payload_json` and `files[n]` parts (when files are attached).
+/// Files of a post: (name, bytes).
+type Files = Vec<(String, Vec<u8>)>;
+
+fn read_post(content_type: &str, body: &[u8]) -> Option<(Value, Files)> {
+    let Some(boundary) = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+    else {
+        return Some((serde_json::from_slice(body).ok()?, Vec::new()));
+    };
+    let boundary = format!("--{}", boundary.trim_matches('"'));
+    let mut payload = Value::Null;
+    let mut files = Vec::new();
+    let mut rest = body;
+    while let Some(start) = find(rest, boundary.as_bytes()) {
+        rest = &rest[start + boundary.len()..];
+        let Some(end) = find(rest, boundary.as_bytes()) else {
+            break;
+        };
+        let part = &rest[..end];
+        let part = part.strip_prefix(b"\r\n").unwrap_or(part);
+        let part = part.strip_suffix(b"\r\n").unwrap_or(part);
+        let split = find(part, b"\r\n\r\n")?;
+        let headers = String::from_utf8_lossy(&part[..split]).to_string();
+        let content = &part[split + 4..];
+        let field = |key: &str| {
+            headers
+                .split(';')
+                .find_map(|h| h.trim().strip_prefix(&format!("{key}=\"")))
+                .and_then(|v| v.split('"').next())
+                .map(str::to_string)
+        };
+        match (field("name"), field("filename")) {
+            (Some(name), _) if name == "payload_json" => {
+                payload = serde_json::from_slice(content).ok()?;
+            }
+            (_, Some(filename)) => files.push((filename, content.to_vec())),
+            _ => {}
+        }
+    }
+    Some((payload, files))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 async fn create_message(
     State(fake): State<Fake>,
     Path(channel): Path<String>,
-    Json(body): Json<Value>,
+    headers: axum::http::HeaderMap,
+    raw: axum::body::Bytes,
 ) -> Response {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some((body, files)) = read_post(content_type, &raw) else {
+        let error = json!({"message": "Cannot parse the body", "code": 50109});
+        return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+    };
     let mut shared = fake
         .shared
         .lock()
@@ -397,6 +505,7 @@ async fn create_message(
         channel_id: channel.clone(),
         content: content.clone(),
         nonce,
+        files,
     });
     Json(message_json(&id, &channel, bot_user(), &content)).into_response()
 }

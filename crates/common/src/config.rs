@@ -52,6 +52,8 @@ pub struct DiscordConfig {
     /// Another Discord API base (a fake in tests, or an API proxy); Discord's when unset.
     /// Rate limiting is then left to ferroclaw's retries.
     pub api_url: Option<String>,
+    /// Largest file the bot uploads (Discord's limit for the server).
+    pub max_upload_bytes: u64,
     pub routes: Vec<DiscordRoute>,
 }
 
@@ -60,6 +62,7 @@ impl Default for DiscordConfig {
         Self {
             token_env: "DISCORD_BOT_TOKEN".into(),
             api_url: None,
+            max_upload_bytes: 10 * 1024 * 1024,
             routes: Vec::new(),
         }
     }

@@ -53,7 +53,8 @@ impl Consumer {
     ) -> Self {
         Self {
             http: reqwest::Client::new(),
-            runner: RunnerClient::new(runner),
+            // Outbox files arrive in one message.
+            runner: RunnerClient::new(runner).max_decoding_message_size(27 * 1024 * 1024),
             scheduler: SchedulerClient::new(scheduler),
             discord: crate::discord::DiscordOut::from_config(&config.discord),
             notices: std::collections::HashSet::new(),
@@ -266,8 +267,12 @@ impl Consumer {
                         self.config.discord.token_env
                     ))
                 })?;
+                let file = match &content {
+                    OutboundContent::File(f) => Some(self.outbox_file(message, &f.path).await?),
+                    _ => None,
+                };
                 discord
-                    .send(&channel_id, message, &content)
+                    .send(&channel_id, message, &content, file)
                     .await
                     .map_err(|e| match e {
                         crate::discord::DiscordError::Permanent(m) => SendError::Permanent(m),
@@ -317,6 +322,46 @@ impl Consumer {
                     .await
                     .map_err(|e| SendError::Transient(e.to_string()))
             }
+        }
+    }
+
+    /// A file of the session's outbox, read through the runner.
+    async fn outbox_file(
+        &self,
+        message: &OutboundMessage,
+        path: &str,
+    ) -> Result<crate::discord::FileBytes, SendError> {
+        let read = self
+            .runner
+            .clone()
+            .read_outbox_file(ferroclaw_proto::v1::ReadOutboxFileRequest {
+                session_id: message.session_id.clone(),
+                path: path.to_string(),
+            })
+            .await;
+        match read {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok(crate::discord::FileBytes {
+                    name: r.name,
+                    data: r.data,
+                })
+            }
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::NotFound | tonic::Code::InvalidArgument
+                ) =>
+            {
+                Err(SendError::Permanent(format!(
+                    "outbox file {path}: {}",
+                    s.message()
+                )))
+            }
+            Err(s) => Err(SendError::Transient(format!(
+                "reading {path}: {}",
+                s.message()
+            ))),
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ferroclaw_common::config::DiscordConfig;
 use ferroclaw_mailbox::OutboundContent;
 use ferroclaw_proto::v1::OutboundMessage;
-use serenity::builder::CreateMessage;
+use serenity::builder::{CreateAttachment, CreateMessage};
 use serenity::http::{Http, HttpBuilder, HttpError};
 use serenity::model::channel::Nonce;
 use serenity::model::id::ChannelId;
@@ -25,6 +25,13 @@ pub enum DiscordError {
 #[derive(Clone)]
 pub struct DiscordOut {
     http: Arc<Http>,
+    max_upload_bytes: u64,
+}
+
+/// A file to attach: its name and bytes (read from the session's outbox).
+pub struct FileBytes {
+    pub name: String,
+    pub data: Vec<u8>,
 }
 
 impl DiscordOut {
@@ -41,6 +48,7 @@ impl DiscordOut {
         }
         Some(Self {
             http: Arc::new(builder.build()),
+            max_upload_bytes: config.max_upload_bytes,
         })
     }
 
@@ -50,6 +58,7 @@ impl DiscordOut {
         channel_id: &str,
         message: &OutboundMessage,
         content: &OutboundContent,
+        file: Option<FileBytes>,
     ) -> Result<String, DiscordError> {
         let channel = channel_id
             .parse::<u64>()
@@ -70,10 +79,31 @@ impl DiscordOut {
                     .collect();
                 format!("{}\n{}", card.text, options.join("\n"))
             }
-            OutboundContent::File(_) => {
-                return Err(DiscordError::Permanent(
-                    "files cannot be sent to Discord yet".into(),
-                ));
+            OutboundContent::File(f) => {
+                let file = file.ok_or_else(|| {
+                    DiscordError::Permanent(format!("the file {} was not read", f.name))
+                })?;
+                if file.data.len() as u64 > self.max_upload_bytes {
+                    return Err(DiscordError::Permanent(format!(
+                        "{} is {} bytes; Discord takes files up to {} bytes here",
+                        f.name,
+                        file.data.len(),
+                        self.max_upload_bytes
+                    )));
+                }
+                let caption: String = f.caption.chars().take(MAX_CHARS).collect();
+                let posted = channel
+                    .send_message(
+                        &self.http,
+                        CreateMessage::new()
+                            .content(caption)
+                            .add_file(CreateAttachment::bytes(file.data, f.name.clone()))
+                            .nonce(Nonce::String(nonce(&message.session_id, message.seq, 0)))
+                            .enforce_nonce(true),
+                    )
+                    .await
+                    .map_err(classify)?;
+                return Ok(posted.id.to_string());
             }
             OutboundContent::Action(_) => {
                 return Err(DiscordError::Permanent(

@@ -31,7 +31,12 @@ struct Handler {
     cursors: Cursors,
     /// Thread → parent channel (`None`: not a thread), learnt once per channel.
     parents: Mutex<HashMap<u64, Option<u64>>>,
+    /// Downloads attachments.
+    http: reqwest::Client,
 }
+
+/// Largest attachment taken in (the runner's limit too).
+const MAX_ATTACHMENT_BYTES: u64 = 25 * 1024 * 1024;
 
 /// Where a message belongs: its route, the conversation (session) it is part of, and
 /// whether it was written inside a thread.
@@ -115,6 +120,7 @@ pub async fn start(config: Arc<Config>, ingress: Ingress, shutdown: Cancellation
         bot: OnceLock::new(),
         cursors: Cursors::load(config.data_dir.join("discord-cursors.json")),
         parents: Mutex::new(HashMap::new()),
+        http: reqwest::Client::new(),
     };
     let built = serenity::all::ClientBuilder::new_with_http(http.build(), intents)
         .event_handler(handler)
@@ -275,6 +281,12 @@ impl Handler {
             conversation = thread.clone();
             reply_channel = thread;
         }
+        let (attachments, notes) = self.attachments(msg, &route.agent, &conversation).await;
+        let text = if notes.is_empty() {
+            text
+        } else {
+            format!("{text}\n{}", notes.join("\n"))
+        };
         let enqueued = self
             .ingress
             .discord_message(
@@ -284,6 +296,7 @@ impl Handler {
                 &msg.id.to_string(),
                 &sender,
                 text,
+                attachments,
             )
             .await;
         match enqueued {
@@ -297,6 +310,65 @@ impl Handler {
                 false
             }
         }
+    }
+
+    /// Downloads a message's attachments into its session's inbox. One that is too big or
+    /// cannot be fetched becomes a note in the text, so the agent knows it was there.
+    async fn attachments(
+        &self,
+        msg: &Message,
+        agent: &str,
+        conversation: &str,
+    ) -> (Vec<ferroclaw_mailbox::content::Attachment>, Vec<String>) {
+        let mut taken = Vec::new();
+        let mut notes = Vec::new();
+        for a in &msg.attachments {
+            if u64::from(a.size) > MAX_ATTACHMENT_BYTES {
+                notes.push(format!(
+                    "[attachment {} not taken: {} bytes, over the {MAX_ATTACHMENT_BYTES}-byte limit]",
+                    a.filename, a.size
+                ));
+                continue;
+            }
+            let fetched = async {
+                let response = self.http.get(&a.url).send().await?.error_for_status()?;
+                response.bytes().await
+            }
+            .await;
+            let data = match fetched {
+                Ok(d) if d.len() as u64 <= MAX_ATTACHMENT_BYTES => d.to_vec(),
+                Ok(d) => {
+                    notes.push(format!(
+                        "[attachment {} not taken: {} bytes]",
+                        a.filename,
+                        d.len()
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    notes.push(format!(
+                        "[attachment {} could not be downloaded: {e}]",
+                        a.filename
+                    ));
+                    continue;
+                }
+            };
+            let stored = self
+                .ingress
+                .put_inbox_file(
+                    agent,
+                    format!("discord:{conversation}"),
+                    &msg.id.to_string(),
+                    &a.filename,
+                    data,
+                )
+                .await;
+            match stored {
+                Ok(attachment) => taken.push(attachment),
+                Err(e) => notes.push(format!("[attachment {} not stored: {e}]", a.filename)),
+            }
+        }
+        (taken, notes)
     }
 
     /// Reads every channel with a cursor from there on and handles what was missed.

@@ -2,10 +2,10 @@
 //! Shared by the REST API and the gRPC `Gateway` service, so both accept the same things.
 
 use ferroclaw_common::Config;
-use ferroclaw_mailbox::content::{ChatIn, WebhookIn};
+use ferroclaw_mailbox::content::{Attachment, ChatIn, WebhookIn};
 use ferroclaw_mailbox::{Destination, InboundContent};
 use ferroclaw_proto::v1::runner_client::RunnerClient;
-use ferroclaw_proto::v1::{EnqueueRequest, Origin};
+use ferroclaw_proto::v1::{EnqueueRequest, Origin, PutInboxFileRequest};
 use serde::Serialize;
 use tonic::transport::Channel;
 
@@ -130,6 +130,7 @@ impl Ingress {
 
     /// A Discord message in a routed channel. The Discord message id is the idempotency
     /// key; replies go back to the channel.
+    #[allow(clippy::too_many_arguments)]
     pub async fn discord_message(
         &self,
         agent: &str,
@@ -138,6 +139,7 @@ impl Ingress {
         message_id: &str,
         sender: &str,
         text: String,
+        attachments: Vec<Attachment>,
     ) -> Result<Accepted> {
         let reply_to = Destination::Discord {
             channel_id: channel_id.to_string(),
@@ -145,7 +147,7 @@ impl Ingress {
         let content = InboundContent::Chat(ChatIn {
             text,
             sender: sender.to_string(),
-            attachments: Vec::new(),
+            attachments,
         });
         self.enqueue(
             agent,
@@ -160,6 +162,35 @@ impl Ingress {
             format!("discord:{message_id}"),
         )
         .await
+    }
+
+    /// Hands an attachment to the runner for the session of (agent, conversation key).
+    pub async fn put_inbox_file(
+        &self,
+        agent: &str,
+        conversation_key: String,
+        message_id: &str,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<Attachment> {
+        let response = self
+            .runner
+            .clone()
+            .put_inbox_file(PutInboxFileRequest {
+                agent: agent.to_string(),
+                conversation_key,
+                message_id: message_id.to_string(),
+                name: name.to_string(),
+                data,
+                session_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        Ok(Attachment {
+            path: response.path,
+            name: name.to_string(),
+            size: response.size,
+        })
     }
 
     /// The agent an API conversation routes to, or 404.

@@ -10,6 +10,7 @@ pub mod outbound_feed;
 pub mod process_backend;
 pub mod registry;
 mod service;
+pub mod session_files;
 pub mod supervisor;
 
 use std::collections::HashMap;
@@ -149,7 +150,13 @@ pub async fn run(
         health,
         shutdown.clone(),
     ));
-    let router = router.add_service(RunnerServer::new(service));
+    // Files travel in single messages: room for the largest plus its envelope.
+    let file_room = session_files::MAX_FILE_BYTES + 1024 * 1024;
+    let router = router.add_service(
+        RunnerServer::new(service)
+            .max_decoding_message_size(file_room)
+            .max_encoding_message_size(file_room),
+    );
     tracing::info!(addr = ?listener.local_addr().ok(), "runner listening");
     grpc::serve(router, listener, shutdown.clone()).await?;
     supervisor.wait_stopped().await;

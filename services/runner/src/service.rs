@@ -9,7 +9,8 @@ use ferroclaw_mailbox::{Destination, HostMailbox, NewInbound, Origin, Outcome as
 use ferroclaw_proto::v1::runner_server::Runner;
 use ferroclaw_proto::v1::{
     EnqueueRequest, EnqueueResponse, GetSessionRequest, ListSessionsRequest, ListSessionsResponse,
-    OutboundMessage, Outcome, Session, SettleRequest, SettleResponse, SyncTasksRequest,
+    OutboundMessage, Outcome, PutInboxFileRequest, PutInboxFileResponse, ReadOutboxFileRequest,
+    ReadOutboxFileResponse, Session, SettleRequest, SettleResponse, SyncTasksRequest,
     SyncTasksResponse, WatchOutboundRequest,
 };
 use tokio_stream::Stream;
@@ -21,6 +22,7 @@ use crate::error::{Result, RunnerError};
 use crate::mailboxes::Mailboxes;
 use crate::outbound_feed::OutboundFeed;
 use crate::registry::{Registry, SessionRecord};
+use crate::session_files;
 use crate::supervisor::Supervisor;
 
 pub struct RunnerService {
@@ -245,5 +247,45 @@ impl Runner for RunnerService {
     ) -> Result<Response<Session>, Status> {
         let session = self.session(&request.into_inner().session_id).await?;
         Ok(Response::new(self.describe(session).await?))
+    }
+
+    async fn put_inbox_file(
+        &self,
+        request: Request<PutInboxFileRequest>,
+    ) -> Result<Response<PutInboxFileResponse>, Status> {
+        let req = request.into_inner();
+        let session = if req.session_id.is_empty() {
+            if !self.agents.contains_key(&req.agent) {
+                return Err(Status::invalid_argument(format!(
+                    "unknown agent {:?}",
+                    req.agent
+                )));
+            }
+            self.registry
+                .get_or_create(&req.agent, &req.conversation_key)
+                .await?
+        } else {
+            self.session(&req.session_id).await?
+        };
+        // The mailbox makes the session directory (and its in/) exist.
+        self.mailboxes.get(&session).await?;
+        let paths = self.mailboxes.paths(&session);
+        let path = session_files::put_inbox_file(&paths, &req.message_id, &req.name, &req.data)?;
+        Ok(Response::new(PutInboxFileResponse {
+            session_id: session.id,
+            path,
+            size: req.data.len() as u64,
+        }))
+    }
+
+    async fn read_outbox_file(
+        &self,
+        request: Request<ReadOutboxFileRequest>,
+    ) -> Result<Response<ReadOutboxFileResponse>, Status> {
+        let req = request.into_inner();
+        let session = self.session(&req.session_id).await?;
+        let paths = self.mailboxes.paths(&session);
+        let (data, name) = session_files::read_outbox_file(&paths, &req.path)?;
+        Ok(Response::new(ReadOutboxFileResponse { data, name }))
     }
 }

@@ -75,6 +75,53 @@ pub struct Task {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PutInboxFileRequest {
+    #[prost(string, tag = "1")]
+    pub agent: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub conversation_key: ::prost::alloc::string::String,
+    /// Names the folder: the platform's message id.
+    #[prost(string, tag = "3")]
+    pub message_id: ::prost::alloc::string::String,
+    /// The file's name (a base name; anything else is refused).
+    #[prost(string, tag = "4")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "5")]
+    pub data: ::prost::alloc::vec::Vec<u8>,
+    /// An existing session instead of agent + conversation_key.
+    #[prost(string, tag = "6")]
+    pub session_id: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PutInboxFileResponse {
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    /// Relative to the session directory, e.g. "in/inbox/\<message_id>/<name>".
+    #[prost(string, tag = "2")]
+    pub path: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReadOutboxFileRequest {
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    /// Relative to the session's out/ directory, under "outbox/".
+    #[prost(string, tag = "2")]
+    pub path: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReadOutboxFileResponse {
+    #[prost(bytes = "vec", tag = "1")]
+    pub data: ::prost::alloc::vec::Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EnqueueRequest {
     #[prost(string, tag = "1")]
     pub agent: ::prost::alloc::string::String,
@@ -482,6 +529,57 @@ pub mod runner_client {
                 .insert(GrpcMethod::new("ferroclaw.v1.Runner", "GetSession"));
             self.inner.unary(req, path, codec).await
         }
+        /// Stores an attachment of an inbound message in the session's in/inbox/\<message_id>/,
+        /// creating the session when needed. At most 25 MiB.
+        pub async fn put_inbox_file(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PutInboxFileRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PutInboxFileResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Runner/PutInboxFile",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Runner", "PutInboxFile"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Reads a file the agent put in its outbox (a path relative to the session's out/).
+        pub async fn read_outbox_file(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReadOutboxFileRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReadOutboxFileResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Runner/ReadOutboxFile",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Runner", "ReadOutboxFile"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -541,6 +639,23 @@ pub mod runner_server {
             &self,
             request: tonic::Request<super::GetSessionRequest>,
         ) -> std::result::Result<tonic::Response<super::Session>, tonic::Status>;
+        /// Stores an attachment of an inbound message in the session's in/inbox/\<message_id>/,
+        /// creating the session when needed. At most 25 MiB.
+        async fn put_inbox_file(
+            &self,
+            request: tonic::Request<super::PutInboxFileRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PutInboxFileResponse>,
+            tonic::Status,
+        >;
+        /// Reads a file the agent put in its outbox (a path relative to the session's out/).
+        async fn read_outbox_file(
+            &self,
+            request: tonic::Request<super::ReadOutboxFileRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReadOutboxFileResponse>,
+            tonic::Status,
+        >;
     }
     /// The runner owns sessions, their directories and their agents.
     #[derive(Debug)]
@@ -867,6 +982,96 @@ pub mod runner_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetSessionSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Runner/PutInboxFile" => {
+                    #[allow(non_camel_case_types)]
+                    struct PutInboxFileSvc<T: Runner>(pub Arc<T>);
+                    impl<
+                        T: Runner,
+                    > tonic::server::UnaryService<super::PutInboxFileRequest>
+                    for PutInboxFileSvc<T> {
+                        type Response = super::PutInboxFileResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PutInboxFileRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Runner>::put_inbox_file(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PutInboxFileSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Runner/ReadOutboxFile" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReadOutboxFileSvc<T: Runner>(pub Arc<T>);
+                    impl<
+                        T: Runner,
+                    > tonic::server::UnaryService<super::ReadOutboxFileRequest>
+                    for ReadOutboxFileSvc<T> {
+                        type Response = super::ReadOutboxFileResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReadOutboxFileRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Runner>::read_outbox_file(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReadOutboxFileSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
