@@ -313,7 +313,7 @@ async fn an_attachment_reaches_the_model_and_a_file_goes_back_as_an_attachment()
         .and_then(|p| p.split('"').next())
         .ok_or_else(|| anyhow::anyhow!("no attachment in {prompt}"))?;
     assert!(
-        path.ends_with("/in/inbox/") == false && path.ends_with("notes.txt"),
+        path.contains("/in/inbox/") && path.ends_with("/notes.txt"),
         "{path}"
     );
     assert_eq!(std::fs::read(path)?, b"some notes");
