@@ -15,6 +15,14 @@ const THREADED: u64 = 666_666_666_666_666_666;
 const USER_THREAD: u64 = 777_777_777_777_777_777;
 
 async fn discord_cluster(dir: &std::path::Path, fake: &FakeDiscord) -> anyhow::Result<Cluster> {
+    discord_cluster_with(dir, fake, &[]).await
+}
+
+async fn discord_cluster_with(
+    dir: &std::path::Path,
+    fake: &FakeDiscord,
+    env: &[(&'static str, String)],
+) -> anyhow::Result<Cluster> {
     let config = dir.join("ferroclaw.toml");
     std::fs::write(
         &config,
@@ -27,14 +35,12 @@ async fn discord_cluster(dir: &std::path::Path, fake: &FakeDiscord) -> anyhow::R
             fake.url()
         ),
     )?;
-    let cluster = Cluster::start(
-        &dir.join("data"),
-        &[
-            ("FERROCLAW_CONFIG", config.display().to_string()),
-            ("DISCORD_BOT_TOKEN", "fake-bot-token".into()),
-        ],
-    )
-    .await?;
+    let mut all = vec![
+        ("FERROCLAW_CONFIG", config.display().to_string()),
+        ("DISCORD_BOT_TOKEN", "fake-bot-token".into()),
+    ];
+    all.extend(env.iter().cloned());
+    let cluster = Cluster::start(&dir.join("data"), &all).await?;
     fake.wait_identified(1).await?;
     Ok(cluster)
 }
@@ -338,6 +344,28 @@ async fn an_attachment_reaches_the_model_and_a_file_goes_back_as_an_attachment()
         told.contains("delivery_failed")
             && told.contains("big.bin is 5000 bytes; Discord takes files up to 1000 bytes"),
         "{told}"
+    );
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_shows_typing_while_the_agent_works() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeDiscord::start().await?;
+    let cluster = discord_cluster_with(
+        dir.path(),
+        &fake,
+        &[("FERROCLAW_ECHO_DELAY_MS", "1500".into())],
+    )
+    .await?;
+    fake.user_message(OPEN, ANN, "take your time", true);
+    fake.wait_posted(OPEN, 1).await?;
+    let log = fake.log();
+    let typing = log.iter().position(|e| *e == format!("typing:{OPEN}"));
+    let posted = log.iter().position(|e| *e == format!("post:{OPEN}"));
+    assert!(
+        matches!((typing, posted), (Some(t), Some(p)) if t < p),
+        "typing shown before the reply: {log:?}"
     );
     cluster.stop().await
 }

@@ -45,6 +45,8 @@ struct Shared {
     down: bool,
     /// Threads: id → parent channel id.
     threads: std::collections::BTreeMap<String, String>,
+    /// Typing indicators and posts, in the order they came: "typing:<channel>", "post:<channel>".
+    log: Vec<String>,
     /// Users' attachments served for download: (attachment id, file name) → bytes.
     downloads: std::collections::BTreeMap<(String, String), Vec<u8>>,
 }
@@ -91,6 +93,7 @@ impl FakeDiscord {
                 post(create_message).get(list_messages),
             )
             .route("/attachments/{id}/{name}", get(download))
+            .route("/api/v10/channels/{channel}/typing", post(typing))
             .fallback(unknown)
             .with_state(fake.clone());
         let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -256,6 +259,11 @@ impl FakeDiscord {
         self.lock().posted.clone()
     }
 
+    /// Typing indicators and posts in order ("typing:<channel>", "post:<channel>").
+    pub fn log(&self) -> Vec<String> {
+        self.lock().log.clone()
+    }
+
     pub fn post_attempts(&self) -> usize {
         self.lock().post_attempts
     }
@@ -395,6 +403,13 @@ async fn list_messages(
     Json(Value::Array(found))
 }
 
+async fn typing(State(fake): State<Fake>, Path(channel): Path<String>) -> StatusCode {
+    if let Ok(mut s) = fake.shared.lock() {
+        s.log.push(format!("typing:{channel}"));
+    }
+    StatusCode::NO_CONTENT
+}
+
 async fn download(State(fake): State<Fake>, Path((id, name)): Path<(String, String)>) -> Response {
     let found = fake
         .shared
@@ -500,6 +515,7 @@ async fn create_message(
         return (StatusCode::BAD_REQUEST, Json(error)).into_response();
     }
     let id = fake.ids.fetch_add(1, Ordering::SeqCst).to_string();
+    shared.log.push(format!("post:{channel}"));
     shared.posted.push(Posted {
         id: id.clone(),
         channel_id: channel.clone(),

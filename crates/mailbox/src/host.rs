@@ -253,6 +253,34 @@ impl HostMailbox {
         Ok(n > 0)
     }
 
+    /// The reply destinations (JSON) of the inbound messages the agent is working on now.
+    pub async fn working_destinations(&self) -> Result<Vec<String>> {
+        let Some(out) = self.outbound().await? else {
+            return Ok(Vec::new());
+        };
+        let seqs: Vec<i64> =
+            sqlx::query_scalar("SELECT in_seq FROM processing WHERE status = 'processing'")
+                .fetch_all(&out)
+                .await
+                .at(&self.paths.outbound_db())?;
+        let mut destinations = Vec::new();
+        for seq in seqs {
+            let found: Option<String> = sqlx::query_scalar(
+                "SELECT json_extract(origin, '$.reply_to') FROM messages_in WHERE seq = $1",
+            )
+            .bind(seq)
+            .fetch_optional(&self.inbound)
+            .await
+            .at(&self.paths.inbound_db())?;
+            if let Some(d) = found
+                && !destinations.contains(&d)
+            {
+                destinations.push(d);
+            }
+        }
+        Ok(destinations)
+    }
+
     /// Sets a session fact (`meta` table): agent name, time zone, default reply origin.
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         sqlx::query(

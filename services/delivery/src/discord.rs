@@ -52,6 +52,16 @@ impl DiscordOut {
         })
     }
 
+    /// Shows the bot typing in a channel for about 10 s; failures only matter to the logs.
+    pub async fn typing(&self, channel_id: &str) {
+        let Some(channel) = channel_id.parse::<u64>().ok().filter(|id| *id != 0) else {
+            return;
+        };
+        if let Err(e) = ChannelId::new(channel).broadcast_typing(&self.http).await {
+            tracing::debug!(error = %e, channel_id, "typing indicator failed");
+        }
+    }
+
     /// Posts one outbound row; returns the first Discord message's id.
     pub async fn send(
         &self,

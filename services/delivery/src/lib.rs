@@ -7,6 +7,7 @@ pub mod discord;
 pub mod error;
 pub mod ledger;
 mod service;
+mod typing;
 
 use ferroclaw_common::{Config, grpc};
 use ferroclaw_proto::v1::delivery_server::DeliveryServer;
@@ -27,6 +28,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     })?;
     let ledger = Ledger::open(&config.data_dir.join("delivery.db")).await?;
     let runner = grpc::channel(&config.runner.addr().url())?;
+    let runner_for_typing = runner.clone();
     let scheduler = grpc::channel(&config.scheduler.url())?;
     let consumer = Consumer::new(
         std::sync::Arc::new(config.clone()),
@@ -36,6 +38,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         "delivery".into(),
     );
     let consuming = tokio::spawn(consumer.run(shutdown.clone()));
+    if let Some(discord) = discord::DiscordOut::from_config(&config.discord) {
+        tokio::spawn(typing::run(runner_for_typing, discord, shutdown.clone()));
+    }
 
     let (router, _health) = grpc::server_for::<DeliveryServer<DeliveryService>>().await?;
     let router = router.add_service(DeliveryServer::new(DeliveryService {

@@ -1,6 +1,7 @@
 //! The runner: owns sessions, their directories and their agents (ARCHITECTURE.md §2).
 //! It is the only process that touches session directories.
 
+pub mod activity;
 pub mod backend;
 pub mod credential_proxy;
 pub mod docker_backend;

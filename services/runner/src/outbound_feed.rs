@@ -57,6 +57,11 @@ impl OutboundFeed {
         }))
     }
 
+    /// Session ids whose `out/` changed, from now on.
+    pub fn changes(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
     /// Tells live streams that a session's outbound rows may have changed (used where the
     /// runner knows before the file watch does).
     pub fn poke(&self, session_id: &str) {

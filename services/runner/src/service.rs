@@ -278,6 +278,22 @@ impl Runner for RunnerService {
         }))
     }
 
+    type WatchActivityStream =
+        Pin<Box<dyn Stream<Item = Result<ferroclaw_proto::v1::Activity, Status>> + Send>>;
+
+    async fn watch_activity(
+        &self,
+        _request: Request<ferroclaw_proto::v1::WatchActivityRequest>,
+    ) -> Result<Response<Self::WatchActivityStream>, Status> {
+        let rx = crate::activity::subscribe(
+            &self.feed,
+            self.registry.clone(),
+            self.mailboxes.clone(),
+            self.shutdown.clone(),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn read_outbox_file(
         &self,
         request: Request<ReadOutboxFileRequest>,

@@ -74,6 +74,21 @@ pub struct Task {
     pub last_run_ms: i64,
 }
 #[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchActivityRequest {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Activity {
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    /// Where the replies of the batch go (a mailbox destination as JSON).
+    #[prost(string, tag = "2")]
+    pub destination_json: ::prost::alloc::string::String,
+    /// True: work started; false: it ended.
+    #[prost(bool, tag = "3")]
+    pub working: bool,
+}
+#[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PutInboxFileRequest {
     #[prost(string, tag = "1")]
@@ -580,6 +595,32 @@ pub mod runner_client {
                 .insert(GrpcMethod::new("ferroclaw.v1.Runner", "ReadOutboxFile"));
             self.inner.unary(req, path, codec).await
         }
+        /// Agents starting and finishing work on a batch, per reply destination (typing
+        /// indicators): first the work in progress now, then changes as they happen.
+        pub async fn watch_activity(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WatchActivityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::Activity>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Runner/WatchActivity",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Runner", "WatchActivity"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -654,6 +695,21 @@ pub mod runner_server {
             request: tonic::Request<super::ReadOutboxFileRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ReadOutboxFileResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the WatchActivity method.
+        type WatchActivityStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::Activity, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Agents starting and finishing work on a batch, per reply destination (typing
+        /// indicators): first the work in progress now, then changes as they happen.
+        async fn watch_activity(
+            &self,
+            request: tonic::Request<super::WatchActivityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::WatchActivityStream>,
             tonic::Status,
         >;
     }
@@ -1083,6 +1139,52 @@ pub mod runner_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Runner/WatchActivity" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchActivitySvc<T: Runner>(pub Arc<T>);
+                    impl<
+                        T: Runner,
+                    > tonic::server::ServerStreamingService<super::WatchActivityRequest>
+                    for WatchActivitySvc<T> {
+                        type Response = super::Activity;
+                        type ResponseStream = T::WatchActivityStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WatchActivityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Runner>::watch_activity(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchActivitySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
