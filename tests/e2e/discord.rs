@@ -160,6 +160,9 @@ async fn messages_posted_during_an_outage_or_a_gateway_restart_are_all_answered(
     let mut cluster = discord_cluster(dir.path(), &fake).await?;
     fake.user_message(OPEN, ANN, "before", true);
     fake.wait_posted(OPEN, 1).await?;
+    // Nothing is answered in the mention-only channel yet, so it has no cursor of its own
+    // until the bot next connects and starts one at its latest message.
+    fake.user_message(MENTION_ONLY, ANN, "just chatting", true);
 
     // The connection drops; messages are posted while the bot cannot see them.
     fake.go_down();
@@ -181,10 +184,18 @@ async fn messages_posted_during_an_outage_or_a_gateway_restart_are_all_answered(
     fake.go_down();
     cluster.restart_gateway().await?;
     fake.user_message(OPEN, ANN, "while restarting", true);
+    fake.user_message(
+        MENTION_ONLY,
+        ANN,
+        &format!("<@{BOT_ID}> missed mention"),
+        true,
+    );
     fake.come_up();
     fake.wait_identified(identified + 1).await?;
     let posted = fake.wait_posted(OPEN, 4).await?;
     assert_eq!(posted[3].content, "echo: while restarting");
+    let mentioned = fake.wait_posted(MENTION_ONLY, 1).await?;
+    assert_eq!(mentioned[0].content, "echo: missed mention");
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut texts: Vec<String> = fake

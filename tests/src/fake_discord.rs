@@ -378,7 +378,7 @@ async fn list_messages(
     Path(channel): Path<String>,
     axum::extract::Query(query): axum::extract::Query<ListQuery>,
 ) -> Json<Value> {
-    let after: u64 = query.after.and_then(|a| a.parse().ok()).unwrap_or(0);
+    let after: Option<u64> = query.after.and_then(|a| a.parse().ok());
     let limit = query.limit.unwrap_or(50).min(100);
     let shared = fake
         .shared
@@ -389,16 +389,22 @@ async fn list_messages(
         .iter()
         .filter(|m| m["channel_id"] == json!(channel))
         .filter(|m| {
-            m["id"]
+            let id = m["id"]
                 .as_str()
                 .and_then(|i| i.parse::<u64>().ok())
-                .unwrap_or(0)
-                > after
+                .unwrap_or(0);
+            after.is_none_or(|after| id > after)
         })
         .cloned()
         .collect();
-    // The oldest `limit` after the cursor, returned newest first.
-    found.truncate(limit);
+    if after.is_some() {
+        // The oldest `limit` after the cursor.
+        found.truncate(limit);
+    } else {
+        // The latest `limit`.
+        found = found.split_off(found.len().saturating_sub(limit));
+    }
+    // Newest first, as Discord answers.
     found.reverse();
     Json(Value::Array(found))
 }

@@ -97,9 +97,15 @@ pub struct DiscordRoute {
     /// "always", or "mention": only messages that mention the bot.
     #[serde(default = "default_engage")]
     pub engage: String,
-    /// Sender ids allowed to talk to the agent; empty: everyone.
+    /// Who may talk to the agent: "everyone", "allowlist" (the ids in `allow`) or "known"
+    /// (`allow` plus the owners and admins). A non-empty `allow` alone means "allowlist".
+    #[serde(default)]
+    pub senders: Option<String>,
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Answer other bots too (never the bot itself).
+    #[serde(default)]
+    pub allow_bots: bool,
     /// Threads under this channel: "channel" (they share the channel's session) or
     /// "thread" (each thread is its own session).
     #[serde(default = "default_sessions")]
@@ -721,6 +727,14 @@ impl Config {
                     format!("{:?}: expected a channel id or \"dm\"", route.channel),
                 );
             }
+            if let Some(senders) = &route.senders
+                && !matches!(senders.as_str(), "everyone" | "allowlist" | "known")
+            {
+                return invalid(
+                    format!("{key}.senders"),
+                    format!("{senders:?}: expected everyone, allowlist or known"),
+                );
+            }
             if !matches!(route.sessions.as_str(), "channel" | "thread") {
                 return invalid(
                     format!("{key}.sessions"),
@@ -799,6 +813,33 @@ impl Config {
 
     pub fn conversation_route(&self, conversation: &str) -> Option<&ConversationRoute> {
         self.conversations.iter().find(|r| r.matches(conversation))
+    }
+
+    /// Whether a Discord route lets `sender` talk to its agent.
+    pub fn discord_sender_allowed(&self, route: &DiscordRoute, sender: &str) -> bool {
+        let listed = route.allow.iter().any(|s| s == sender);
+        let policy = route
+            .senders
+            .as_deref()
+            .unwrap_or(if route.allow.is_empty() {
+                "everyone"
+            } else {
+                "allowlist"
+            });
+        match policy {
+            "allowlist" => listed,
+            "known" => {
+                let agent_admin = self
+                    .agents
+                    .iter()
+                    .any(|a| a.name == route.agent && a.admins.iter().any(|s| s == sender));
+                listed
+                    || agent_admin
+                    || self.roles.owners.iter().any(|s| s == sender)
+                    || self.roles.admins.iter().any(|s| s == sender)
+            }
+            _ => true,
+        }
     }
 
     /// Whether `sender` may use admin commands with `agent`. With no owner or admin named
@@ -912,6 +953,52 @@ command = "/usr/local/bin/claude"
         .unwrap();
         let err = big.validate().unwrap_err().to_string();
         assert!(err.contains("agents[0].max_tokens"), "{err}");
+    }
+
+    #[test]
+    fn discord_sender_policies() {
+        let c = Config::parse(
+            r#"
+[roles]
+admins = ["adam"]
+[[agents]]
+name = "main"
+admins = ["mia"]
+[[discord.routes]]
+channel = "1"
+agent = "main"
+[[discord.routes]]
+channel = "2"
+agent = "main"
+allow = ["ann"]
+[[discord.routes]]
+channel = "3"
+agent = "main"
+senders = "known"
+allow = ["ann"]
+[[discord.routes]]
+channel = "dm"
+agent = "main"
+senders = "allowlist"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let allowed = |channel: &str, who: &str| {
+            let route = c.discord.route(channel, channel == "99").unwrap();
+            c.discord_sender_allowed(route, who)
+        };
+        assert!(allowed("1", "bob"), "everyone");
+        assert!(allowed("2", "ann") && !allowed("2", "bob"), "allowlist");
+        for who in ["ann", "adam", "mia"] {
+            assert!(allowed("3", who), "known: {who}");
+        }
+        assert!(!allowed("3", "bob"));
+        assert!(!allowed("99", "ann"), "an empty allowlist lets nobody in");
+        let bad =
+            Config::parse("[[discord.routes]]\nchannel = \"general\"\nagent = \"main\"\n").unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("discord.routes[0].channel"), "{err}");
     }
 
     #[test]

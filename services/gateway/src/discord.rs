@@ -234,16 +234,20 @@ impl Handler {
     /// Handles one message, live or caught up; `false` when it could not be enqueued (it is
     /// to be read again).
     async fn handle(&self, http: &Http, msg: &Message) -> bool {
-        if msg.author.bot {
-            return true; // our own messages and other bots'
+        let own = self.bot.get().is_some_and(|b| *b == msg.author.id);
+        if own {
+            return true;
         }
         let channel = msg.channel_id.to_string();
         let Some(placement) = self.place(http, msg).await else {
             return true;
         };
         let route = placement.route;
+        if msg.author.bot && !route.allow_bots {
+            return true; // other bots, unless the route takes them
+        }
         let sender = msg.author.id.to_string();
-        if !route.allow.is_empty() && !route.allow.contains(&sender) {
+        if !self.config.discord_sender_allowed(route, &sender) {
             return true;
         }
         let bot = self.bot.get().copied();
@@ -371,6 +375,33 @@ impl Handler {
         (taken, notes)
     }
 
+    /// Routed channels without a cursor start from their latest message, so an outage is
+    /// caught up even in a channel where nothing was handled yet.
+    async fn start_cursors(&self, http: &Http) {
+        let known: Vec<String> = self.cursors.all().into_iter().map(|(c, _)| c).collect();
+        for route in &self.config.discord.routes {
+            let Ok(id) = route.channel.parse::<u64>() else {
+                continue;
+            };
+            if known.contains(&route.channel) {
+                continue;
+            }
+            match ChannelId::new(id)
+                .messages(http, GetMessages::new().limit(1))
+                .await
+            {
+                Ok(latest) => {
+                    if let Some(m) = latest.first() {
+                        self.cursors.advance(&route.channel, m.id.get());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, channel = %route.channel, "cannot read a routed channel")
+                }
+            }
+        }
+    }
+
     /// Reads every channel with a cursor from there on and handles what was missed.
     async fn catch_up(&self, http: &Http) {
         for (channel, after) in self.cursors.all() {
@@ -425,6 +456,7 @@ impl EventHandler for Handler {
         let _ = self.bot.set(ready.user.id);
         tracing::info!(user = %ready.user.name, "connected to Discord");
         self.catch_up(&ctx.http).await;
+        self.start_cursors(&ctx.http).await;
     }
 
     async fn message(&self, ctx: Context, msg: Message) {
