@@ -15,13 +15,14 @@ const THREADED: u64 = 666_666_666_666_666_666;
 const USER_THREAD: u64 = 777_777_777_777_777_777;
 
 async fn discord_cluster(dir: &std::path::Path, fake: &FakeDiscord) -> anyhow::Result<Cluster> {
-    discord_cluster_with(dir, fake, &[]).await
+    discord_cluster_with(dir, fake, &[], "").await
 }
 
 async fn discord_cluster_with(
     dir: &std::path::Path,
     fake: &FakeDiscord,
     env: &[(&'static str, String)],
+    extra_toml: &str,
 ) -> anyhow::Result<Cluster> {
     let config = dir.join("ferroclaw.toml");
     std::fs::write(
@@ -31,7 +32,7 @@ async fn discord_cluster_with(
              [[discord.routes]]\nchannel = \"{OPEN}\"\nagent = \"main\"\n\
              [[discord.routes]]\nchannel = \"{MENTION_ONLY}\"\nagent = \"main\"\nengage = \"mention\"\n\
              [[discord.routes]]\nchannel = \"dm\"\nagent = \"main\"\n\
-             [[discord.routes]]\nchannel = \"{THREADED}\"\nagent = \"main\"\nengage = \"mention\"\nthread_on_mention = true\n",
+             [[discord.routes]]\nchannel = \"{THREADED}\"\nagent = \"main\"\nengage = \"mention\"\nthread_on_mention = true\n{extra_toml}\n",
             fake.url()
         ),
     )?;
@@ -367,6 +368,7 @@ async fn the_channel_shows_typing_while_the_agent_works() -> anyhow::Result<()> 
         dir.path(),
         &fake,
         &[("FERROCLAW_ECHO_DELAY_MS", "1500".into())],
+        "",
     )
     .await?;
     fake.user_message(OPEN, ANN, "take your time", true);
@@ -378,5 +380,98 @@ async fn the_channel_shows_typing_while_the_agent_works() -> anyhow::Result<()> 
         matches!((typing, posted), (Some(t), Some(p)) if t < p),
         "typing shown before the reply: {log:?}"
     );
+    cluster.stop().await
+}
+
+fn card(question_id: &str, expires_in_secs: u64) -> String {
+    let card = json!({
+        "question_id": question_id,
+        "text": "Deploy now?",
+        "options": [{"id": "yes", "label": "Yes"}, {"id": "no", "label": "Not yet"}],
+        "expires_in_secs": expires_in_secs,
+    });
+    format!("!card {card}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn question_buttons_take_one_allowed_timely_click() -> anyhow::Result<()> {
+    const BOB: u64 = 888_888_888_888_888_888;
+    let dir = tempfile::tempdir()?;
+    let fake = FakeDiscord::start().await?;
+    let cluster = discord_cluster_with(
+        dir.path(),
+        &fake,
+        &[],
+        &format!(
+            "[roles]\nadmins = [\"{ANN}\"]\n[[agents]]\nname = \"main\"\nanswerers = \"admins\""
+        ),
+    )
+    .await?;
+
+    fake.user_message(OPEN, ANN, &card("q-deploy", 0), true);
+    let posted = fake.wait_posted(OPEN, 1).await?;
+    let question = posted[0].clone();
+    assert_eq!(question.content, "Deploy now?");
+    assert_eq!(question.buttons, vec!["q:q-deploy:0", "q:q-deploy:1"]);
+
+    // Someone who may not answer: told so, privately; the card stays.
+    let forged = fake.click(&question, BOB, "q:q-deploy:0");
+    let reply = fake.wait_interaction_reply(&forged).await?;
+    assert_eq!(reply.kind, 4);
+    assert_eq!(reply.data["flags"], json!(64), "ephemeral");
+    assert!(
+        reply.data["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("only admins may answer"),
+        "{reply:?}"
+    );
+
+    // The admin's click: the card shows the answer without buttons, and the agent gets it.
+    let click = fake.click(&question, ANN, "q:q-deploy:0");
+    let reply = fake.wait_interaction_reply(&click).await?;
+    assert_eq!(reply.kind, 7, "the clicked card is updated");
+    assert_eq!(reply.data["components"], json!([]));
+    assert!(
+        reply.data["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("**Yes**"),
+        "{reply:?}"
+    );
+    let posted = fake.wait_posted(OPEN, 2).await?;
+    assert_eq!(
+        posted[1].content,
+        format!("echo: system question_response: {ANN} answered \"Yes\"")
+    );
+
+    // A second click changes nothing.
+    let again = fake.click(&question, ANN, "q:q-deploy:1");
+    let reply = fake.wait_interaction_reply(&again).await?;
+    assert_eq!((reply.kind, reply.data["flags"].clone()), (4, json!(64)));
+    assert!(
+        reply.data["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already answered"),
+        "{reply:?}"
+    );
+
+    // A click after the question expired.
+    fake.user_message(OPEN, ANN, &card("q-late", 1), true);
+    let late = fake.wait_posted(OPEN, 3).await?[2].clone();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let click = fake.click(&late, ANN, "q:q-late:1");
+    let reply = fake.wait_interaction_reply(&click).await?;
+    assert!(
+        reply.data["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("expired"),
+        "{reply:?}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.posted().len(), 3, "one answer reached the agent");
     cluster.stop().await
 }

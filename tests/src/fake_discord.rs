@@ -30,6 +30,17 @@ pub struct Posted {
     pub nonce: Option<String>,
     /// Attached files: (name, bytes).
     pub files: Files,
+    /// Custom ids of its buttons, row by row.
+    pub buttons: Vec<String>,
+}
+
+/// The bot's answer to an interaction (a button click).
+#[derive(Debug, Clone)]
+pub struct InteractionReply {
+    pub interaction_id: String,
+    /// 4: a new message (ephemeral when flags has 64); 7: the clicked message updated.
+    pub kind: u64,
+    pub data: Value,
 }
 
 #[derive(Default)]
@@ -45,6 +56,7 @@ struct Shared {
     down: bool,
     /// Threads: id → parent channel id.
     threads: std::collections::BTreeMap<String, String>,
+    interaction_replies: Vec<InteractionReply>,
     /// Typing indicators and posts, in the order they came: "typing:<channel>", "post:<channel>".
     log: Vec<String>,
     /// Users' attachments served for download: (attachment id, file name) → bytes.
@@ -94,6 +106,10 @@ impl FakeDiscord {
             )
             .route("/attachments/{id}/{name}", get(download))
             .route("/api/v10/channels/{channel}/typing", post(typing))
+            .route(
+                "/api/v10/interactions/{id}/{token}/callback",
+                post(interaction_callback),
+            )
             .fallback(unknown)
             .with_state(fake.clone());
         let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -226,6 +242,42 @@ impl FakeDiscord {
         }
         self.dispatch("MESSAGE_CREATE", message.clone());
         message
+    }
+
+    /// A user clicks a button of a message the bot posted; returns the interaction id.
+    pub fn click(&self, posted: &Posted, user_id: u64, custom_id: &str) -> String {
+        let id = self.next_id();
+        let message = message_json(&posted.id, &posted.channel_id, bot_user(), &posted.content);
+        let interaction = json!({
+            "id": id, "application_id": BOT_ID.to_string(), "type": 3,
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "guild_id": GUILD_ID.to_string(), "channel_id": posted.channel_id,
+            "user": {"id": user_id.to_string(), "username": format!("user{user_id}"),
+                     "discriminator": "0", "global_name": null, "avatar": null},
+            "token": format!("token-{id}"), "version": 1, "message": message,
+            "locale": "en-US", "entitlements": [], "attachment_size_limit": 26214400,
+        });
+        self.dispatch("INTERACTION_CREATE", interaction);
+        id
+    }
+
+    /// Waits for the bot's answer to an interaction.
+    pub async fn wait_interaction_reply(
+        &self,
+        interaction_id: &str,
+    ) -> anyhow::Result<InteractionReply> {
+        for _ in 0..300 {
+            if let Some(r) = self
+                .lock()
+                .interaction_replies
+                .iter()
+                .find(|r| r.interaction_id == interaction_id)
+            {
+                return Ok(r.clone());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("no answer to interaction {interaction_id}")
     }
 
     /// A message from another bot in a guild channel.
@@ -409,6 +461,29 @@ async fn list_messages(
     Json(Value::Array(found))
 }
 
+async fn interaction_callback(
+    State(fake): State<Fake>,
+    Path((id, _token)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    raw: axum::body::Bytes,
+) -> StatusCode {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some((body, _)) = read_post(content_type, &raw) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    if let Ok(mut s) = fake.shared.lock() {
+        s.interaction_replies.push(InteractionReply {
+            interaction_id: id,
+            kind: body["type"].as_u64().unwrap_or(0),
+            data: body["data"].clone(),
+        });
+    }
+    StatusCode::NO_CONTENT
+}
+
 async fn typing(State(fake): State<Fake>, Path(channel): Path<String>) -> StatusCode {
     if let Ok(mut s) = fake.shared.lock() {
         s.log.push(format!("typing:{channel}"));
@@ -521,8 +596,16 @@ async fn create_message(
         return (StatusCode::BAD_REQUEST, Json(error)).into_response();
     }
     let id = fake.ids.fetch_add(1, Ordering::SeqCst).to_string();
+    let buttons: Vec<String> = body["components"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|row| row["components"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b["custom_id"].as_str().map(str::to_string))
+        .collect();
     shared.log.push(format!("post:{channel}"));
     shared.posted.push(Posted {
+        buttons,
         id: id.clone(),
         channel_id: channel.clone(),
         content: content.clone(),

@@ -271,6 +271,12 @@ impl Consumer {
                     OutboundContent::File(f) => Some(self.outbox_file(message, &f.path).await?),
                     _ => None,
                 };
+                if let OutboundContent::Card(card) = &content {
+                    self.ledger
+                        .record_discord_question(message, &channel_id, &question_of(card))
+                        .await
+                        .map_err(|e| SendError::Transient(e.to_string()))?;
+                }
                 discord
                     .send(&channel_id, message, &content, file)
                     .await
@@ -294,17 +300,7 @@ impl Consumer {
             }
             Destination::Api { conversation } => {
                 let question = match &content {
-                    OutboundContent::Card(card) => Some(NewQuestion {
-                        question_id: card.question_id.clone(),
-                        options_json: serde_json::to_string(&card.options).unwrap_or_default(),
-                        expires_at: ferroclaw_mailbox::now_ms()
-                            + 1000
-                                * if card.expires_in_secs == 0 {
-                                    3600
-                                } else {
-                                    card.expires_in_secs as i64
-                                },
-                    }),
+                    OutboundContent::Card(card) => Some(question_of(card)),
                     _ => None,
                 };
                 self.ledger
@@ -401,6 +397,20 @@ impl Consumer {
                 }
             }
         }
+    }
+}
+
+/// The pending question a card asks (expiring after an hour unless it says otherwise).
+fn question_of(card: &ferroclaw_mailbox::content::CardOut) -> NewQuestion {
+    let secs = if card.expires_in_secs == 0 {
+        3600
+    } else {
+        card.expires_in_secs as i64
+    };
+    NewQuestion {
+        question_id: card.question_id.clone(),
+        options_json: serde_json::to_string(&card.options).unwrap_or_default(),
+        expires_at: ferroclaw_mailbox::now_ms() + 1000 * secs,
     }
 }
 

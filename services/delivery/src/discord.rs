@@ -7,7 +7,8 @@ use std::sync::Arc;
 use ferroclaw_common::config::DiscordConfig;
 use ferroclaw_mailbox::OutboundContent;
 use ferroclaw_proto::v1::OutboundMessage;
-use serenity::builder::{CreateAttachment, CreateMessage};
+use serenity::all::ButtonStyle;
+use serenity::builder::{CreateActionRow, CreateAttachment, CreateButton, CreateMessage};
 use serenity::http::{Http, HttpBuilder, HttpError};
 use serenity::model::channel::Nonce;
 use serenity::model::id::ChannelId;
@@ -81,13 +82,20 @@ impl DiscordOut {
         let text = match content {
             OutboundContent::Chat(chat) => chat.text.clone(),
             OutboundContent::Card(card) => {
-                // Buttons come with interactions; until then the options are listed.
-                let options: Vec<String> = card
-                    .options
-                    .iter()
-                    .map(|o| format!("- {} (`{}`)", o.label, o.id))
-                    .collect();
-                format!("{}\n{}", card.text, options.join("\n"))
+                let rows = buttons(card)?;
+                let text: String = card.text.chars().take(MAX_CHARS).collect();
+                let posted = channel
+                    .send_message(
+                        &self.http,
+                        CreateMessage::new()
+                            .content(text)
+                            .components(rows)
+                            .nonce(Nonce::String(nonce(&message.session_id, message.seq, 0)))
+                            .enforce_nonce(true),
+                    )
+                    .await
+                    .map_err(classify)?;
+                return Ok(posted.id.to_string());
             }
             OutboundContent::File(f) => {
                 let file = file.ok_or_else(|| {
@@ -141,6 +149,48 @@ impl DiscordOut {
         }
         Ok(first.unwrap_or_default())
     }
+}
+
+/// The custom id of a question's button: the question and the option's index.
+pub fn button_id(question_id: &str, index: usize) -> String {
+    format!("q:{question_id}:{index}")
+}
+
+/// One button per option, five to a row (Discord allows five rows).
+fn buttons(
+    card: &ferroclaw_mailbox::content::CardOut,
+) -> Result<Vec<CreateActionRow>, DiscordError> {
+    if card.options.is_empty() || card.options.len() > 25 {
+        return Err(DiscordError::Permanent(format!(
+            "a question needs 1 to 25 options, not {}",
+            card.options.len()
+        )));
+    }
+    if button_id(&card.question_id, 24).len() > 100 {
+        return Err(DiscordError::Permanent(format!(
+            "question id {:?} is too long for Discord's 100-character custom ids",
+            card.question_id
+        )));
+    }
+    Ok(card
+        .options
+        .chunks(5)
+        .enumerate()
+        .map(|(row, options)| {
+            CreateActionRow::Buttons(
+                options
+                    .iter()
+                    .enumerate()
+                    .map(|(i, o)| {
+                        let label: String = o.label.chars().take(80).collect();
+                        CreateButton::new(button_id(&card.question_id, row * 5 + i))
+                            .label(label)
+                            .style(ButtonStyle::Primary)
+                    })
+                    .collect(),
+            )
+        })
+        .collect())
 }
 
 /// A nonce per (row, chunk): at most 25 characters, as Discord requires.

@@ -46,9 +46,13 @@ CREATE TABLE IF NOT EXISTS questions (
     expires_at   INTEGER NOT NULL,
     answer       TEXT,
     answered_by  TEXT,
-    answered_at  INTEGER
+    answered_at  INTEGER,
+    agent        TEXT                     -- the asking agent (set for Discord questions)
 );
 ";
+
+/// A Discord question's `conversation`: the channel, marked so answers go back there.
+pub const DISCORD_PREFIX: &str = "discord:";
 
 /// A question an agent asked in an API conversation.
 #[derive(Debug, Clone)]
@@ -79,6 +83,22 @@ pub struct Claimed {
     pub session_id: String,
     pub conversation: String,
     pub label: String,
+    /// The option's id (an answer may name it by index, `#n`).
+    pub option: String,
+}
+
+impl Claimed {
+    /// Where the agent's replies to the answer go: the question's channel or conversation.
+    pub fn reply_to(&self) -> ferroclaw_mailbox::Destination {
+        match self.conversation.strip_prefix(DISCORD_PREFIX) {
+            Some(channel) => ferroclaw_mailbox::Destination::Discord {
+                channel_id: channel.to_string(),
+            },
+            None => ferroclaw_mailbox::Destination::Api {
+                conversation: self.conversation.clone(),
+            },
+        }
+    }
 }
 
 /// Final state of a ledger entry.
@@ -134,6 +154,16 @@ pub struct Ledger {
 impl Ledger {
     pub async fn open(path: &Path) -> Result<Self> {
         let pool = ferroclaw_common::service_db::open(path, 4, DDL).await?;
+        // Files from before questions had an agent column get it.
+        let columns: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('questions')")
+                .fetch_all(&pool)
+                .await?;
+        if !columns.iter().any(|c| c == "agent") {
+            sqlx::query("ALTER TABLE questions ADD COLUMN agent TEXT")
+                .execute(&pool)
+                .await?;
+        }
         Ok(Self {
             pool,
             appended: broadcast::channel(1024).0,
@@ -183,6 +213,31 @@ impl Ledger {
         .bind(ferroclaw_mailbox::now_ms())
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    /// Records a question posted to a Discord channel (before it is posted: a retried post
+    /// finds it there).
+    pub async fn record_discord_question(
+        &self,
+        row: &OutboundMessage,
+        channel_id: &str,
+        question: &NewQuestion,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO questions (question_id, session_id, out_seq, conversation, options,
+                expires_at, agent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (question_id) DO NOTHING",
+        )
+        .bind(&question.question_id)
+        .bind(&row.session_id)
+        .bind(row.seq)
+        .bind(format!("{DISCORD_PREFIX}{channel_id}"))
+        .bind(&question.options_json)
+        .bind(question.expires_at)
+        .bind(&row.agent)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Stores an API-conversation message and marks the row delivered in ONE transaction,
@@ -255,10 +310,10 @@ impl Ledger {
         option: &str,
         user: &str,
         now: i64,
-        may_answer: &(dyn Fn(&str) -> bool + Sync),
+        may_answer: &(dyn Fn(&str, Option<&str>) -> bool + Sync),
     ) -> Result<std::result::Result<Claimed, AnswerRefused>> {
         let row = sqlx::query(
-            "SELECT session_id, conversation, options, expires_at, answer, answered_by
+            "SELECT session_id, conversation, options, expires_at, answer, answered_by, agent
              FROM questions WHERE question_id = $1",
         )
         .bind(question_id)
@@ -273,6 +328,7 @@ impl Ledger {
         let expires_at: i64 = row.try_get("expires_at")?;
         let answer: Option<String> = row.try_get("answer")?;
         let by: Option<String> = row.try_get("answered_by")?;
+        let agent: Option<String> = row.try_get("agent")?;
         if let Some(answer) = answer {
             return Ok(Err(AnswerRefused::Answered {
                 option: answer,
@@ -282,18 +338,21 @@ impl Ledger {
         if now > expires_at {
             return Ok(Err(AnswerRefused::Expired));
         }
-        if !may_answer(&conversation) {
+        if !may_answer(&conversation, agent.as_deref()) {
             return Ok(Err(AnswerRefused::NotAllowed(user.into())));
         }
         let options: Vec<ferroclaw_mailbox::content::CardOption> =
             serde_json::from_str(&options).unwrap_or_default();
-        let Some(label) = options
-            .iter()
-            .find(|o| o.id == option)
-            .map(|o| o.label.clone())
-        else {
+        // `#n` names the n-th option (Discord buttons carry the index).
+        let by_index = option
+            .strip_prefix('#')
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| options.get(n));
+        let Some(chosen) = by_index.or_else(|| options.iter().find(|o| o.id == option)) else {
             return Ok(Err(AnswerRefused::NoSuchOption(option.into())));
         };
+        let label = chosen.label.clone();
+        let option = chosen.id.as_str();
         let taken = sqlx::query(
             "UPDATE questions SET answer = $2, answered_by = $3, answered_at = $4
              WHERE question_id = $1 AND answer IS NULL",
@@ -312,6 +371,7 @@ impl Ledger {
             session_id,
             conversation,
             label,
+            option: option.to_string(),
         }))
     }
 

@@ -29,10 +29,19 @@ pub struct DeliveryService {
 
 /// Whether `user` may answer a question asked in `conversation`: anyone, unless the
 /// conversation's agent has `answerers = "admins"`.
-fn may_answer(config: &ferroclaw_common::Config, conversation: &str, user: &str) -> bool {
-    let agent = config
-        .conversation_route(conversation)
-        .and_then(|route| config.agents.iter().find(|a| a.name == route.agent));
+fn may_answer(
+    config: &ferroclaw_common::Config,
+    conversation: &str,
+    agent: Option<&str>,
+    user: &str,
+) -> bool {
+    let agent = agent
+        .or_else(|| {
+            config
+                .conversation_route(conversation)
+                .map(|r| r.agent.as_str())
+        })
+        .and_then(|name| config.agents.iter().find(|a| a.name == name));
     match agent {
         Some(agent) if agent.answerers == "admins" => config.is_admin(&agent.name, user),
         _ => true,
@@ -109,7 +118,7 @@ impl Delivery for DeliveryService {
                 &req.option,
                 &req.user,
                 now,
-                &|conversation| may_answer(&self.config, conversation, &req.user),
+                &|conversation, agent| may_answer(&self.config, conversation, agent, &req.user),
             )
             .await?
         {
@@ -137,20 +146,25 @@ impl Delivery for DeliveryService {
                 text: format!("{user} answered {:?}", claimed.label),
                 data: serde_json::json!({
                     "question_id": req.question_id,
-                    "option": req.option,
+                    "option": claimed.option,
                     "label": claimed.label,
                     "user": req.user,
                 }),
             });
-        let reply_to = ferroclaw_mailbox::Destination::Api {
-            conversation: claimed.conversation.clone(),
-        };
+        let reply_to = claimed.reply_to();
         let enqueue = EnqueueRequest {
             session_id: claimed.session_id.clone(),
             kind: content.kind().into(),
             content_json: content.to_json(),
             origin: Some(Origin {
-                channel: "api".into(),
+                channel: if claimed
+                    .conversation
+                    .starts_with(crate::ledger::DISCORD_PREFIX)
+                {
+                    "discord".into()
+                } else {
+                    "api".into()
+                },
                 conversation: claimed.conversation.clone(),
                 sender: req.user.clone(),
                 reply_to_json: serde_json::to_string(&reply_to).unwrap_or_default(),
@@ -165,7 +179,7 @@ impl Delivery for DeliveryService {
         }
         Ok(Response::new(AnswerQuestionResponse {
             question_id: req.question_id,
-            option: req.option,
+            option: claimed.option,
             label: claimed.label,
         }))
     }

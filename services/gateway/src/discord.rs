@@ -13,9 +13,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ferroclaw_common::Config;
 use ferroclaw_common::config::DiscordRoute;
+use ferroclaw_proto::v1::AnswerQuestionRequest;
+use ferroclaw_proto::v1::delivery_client::DeliveryClient;
 use serenity::all::{
-    Channel, ChannelId, Context, CreateThread, EventHandler, GatewayIntents, GetMessages, Http,
-    Message, MessageId, Ready, UserId,
+    Channel, ChannelId, ComponentInteraction, Context, CreateInteractionResponse,
+    CreateInteractionResponseMessage, CreateThread, EventHandler, GatewayIntents, GetMessages,
+    Http, Interaction, Message, MessageId, Ready, UserId,
 };
 use serenity::async_trait;
 use serenity::http::HttpBuilder;
@@ -33,6 +36,18 @@ struct Handler {
     parents: Mutex<HashMap<u64, Option<u64>>>,
     /// Downloads attachments.
     http: reqwest::Client,
+    /// Answers to questions (button clicks) go to delivery.
+    delivery: tonic::transport::Channel,
+}
+
+/// How long a click may wait for delivery: Discord wants an answer within 3 s.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The question and option index of a question button (`q:<question>:<index>`).
+fn parse_button(custom_id: &str) -> Option<(&str, usize)> {
+    let rest = custom_id.strip_prefix("q:")?;
+    let (question, index) = rest.rsplit_once(':')?;
+    Some((question, index.parse().ok()?))
 }
 
 /// Largest attachment taken in (the runner's limit too).
@@ -93,7 +108,12 @@ impl Cursors {
 }
 
 /// Starts the bot when the config has Discord routes; it runs until `shutdown`.
-pub async fn start(config: Arc<Config>, ingress: Ingress, shutdown: CancellationToken) {
+pub async fn start(
+    config: Arc<Config>,
+    ingress: Ingress,
+    delivery: tonic::transport::Channel,
+    shutdown: CancellationToken,
+) {
     if config.discord.routes.is_empty() {
         return;
     }
@@ -121,6 +141,7 @@ pub async fn start(config: Arc<Config>, ingress: Ingress, shutdown: Cancellation
         cursors: Cursors::load(config.data_dir.join("discord-cursors.json")),
         parents: Mutex::new(HashMap::new()),
         http: reqwest::Client::new(),
+        delivery,
     };
     let built = serenity::all::ClientBuilder::new_with_http(http.build(), intents)
         .event_handler(handler)
@@ -142,6 +163,15 @@ pub async fn start(config: Arc<Config>, ingress: Ingress, shutdown: Cancellation
             tracing::error!(error = %e, "the Discord client stopped");
         }
     });
+}
+
+/// An answer only the clicker sees.
+fn refusal(text: String) -> CreateInteractionResponse {
+    CreateInteractionResponse::Message(
+        CreateInteractionResponseMessage::new()
+            .content(text)
+            .ephemeral(true),
+    )
 }
 
 /// The message without mentions of the bot (`<@id>` or `<@!id>`).
@@ -375,6 +405,46 @@ impl Handler {
         (taken, notes)
     }
 
+    /// A click on a question's button: the answer is checked by delivery first, then the
+    /// card is updated to show it (buttons removed), or the clicker alone is told why not.
+    async fn click(&self, http: &Http, click: &ComponentInteraction) {
+        let Some((question_id, index)) = parse_button(&click.data.custom_id) else {
+            return;
+        };
+        let user = click.user.id.to_string();
+        let request = AnswerQuestionRequest {
+            question_id: question_id.to_string(),
+            option: format!("#{index}"),
+            user: user.clone(),
+        };
+        let answered = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            DeliveryClient::new(self.delivery.clone()).answer_question(request),
+        )
+        .await;
+        let response = match answered {
+            Ok(Ok(answer)) => {
+                let label = answer.into_inner().label;
+                let text = format!(
+                    "{}\n\n**{label}** (answered by <@{user}>)",
+                    click.message.content
+                );
+                CreateInteractionResponse::UpdateMessage(
+                    CreateInteractionResponseMessage::new()
+                        .content(text)
+                        .components(Vec::new()),
+                )
+            }
+            Ok(Err(status)) => refusal(format!("Your answer was not taken: {}.", status.message())),
+            Err(_) => {
+                refusal("Your answer could not be recorded just now; please try again.".into())
+            }
+        };
+        if let Err(e) = click.create_response(http, response).await {
+            tracing::warn!(error = %e, "cannot answer a Discord interaction");
+        }
+    }
+
     /// Routed channels without a cursor start from their latest message, so an outage is
     /// caught up even in a channel where nothing was handled yet.
     async fn start_cursors(&self, http: &Http) {
@@ -459,6 +529,12 @@ impl EventHandler for Handler {
         self.start_cursors(&ctx.http).await;
     }
 
+    async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
+        if let Interaction::Component(click) = interaction {
+            self.click(&ctx.http, &click).await;
+        }
+    }
+
     async fn message(&self, ctx: Context, msg: Message) {
         let _ = self.handle(&ctx.http, &msg).await;
     }
@@ -467,6 +543,14 @@ impl EventHandler for Handler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn button_ids_parse() {
+        assert_eq!(parse_button("q:q_abc:3"), Some(("q_abc", 3)));
+        assert_eq!(parse_button("q:a:b:12"), Some(("a:b", 12)));
+        assert_eq!(parse_button("other"), None);
+        assert_eq!(parse_button("q:x:y"), None);
+    }
 
     #[test]
     fn mentions_of_the_bot_are_removed() {

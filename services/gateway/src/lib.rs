@@ -54,7 +54,13 @@ pub async fn run(
         ingress: ingress.clone(),
     }));
     let grpc_task = tokio::spawn(grpc::serve(router, grpc_listener, shutdown.clone()));
-    discord::start(config.clone(), state.ingress.clone(), shutdown.clone()).await;
+    discord::start(
+        config.clone(),
+        state.ingress.clone(),
+        state.delivery.clone(),
+        shutdown.clone(),
+    )
+    .await;
     tracing::info!(addr = ?http.local_addr().ok(), "gateway REST API listening");
     // TCP_NODELAY: see `grpc::serve`.
     let http = http.tap_io(|tcp| {

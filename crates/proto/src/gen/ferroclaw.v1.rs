@@ -1234,7 +1234,7 @@ pub mod runner_server {
 pub struct AnswerQuestionRequest {
     #[prost(string, tag = "1")]
     pub question_id: ::prost::alloc::string::String,
-    /// The option's id.
+    /// The option's id, or "#n" for the n-th option (Discord buttons carry the index).
     #[prost(string, tag = "2")]
     pub option: ::prost::alloc::string::String,
     /// Who answers, as the channel names them.
