@@ -473,5 +473,46 @@ async fn question_buttons_take_one_allowed_timely_click() -> anyhow::Result<()> 
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fake.posted().len(), 3, "one answer reached the agent");
+
+    // The command gate on Discord: a non-admin's admin command gets a one-line answer in
+    // the channel; /help is answered for anyone; neither reaches the agent.
+    fake.user_message(OPEN, BOB, "/clear", true);
+    let posted = fake.wait_posted(OPEN, 4).await?;
+    assert_eq!(
+        posted[3].content,
+        format!("/clear is for admins only, and {BOB} is not one.")
+    );
+    fake.user_message(OPEN, BOB, "/help", true);
+    let posted = fake.wait_posted(OPEN, 5).await?;
+    assert!(
+        posted[4].content.contains("/compact"),
+        "{}",
+        posted[4].content
+    );
+    // An admin's admin command passes to the agent (echo quotes it).
+    fake.user_message(OPEN, ANN, "/cost", true);
+    assert_eq!(fake.wait_posted(OPEN, 6).await?[5].content, "echo: /cost");
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_source_can_reply_in_a_discord_channel() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeDiscord::start().await?;
+    let cluster = discord_cluster_with(
+        dir.path(),
+        &fake,
+        &[],
+        &format!(
+            "[[webhooks]]\nsource = \"ci\"\nagent = \"main\"\nreply_discord_channel = \"{OPEN}\""
+        ),
+    )
+    .await?;
+    let (status, body) = cluster
+        .post_hook("ci", &json!({"build": "green"}), None)
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let posted = fake.wait_posted(OPEN, 1).await?;
+    assert_eq!(posted[0].content, r#"echo: webhook ci: {"build":"green"}"#);
     cluster.stop().await
 }

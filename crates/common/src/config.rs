@@ -412,6 +412,9 @@ pub struct WebhookRoute {
     /// for an API conversation.
     #[serde(default)]
     pub callback_url: Option<String>,
+    /// Replies go to this Discord channel (by id) instead.
+    #[serde(default)]
+    pub reply_discord_channel: Option<String>,
 }
 
 fn default_signature() -> String {
@@ -486,6 +489,7 @@ impl Default for Config {
                 delivery_id_header: None,
                 max_body_bytes: None,
                 callback_url: None,
+                reply_discord_channel: None,
             }],
             conversations: vec![ConversationRoute {
                 pattern: "*".into(),
@@ -704,6 +708,14 @@ impl Config {
                 return invalid(
                     format!("webhooks[{i}].secret_env"),
                     format!("environment variable {var} is not set"),
+                );
+            }
+            if let Some(channel) = &route.reply_discord_channel
+                && (channel.parse::<u64>().is_err() || route.callback_url.is_some())
+            {
+                return invalid(
+                    format!("webhooks[{i}].reply_discord_channel"),
+                    format!("{channel:?}: a channel id, and not together with callback_url"),
                 );
             }
             if let Some(url) = &route.callback_url

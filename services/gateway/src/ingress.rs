@@ -52,11 +52,14 @@ impl Ingress {
             .webhook_route(source)
             .ok_or_else(|| ApiError::NotFound(format!("no route for webhook source {source:?}")))?;
         let key = check_key(idempotency_key)?;
-        let reply_to = match &route.callback_url {
-            Some(_) => Destination::Callback {
+        let reply_to = match (&route.callback_url, &route.reply_discord_channel) {
+            (Some(_), _) => Destination::Callback {
                 source: source.to_string(),
             },
-            None => Destination::Api {
+            (None, Some(channel)) => Destination::Discord {
+                channel_id: channel.clone(),
+            },
+            (None, None) => Destination::Api {
                 conversation: route.reply_conversation(),
             },
         };
