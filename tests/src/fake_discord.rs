@@ -320,6 +320,27 @@ impl FakeDiscord {
         self.lock().post_attempts
     }
 
+    /// As [`Self::wait_posted`], polling every millisecond (for benchmarks).
+    pub async fn wait_posted_fast(&self, channel_id: u64, n: usize) -> anyhow::Result<()> {
+        let channel = channel_id.to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self
+            .lock()
+            .posted
+            .iter()
+            .filter(|p| p.channel_id == channel)
+            .count()
+            < n
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "channel {channel}: no reply"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
     /// Waits for at least `n` posted messages in `channel_id`; returns them in order.
     pub async fn wait_posted(&self, channel_id: u64, n: usize) -> anyhow::Result<Vec<Posted>> {
         let channel = channel_id.to_string();
