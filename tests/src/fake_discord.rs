@@ -320,6 +320,32 @@ impl FakeDiscord {
         self.lock().post_attempts
     }
 
+    /// Every line the bot posted in `channel_id`, in order (an agent answers a batch of
+    /// several messages in one reply, a line each).
+    pub fn lines(&self, channel_id: u64) -> Vec<String> {
+        let channel = channel_id.to_string();
+        self.posted()
+            .into_iter()
+            .filter(|p| p.channel_id == channel)
+            .flat_map(|p| p.content.lines().map(str::to_string).collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Waits until every one of `expected` is among the lines posted in `channel_id`.
+    pub async fn wait_lines(&self, channel_id: u64, expected: &[&str]) -> anyhow::Result<()> {
+        for _ in 0..600 {
+            let lines = self.lines(channel_id);
+            if expected.iter().all(|e| lines.iter().any(|l| l == e)) {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        anyhow::bail!(
+            "channel {channel_id}: expected {expected:?}, have {:?}",
+            self.lines(channel_id)
+        )
+    }
+
     /// As [`Self::wait_posted`], polling every millisecond (for benchmarks).
     pub async fn wait_posted_fast(&self, channel_id: u64, n: usize) -> anyhow::Result<()> {
         let channel = channel_id.to_string();
