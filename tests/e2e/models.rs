@@ -686,3 +686,70 @@ async fn the_command_gate_lets_admins_clear_answers_help_and_forwards_the_rest()
     assert!(last_user_text(&fake.received()[2].body).contains("/deploy staging"));
     cluster.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sent_file_can_be_downloaded_from_the_api_conversation() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([
+        Step::Tools(vec![tool(
+            "write_file",
+            json!({"path": "report.txt", "content": "hello report"}),
+        )]),
+        Step::Tools(vec![tool(
+            "send_file",
+            json!({"path": "report.txt", "caption": "the report"}),
+        )]),
+        Step::Text("done".into()),
+    ]);
+    let cluster = model_cluster(dir.path(), "anthropic", &fake, "", &[]).await?;
+    cluster
+        .post_message("files", "write me a report", None)
+        .await?;
+    cluster
+        .wait_for_lines("files", &["done".into()], WAIT)
+        .await?;
+    let (messages, _) = cluster.messages("files", 0, 0.0).await?;
+    let file = messages
+        .iter()
+        .find(|m| m["kind"] == json!("file"))
+        .ok_or_else(|| anyhow::anyhow!("no file message in {messages:?}"))?;
+    assert_eq!(file["text"], json!("the report"));
+    let link = file["download"].as_str().unwrap_or_default().to_string();
+    assert!(link.contains("/files/outbox/"), "{link}");
+    let response = cluster
+        .http
+        .get(format!("{}{link}", cluster.api()))
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 200);
+    let disposition = response
+        .headers()
+        .get("content-disposition")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(disposition, "attachment; filename=\"report.txt\"");
+    assert_eq!(response.bytes().await?.as_ref(), b"hello report");
+
+    // Only the outbox is served.
+    let session = file["session_id"].as_str().unwrap_or_default();
+    for (path, status) in [
+        ("outbox/..%2F..%2Fin/inbound.db", 400),
+        ("state/transcript.json", 400),
+        ("outbox/nope/x.txt", 404),
+    ] {
+        let got = cluster
+            .http
+            .get(format!(
+                "{}/v1/sessions/{session}/files/{path}",
+                cluster.api()
+            ))
+            .send()
+            .await?
+            .status()
+            .as_u16();
+        assert_eq!(got, status, "{path}");
+    }
+    cluster.stop().await
+}

@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}", get(get_session))
+        .route("/v1/sessions/{id}/files/{*path}", get(get_outbox_file))
         .route("/v1/questions/{id}/answer", post(answer_question))
         .route("/v1/tasks", get(tasks_api::list_tasks))
         .route("/v1/tasks/{id}/runs", get(tasks_api::list_runs))
@@ -251,6 +252,7 @@ async fn get_conversation_messages(
                 "kind": m.kind,
                 "text": m.text,
                 "content": serde_json::from_str::<Value>(&m.content_json).unwrap_or(Value::Null),
+                "download": file_link(&m.kind, &m.session_id, &m.content_json),
                 "session_id": m.session_id,
                 "in_reply_to": (m.in_reply_to > 0).then_some(m.in_reply_to),
                 "created_at": m.created_at_ms,
@@ -291,6 +293,47 @@ async fn answer_question(
         "option": response.option,
         "label": response.label,
     })))
+}
+
+/// Where a file message's bytes can be fetched (`null` for other kinds).
+fn file_link(kind: &str, session_id: &str, content_json: &str) -> Value {
+    if kind != "file" {
+        return Value::Null;
+    }
+    let content: Value = serde_json::from_str(content_json).unwrap_or_default();
+    match content["path"].as_str() {
+        Some(path) => json!(format!("/v1/sessions/{session_id}/files/{path}")),
+        None => Value::Null,
+    }
+}
+
+/// `GET /v1/sessions/{id}/files/{path}`: a file the agent sent (from its outbox).
+async fn get_outbox_file(
+    State(state): State<AppState>,
+    Path((session_id, path)): Path<(String, String)>,
+) -> Result<Response> {
+    let file = RunnerClient::new(state.runner.clone())
+        // Outbox files arrive in one message (up to 25 MiB).
+        .max_decoding_message_size(27 * 1024 * 1024)
+        .read_outbox_file(ferroclaw_proto::v1::ReadOutboxFileRequest { session_id, path })
+        .await?
+        .into_inner();
+    let name: String = file
+        .name
+        .chars()
+        .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
+        .collect();
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        file.data,
+    )
+        .into_response())
 }
 
 fn session_json(s: Session) -> Value {
