@@ -514,11 +514,7 @@ async fn interaction_callback(
     headers: axum::http::HeaderMap,
     raw: axum::body::Bytes,
 ) -> StatusCode {
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let Some((body, _)) = read_post(content_type, &raw) else {
+    let Some((body, _)) = read_post(&headers, &raw) else {
         return StatusCode::BAD_REQUEST;
     };
     if let Ok(mut s) = fake.shared.lock() {
@@ -555,7 +551,11 @@ async fn download(State(fake): State<Fake>, Path((id, name)): Path<(String, Stri
 /// Files of a post: (name, bytes).
 type Files = Vec<(String, Vec<u8>)>;
 
-fn read_post(content_type: &str, body: &[u8]) -> Option<(Value, Files)> {
+fn read_post(headers: &axum::http::HeaderMap, body: &[u8]) -> Option<(Value, Files)> {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let Some(boundary) = content_type
         .split(';')
         .find_map(|p| p.trim().strip_prefix("boundary="))
@@ -605,11 +605,7 @@ async fn create_message(
     headers: axum::http::HeaderMap,
     raw: axum::body::Bytes,
 ) -> Response {
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let Some((body, files)) = read_post(content_type, &raw) else {
+    let Some((body, files)) = read_post(&headers, &raw) else {
         let error = json!({"message": "Cannot parse the body", "code": 50109});
         return (StatusCode::BAD_REQUEST, Json(error)).into_response();
     };
