@@ -73,11 +73,9 @@ impl ClaudeCode {
 
     fn save(&self) {
         let path = self.folders.state_dir.join("claude-code.json");
-        let tmp = path.with_extension("json.tmp");
         let written = serde_json::to_vec(&self.state)
             .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(&tmp, json))
-            .and_then(|()| std::fs::rename(&tmp, &path));
+            .and_then(|json| ferroclaw_common::atomic_file::write(&path, &json));
         if let Err(e) = written {
             tracing::error!(error = %e, "cannot save the Claude Code state");
         }

@@ -69,14 +69,7 @@ impl Transcript {
             message,
         };
         let json = serde_json::to_vec(self).map_err(|e| fail(e.to_string()))?;
-        let tmp = path.with_extension("json.tmp");
-        {
-            use std::io::Write;
-            let mut file = std::fs::File::create(&tmp).map_err(|e| fail(e.to_string()))?;
-            file.write_all(&json).map_err(|e| fail(e.to_string()))?;
-            file.sync_all().map_err(|e| fail(e.to_string()))?;
-        }
-        std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))
+        ferroclaw_common::atomic_file::write(path, &json).map_err(|e| fail(e.to_string()))
     }
 
     /// Starts a turn for `seqs`, dropping an earlier unfinished attempt at the same ones.

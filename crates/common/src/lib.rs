@@ -1,6 +1,7 @@
 //! What every ferroclaw process shares: configuration, telemetry, gRPC serving and client
 //! helpers, shutdown signals, ids.
 
+pub mod atomic_file;
 pub mod config;
 pub mod grpc;
 pub mod ids;

@@ -96,11 +96,9 @@ impl Cursors {
             return;
         }
         *current = id;
-        let tmp = self.path.with_extension("json.tmp");
         let written = serde_json::to_vec(&*map)
             .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(&tmp, json))
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
+            .and_then(|json| ferroclaw_common::atomic_file::write(&self.path, &json));
         if let Err(e) = written {
             tracing::warn!(error = %e, path = %self.path.display(), "cannot save Discord cursors");
         }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::mailboxes::Mailboxes;
 use crate::outbound_feed::OutboundFeed;
-use crate::registry::Registry;
+use crate::registry::{Registry, SessionRecord};
 
 const RECHECK: Duration = Duration::from_secs(2);
 
@@ -34,6 +34,7 @@ pub fn subscribe(
             mailboxes,
             tx,
             working: HashMap::new(),
+            sessions: HashMap::new(),
         };
         if let Err(e) = watcher.run(changes, shutdown).await {
             tracing::debug!(error = %e, "activity stream ended");
@@ -48,6 +49,8 @@ struct Watcher {
     tx: Sender,
     /// Session → destinations it is working for, as last told.
     working: HashMap<String, HashSet<String>>,
+    /// Sessions looked up once: every reply commit wakes this watcher.
+    sessions: HashMap<String, SessionRecord>,
 }
 
 impl Watcher {
@@ -79,20 +82,29 @@ impl Watcher {
     async fn check_all(&mut self) -> Result<(), String> {
         let sessions = self.registry.list(None).await.map_err(|e| e.to_string())?;
         for session in sessions {
-            self.check(&session.id).await?;
+            let id = session.id.clone();
+            self.sessions.insert(id.clone(), session);
+            self.check(&id).await?;
         }
         Ok(())
     }
 
     /// Compares a session's work with what was told and sends the differences.
     async fn check(&mut self, session_id: &str) -> Result<(), String> {
-        let Some(session) = self
-            .registry
-            .get(session_id)
-            .await
-            .map_err(|e| e.to_string())?
-        else {
-            return Ok(());
+        let session = match self.sessions.get(session_id) {
+            Some(s) => s.clone(),
+            None => match self
+                .registry
+                .get(session_id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(s) => {
+                    self.sessions.insert(s.id.clone(), s.clone());
+                    s
+                }
+                None => return Ok(()),
+            },
         };
         let now: HashSet<String> = match self.mailboxes.get(&session).await {
             Ok(mailbox) => mailbox

@@ -105,19 +105,7 @@ pub fn load_secret(data_dir: &Path) -> Result<Vec<u8>> {
     let secret: Vec<u8> = (0..2)
         .flat_map(|_| uuid::Uuid::new_v4().into_bytes())
         .collect();
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    file.write_all(&secret).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
+    ferroclaw_common::atomic_file::write_mode(&path, &secret, 0o600).map_err(io)?;
     Ok(secret)
 }
 

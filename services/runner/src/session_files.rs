@@ -50,9 +50,7 @@ pub fn put_inbox_file(
     };
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let target = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, data).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &target).map_err(io(&target))?;
+    ferroclaw_common::atomic_file::write(&target, data).map_err(io(&target))?;
     Ok(format!("in/inbox/{message_id}/{name}"))
 }
 
