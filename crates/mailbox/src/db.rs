@@ -1,7 +1,8 @@
 //! Opening the mailbox databases: journal mode, busy timeout, one writer connection.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -65,22 +66,50 @@ pub(crate) async fn open_writer(path: &Path, mode: JournalMode) -> Result<Sqlite
 }
 
 /// A read-only connection to the file the other side writes.
-pub(crate) async fn open_reader(path: &Path) -> Result<SqlitePool> {
+///
+/// `expected`, where given, is the file's real path (the directories above it resolved): the
+/// host passes it for the agent's `outbound.db`. SQLite resolves
+/// every link in a name before it opens it, then opens with `O_NOFOLLOW`; so checking the
+/// name it reports against `expected` after each connect catches a link swapped in between
+/// the caller's check and the open, without a race.
+pub(crate) async fn open_reader(path: &Path, expected: Option<PathBuf>) -> Result<SqlitePool> {
     let options = SqliteConnectOptions::new()
         .filename(path)
         .read_only(true)
         .busy_timeout(BUSY_TIMEOUT);
-    pool(options, path).await
+    let Some(expected) = expected else {
+        return pool(options, path).await;
+    };
+    let expected = Arc::new(expected);
+    let checked = pool_options().after_connect(move |conn, _| {
+        let expected = expected.clone();
+        Box::pin(async move {
+            let opened: String =
+                sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                    .fetch_one(&mut *conn)
+                    .await?;
+            if Path::new(&opened) == expected.as_path() {
+                Ok(())
+            } else {
+                Err(sqlx::Error::Protocol(format!(
+                    "{} led to {opened}: a link was planted in its place",
+                    expected.display()
+                )))
+            }
+        })
+    });
+    checked.connect_with(options).await.at(path)
 }
 
 async fn pool(options: SqliteConnectOptions, path: &Path) -> Result<SqlitePool> {
+    pool_options().connect_with(options).await.at(path)
+}
+
+fn pool_options() -> SqlitePoolOptions {
     SqlitePoolOptions::new()
         .max_connections(1)
         .min_connections(0)
         .idle_timeout(None)
         .max_lifetime(None)
         .acquire_timeout(Duration::from_secs(60))
-        .connect_with(options)
-        .await
-        .at(path)
 }

@@ -26,6 +26,10 @@ pub enum Error {
     },
     #[error("invalid {what} content: {message}")]
     InvalidContent { what: String, message: String },
+    /// A session file is not what belongs there (a link, a FIFO, a swapped file): the
+    /// session was tampered with and is not served.
+    #[error("session file refused: {0}")]
+    File(#[from] crate::session_fs::FsError),
     #[error("file watch failed: {0}")]
     Watch(#[from] notify::Error),
 }

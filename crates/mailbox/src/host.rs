@@ -7,7 +7,8 @@ use tokio::sync::Mutex;
 
 use crate::content::InboundContent;
 use crate::db::{self, JournalMode};
-use crate::error::{Result, SqliteContext};
+use crate::error::{Result, SqliteContext, io_at};
+use crate::session_fs::{self, FileType};
 use crate::paths::SessionPaths;
 use crate::rows::{NewInbound, OutboundRow, Outcome};
 use crate::schema;
@@ -29,6 +30,9 @@ pub struct Pending {
     /// The earliest time one of them may be processed (unix ms); `None` when none is pending.
     pub next_due: Option<i64>,
 }
+
+/// The agent's database, directly in `out/`.
+const OUTBOUND_DB: &str = "outbound.db";
 
 pub struct HostMailbox {
     paths: SessionPaths,
@@ -62,10 +66,24 @@ impl HostMailbox {
             return Ok(Some(pool.clone()));
         }
         let path = self.paths.outbound_db();
-        if !path.exists() {
-            return Ok(None);
+        // The agent owns out/: outbound.db must be a regular file in its place, never a
+        // link to another session's file or a host file, nor a FIFO that would stall us.
+        let out = session_fs::Dir::open(&self.paths.out_dir())?;
+        match out.entry(OUTBOUND_DB)? {
+            None => return Ok(None),
+            Some(entry) if entry.kind != FileType::RegularFile => {
+                return Err(session_fs::FsError::NotRegular {
+                    path,
+                    kind: session_fs::kind_name(entry.kind),
+                }
+                .into());
+            }
+            Some(_) => {}
         }
-        let pool = db::open_reader(&path).await?;
+        let real = std::fs::canonicalize(out.path())
+            .map_err(io_at(out.path()))?
+            .join(OUTBOUND_DB);
+        let pool = db::open_reader(&path, Some(real)).await?;
         if !schema::check_version(&pool, &path, schema::OUTBOUND_VERSION).await? {
             pool.close().await;
             return Ok(None);

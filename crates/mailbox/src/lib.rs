@@ -14,6 +14,7 @@ pub mod paths;
 pub mod rows;
 mod schema;
 pub mod seq;
+pub mod session_fs;
 pub mod wake;
 
 pub use agent::AgentMailbox;

@@ -23,8 +23,11 @@ impl DirWatch {
         recursive: bool,
         on_change: impl Fn(&Path) + Send + 'static,
     ) -> Result<Self> {
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Agents can plant links under a watched directory: a recursive watch must not
+        // follow them out of it.
+        let config = notify::Config::default().with_follow_symlinks(false);
+        let mut watcher = RecommendedWatcher::new(
+            move |event: notify::Result<notify::Event>| {
                 let Ok(event) = event else { return };
                 if matches!(event.kind, EventKind::Access(_)) {
                     return;
@@ -32,7 +35,9 @@ impl DirWatch {
                 for path in &event.paths {
                     on_change(path);
                 }
-            })?;
+            },
+            config,
+        )?;
         let mode = if recursive {
             RecursiveMode::Recursive
         } else {

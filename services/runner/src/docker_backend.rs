@@ -22,6 +22,7 @@ use bollard::query_parameters::{
 };
 use ferroclaw_common::config::AgentConfig;
 use ferroclaw_mailbox::SessionPaths;
+use ferroclaw_mailbox::session_fs::Dir;
 use tokio::sync::OnceCell;
 use tokio_stream::StreamExt;
 
@@ -253,16 +254,19 @@ impl DockerBackend {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        prepare_out_dir(&paths.out_dir())?;
         let agent_dir = self.data_dir.join("agents").join(&agent.name);
         let global_dir = self.data_dir.join("global");
-        for dir in [&agent_dir, &global_dir] {
-            std::fs::create_dir_all(dir).map_err(|source| RunnerError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        chown_tree(&agent_dir)?;
+        let (out_dir, owned_agent_dir) = (paths.out_dir(), agent_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            prepare_agent_owned_dir(&out_dir)?;
+            prepare_agent_owned_dir(&owned_agent_dir)
+        })
+        .await
+        .map_err(|e| RunnerError::Config(format!("preparing the agent's directories: {e}")))??;
+        std::fs::create_dir_all(&global_dir).map_err(|source| RunnerError::Io {
+            path: global_dir.clone(),
+            source,
+        })?;
         let bind =
             |host: &Path, inside: &str, mode: &str| format!("{}:{inside}:{mode}", host.display());
         let mut env: Vec<String> = crate::backend::passthrough_env(false)
@@ -417,33 +421,17 @@ async fn remove(docker: &Docker, name: &str) -> Result<()> {
         })
 }
 
-/// The agent's user must own what it writes: `out/` and everything below it.
-fn prepare_out_dir(out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|source| RunnerError::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
-    chown_tree(out)
-}
-
-fn chown_tree(dir: &Path) -> Result<()> {
-    let io = |source| RunnerError::Io {
+/// Makes `dir` (and its missing parents) and gives `dir` itself to the agent's user.
+///
+/// Only the directory the runner made is chowned, through its descriptor: never a walk of
+/// what the agent put inside (which may hold links to host files, loops or a deep tree),
+/// since everything the agent created there is the agent's already.
+fn prepare_agent_owned_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| RunnerError::Io {
         path: dir.to_path_buf(),
         source,
-    };
-    std::os::unix::fs::chown(dir, Some(AGENT_UID), Some(AGENT_UID)).map_err(io)?;
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let path = entry.map_err(io)?.path();
-        if path.is_dir() {
-            chown_tree(&path)?;
-        } else {
-            std::os::unix::fs::chown(&path, Some(AGENT_UID), Some(AGENT_UID)).map_err(
-                |source| RunnerError::Io {
-                    path: path.clone(),
-                    source,
-                },
-            )?;
-        }
-    }
-    Ok(())
+    })?;
+    Dir::open(dir)
+        .and_then(|d| d.chown(AGENT_UID, AGENT_UID))
+        .map_err(|e| RunnerError::Mailbox(e.into()))
 }

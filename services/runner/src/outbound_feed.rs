@@ -190,13 +190,31 @@ impl Stream {
         Ok(())
     }
 
+    /// The rows of one session not yet sent. A session whose files cannot be read (a link
+    /// planted in place of `outbound.db`, a broken file) is logged and left out: one
+    /// session never ends the stream that carries every other session's replies.
     async fn unsent(&self, session: &SessionRecord) -> Result<Vec<OutboundRow>, StreamEnd> {
         let after = self.sent_up_to.get(&session.id).copied().unwrap_or(0);
-        let mailbox = self.feed.mailboxes.get(session).await?;
-        Ok(mailbox
-            .unsettled_after(after)
-            .await
-            .map_err(RunnerError::from)?)
+        let rows = match self.feed.mailboxes.get(session).await {
+            Ok(mailbox) => mailbox.unsettled_after(after).await.map_err(RunnerError::from),
+            Err(e) => Err(e),
+        };
+        match rows {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                let tampered = matches!(
+                    &e,
+                    RunnerError::Mailbox(ferroclaw_mailbox::Error::File(f)) if f.is_tampering()
+                );
+                if tampered {
+                    tracing::error!(session = %session.id, agent = %session.agent, error = %e,
+                        "session files tampered with: its replies are not served");
+                } else {
+                    tracing::warn!(session = %session.id, error = %e, "cannot read the session's replies");
+                }
+                Ok(Vec::new())
+            }
+        }
     }
 
     async fn send(&mut self, session: &SessionRecord, row: OutboundRow) -> Result<(), StreamEnd> {

@@ -270,11 +270,17 @@ impl Runner for RunnerService {
         // The mailbox makes the session directory (and its in/) exist.
         self.mailboxes.get(&session).await?;
         let paths = self.mailboxes.paths(&session);
-        let path = session_files::put_inbox_file(&paths, &req.message_id, &req.name, &req.data)?;
+        let (message_id, name, data) = (req.message_id, req.name, req.data);
+        let size = data.len() as u64;
+        let path = tokio::task::spawn_blocking(move || {
+            session_files::put_inbox_file(&paths, &message_id, &name, &data)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("inbox write: {e}")))??;
         Ok(Response::new(PutInboxFileResponse {
             session_id: session.id,
             path,
-            size: req.data.len() as u64,
+            size,
         }))
     }
 
@@ -301,7 +307,10 @@ impl Runner for RunnerService {
         let req = request.into_inner();
         let session = self.session(&req.session_id).await?;
         let paths = self.mailboxes.paths(&session);
-        let (data, name) = session_files::read_outbox_file(&paths, &req.path)?;
+        let (data, name) =
+            tokio::task::spawn_blocking(move || session_files::read_outbox_file(&paths, &req.path))
+                .await
+                .map_err(|e| Status::internal(format!("outbox read: {e}")))??;
         Ok(Response::new(ReadOutboxFileResponse { data, name }))
     }
 }

@@ -1,10 +1,12 @@
 //! Files crossing the session directory: inbound attachments written to `in/inbox/` (the
 //! agent reads them there) and outbox files the agent wrote under `out/outbox/` (delivery
-//! reads them to send). Names and paths from outside are checked before any file is touched.
+//! reads them to send). Every access goes through `ferroclaw_mailbox::session_fs`, which
+//! never follows a link and reads through the descriptor it checked.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 use ferroclaw_mailbox::SessionPaths;
+use ferroclaw_mailbox::session_fs::{self, Dir, FsError};
 
 use crate::error::{Result, RunnerError};
 
@@ -13,19 +15,8 @@ pub const MAX_FILE_BYTES: usize = 25 * 1024 * 1024;
 
 /// A base name safe to create: no separators, not `.`/`..`, no control characters.
 fn check_name(name: &str, what: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\'])
-        && !name.chars().any(char::is_control);
-    if ok {
-        Ok(())
-    } else {
-        Err(RunnerError::InvalidArgument(format!(
-            "{what} {name:?} is not a plain file name"
-        )))
-    }
+    session_fs::check_name(name)
+        .map_err(|why| RunnerError::InvalidArgument(format!("{what} {name:?} {why}")))
 }
 
 /// Writes an attachment atomically; returns its path relative to the session directory.
@@ -43,52 +34,69 @@ pub fn put_inbox_file(
             data.len()
         )));
     }
-    let dir = paths.inbox().join(message_id);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| RunnerError::Io { path, source }
-    };
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let target = dir.join(name);
-    ferroclaw_common::atomic_file::write(&target, data).map_err(io(&target))?;
+    let inbox = Dir::open(&paths.in_dir())
+        .and_then(|dir| dir.create_dir_all(Path::new("inbox").join(message_id), 0o755))
+        .map_err(|e| refused(paths, e))?;
+    inbox
+        .write_atomic(name, data, 0o644)
+        .map_err(|e| refused(paths, e))?;
     Ok(format!("in/inbox/{message_id}/{name}"))
 }
 
 /// Reads a file of the session's outbox: `path` is relative to `out/` and under `outbox/`.
 pub fn read_outbox_file(paths: &SessionPaths, path: &str) -> Result<(Vec<u8>, String)> {
     let relative = Path::new(path);
-    let plain = relative
-        .components()
-        .all(|c| matches!(c, Component::Normal(_)));
-    if !plain || !relative.starts_with("outbox") || relative.components().count() < 2 {
+    if !relative.starts_with("outbox") || relative.components().count() < 2 {
         return Err(RunnerError::InvalidArgument(format!(
             "{path:?} is not a path under outbox/"
         )));
     }
-    let full: PathBuf = paths.out_dir().join(relative);
-    // The agent owns out/: a symlink there must not lead delivery elsewhere.
-    let meta = std::fs::symlink_metadata(&full)
-        .map_err(|_| RunnerError::NotFound(format!("no outbox file {path:?}")))?;
-    if !meta.is_file() {
-        return Err(RunnerError::InvalidArgument(format!(
-            "{path:?} is not a regular file"
-        )));
-    }
-    if meta.len() as usize > MAX_FILE_BYTES {
-        return Err(RunnerError::InvalidArgument(format!(
-            "{path:?} is {} bytes; files up to {MAX_FILE_BYTES} bytes are sent",
-            meta.len()
-        )));
-    }
-    let data = std::fs::read(&full).map_err(|source| RunnerError::Io {
-        path: full.clone(),
-        source,
-    })?;
-    let name = full
+    let data = Dir::open(&paths.out_dir())
+        .and_then(|out| out.read_file(relative, MAX_FILE_BYTES as u64))
+        .map_err(|e| refused(paths, e))?;
+    let name = relative
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     Ok((data, name))
+}
+
+/// The caller's error for a refused session file; tampering is logged with the session.
+fn refused(paths: &SessionPaths, e: FsError) -> RunnerError {
+    let session = paths.root().display();
+    match e {
+        FsError::NotFound { path } => {
+            let shown = shown_path(paths, &path);
+            RunnerError::NotFound(format!("no file {shown:?} in the session"))
+        }
+        FsError::TooLarge { path, size, max } => RunnerError::InvalidArgument(format!(
+            "{:?} is {size} bytes; files up to {max} bytes are sent",
+            shown_path(paths, &path)
+        )),
+        FsError::BadPath { path, reason } => {
+            RunnerError::InvalidArgument(format!("{:?} {reason}", shown_path(paths, &path)))
+        }
+        e @ (FsError::Link { .. } | FsError::NotRegular { .. }) => {
+            tracing::warn!(%session, error = %e, "session file tampered with: refused");
+            let path = match &e {
+                FsError::Link { path } | FsError::NotRegular { path, .. } => path.clone(),
+                _ => Default::default(),
+            };
+            RunnerError::InvalidArgument(format!(
+                "{:?} is not a regular file in the session (links, FIFOs and devices are refused)",
+                shown_path(paths, &path)
+            ))
+        }
+        FsError::Io { path, source } => RunnerError::Io { path, source },
+    }
+}
+
+/// A path as the caller named it: relative to the session directory, never the host's.
+fn shown_path(paths: &SessionPaths, path: &Path) -> String {
+    path.strip_prefix(paths.root())
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -99,6 +107,7 @@ mod tests {
     fn attachments_land_in_the_inbox_and_bad_names_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let paths = SessionPaths::new(dir.path());
+        paths.create().unwrap();
         let rel = put_inbox_file(&paths, "123", "photo.png", b"png").unwrap();
         assert_eq!(rel, "in/inbox/123/photo.png");
         assert_eq!(std::fs::read(dir.path().join(&rel)).unwrap(), b"png");
@@ -120,8 +129,10 @@ mod tests {
         let (data, name) = read_outbox_file(&paths, "outbox/f1/report.txt").unwrap();
         assert_eq!((data.as_slice(), name.as_str()), (&b"hi"[..], "report.txt"));
         std::os::unix::fs::symlink("/etc/passwd", outbox.join("link")).unwrap();
+        std::os::unix::fs::symlink("/etc", paths.out_dir().join("outbox/etc")).unwrap();
         for bad in [
             "outbox/f1/link",
+            "outbox/etc/passwd",
             "../in/inbound.db",
             "/etc/passwd",
             "state/x",

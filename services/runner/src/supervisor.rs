@@ -333,10 +333,12 @@ impl Inner {
             (self.stuck_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             tokio::time::sleep(every).await;
-            let stale = std::fs::metadata(paths.heartbeat())
-                .and_then(|m| m.modified())
+            // The agent owns out/: look at the heartbeat itself, never through a link.
+            let stale = ferroclaw_mailbox::session_fs::Dir::open(&paths.out_dir())
+                .and_then(|out| out.entry("heartbeat"))
                 .ok()
-                .and_then(|t| t.elapsed().ok());
+                .flatten()
+                .and_then(|entry| entry.modified.elapsed().ok());
             let Some(stale) = stale.filter(|s| *s > self.stuck_after) else {
                 continue;
             };
