@@ -111,7 +111,10 @@ async fn main() -> anyhow::Result<()> {
 
 async fn probe(target: &str) -> anyhow::Result<()> {
     if let Some(addr) = target.strip_prefix("grpc://") {
-        let channel = ferroclaw_common::grpc::channel(&format!("http://{addr}"))?;
+        let channel = ferroclaw_common::grpc::channel(
+            &format!("http://{addr}"),
+            ferroclaw_common::grpc_auth::AttachToken::new(None)?,
+        )?;
         anyhow::ensure!(
             ferroclaw_common::grpc::is_serving(channel, "").await,
             "{target} is not serving"

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use ferroclaw_common::grpc::{channel, is_serving};
+use ferroclaw_common::grpc_auth::AttachToken;
 use ferroclaw_e2e::Cluster;
 use ferroclaw_proto::v1::InjectMessageRequest;
 use ferroclaw_proto::v1::gateway_client::GatewayClient;
@@ -17,12 +18,16 @@ async fn inject_message_over_grpc_and_every_service_reports_health() -> anyhow::
         (&cluster.gateway, "ferroclaw.v1.Gateway"),
     ] {
         assert!(
-            is_serving(channel(&service.grpc_url())?, name).await,
+            // Health needs no credential.
+            is_serving(channel(&service.grpc_url(), AttachToken::new(None)?)?, name).await,
             "{name} not serving"
         );
     }
 
-    let mut gateway = GatewayClient::new(channel(&cluster.gateway.grpc_url())?);
+    let mut gateway = GatewayClient::new(channel(
+        &cluster.gateway.grpc_url(),
+        AttachToken::new(None)?,
+    )?);
     let request = |target, payload: &str, key: &str| InjectMessageRequest {
         target: Some(target),
         payload_json: payload.into(),
@@ -70,5 +75,94 @@ async fn inject_message_over_grpc_and_every_service_reports_health() -> anyhow::
         .await
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    cluster.stop().await
+}
+
+/// The internal services answer only callers with the internal token; the public Gateway
+/// only callers with the API token, when one is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_grpc_server_authenticates_its_callers() -> anyhow::Result<()> {
+    use ferroclaw_proto::v1::delivery_client::DeliveryClient;
+    use ferroclaw_proto::v1::runner_client::RunnerClient;
+    use ferroclaw_proto::v1::scheduler_client::SchedulerClient;
+    use ferroclaw_proto::v1::{ListDeliveriesRequest, ListSessionsRequest, ListTasksRequest};
+    use tonic::Code;
+
+    let dir = tempfile::tempdir()?;
+    let cluster =
+        Cluster::start(dir.path(), &[("FERROCLAW_API_TOKEN", "api-secret".into())]).await?;
+    let token_file = dir.path().join("internal.token");
+    assert!(
+        token_file.exists(),
+        "the internal token is made in the data dir"
+    );
+    let credentials = [
+        ("none", AttachToken::new(None)?),
+        ("wrong", AttachToken::new(Some("not-the-token"))?),
+        ("API token", AttachToken::new(Some("api-secret"))?),
+    ];
+    for (what, auth) in credentials {
+        let code = |r: Result<_, tonic::Status>| r.err().map(|s: tonic::Status| s.code());
+        let mut runner = RunnerClient::new(channel(&cluster.runner.grpc_url(), auth.clone())?);
+        let listed = runner.list_sessions(ListSessionsRequest::default()).await;
+        assert_eq!(
+            code(listed.map(|_| ())),
+            Some(Code::Unauthenticated),
+            "runner, {what}"
+        );
+        let mut delivery =
+            DeliveryClient::new(channel(&cluster.delivery.grpc_url(), auth.clone())?);
+        let listed = delivery
+            .list_deliveries(ListDeliveriesRequest { limit: 5 })
+            .await;
+        assert_eq!(
+            code(listed.map(|_| ())),
+            Some(Code::Unauthenticated),
+            "delivery, {what}"
+        );
+        let mut scheduler =
+            SchedulerClient::new(channel(&cluster.scheduler.grpc_url(), auth.clone())?);
+        let listed = scheduler.list_tasks(ListTasksRequest::default()).await;
+        assert_eq!(
+            code(listed.map(|_| ())),
+            Some(Code::Unauthenticated),
+            "scheduler, {what}"
+        );
+    }
+    // With the internal token, each serves.
+    let mut runner = RunnerClient::new(cluster.internal_channel(&cluster.runner.grpc_url())?);
+    runner.list_sessions(ListSessionsRequest::default()).await?;
+    let mut delivery = DeliveryClient::new(cluster.internal_channel(&cluster.delivery.grpc_url())?);
+    delivery
+        .list_deliveries(ListDeliveriesRequest { limit: 5 })
+        .await?;
+    let mut scheduler =
+        SchedulerClient::new(cluster.internal_channel(&cluster.scheduler.grpc_url())?);
+    scheduler.list_tasks(ListTasksRequest::default()).await?;
+
+    // The public Gateway takes the API token, and nothing else.
+    let inject = InjectMessageRequest {
+        target: Some(Target::Conversation("authed".into())),
+        payload_json: r#"{"text": "hi"}"#.into(),
+        idempotency_key: "a1".into(),
+    };
+    for (what, auth) in [
+        ("none", AttachToken::new(None)?),
+        ("wrong", AttachToken::new(Some("nope"))?),
+    ] {
+        let mut gateway = GatewayClient::new(channel(&cluster.gateway.grpc_url(), auth)?);
+        let refused = gateway.inject_message(inject.clone()).await;
+        assert_eq!(
+            refused.err().map(|s| s.code()),
+            Some(Code::Unauthenticated),
+            "gateway, {what}"
+        );
+    }
+    let mut gateway = GatewayClient::new(channel(
+        &cluster.gateway.grpc_url(),
+        AttachToken::new(Some("api-secret"))?,
+    )?);
+    let accepted = gateway.inject_message(inject).await?.into_inner();
+    assert!(!accepted.session_id.is_empty());
     cluster.stop().await
 }

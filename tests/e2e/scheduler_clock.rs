@@ -53,7 +53,7 @@ async fn session_for(cluster: &Cluster, conversation: &str) -> anyhow::Result<St
 
 async fn firer(cluster: &Cluster, db: &std::path::Path) -> anyhow::Result<(Firer, TaskStore)> {
     let store = TaskStore::open(db).await?;
-    let runner = ferroclaw_common::grpc::channel(&cluster.runner.grpc_url())?;
+    let runner = cluster.internal_channel(&cluster.runner.grpc_url())?;
     let clock = std::sync::Arc::new(ferroclaw_scheduler::firing::SystemClock);
     Ok((
         Firer::new(store.clone(), runner, Syncer::default(), clock),

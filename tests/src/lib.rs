@@ -85,6 +85,15 @@ impl Cluster {
         })
     }
 
+    /// A gRPC channel to one of the services that presents the cluster's internal token.
+    pub fn internal_channel(
+        &self,
+        url: &str,
+    ) -> anyhow::Result<ferroclaw_common::grpc_auth::GrpcChannel> {
+        let (auth, _) = ferroclaw_common::grpc_auth::internal_auth(&self.data_dir)?;
+        Ok(ferroclaw_common::grpc::channel(url, auth)?)
+    }
+
     pub fn api(&self) -> String {
         format!(
             "http://{}",

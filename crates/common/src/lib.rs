@@ -4,6 +4,7 @@
 pub mod atomic_file;
 pub mod config;
 pub mod grpc;
+pub mod grpc_auth;
 pub mod ids;
 pub mod launch;
 pub mod ready;

@@ -8,11 +8,11 @@ use tokio::sync::Mutex;
 use crate::content::InboundContent;
 use crate::db::{self, JournalMode};
 use crate::error::{Result, SqliteContext, io_at};
-use crate::session_fs::{self, FileType};
 use crate::paths::SessionPaths;
 use crate::rows::{NewInbound, OutboundRow, Outcome};
 use crate::schema;
 use crate::seq;
+use crate::session_fs::{self, FileType};
 
 /// Result of an enqueue: the row's seq and id, and whether it was already there.
 #[derive(Debug, Clone, PartialEq, Eq)]

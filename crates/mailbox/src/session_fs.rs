@@ -27,7 +27,9 @@ pub enum FsError {
     BadPath { path: PathBuf, reason: &'static str },
     #[error("{path} does not exist")]
     NotFound { path: PathBuf },
-    #[error("{path} is a symbolic link (or passes through one); links in session files are never followed")]
+    #[error(
+        "{path} is a symbolic link (or passes through one); links in session files are never followed"
+    )]
     Link { path: PathBuf },
     #[error("{path} is not a regular file (it is a {kind})")]
     NotRegular { path: PathBuf, kind: &'static str },
@@ -146,7 +148,8 @@ impl Dir {
     pub fn open_file(&self, rel: impl AsRef<Path>) -> FsResult<(File, u64)> {
         let rel = rel.as_ref();
         let fd = self.resolve(rel, OFlags::RDONLY | OFlags::NONBLOCK)?;
-        let stat = rustix::fs::fstat(&fd).map_err(|e| FsError::from_errno(self.path.join(rel), e))?;
+        let stat =
+            rustix::fs::fstat(&fd).map_err(|e| FsError::from_errno(self.path.join(rel), e))?;
         check_regular(&stat, &self.path.join(rel))?;
         Ok((File::from(fd), stat.st_size as u64))
     }
@@ -254,7 +257,13 @@ impl Dir {
 
     /// Opens `rel` beneath this directory with `flags`, following no link at all.
     fn resolve(&self, rel: &Path, flags: OFlags) -> FsResult<OwnedFd> {
-        resolve(&self.fd, &self.path, rel, flags, !NO_OPENAT2.load(Ordering::Relaxed))
+        resolve(
+            &self.fd,
+            &self.path,
+            rel,
+            flags,
+            !NO_OPENAT2.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -407,7 +416,13 @@ mod tests {
     fn both_ways(check: impl Fn(&dyn Fn(&Dir, &str) -> FsResult<OwnedFd>)) {
         for try_openat2 in [true, false] {
             check(&|dir: &Dir, rel: &str| {
-                resolve(&dir.fd, &dir.path, Path::new(rel), OFlags::RDONLY, try_openat2)
+                resolve(
+                    &dir.fd,
+                    &dir.path,
+                    Path::new(rel),
+                    OFlags::RDONLY,
+                    try_openat2,
+                )
             });
         }
     }
@@ -426,7 +441,13 @@ mod tests {
     fn dot_dot_and_absolute_paths_are_refused() {
         let (_root, out) = tree();
         both_ways(|open| {
-            for bad in ["../secret", "outbox/../../secret", "/etc/passwd", "", "./outbox/1/a.txt"] {
+            for bad in [
+                "../secret",
+                "outbox/../../secret",
+                "/etc/passwd",
+                "",
+                "./outbox/1/a.txt",
+            ] {
                 assert!(
                     matches!(open(&out, bad), Err(FsError::BadPath { .. })),
                     "{bad}"
@@ -456,7 +477,11 @@ mod tests {
         symlink("1", out.path().join("outbox/same")).unwrap();
         symlink("/proc/self", out.path().join("outbox/proc")).unwrap();
         both_ways(|open| {
-            for bad in ["outbox/up/secret", "outbox/same/a.txt", "outbox/proc/environ"] {
+            for bad in [
+                "outbox/up/secret",
+                "outbox/same/a.txt",
+                "outbox/proc/environ",
+            ] {
                 let got = open(&out, bad);
                 assert!(matches!(got, Err(FsError::Link { .. })), "{bad}: {got:?}");
             }
@@ -501,10 +526,22 @@ mod tests {
         )
         .unwrap();
         let err = out.read_file("outbox/1/fifo", 10).unwrap_err();
-        assert!(matches!(err, FsError::NotRegular { kind: "FIFO", .. }), "{err}");
+        assert!(
+            matches!(err, FsError::NotRegular { kind: "FIFO", .. }),
+            "{err}"
+        );
         assert!(err.is_tampering());
         let err = out.read_file("outbox/1", 10).unwrap_err();
-        assert!(matches!(err, FsError::NotRegular { kind: "directory", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                FsError::NotRegular {
+                    kind: "directory",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(matches!(
             out.read_file("outbox/1/none", 10),
             Err(FsError::NotFound { .. })

@@ -2,13 +2,13 @@
 //! to the scheduler, always on behalf of the session that wrote the row, so an agent can
 //! only touch its own tasks.
 
+use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_mailbox::content::ActionOut;
 use ferroclaw_proto::v1::scheduler_client::SchedulerClient;
 use ferroclaw_proto::v1::{
     CreateTaskRequest, OutboundMessage, Schedule, TaskRef, UpdateTaskRequest,
 };
 use serde::Deserialize;
-use tonic::transport::Channel;
 
 /// Why an action did not happen.
 #[derive(Debug)]
@@ -92,7 +92,7 @@ fn from_status(status: tonic::Status) -> ActionError {
 
 /// Carries out `action` for the session of `message`; returns what it acted on (task id).
 pub async fn perform(
-    scheduler: &mut SchedulerClient<Channel>,
+    scheduler: &mut SchedulerClient<GrpcChannel>,
     message: &OutboundMessage,
     action: &ActionOut,
 ) -> Result<String, ActionError> {

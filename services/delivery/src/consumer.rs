@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_mailbox::content::SystemIn;
 use ferroclaw_mailbox::{Destination, InboundContent, OutboundContent};
 use ferroclaw_proto::v1::runner_client::RunnerClient;
@@ -12,7 +13,6 @@ use ferroclaw_proto::v1::{
     EnqueueRequest, Origin, OutboundMessage, Outcome, SettleRequest, WatchOutboundRequest,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::actions::{self, ActionError};
 use crate::error::Result;
@@ -24,8 +24,8 @@ const MAX_ATTEMPTS: i64 = 5;
 pub struct Consumer {
     config: std::sync::Arc<ferroclaw_common::Config>,
     http: reqwest::Client,
-    runner: RunnerClient<Channel>,
-    scheduler: SchedulerClient<Channel>,
+    runner: RunnerClient<GrpcChannel>,
+    scheduler: SchedulerClient<GrpcChannel>,
     ledger: Ledger,
     name: String,
     discord: Option<crate::discord::DiscordOut>,
@@ -46,8 +46,8 @@ enum SendError {
 impl Consumer {
     pub fn new(
         config: std::sync::Arc<ferroclaw_common::Config>,
-        runner: Channel,
-        scheduler: Channel,
+        runner: GrpcChannel,
+        scheduler: GrpcChannel,
         ledger: Ledger,
         name: String,
     ) -> Self {

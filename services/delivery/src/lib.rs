@@ -9,7 +9,7 @@ pub mod ledger;
 mod service;
 mod typing;
 
-use ferroclaw_common::{Config, grpc};
+use ferroclaw_common::{Config, grpc, grpc_auth};
 use ferroclaw_proto::v1::delivery_server::DeliveryServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,9 +27,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         source,
     })?;
     let ledger = Ledger::open(&config.data_dir.join("delivery.db")).await?;
-    let runner = grpc::channel(&config.runner.addr().url())?;
+    let (internal, required) =
+        grpc_auth::internal_auth(&config.data_dir).map_err(grpc::GrpcError::from)?;
+    let runner = grpc::channel(&config.runner.addr().url(), internal.clone())?;
     let runner_for_typing = runner.clone();
-    let scheduler = grpc::channel(&config.scheduler.url())?;
+    let runner_for_service = runner.clone();
+    let scheduler = grpc::channel(&config.scheduler.url(), internal)?;
     let consumer = Consumer::new(
         std::sync::Arc::new(config.clone()),
         runner,
@@ -42,11 +45,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         tokio::spawn(typing::run(runner_for_typing, discord, shutdown.clone()));
     }
 
-    let (router, _health) = grpc::server_for::<DeliveryServer<DeliveryService>>().await?;
+    let (router, _health) = grpc::server_for::<DeliveryServer<DeliveryService>>(required).await?;
     let router = router.add_service(DeliveryServer::new(DeliveryService {
-        runner: ferroclaw_proto::v1::runner_client::RunnerClient::new(grpc::channel(
-            &config.runner.addr().url(),
-        )?),
+        runner: ferroclaw_proto::v1::runner_client::RunnerClient::new(runner_for_service),
         ledger: ledger.clone(),
         config: std::sync::Arc::new(config.clone()),
         shutdown: shutdown.clone(),

@@ -22,7 +22,8 @@ pub struct DeliveryService {
     /// Who may answer questions (roles, agents' `answerers`).
     pub(crate) config: std::sync::Arc<ferroclaw_common::Config>,
     /// Hands answers to the asking agent.
-    pub(crate) runner: ferroclaw_proto::v1::runner_client::RunnerClient<tonic::transport::Channel>,
+    pub(crate) runner:
+        ferroclaw_proto::v1::runner_client::RunnerClient<ferroclaw_common::grpc_auth::GrpcChannel>,
     /// Ends waiting long-polls when the service stops, so shutdown is not held up.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }

@@ -5,18 +5,18 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_mailbox::Destination;
 use ferroclaw_proto::v1::WatchActivityRequest;
 use ferroclaw_proto::v1::runner_client::RunnerClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::discord::DiscordOut;
 
 const RENEW: Duration = Duration::from_secs(8);
 
 /// Follows the runner's activity stream until shutdown, reconnecting as needed.
-pub async fn run(runner: Channel, discord: DiscordOut, shutdown: CancellationToken) {
+pub async fn run(runner: GrpcChannel, discord: DiscordOut, shutdown: CancellationToken) {
     let mut failures: u32 = 0;
     while !shutdown.is_cancelled() {
         match follow(&runner, &discord, &shutdown).await {
@@ -35,7 +35,7 @@ pub async fn run(runner: Channel, discord: DiscordOut, shutdown: CancellationTok
 }
 
 async fn follow(
-    runner: &Channel,
+    runner: &GrpcChannel,
     discord: &DiscordOut,
     shutdown: &CancellationToken,
 ) -> Result<(), tonic::Status> {
@@ -43,7 +43,7 @@ async fn follow(
         .watch_activity(WatchActivityRequest {})
         .await?
         .into_inner();
-    // Channel → sessions working for it.
+    // GrpcChannel → sessions working for it.
     let mut active: HashMap<String, HashSet<String>> = HashMap::new();
     let mut renew = tokio::time::interval(RENEW);
     renew.tick().await;

@@ -37,7 +37,7 @@ struct Handler {
     /// Downloads attachments.
     http: reqwest::Client,
     /// Answers to questions (button clicks) go to delivery.
-    delivery: tonic::transport::Channel,
+    delivery: ferroclaw_common::grpc_auth::GrpcChannel,
 }
 
 /// How long a click may wait for delivery: Discord wants an answer within 3 s.
@@ -109,7 +109,7 @@ impl Cursors {
 pub async fn start(
     config: Arc<Config>,
     ingress: Ingress,
-    delivery: tonic::transport::Channel,
+    delivery: ferroclaw_common::grpc_auth::GrpcChannel,
     shutdown: CancellationToken,
 ) {
     if config.discord.routes.is_empty() {

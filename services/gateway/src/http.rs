@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferroclaw_common::Config;
 use ferroclaw_common::grpc::is_serving;
+use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_common::signing;
 use ferroclaw_proto::v1::delivery_client::DeliveryClient;
 use ferroclaw_proto::v1::runner_client::RunnerClient;
@@ -21,7 +22,6 @@ use ferroclaw_proto::v1::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 use crate::error::{ApiError, Result};
 use crate::ingress::{Ingress, check_conversation};
@@ -33,9 +33,9 @@ pub struct AppState {
     /// Ends waiting long-polls when the gateway stops, so shutdown is not held up.
     pub shutdown: tokio_util::sync::CancellationToken,
     pub ingress: Ingress,
-    pub runner: Channel,
-    pub delivery: Channel,
-    pub scheduler: Channel,
+    pub runner: GrpcChannel,
+    pub delivery: GrpcChannel,
+    pub scheduler: GrpcChannel,
 }
 
 pub fn router(state: AppState) -> Router {

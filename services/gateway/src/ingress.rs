@@ -2,12 +2,12 @@
 //! Shared by the REST API and the gRPC `Gateway` service, so both accept the same things.
 
 use ferroclaw_common::Config;
+use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_mailbox::content::{Attachment, ChatIn, WebhookIn};
 use ferroclaw_mailbox::{Destination, InboundContent};
 use ferroclaw_proto::v1::runner_client::RunnerClient;
 use ferroclaw_proto::v1::{EnqueueRequest, Origin, PutInboxFileRequest};
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use crate::command_gate::{self, Gate};
 use crate::error::{ApiError, Result};
@@ -29,11 +29,11 @@ pub struct Accepted {
 #[derive(Clone)]
 pub struct Ingress {
     config: std::sync::Arc<Config>,
-    runner: RunnerClient<Channel>,
+    runner: RunnerClient<GrpcChannel>,
 }
 
 impl Ingress {
-    pub fn new(config: std::sync::Arc<Config>, runner: Channel) -> Self {
+    pub fn new(config: std::sync::Arc<Config>, runner: GrpcChannel) -> Self {
         Self {
             config,
             runner: RunnerClient::new(runner),

@@ -12,7 +12,7 @@ mod tasks_api;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
-use ferroclaw_common::{Config, grpc};
+use ferroclaw_common::{Config, grpc, grpc_auth};
 use ferroclaw_proto::v1::gateway_server::GatewayServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -37,9 +37,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let config = Arc::new(config);
-    let runner = grpc::channel(&config.runner.addr().url())?;
-    let delivery = grpc::channel(&config.delivery.url())?;
-    let scheduler = grpc::channel(&config.scheduler.url())?;
+    let (internal, _) =
+        grpc_auth::internal_auth(&config.data_dir).map_err(grpc::GrpcError::from)?;
+    let runner = grpc::channel(&config.runner.addr().url(), internal.clone())?;
+    let delivery = grpc::channel(&config.delivery.url(), internal.clone())?;
+    let scheduler = grpc::channel(&config.scheduler.url(), internal)?;
     let ingress = Ingress::new(config.clone(), runner.clone());
     let state = AppState {
         config: config.clone(),
@@ -49,7 +51,11 @@ pub async fn run(
         delivery,
         scheduler,
     };
-    let (router, _health) = grpc::server_for::<GatewayServer<GatewayService>>().await?;
+    let (router, _health) = grpc::server_for::<GatewayServer<GatewayService>>(
+        // The public Gateway takes the same API token as REST (open on loopback without one).
+        grpc_auth::RequireToken::new(config.gateway.api_token.as_deref(), "API token"),
+    )
+    .await?;
     let router = router.add_service(GatewayServer::new(GatewayService {
         ingress: ingress.clone(),
     }));

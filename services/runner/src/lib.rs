@@ -144,7 +144,9 @@ pub async fn run(
             .collect(),
         shutdown: shutdown.clone(),
     };
-    let (router, health) = grpc::server_for::<RunnerServer<RunnerService>>().await?;
+    let (_, required) = ferroclaw_common::grpc_auth::internal_auth(&config.data_dir)
+        .map_err(grpc::GrpcError::from)?;
+    let (router, health) = grpc::server_for::<RunnerServer<RunnerService>>(required).await?;
     tokio::spawn(watch_backend(
         supervisor.clone(),
         registry_for_watch,

@@ -196,7 +196,10 @@ impl Stream {
     async fn unsent(&self, session: &SessionRecord) -> Result<Vec<OutboundRow>, StreamEnd> {
         let after = self.sent_up_to.get(&session.id).copied().unwrap_or(0);
         let rows = match self.feed.mailboxes.get(session).await {
-            Ok(mailbox) => mailbox.unsettled_after(after).await.map_err(RunnerError::from),
+            Ok(mailbox) => mailbox
+                .unsettled_after(after)
+                .await
+                .map_err(RunnerError::from),
             Err(e) => Err(e),
         };
         match rows {

@@ -6,13 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_mailbox::InboundContent;
 use ferroclaw_mailbox::content::TaskIn;
 use ferroclaw_proto::v1::runner_client::RunnerClient;
 use ferroclaw_proto::v1::{EnqueueRequest, Origin};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::error::{Result, SchedulerError};
 use crate::schedule::Schedule;
@@ -94,13 +94,18 @@ pub fn plan(task: &TaskRow, schedule: &Schedule, now: i64) -> Plan {
 #[derive(Clone)]
 pub struct Firer {
     store: TaskStore,
-    runner: RunnerClient<Channel>,
+    runner: RunnerClient<GrpcChannel>,
     syncer: Syncer,
     clock: Arc<dyn Clock>,
 }
 
 impl Firer {
-    pub fn new(store: TaskStore, runner: Channel, syncer: Syncer, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        store: TaskStore,
+        runner: GrpcChannel,
+        syncer: Syncer,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             store,
             runner: RunnerClient::new(runner),

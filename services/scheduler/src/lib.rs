@@ -10,7 +10,7 @@ pub mod sync;
 
 use std::sync::Arc;
 
-use ferroclaw_common::{Config, grpc};
+use ferroclaw_common::{Config, grpc, grpc_auth};
 use ferroclaw_proto::v1::scheduler_server::SchedulerServer;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -39,7 +39,9 @@ pub async fn run_with_clock(
         source,
     })?;
     let store = TaskStore::open(&config.data_dir.join("scheduler.db")).await?;
-    let runner = grpc::channel(&config.runner.addr().url())?;
+    let (internal, required) =
+        grpc_auth::internal_auth(&config.data_dir).map_err(grpc::GrpcError::from)?;
+    let runner = grpc::channel(&config.runner.addr().url(), internal)?;
     let syncer = Syncer::default();
     // Mirrors may have been missed while the runner was away: send them all once.
     for session in store.sessions().await? {
@@ -50,7 +52,7 @@ pub async fn run_with_clock(
     let firing = tokio::spawn(firer.clone().run(changed.clone(), shutdown.clone()));
     let syncing = tokio::spawn(syncer.clone().run(store.clone(), runner, shutdown.clone()));
 
-    let (router, _health) = grpc::server_for::<SchedulerServer<SchedulerService>>().await?;
+    let (router, _health) = grpc::server_for::<SchedulerServer<SchedulerService>>(required).await?;
     let router = router.add_service(SchedulerServer::new(SchedulerService {
         store: store.clone(),
         firer,

@@ -6,11 +6,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_proto::v1::SyncTasksRequest;
 use ferroclaw_proto::v1::runner_client::RunnerClient;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::store::TaskStore;
 
@@ -41,7 +41,7 @@ impl Syncer {
             .unwrap_or_default()
     }
 
-    pub async fn run(self, store: TaskStore, runner: Channel, shutdown: CancellationToken) {
+    pub async fn run(self, store: TaskStore, runner: GrpcChannel, shutdown: CancellationToken) {
         let mut runner = RunnerClient::new(runner);
         loop {
             // Gather the marks of a burst (many runs firing together) into one mirror each.

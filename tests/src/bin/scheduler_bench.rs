@@ -118,9 +118,8 @@ async fn main() -> anyhow::Result<()> {
         }
         sessions.push(body["session_id"].as_str().unwrap_or_default().to_string());
     }
-    let mut scheduler = SchedulerClient::new(ferroclaw_common::grpc::channel(
-        &cluster.scheduler.grpc_url(),
-    )?);
+    let mut scheduler =
+        SchedulerClient::new(cluster.internal_channel(&cluster.scheduler.grpc_url())?);
     // Far enough ahead that creating them all finishes first.
     let base = ferroclaw_mailbox::now_ms() + 3_000 + tasks as i64 * 4;
     for i in 0..tasks {
