@@ -171,6 +171,80 @@ async fn anthropic_agent_runs_bash_and_send_message_and_never_sees_the_key() -> 
     }
     assert_eq!(fake.received().len(), 3, "nothing got through");
 
+    // With a valid session token, only a turn's request for the agent's model gets through:
+    // other endpoints of the account, other methods and other models are refused here.
+    let (_, sessions) = cluster.get("/v1/sessions").await?;
+    let session = sessions["sessions"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let secret = std::fs::read(cluster.data_dir.join("runner.proxy-key"))?;
+    let token = |agent: &str, expires_at: i64| {
+        ferroclaw_common::signing::session_token(
+            &secret,
+            &ferroclaw_common::signing::TokenGrant {
+                session_id: session.clone(),
+                agent: agent.into(),
+                expires_at,
+            },
+        )
+    };
+    let valid = token("main", i64::MAX);
+    let base = proxy.trim_end_matches("/v1/messages").to_string();
+    let model = json!({"model": "test-model", "messages": []});
+    let refusals = [
+        (reqwest::Method::POST, "/v1/files", model.clone(), 403),
+        (reqwest::Method::POST, "/v1/batches", model.clone(), 403),
+        (
+            reqwest::Method::POST,
+            "/v1/fine_tuning/jobs",
+            model.clone(),
+            403,
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/organizations/org-1/api_keys",
+            model.clone(),
+            403,
+        ),
+        (reqwest::Method::DELETE, "/v1/messages", model.clone(), 403),
+        (
+            reqwest::Method::POST,
+            "/v1/messages",
+            json!({"model": "claude-opus-expensive", "messages": []}),
+            403,
+        ),
+    ];
+    for (method, path, body, status) in refusals {
+        let refused = http
+            .request(method.clone(), format!("{base}{path}"))
+            .header("x-api-key", &valid)
+            .json(&body)
+            .send()
+            .await?;
+        assert_eq!(refused.status().as_u16(), status, "{method} {path} {body}");
+        let body: Value = refused.json().await?;
+        assert_eq!(body["error"]["type"], json!("permission_error"), "{body}");
+    }
+    for (what, stale) in [
+        ("expired", token("main", 1_000)),
+        ("another agent's", token("other", i64::MAX)),
+    ] {
+        let refused = http
+            .post(&proxy)
+            .header("x-api-key", &stale)
+            .json(&model)
+            .send()
+            .await?;
+        let expected = if what == "expired" { 401 } else { 403 };
+        assert_eq!(refused.status().as_u16(), expected, "{what} token");
+    }
+    assert_eq!(
+        fake.received().len(),
+        3,
+        "no refused request reached the model API"
+    );
+
     cluster.post_message("work", "/cost", None).await?;
     let cost = wait_for_text(&cluster, "work", "Tokens so far").await?;
     assert!(cost.contains("in 3 requests"), "{cost}");

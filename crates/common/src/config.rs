@@ -270,6 +270,10 @@ pub struct AgentConfig {
     /// The model name the provider asks for (required for anthropic and openai).
     #[serde(default)]
     pub model: Option<String>,
+    /// Further models the agent may ask for through the proxy besides `model` (Claude Code
+    /// uses a small model for side tasks, for example). The proxy refuses any other.
+    #[serde(default)]
+    pub models: Vec<String>,
     /// The model API the runner's proxy forwards to; defaults to the provider's public API.
     #[serde(default)]
     pub api_base_url: Option<String>,
@@ -311,6 +315,7 @@ impl AgentConfig {
             provider: default_provider(),
             timezone: default_timezone(),
             model: None,
+            models: Vec::new(),
             api_base_url: None,
             api_key_env: None,
             max_tokens: default_max_tokens(),
@@ -330,6 +335,11 @@ impl AgentConfig {
             self.provider.as_str(),
             "anthropic" | "openai" | "claude-code"
         )
+    }
+
+    /// Whether the proxy may forward a request that names `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.model.as_deref() == Some(model) || self.models.iter().any(|m| m == model)
     }
 
     /// The wire format of its model API: Claude Code speaks Anthropic's.

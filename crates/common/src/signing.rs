@@ -110,18 +110,34 @@ pub fn verify_github(
 
 /// The token an agent presents to the runner's credential proxy: its session id and an
 /// HMAC of it under the runner's secret, so the proxy needs no token table.
-pub fn session_token(secret: &[u8], session_id: &str) -> String {
-    let signature = sign_body(secret, session_id.as_bytes());
+pub fn session_token(secret: &[u8], grant: &TokenGrant) -> String {
+    let payload = format!("{}.{}.{}", grant.session_id, grant.expires_at, grant.agent);
+    let signature = sign_body(secret, payload.as_bytes());
     let hex = signature.trim_start_matches("sha256=");
-    format!("{session_id}.{hex}")
+    format!("{payload}.{hex}")
 }
 
-/// The session a proxy token was issued to, when its HMAC checks out.
-pub fn verify_session_token<'t>(secret: &[u8], token: &'t str) -> Option<&'t str> {
-    let (session_id, hex) = token.rsplit_once('.')?;
+/// What a proxy token grants: one session of one agent, until a moment (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenGrant {
+    pub session_id: String,
+    pub agent: String,
+    pub expires_at: i64,
+}
+
+/// The grant of a proxy token whose HMAC checks out (expired or not: the caller decides,
+/// so it can say which).
+pub fn verify_session_token(secret: &[u8], token: &str) -> Option<TokenGrant> {
+    let (payload, hex) = token.rsplit_once('.')?;
     let header = format!("sha256={hex}");
-    verify_github(secret, Some(&header), session_id.as_bytes()).ok()?;
-    Some(session_id)
+    verify_github(secret, Some(&header), payload.as_bytes()).ok()?;
+    let (session_id, rest) = payload.split_once('.')?;
+    let (expires_at, agent) = rest.split_once('.')?;
+    Some(TokenGrant {
+        session_id: session_id.to_string(),
+        agent: agent.to_string(),
+        expires_at: expires_at.parse().ok()?,
+    })
 }
 
 #[cfg(test)]
@@ -130,9 +146,16 @@ mod tests {
 
     #[test]
     fn session_tokens_verify_only_under_their_secret() {
-        let token = session_token(b"secret", "ses_1");
-        assert_eq!(verify_session_token(b"secret", &token), Some("ses_1"));
+        let grant = TokenGrant {
+            session_id: "ses_1".into(),
+            agent: "main.bot".into(),
+            expires_at: 1_900_000_000,
+        };
+        let token = session_token(b"secret", &grant);
+        assert_eq!(verify_session_token(b"secret", &token), Some(grant));
         assert_eq!(verify_session_token(b"other", &token), None);
+        let longer = token.replace("1900000000", "1900000001");
+        assert_eq!(verify_session_token(b"secret", &longer), None);
         let forged = token.replace("ses_1", "ses_2");
         assert_eq!(verify_session_token(b"secret", &forged), None);
         assert_eq!(verify_session_token(b"secret", "no-dot"), None);

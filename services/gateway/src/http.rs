@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferroclaw_common::Config;
 use ferroclaw_common::grpc::is_serving;
-use ferroclaw_common::grpc_auth::GrpcChannel;
+use ferroclaw_common::grpc_auth::{self, GrpcChannel};
 use ferroclaw_common::signing;
 use ferroclaw_proto::v1::delivery_client::DeliveryClient;
 use ferroclaw_proto::v1::runner_client::RunnerClient;
@@ -81,16 +81,12 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+            .and_then(grpc_auth::bearer_token);
+        if !given.is_some_and(|g| grpc_auth::same_secret(g, expected)) {
             return ApiError::Unauthorized.into_response();
         }
     }
     next.run(request).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The body, or a JSON error: 413 over the limit, 400 otherwise.

@@ -1,6 +1,9 @@
 //! The credential proxy: agents call model APIs through it with a per-session token; it
-//! checks the token, enforces the agent's token budget, swaps in the real API key, streams
-//! the answer back and records the tokens used. No API key ever enters an agent.
+//! checks the token, lets through only what a turn needs (the provider's message endpoint,
+//! for the agent's own models), enforces the agent's token budget, swaps in the real API
+//! key, streams the answer back and records the tokens used. No API key ever enters an
+//! agent, and the key opens nothing else of the operator's account (files, batches,
+//! fine-tuning, admin endpoints).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,6 +28,15 @@ use crate::registry::Registry;
 const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 /// How much of a response is kept to read its token usage from.
 const USAGE_SCAN_BYTES: usize = 4 * 1024 * 1024;
+/// How long a session token is valid. A new one is issued at every agent start.
+const TOKEN_TTL_SECS: i64 = 24 * 60 * 60;
+
+/// The requests a turn needs, per API flavour: everything else is refused.
+const ANTHROPIC_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
+];
+const OPENAI_ROUTES: &[(&str, &str)] = &[("POST", "/v1/chat/completions"), ("GET", "/v1/models")];
 
 /// What agents need to reach the proxy: its URL and the secret their tokens are made with.
 #[derive(Clone)]
@@ -36,9 +48,14 @@ pub struct ModelAccess {
 }
 
 impl ModelAccess {
-    /// The proxy token of one session.
-    pub fn token(&self, session_id: &str) -> String {
-        signing::session_token(&self.secret, session_id)
+    /// A fresh proxy token for one session of `agent`, valid for a day.
+    pub fn token(&self, session_id: &str, agent: &str) -> String {
+        let grant = signing::TokenGrant {
+            session_id: session_id.to_string(),
+            agent: agent.to_string(),
+            expires_at: unix_now() + TOKEN_TTL_SECS,
+        };
+        signing::session_token(&self.secret, &grant)
     }
 
     /// The environment an agent of `agent` needs to call its model through the proxy.
@@ -61,7 +78,10 @@ impl ModelAccess {
         }
         let mut env = vec![
             ("FERROCLAW_MODEL_URL".into(), url.to_string()),
-            ("FERROCLAW_MODEL_TOKEN".into(), self.token(session_id)),
+            (
+                "FERROCLAW_MODEL_TOKEN".into(),
+                self.token(session_id, &agent.name),
+            ),
             (
                 "FERROCLAW_MODEL".into(),
                 agent.model.clone().unwrap_or_default(),
@@ -184,10 +204,55 @@ fn presented_token(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Refuses a request a model turn does not need: another path or method than the
+/// provider's allow-list, or a body that names a model the agent is not configured for.
+fn check_request(
+    agent: &AgentConfig,
+    method: &axum::http::Method,
+    path: &str,
+    body: &[u8],
+) -> Result<(), String> {
+    let routes = match agent.api_flavour() {
+        "openai" => OPENAI_ROUTES,
+        _ => ANTHROPIC_ROUTES,
+    };
+    if !routes
+        .iter()
+        .any(|(m, p)| method.as_str() == *m && path == *p)
+    {
+        let allowed: Vec<String> = routes.iter().map(|(m, p)| format!("{m} {p}")).collect();
+        return Err(format!(
+            "{method} {path} is not forwarded: agent {:?} may call {}",
+            agent.name,
+            allowed.join(", ")
+        ));
+    }
+    if method == axum::http::Method::GET {
+        return Ok(());
+    }
+    let model = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["model"].as_str().map(str::to_string));
+    match model {
+        Some(model) if agent.allows_model(&model) => Ok(()),
+        Some(model) => Err(format!(
+            "model {model:?} is not configured for agent {:?} (agents.model, agents.models)",
+            agent.name
+        )),
+        None => Err("the request body names no model".into()),
+    }
+}
+
 async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
-    let Some(session_id) = presented_token(request.headers())
+    let Some(grant) = presented_token(request.headers())
         .and_then(|t| signing::verify_session_token(&proxy.secret, t))
-        .map(str::to_string)
     else {
         return refuse(
             StatusCode::UNAUTHORIZED,
@@ -195,8 +260,20 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
             "missing or invalid ferroclaw session token".into(),
         );
     };
+    if grant.expires_at <= unix_now() {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "the ferroclaw session token has expired (a new one comes with the next agent start)"
+                .into(),
+        );
+    }
+    let session_id = grant.session_id;
     let agent = match proxy.registry.get(&session_id).await {
-        Ok(Some(session)) => proxy.agents.get(&session.agent).cloned(),
+        Ok(Some(session)) if session.agent == grant.agent => {
+            proxy.agents.get(&session.agent).cloned()
+        }
+        Ok(Some(_)) => None,
         Ok(None) => None,
         Err(e) => {
             return refuse(
@@ -236,7 +313,22 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
             }
         }
     }
-    match upstream(&proxy, &agent, &session_id, request).await {
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
+        Ok(body) => body,
+        Err(e) => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("reading the request: {e}"),
+            );
+        }
+    };
+    if let Err(reason) = check_request(&agent, &parts.method, parts.uri.path(), &body) {
+        tracing::warn!(session = %session_id, agent = %agent.name, %reason, "credential proxy refused a request");
+        return refuse(StatusCode::FORBIDDEN, "permission_error", reason);
+    }
+    match upstream(&proxy, &agent, &session_id, parts, body).await {
         Ok(response) => response,
         Err(message) => refuse(StatusCode::BAD_GATEWAY, "api_error", message),
     }
@@ -247,16 +339,17 @@ async fn upstream(
     proxy: &Proxy,
     agent: &AgentConfig,
     session_id: &str,
-    request: Request,
+    request: axum::http::request::Parts,
+    body: Bytes,
 ) -> Result<Response, String> {
     let path = request
-        .uri()
+        .uri
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
     let url = format!("{}{path}", agent.upstream_base_url());
-    let method = request.method().clone();
-    let mut headers = request.headers().clone();
+    let method = request.method;
+    let mut headers = request.headers;
     for name in [
         "x-api-key",
         "authorization",
@@ -277,9 +370,6 @@ async fn upstream(
             headers.insert(header::AUTHORIZATION, bearer);
         }
     }
-    let body = axum::body::to_bytes(request.into_body(), MAX_REQUEST_BYTES)
-        .await
-        .map_err(|e| format!("reading the request: {e}"))?;
     let answer = proxy
         .http
         .request(method, &url)
@@ -383,6 +473,63 @@ mod tests {
         let anthropic = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"cache_read_input_tokens\":5,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\n";
         assert_eq!(usage_in(anthropic), (25, 42));
         assert_eq!(usage_in(b"not json"), (0, 0));
+    }
+
+    #[test]
+    fn only_a_turn_s_requests_for_the_agent_s_models_pass() {
+        use axum::http::Method;
+        let mut agent = AgentConfig::echo("main");
+        agent.provider = "anthropic".into();
+        agent.model = Some("claude-a".into());
+        agent.models = vec!["claude-small".into()];
+        let body = |model: &str| format!(r#"{{"model":"{model}","messages":[]}}"#).into_bytes();
+        assert!(check_request(&agent, &Method::POST, "/v1/messages", &body("claude-a")).is_ok());
+        assert!(
+            check_request(
+                &agent,
+                &Method::POST,
+                "/v1/messages/count_tokens",
+                &body("claude-small")
+            )
+            .is_ok()
+        );
+        for (method, path) in [
+            (Method::POST, "/v1/files"),
+            (Method::GET, "/v1/messages"),
+            (Method::POST, "/v1/messages/batches"),
+            (Method::DELETE, "/v1/messages"),
+            (Method::POST, "/v1/organizations/x/api_keys"),
+            (Method::POST, "/v1/chat/completions"),
+        ] {
+            let err = check_request(&agent, &method, path, &body("claude-a")).unwrap_err();
+            assert!(err.contains("is not forwarded"), "{method} {path}: {err}");
+        }
+        let err =
+            check_request(&agent, &Method::POST, "/v1/messages", &body("claude-opus")).unwrap_err();
+        assert!(err.contains("not configured"), "{err}");
+        assert!(check_request(&agent, &Method::POST, "/v1/messages", b"{}").is_err());
+        agent.provider = "openai".into();
+        assert!(check_request(&agent, &Method::GET, "/v1/models", b"").is_ok());
+        assert!(
+            check_request(
+                &agent,
+                &Method::POST,
+                "/v1/chat/completions",
+                &body("claude-a")
+            )
+            .is_ok()
+        );
+        for path in [
+            "/v1/batches",
+            "/v1/fine_tuning/jobs",
+            "/v1/files",
+            "/v1/messages",
+        ] {
+            assert!(
+                check_request(&agent, &Method::POST, path, &body("claude-a")).is_err(),
+                "{path}"
+            );
+        }
     }
 
     #[test]

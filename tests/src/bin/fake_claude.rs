@@ -94,7 +94,9 @@ async fn main() -> anyhow::Result<()> {
         .header("x-api-key", key)
         .header("anthropic-version", "2023-06-01")
         .json(
-            &json!({"model": "claude-fake", "max_tokens": 100, "stream": true,
+            // Claude Code asks for the model it was started with.
+            &json!({"model": arg(&args, "--model").unwrap_or_else(|| "claude-fake".into()),
+                      "max_tokens": 100, "stream": true,
                       "messages": [{"role": "user", "content": prompt}]}),
         )
         .send()

@@ -124,7 +124,12 @@ async fn main() -> anyhow::Result<()> {
         .context("a session")?
         .to_string();
     let secret = std::fs::read(data.join("runner.proxy-key"))?;
-    let token = ferroclaw_common::signing::session_token(&secret, &session);
+    let grant = ferroclaw_common::signing::TokenGrant {
+        session_id: session,
+        agent: "main".into(),
+        expires_at: i64::MAX,
+    };
+    let token = ferroclaw_common::signing::session_token(&secret, &grant);
     let proxy = format!(
         "http://{}",
         cluster
