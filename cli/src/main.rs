@@ -54,7 +54,8 @@ enum Command {
         #[command(subcommand)]
         action: api::TaskCommand,
     },
-    /// Exit 0 when a service answers: `grpc://HOST:PORT` (gRPC health) or `http://…` (GET).
+    /// Exit 0 when a service answers: `grpc://HOST:PORT` (gRPC health), `http://…` (GET),
+    /// or `tcp://HOST:PORT` (a connection opens).
     /// For container health checks, where images hold no shell or curl.
     Probe { target: String },
     /// Inject a webhook: a JSON document (argument, or stdin when absent).
@@ -110,6 +111,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn probe(target: &str) -> anyhow::Result<()> {
+    // tcp://host:port: can a connection be opened at all (what a network allows).
+    if let Some(addr) = target.strip_prefix("tcp://") {
+        let connect = tokio::net::TcpStream::connect(addr);
+        return match tokio::time::timeout(std::time::Duration::from_secs(3), connect).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => anyhow::bail!("{target}: {e}"),
+            Err(_) => anyhow::bail!("{target}: no answer within 3 s"),
+        };
+    }
     if let Some(addr) = target.strip_prefix("grpc://") {
         let channel = ferroclaw_common::grpc::channel(
             &format!("http://{addr}"),

@@ -148,6 +148,26 @@ async fn compose_up_then_a_webhook_gets_its_reply() -> anyhow::Result<()> {
         json!(true),
         "the agents' network has no route out"
     );
+    // From a container on the agents' network: the proxy opens, the runner's gRPC does not.
+    let from_agents_network = |target: &str| {
+        Command::new("docker")
+            .args(["run", "--rm", "--network", &network, "ferroclaw:e2e"])
+            .args(["/ferroclaw", "probe", target])
+            .output()
+    };
+    let proxy = from_agents_network("tcp://runner:50055")?;
+    assert!(
+        proxy.status.success(),
+        "the proxy is reachable from the agents' network: {}",
+        String::from_utf8_lossy(&proxy.stderr)
+    );
+    for target in ["tcp://runner:50051", "grpc://runner:50051"] {
+        let grpc = from_agents_network(target)?;
+        assert!(
+            !grpc.status.success(),
+            "{target} must not be reachable from the agents' network"
+        );
+    }
     compose.run(&["down", "--remove-orphans", "--timeout", "15"])?;
     assert!(
         ferroclaw_e2e::docker_inspect(&agent).is_none(),

@@ -550,6 +550,26 @@ impl Config {
                 message: format!("{value:?}: {e}"),
             })
         }
+        /// A listen address: `ip:port`, or `name:port` resolved now, so a container can
+        /// bind to its address on one network only (compose's per-network aliases).
+        fn listen_addr(var: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+            if let Ok(addr) = value.parse() {
+                return Ok(addr);
+            }
+            use std::net::ToSocketAddrs;
+            let error = |message: String| ConfigError::Env {
+                var: var.into(),
+                message: format!("{value:?}: {message}"),
+            };
+            let mut found = value.to_socket_addrs().map_err(|e| {
+                error(format!(
+                    "not an address, and the name does not resolve: {e}"
+                ))
+            })?;
+            found
+                .next()
+                .ok_or_else(|| error("the name resolves to no address".into()))
+        }
         if let Some(v) = get("FERROCLAW_DATA_DIR") {
             self.data_dir = PathBuf::from(v);
         }
@@ -569,14 +589,14 @@ impl Config {
         ] {
             let var = format!("{prefix}_ADDR");
             if let Some(v) = get(&var) {
-                addr.listen = parse(&var, &v)?;
+                addr.listen = listen_addr(&var, &v)?;
             }
             if let Some(v) = get(&format!("{prefix}_URL")) {
                 addr.url = Some(v);
             }
         }
         if let Some(v) = get("FERROCLAW_RUNNER_ADDR") {
-            self.runner.listen = parse("FERROCLAW_RUNNER_ADDR", &v)?;
+            self.runner.listen = listen_addr("FERROCLAW_RUNNER_ADDR", &v)?;
         }
         if let Some(v) = get("FERROCLAW_RUNNER_URL") {
             self.runner.url = Some(v);
@@ -594,7 +614,7 @@ impl Config {
             self.runner.stuck_after_secs = parse("FERROCLAW_STUCK_AFTER_SECS", &v)?;
         }
         if let Some(v) = get("FERROCLAW_PROXY_ADDR") {
-            self.runner.proxy_listen = parse("FERROCLAW_PROXY_ADDR", &v)?;
+            self.runner.proxy_listen = listen_addr("FERROCLAW_PROXY_ADDR", &v)?;
         }
         if let Some(v) = get("FERROCLAW_PROXY_URL") {
             self.runner.proxy_url = Some(v);
@@ -1033,6 +1053,13 @@ senders = "allowlist"
         c.apply_env(|k| (k == "FERROCLAW_DATA_DIR").then(|| "/tmp/x".to_string()))
             .unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        // A name resolves (compose binds the runner by a per-network alias).
+        let mut named = Config::default();
+        named
+            .apply_env(|k| (k == "FERROCLAW_RUNNER_ADDR").then(|| "localhost:50051".to_string()))
+            .unwrap();
+        assert!(named.runner.listen.ip().is_loopback());
+        assert_eq!(named.runner.listen.port(), 50051);
     }
 
     #[test]
