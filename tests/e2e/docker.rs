@@ -316,3 +316,203 @@ async fn containers_stay_under_the_cap_and_every_session_is_answered() -> anyhow
     assert!(most >= 1);
     cluster.stop().await
 }
+
+/// Every regular file under `dir`, with its bytes (links are listed, not followed).
+fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                todo.push(path);
+            } else if kind.is_file() {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                files.push((path.display().to_string(), bytes));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+async fn chat_count(cluster: &Cluster, conversation: &str) -> anyhow::Result<usize> {
+    let (messages, _) = cluster.messages(conversation, 0, 0.0).await?;
+    Ok(messages
+        .iter()
+        .filter(|m| m["kind"] == json!("chat"))
+        .count())
+}
+
+fn owner(path: &std::path::Path) -> anyhow::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::symlink_metadata(path)?.uid())
+}
+
+/// The hostile agent plants links (to the runner's /proc, the session's in/, the data dir,
+/// /etc, a host file), a FIFO, link loops and a link DAG in its out/ and the agent folder,
+/// sends the files they lead to, and swaps its outbound.db for a link to another session's.
+/// The runner follows none of them: every download is refused, no host file changes owner,
+/// the other session's files stay as they were, and other sessions keep being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_never_follows_a_link_an_agent_planted() -> anyhow::Result<()> {
+    if !docker_available() {
+        eprintln!("skipped: no Docker engine");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let normal = docker_cluster(&data, &[]).await?;
+    let (_, victim) = normal.post_message("victim", "secret", None).await?;
+    normal
+        .wait_for_lines("victim", &["echo: secret".into()], Duration::from_secs(60))
+        .await?;
+    normal.stop().await?;
+    let victim_dir = data
+        .join("sessions/main")
+        .join(victim["session_id"].as_str().unwrap_or_default());
+    let victim_before = snapshot(&victim_dir);
+    assert!(!victim_before.is_empty());
+
+    // Root-owned things outside the data dir, which a following chown would give away.
+    let host = dir.path().join("host");
+    std::fs::create_dir_all(host.join("dir"))?;
+    let host_file = host.join("secret-file");
+    std::fs::write(&host_file, b"host secret")?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&host_file, std::fs::Permissions::from_mode(0o600))?;
+    let owners_before = (owner(&host_file)?, owner(&host.join("dir"))?);
+
+    let mut hostile = Cluster::start(
+        &data,
+        &[
+            ("FERROCLAW_RUNNER_BACKEND", "docker".to_string()),
+            (
+                "FERROCLAW_AGENT_IMAGE",
+                ferroclaw_e2e::offline_hostile_image()?,
+            ),
+            ("FERROCLAW_ECHO_DATA_DIR", data.display().to_string()),
+            ("FERROCLAW_ECHO_HOST_FILE", host_file.display().to_string()),
+            (
+                "FERROCLAW_ECHO_HOST_DIR",
+                host.join("dir").display().to_string(),
+            ),
+            (
+                "FERROCLAW_ECHO_OTHER_SESSION_OUTBOUND",
+                victim_dir.join("out/outbound.db").display().to_string(),
+            ),
+        ],
+    )
+    .await?;
+    hostile.post_message("attacker", "plant", None).await?;
+    let mut files = Vec::new();
+    let mut report = Value::Null;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while files.len() < 7 || report.is_null() {
+        let (messages, _) = hostile.messages("attacker", 0, 5.0).await?;
+        for m in &messages {
+            if m["kind"] == json!("file") && !files.contains(&m["download"]) {
+                files.push(m["download"].clone());
+            } else if m["kind"] == json!("chat") {
+                report = serde_json::from_str(m["text"].as_str().unwrap_or("null"))?;
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the hostile agent's replies did not all arrive: {messages:?}"
+        );
+    }
+    assert_eq!(report["planted"], json!(true), "{report}");
+    assert_eq!(files.len(), 7, "{files:?}");
+    for link in &files {
+        let link = link.as_str().unwrap_or_default();
+        let (status, body) = hostile.get(link).await?;
+        assert_eq!(status, 400, "{link} must be refused: {body}");
+        assert!(
+            body.to_string()
+                .contains("not a regular file in the session"),
+            "{link}: {body}"
+        );
+    }
+    let secret = std::fs::read(data.join("runner.proxy-key"))?;
+    let environ = std::fs::read(format!("/proc/{}/environ", std::process::id()))?;
+    assert!(!secret.is_empty() && !environ.is_empty());
+
+    // A new session of the same agent starts a container (the agent folder, with its loops,
+    // DAG and links, is prepared again), and the planting session restarts in its own out/.
+    let started = std::time::Instant::now();
+    hostile.post_message("bystander", "hello", None).await?;
+    hostile.post_message("attacker", "again", None).await?;
+    for (conversation, chats) in [("bystander", 1), ("attacker", 2)] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while chat_count(&hostile, conversation).await? < chats {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{conversation} got no answer: a link stopped its agent from starting"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    eprintln!(
+        "both agents started and answered in {:?} with the links in place",
+        started.elapsed()
+    );
+    assert_eq!(
+        (owner(&host_file)?, owner(&host.join("dir"))?),
+        owners_before,
+        "no host file changed owner"
+    );
+    assert_eq!(std::fs::read(&host_file)?, b"host secret");
+
+    // outbound.db swapped for a link to the victim's: after a runner restart (a fresh open),
+    // the victim's rows are not served again as the attacker's, and others keep working.
+    let (_, swapper) = hostile.post_message("swapper", "swap", None).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while hostile.texts("swapper").await?.is_empty() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no answer to swap");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let swapped = data
+        .join("sessions/main")
+        .join(swapper["session_id"].as_str().unwrap_or_default())
+        .join("out/outbound.db");
+    for _ in 0..100 {
+        if std::fs::symlink_metadata(&swapped).is_ok_and(|m| m.file_type().is_symlink()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        std::fs::symlink_metadata(&swapped)?
+            .file_type()
+            .is_symlink(),
+        "the agent swapped {} for a link",
+        swapped.display()
+    );
+    hostile.kill_runner().await?;
+    hostile.restart_runner().await?;
+    hostile.post_message("after", "still there?", None).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while hostile.texts("after").await?.is_empty() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "other sessions are answered after the runner met the link"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        hostile.texts("victim").await?,
+        vec!["echo: secret".to_string()],
+        "the victim's reply was not served again through the link"
+    );
+    assert_eq!(
+        snapshot(&victim_dir),
+        victim_before,
+        "the victim's files are byte-identical"
+    );
+    hostile.stop().await
+}

@@ -1,12 +1,18 @@
 //! A hostile stand-in for `ferroclaw-agent`, run in an agent container by the isolation test.
 //! It tries what a compromised agent would, then answers each message with a JSON report of
 //! what it managed: the test asserts that every attempt failed.
+//!
+//! Told `plant`, it also plants links, a FIFO and link loops where the runner looks (its
+//! `out/` and the agent folder) and sends the outbox files they lead to; told `swap`, it
+//! answers and then replaces its `outbound.db` with a link to another session's.
 
 use std::path::Path;
 
 use ferroclaw_mailbox::agent::BatchStatus;
-use ferroclaw_mailbox::content::ChatOut;
-use ferroclaw_mailbox::{AgentMailbox, JournalMode, NewOutbound, OutboundContent, SessionPaths};
+use ferroclaw_mailbox::content::{ChatOut, FileOut};
+use ferroclaw_mailbox::{
+    AgentMailbox, InboundContent, JournalMode, NewOutbound, OutboundContent, SessionPaths,
+};
 use serde_json::json;
 
 fn attempts() -> serde_json::Value {
@@ -45,6 +51,78 @@ fn attempts() -> serde_json::Value {
     })
 }
 
+/// The outbox paths whose links and FIFO `plant` makes; each is then sent as a file.
+const PLANTED: &[&str] = &[
+    "outbox/proc/environ",
+    "outbox/in/inbound.db",
+    "outbox/data/runner.proxy-key",
+    "outbox/data/runner.db",
+    "outbox/etc/passwd",
+    "outbox/f/host-file",
+    "outbox/f/fifo",
+];
+
+/// Plants what a compromised agent would, to make the host read, write or chown elsewhere.
+/// Host paths come from the test (`FERROCLAW_ECHO_*`): an attacker can guess them.
+fn plant() -> serde_json::Value {
+    use std::os::unix::fs::symlink;
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let (data_dir, host_file, host_dir) = (
+        var("FERROCLAW_ECHO_DATA_DIR"),
+        var("FERROCLAW_ECHO_HOST_FILE"),
+        var("FERROCLAW_ECHO_HOST_DIR"),
+    );
+    let mut failed = Vec::new();
+    let mut try_it = |what: &str, result: std::io::Result<()>| {
+        if let Err(e) = result {
+            failed.push(format!("{what}: {e}"));
+        }
+    };
+    let out = Path::new("/session/out");
+    try_it("mkdir", std::fs::create_dir_all(out.join("outbox/f")));
+    try_it("mkdir state", std::fs::create_dir_all(out.join("state")));
+    try_it("proc", symlink("/proc/self", out.join("outbox/proc")));
+    try_it("in", symlink("../../in", out.join("outbox/in")));
+    try_it("data", symlink(&data_dir, out.join("outbox/data")));
+    try_it("etc", symlink("/etc", out.join("outbox/etc")));
+    try_it(
+        "host file",
+        symlink(&host_file, out.join("outbox/f/host-file")),
+    );
+    try_it(
+        "state",
+        symlink(&host_file, out.join("state/transcript.json")),
+    );
+    let fifo = std::ffi::CString::new("/session/out/outbox/f/fifo").expect("no NUL");
+    // SAFETY: a valid C string; mkfifo only creates a file.
+    let made = unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) };
+    try_it(
+        "fifo",
+        if made == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        },
+    );
+    // For a recursive chown at the next start: links to a host file and directory, in out/
+    // and in the agent folder, two self-loops and a DAG of links that never ends to walk.
+    try_it("out file", symlink(&host_file, out.join("chown-me")));
+    try_it("out dir", symlink(&host_dir, out.join("chown-dir")));
+    let agent = Path::new("/agent");
+    try_it("agent file", symlink(&host_file, agent.join("chown-me")));
+    try_it("agent dir", symlink(&host_dir, agent.join("chown-dir")));
+    try_it("loop a", symlink(".", agent.join("loop-a")));
+    try_it("loop b", symlink(".", agent.join("loop-b")));
+    for i in 0..39 {
+        let d = agent.join(format!("dag/d{i}"));
+        try_it("dag", std::fs::create_dir_all(&d));
+        for link in ["a", "b"] {
+            try_it("dag link", symlink(format!("../d{}", i + 1), d.join(link)));
+        }
+    }
+    json!({"planted": failed.is_empty(), "failed": failed})
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let paths = SessionPaths::new("/session");
@@ -55,17 +133,42 @@ async fn main() -> anyhow::Result<()> {
         if let Some(last) = batch.rows.last() {
             let seqs: Vec<i64> = batch.rows.iter().map(|r| r.seq).collect();
             mailbox.claim(&seqs).await?;
-            let reply = NewOutbound {
+            let told = match &last.content {
+                InboundContent::Chat(chat) => chat.text.clone(),
+                _ => String::new(),
+            };
+            let reply = |content| NewOutbound {
                 in_reply_to: Some(last.seq),
                 destination: last.origin.reply_to.clone(),
-                content: OutboundContent::Chat(ChatOut {
-                    text: report.clone(),
-                }),
+                content,
                 trace: None,
             };
+            let text = if told == "plant" {
+                plant().to_string()
+            } else {
+                report.clone()
+            };
+            let mut replies = vec![reply(OutboundContent::Chat(ChatOut { text }))];
+            if told == "plant" {
+                for path in PLANTED {
+                    replies.push(reply(OutboundContent::File(FileOut {
+                        path: path.to_string(),
+                        name: path.rsplit('/').next().unwrap_or(path).to_string(),
+                        caption: String::new(),
+                    })));
+                }
+            }
             mailbox
-                .finish(&seqs, &[reply], BatchStatus::Completed)
+                .finish(&seqs, &replies, BatchStatus::Completed)
                 .await?;
+            if told == "swap" {
+                // Its own outbound.db becomes a link to another session's: a runner that
+                // followed it would serve that session's rows as this one's.
+                let other = std::env::var("FERROCLAW_ECHO_OTHER_SESSION_OUTBOUND")?;
+                drop(mailbox);
+                std::fs::rename("/session/out/outbound.db", "/session/out/outbound.real")?;
+                std::os::unix::fs::symlink(other, "/session/out/outbound.db")?;
+            }
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
