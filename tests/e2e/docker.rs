@@ -494,6 +494,9 @@ async fn the_runner_never_follows_a_link_an_agent_planted() -> anyhow::Result<()
     );
     hostile.kill_runner().await?;
     hostile.restart_runner().await?;
+    let (status, refused) = hostile.post_message("swapper", "more", None).await?;
+    assert_eq!(status, 409, "a tampered session takes no work: {refused}");
+    assert!(refused.to_string().contains("tampered"), "{refused}");
     hostile.post_message("after", "still there?", None).await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while hostile.texts("after").await?.is_empty() {
@@ -503,7 +506,12 @@ async fn the_runner_never_follows_a_link_an_agent_planted() -> anyhow::Result<()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        chat_count(&hostile, "swapper").await?,
+        1,
+        "the tampered session is stopped: its new message is not answered"
+    );
     assert_eq!(
         hostile.texts("victim").await?,
         vec!["echo: secret".to_string()],

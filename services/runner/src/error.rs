@@ -29,6 +29,11 @@ impl From<RunnerError> for tonic::Status {
         match &e {
             RunnerError::InvalidArgument(m) => tonic::Status::invalid_argument(m.clone()),
             RunnerError::NotFound(m) => tonic::Status::not_found(m.clone()),
+            RunnerError::Mailbox(ferroclaw_mailbox::Error::File(f)) if f.is_tampering() => {
+                tonic::Status::failed_precondition(format!(
+                    "the session is stopped: its files were tampered with ({f})"
+                ))
+            }
             _ => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal(e.to_string())

@@ -58,6 +58,9 @@ struct Inner {
     yielders: std::sync::Mutex<HashMap<String, (SessionRecord, CancellationToken)>>,
     /// A claimed batch with a heartbeat older than this means a stuck agent.
     stuck_after: Duration,
+    /// Sessions whose files were tampered with (a link or FIFO in place of `outbound.db`):
+    /// their agents are stopped and not started again until the runner restarts.
+    tampered: std::sync::Mutex<std::collections::HashSet<String>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -86,6 +89,7 @@ impl Supervisor {
                 permits: Arc::new(Semaphore::new(limits.max_running_agents.max(1))),
                 yielders: std::sync::Mutex::new(HashMap::new()),
                 stuck_after: limits.stuck_after,
+                tampered: Default::default(),
                 shutdown,
                 tasks: TaskTracker::new(),
             }),
@@ -96,6 +100,10 @@ impl Supervisor {
     /// messages itself through its file watch).
     pub async fn ensure(&self, session: &SessionRecord) {
         if self.inner.shutdown.is_cancelled() {
+            return;
+        }
+        if self.inner.is_tampered(&session.id) {
+            tracing::warn!(session = %session.id, "not starting the agent of a tampered session");
             return;
         }
         let mut slots = self.inner.slots.lock().await;
@@ -128,10 +136,18 @@ impl Supervisor {
             self.ensure(&session).await;
         }
         for session in registry.list(None).await? {
-            let mailbox = self.inner.mailboxes.get(&session).await?;
-            let pending = mailbox.pending().await?;
-            if let Some(due) = pending.next_due {
-                self.start_at(session, due);
+            // One session's broken or tampered files never keep the others from starting.
+            let pending = match self.inner.mailboxes.get(&session).await {
+                Ok(mailbox) => mailbox.pending().await.map_err(Into::into),
+                Err(e) => Err(e),
+            };
+            match pending {
+                Ok(pending) => {
+                    if let Some(due) = pending.next_due {
+                        self.start_at(session, due);
+                    }
+                }
+                Err(e) => self.inner.note_unreadable(&session, &e),
             }
         }
         Ok(())
@@ -160,7 +176,34 @@ impl Supervisor {
     }
 }
 
+/// Whether an error means a session's files are not what belongs there.
+fn is_tampering(e: &crate::error::RunnerError) -> bool {
+    matches!(
+        e,
+        crate::error::RunnerError::Mailbox(ferroclaw_mailbox::Error::File(f)) if f.is_tampering()
+    )
+}
+
 impl Inner {
+    fn is_tampered(&self, session_id: &str) -> bool {
+        self.tampered
+            .lock()
+            .is_ok_and(|set| set.contains(session_id))
+    }
+
+    /// Reports a session whose mailbox cannot be read; a tampered one is stopped for good.
+    fn note_unreadable(&self, session: &SessionRecord, e: &crate::error::RunnerError) {
+        if is_tampering(e) {
+            tracing::error!(session = %session.id, agent = %session.agent, error = %e,
+                "session files tampered with: its agent is stopped and the session is not served");
+            if let Ok(mut set) = self.tampered.lock() {
+                set.insert(session.id.clone());
+            }
+        } else {
+            tracing::error!(session = %session.id, error = %e, "cannot read the session's mailbox");
+        }
+    }
+
     async fn supervise(self: Arc<Self>, session: SessionRecord) {
         let mut failures: u32 = 0;
         loop {
@@ -186,6 +229,11 @@ impl Inner {
             };
             let next_due = match pending {
                 Ok(p) => p.next_due,
+                Err(e) if is_tampering(&e) => {
+                    self.note_unreadable(&session, &e);
+                    slots.remove(&session.id);
+                    return;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read pending work; restarting the agent");
                     Some(0)
