@@ -24,8 +24,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid {what} content: {message}")]
-    InvalidContent { what: String, message: String },
+    #[error(transparent)]
+    Content(#[from] ferroclaw_content::Error),
     /// A session file is not what belongs there (a link, a FIFO, a swapped file): the
     /// session was tampered with and is not served.
     #[error("session file refused: {0}")]

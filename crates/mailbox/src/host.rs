@@ -339,7 +339,7 @@ impl HostMailbox {
 
     /// Checks that `content_json` is valid content of `kind`, before anything is written.
     pub fn validate(kind: &str, content_json: &str) -> Result<InboundContent> {
-        InboundContent::parse(kind, content_json)
+        Ok(InboundContent::parse(kind, content_json)?)
     }
 
     pub async fn close(&self) {

@@ -6,7 +6,8 @@
 //! odd ones, each the smallest above the largest seq in either file, so they never collide.
 
 pub mod agent;
-pub mod content;
+/// The message schema, re-exported for the mailbox's two sides.
+pub use ferroclaw_content as content;
 mod db;
 pub mod error;
 pub mod host;
@@ -25,14 +26,7 @@ pub use host::HostMailbox;
 pub use paths::SessionPaths;
 pub use rows::{InboundRow, NewInbound, NewOutbound, OutboundRow, Outcome};
 
-/// Milliseconds since the Unix epoch: the time unit of every mailbox column.
-pub fn now_ms() -> i64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use ferroclaw_content::now_ms;
 
 /// Every mailbox future must be `Send` so services can run it on a multi-threaded runtime.
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! only touch its own tasks.
 
 use ferroclaw_common::grpc_auth::GrpcChannel;
-use ferroclaw_mailbox::content::ActionOut;
+use ferroclaw_content::ActionOut;
 use ferroclaw_proto::v1::scheduler_client::SchedulerClient;
 use ferroclaw_proto::v1::{
     CreateTaskRequest, OutboundMessage, Schedule, TaskRef, UpdateTaskRequest,

@@ -4,7 +4,7 @@
 
 use ferroclaw_common::config::WebhookRoute;
 use ferroclaw_common::signing;
-use ferroclaw_mailbox::OutboundContent;
+use ferroclaw_content::OutboundContent;
 use ferroclaw_proto::v1::OutboundMessage;
 use serde_json::json;
 
@@ -45,7 +45,7 @@ pub async fn post(
         )
         .timeout(std::time::Duration::from_secs(15));
     if let Some(secret) = route.secret() {
-        let now = ferroclaw_mailbox::now_ms() / 1000;
+        let now = ferroclaw_content::now_ms() / 1000;
         request = request
             .header(signing::TIMESTAMP_HEADER, now.to_string())
             .header(

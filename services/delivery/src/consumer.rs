@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use ferroclaw_common::grpc_auth::GrpcChannel;
-use ferroclaw_mailbox::content::SystemIn;
-use ferroclaw_mailbox::{Destination, InboundContent, OutboundContent};
+use ferroclaw_content::SystemIn;
+use ferroclaw_content::{Destination, InboundContent, OutboundContent};
 use ferroclaw_proto::v1::runner_client::RunnerClient;
 use ferroclaw_proto::v1::scheduler_client::SchedulerClient;
 use ferroclaw_proto::v1::{
@@ -132,7 +132,7 @@ impl Consumer {
     ) -> Result<(), tonic::Status> {
         let action = match OutboundContent::parse(&message.kind, &message.content_json) {
             Ok(OutboundContent::Action(a)) => a,
-            _ => ferroclaw_mailbox::content::ActionOut {
+            _ => ferroclaw_content::ActionOut {
                 action: "unknown".into(),
                 params: serde_json::Value::Null,
             },
@@ -401,7 +401,7 @@ impl Consumer {
 }
 
 /// The pending question a card asks (expiring after an hour unless it says otherwise).
-fn question_of(card: &ferroclaw_mailbox::content::CardOut) -> NewQuestion {
+fn question_of(card: &ferroclaw_content::CardOut) -> NewQuestion {
     let secs = if card.expires_in_secs == 0 {
         3600
     } else {
@@ -410,7 +410,7 @@ fn question_of(card: &ferroclaw_mailbox::content::CardOut) -> NewQuestion {
     NewQuestion {
         question_id: card.question_id.clone(),
         options_json: serde_json::to_string(&card.options).unwrap_or_default(),
-        expires_at: ferroclaw_mailbox::now_ms() + 1000 * secs,
+        expires_at: ferroclaw_content::now_ms() + 1000 * secs,
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ferroclaw_common::config::DiscordConfig;
-use ferroclaw_mailbox::OutboundContent;
+use ferroclaw_content::OutboundContent;
 use ferroclaw_proto::v1::OutboundMessage;
 use serenity::all::ButtonStyle;
 use serenity::builder::{CreateActionRow, CreateAttachment, CreateButton, CreateMessage};
@@ -157,9 +157,7 @@ pub fn button_id(question_id: &str, index: usize) -> String {
 }
 
 /// One button per option, five to a row (Discord allows five rows).
-fn buttons(
-    card: &ferroclaw_mailbox::content::CardOut,
-) -> Result<Vec<CreateActionRow>, DiscordError> {
+fn buttons(card: &ferroclaw_content::CardOut) -> Result<Vec<CreateActionRow>, DiscordError> {
     if card.options.is_empty() || card.options.len() > 25 {
         return Err(DiscordError::Permanent(format!(
             "a question needs 1 to 25 options, not {}",

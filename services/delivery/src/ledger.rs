@@ -89,12 +89,12 @@ pub struct Claimed {
 
 impl Claimed {
     /// Where the agent's replies to the answer go: the question's channel or conversation.
-    pub fn reply_to(&self) -> ferroclaw_mailbox::Destination {
+    pub fn reply_to(&self) -> ferroclaw_content::Destination {
         match self.conversation.strip_prefix(DISCORD_PREFIX) {
-            Some(channel) => ferroclaw_mailbox::Destination::Discord {
+            Some(channel) => ferroclaw_content::Destination::Discord {
                 channel_id: channel.to_string(),
             },
-            None => ferroclaw_mailbox::Destination::Api {
+            None => ferroclaw_content::Destination::Api {
                 conversation: self.conversation.clone(),
             },
         }
@@ -210,7 +210,7 @@ impl Ledger {
         .bind(out_seq)
         .bind(kind)
         .bind(destination)
-        .bind(ferroclaw_mailbox::now_ms())
+        .bind(ferroclaw_content::now_ms())
         .fetch_one(&self.pool)
         .await?)
     }
@@ -248,7 +248,7 @@ impl Ledger {
         message: NewConversationMessage<'_>,
         question: Option<&NewQuestion>,
     ) -> Result<String> {
-        let now = ferroclaw_mailbox::now_ms();
+        let now = ferroclaw_content::now_ms();
         let mut tx = self.pool.begin().await?;
         if let Some(q) = question {
             sqlx::query(
@@ -341,7 +341,7 @@ impl Ledger {
         if !may_answer(&conversation, agent.as_deref()) {
             return Ok(Err(AnswerRefused::NotAllowed(user.into())));
         }
-        let options: Vec<ferroclaw_mailbox::content::CardOption> =
+        let options: Vec<ferroclaw_content::CardOption> =
             serde_json::from_str(&options).unwrap_or_default();
         // `#n` names the n-th option (Discord buttons carry the index).
         let by_index = option
@@ -401,7 +401,7 @@ impl Ledger {
         .bind(&row.kind)
         .bind(&row.destination_json)
         .bind(detail)
-        .bind(ferroclaw_mailbox::now_ms())
+        .bind(ferroclaw_content::now_ms())
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -111,7 +111,7 @@ impl Delivery for DeliveryService {
                 "question_id and option are required",
             ));
         }
-        let now = ferroclaw_mailbox::now_ms();
+        let now = ferroclaw_content::now_ms();
         let claimed = match self
             .ledger
             .claim_answer(
@@ -141,17 +141,16 @@ impl Delivery for DeliveryService {
         } else {
             req.user.as_str()
         };
-        let content =
-            ferroclaw_mailbox::InboundContent::System(ferroclaw_mailbox::content::SystemIn {
-                event: "question_response".into(),
-                text: format!("{user} answered {:?}", claimed.label),
-                data: serde_json::json!({
-                    "question_id": req.question_id,
-                    "option": claimed.option,
-                    "label": claimed.label,
-                    "user": req.user,
-                }),
-            });
+        let content = ferroclaw_content::InboundContent::System(ferroclaw_content::SystemIn {
+            event: "question_response".into(),
+            text: format!("{user} answered {:?}", claimed.label),
+            data: serde_json::json!({
+                "question_id": req.question_id,
+                "option": claimed.option,
+                "label": claimed.label,
+                "user": req.user,
+            }),
+        });
         let reply_to = claimed.reply_to();
         let enqueue = EnqueueRequest {
             session_id: claimed.session_id.clone(),

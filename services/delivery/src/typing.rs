@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use ferroclaw_common::grpc_auth::GrpcChannel;
-use ferroclaw_mailbox::Destination;
+use ferroclaw_content::Destination;
 use ferroclaw_proto::v1::WatchActivityRequest;
 use ferroclaw_proto::v1::runner_client::RunnerClient;
 use tokio_util::sync::CancellationToken;

@@ -351,7 +351,7 @@ impl Handler {
         msg: &Message,
         agent: &str,
         conversation: &str,
-    ) -> (Vec<ferroclaw_mailbox::content::Attachment>, Vec<String>) {
+    ) -> (Vec<ferroclaw_content::Attachment>, Vec<String>) {
         let mut taken = Vec::new();
         let mut notes = Vec::new();
         for a in &msg.attachments {

@@ -146,7 +146,7 @@ async fn post_hook(
                 header(signing::TIMESTAMP_HEADER),
                 header(signing::SIGNATURE_HEADER),
                 &bytes,
-                ferroclaw_mailbox::now_ms() / 1000,
+                ferroclaw_content::now_ms() / 1000,
                 route.tolerance_secs,
             ),
         };

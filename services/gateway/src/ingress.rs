@@ -3,8 +3,8 @@
 
 use ferroclaw_common::Config;
 use ferroclaw_common::grpc_auth::GrpcChannel;
-use ferroclaw_mailbox::content::{Attachment, ChatIn, WebhookIn};
-use ferroclaw_mailbox::{Destination, InboundContent};
+use ferroclaw_content::{Attachment, ChatIn, WebhookIn};
+use ferroclaw_content::{Destination, InboundContent};
 use ferroclaw_proto::v1::runner_client::RunnerClient;
 use ferroclaw_proto::v1::{EnqueueRequest, Origin, PutInboxFileRequest};
 use serde::Serialize;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferroclaw_common::grpc_auth::GrpcChannel;
-use ferroclaw_mailbox::InboundContent;
-use ferroclaw_mailbox::content::TaskIn;
+use ferroclaw_content::InboundContent;
+use ferroclaw_content::TaskIn;
 use ferroclaw_proto::v1::runner_client::RunnerClient;
 use ferroclaw_proto::v1::{EnqueueRequest, Origin};
 use tokio::sync::Notify;
@@ -34,7 +34,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        ferroclaw_mailbox::now_ms()
+        ferroclaw_content::now_ms()
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use ferroclaw_mailbox::Destination;
+use ferroclaw_content::Destination;
 use ferroclaw_proto::v1::scheduler_server::Scheduler;
 use ferroclaw_proto::v1::{
     CreateTaskRequest, ListRunsRequest, ListRunsResponse, ListTasksRequest, ListTasksResponse, Run,

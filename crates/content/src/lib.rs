@@ -1,9 +1,27 @@
-//! Typed JSON content of mailbox rows: what came in, where it came from, what goes out.
+//! The message schema: typed JSON content of mailbox rows (what came in, where it came from,
+//! where replies go, what goes out). Shared by the services, which never touch session
+//! files, and by the mailbox crate and the agent, which do.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+/// Content that does not parse as its kind says.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {what} content: {message}")]
+    InvalidContent { what: String, message: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Milliseconds since the Unix epoch: the time unit of every message column.
+pub fn now_ms() -> i64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// Where replies go. Delivery dispatches on `kind`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
