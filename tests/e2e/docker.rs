@@ -317,8 +317,10 @@ async fn containers_stay_under_the_cap_and_every_session_is_answered() -> anyhow
     cluster.stop().await
 }
 
-/// Every regular file under `dir`, with its bytes (links are listed, not followed).
-fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+/// Every regular file under `dir` with its length and a hash of its bytes (links are not
+/// followed). WAL's shared-memory index is left out: readers legitimately write to it.
+fn snapshot(dir: &std::path::Path) -> Vec<(String, usize, u64)> {
+    use std::hash::{Hash, Hasher};
     let mut files = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
@@ -329,9 +331,11 @@ fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
             };
             if kind.is_dir() {
                 todo.push(path);
-            } else if kind.is_file() {
+            } else if kind.is_file() && !path.to_string_lossy().ends_with("-shm") {
                 let bytes = std::fs::read(&path).unwrap_or_default();
-                files.push((path.display().to_string(), bytes));
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut hasher);
+                files.push((path.display().to_string(), bytes.len(), hasher.finish()));
             }
         }
     }
@@ -363,9 +367,28 @@ async fn the_runner_never_follows_a_link_an_agent_planted() -> anyhow::Result<()
         eprintln!("skipped: no Docker engine");
         return Ok(());
     }
+    links_are_never_followed(Backend::Docker).await
+}
+
+/// The same attacks from a process agent: the runner's side is the same code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_never_follows_a_link_a_process_agent_planted() -> anyhow::Result<()> {
+    links_are_never_followed(Backend::Process).await
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Docker,
+    Process,
+}
+
+async fn links_are_never_followed(backend: Backend) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let normal = docker_cluster(&data, &[]).await?;
+    let normal = match backend {
+        Backend::Docker => docker_cluster(&data, &[]).await?,
+        Backend::Process => Cluster::start(&data, &[]).await?,
+    };
     let (_, victim) = normal.post_message("victim", "secret", None).await?;
     normal
         .wait_for_lines("victim", &["echo: secret".into()], Duration::from_secs(60))
@@ -374,7 +397,8 @@ async fn the_runner_never_follows_a_link_an_agent_planted() -> anyhow::Result<()
     let victim_dir = data
         .join("sessions/main")
         .join(victim["session_id"].as_str().unwrap_or_default());
-    let victim_before = snapshot(&victim_dir);
+    // What the victim's agent wrote: a runner following the planted link would write there.
+    let victim_before = snapshot(&victim_dir.join("out"));
     assert!(!victim_before.is_empty());
 
     // Root-owned things outside the data dir, which a following chown would give away.
@@ -386,27 +410,34 @@ async fn the_runner_never_follows_a_link_an_agent_planted() -> anyhow::Result<()
     std::fs::set_permissions(&host_file, std::fs::Permissions::from_mode(0o600))?;
     let owners_before = (owner(&host_file)?, owner(&host.join("dir"))?);
 
-    let mut hostile = Cluster::start(
-        &data,
-        &[
+    let mut env = match backend {
+        Backend::Docker => vec![
             ("FERROCLAW_RUNNER_BACKEND", "docker".to_string()),
             (
                 "FERROCLAW_AGENT_IMAGE",
                 ferroclaw_e2e::offline_hostile_image()?,
             ),
-            ("FERROCLAW_ECHO_DATA_DIR", data.display().to_string()),
-            ("FERROCLAW_ECHO_HOST_FILE", host_file.display().to_string()),
-            (
-                "FERROCLAW_ECHO_HOST_DIR",
-                host.join("dir").display().to_string(),
-            ),
-            (
-                "FERROCLAW_ECHO_OTHER_SESSION_OUTBOUND",
-                victim_dir.join("out/outbound.db").display().to_string(),
-            ),
         ],
-    )
-    .await?;
+        Backend::Process => vec![(
+            "FERROCLAW_AGENT_BINARY",
+            ferroclaw_e2e::binary("hostile-agent")?
+                .display()
+                .to_string(),
+        )],
+    };
+    env.extend([
+        ("FERROCLAW_ECHO_DATA_DIR", data.display().to_string()),
+        ("FERROCLAW_ECHO_HOST_FILE", host_file.display().to_string()),
+        (
+            "FERROCLAW_ECHO_HOST_DIR",
+            host.join("dir").display().to_string(),
+        ),
+        (
+            "FERROCLAW_ECHO_OTHER_SESSION_OUTBOUND",
+            victim_dir.join("out/outbound.db").display().to_string(),
+        ),
+    ]);
+    let mut hostile = Cluster::start(&data, &env).await?;
     hostile.post_message("attacker", "plant", None).await?;
     let mut files = Vec::new();
     let mut report = Value::Null;
@@ -518,7 +549,7 @@ async fn the_runner_never_follows_a_link_an_agent_planted() -> anyhow::Result<()
         "the victim's reply was not served again through the link"
     );
     assert_eq!(
-        snapshot(&victim_dir),
+        snapshot(&victim_dir.join("out")),
         victim_before,
         "the victim's files are byte-identical"
     );

@@ -64,7 +64,7 @@ const PLANTED: &[&str] = &[
 
 /// Plants what a compromised agent would, to make the host read, write or chown elsewhere.
 /// Host paths come from the test (`FERROCLAW_ECHO_*`): an attacker can guess them.
-fn plant() -> serde_json::Value {
+fn plant(session: &Path, agent: &Path) -> serde_json::Value {
     use std::os::unix::fs::symlink;
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     let (data_dir, host_file, host_dir) = (
@@ -78,7 +78,7 @@ fn plant() -> serde_json::Value {
             failed.push(format!("{what}: {e}"));
         }
     };
-    let out = Path::new("/session/out");
+    let out = session.join("out");
     try_it("mkdir", std::fs::create_dir_all(out.join("outbox/f")));
     try_it("mkdir state", std::fs::create_dir_all(out.join("state")));
     try_it("proc", symlink("/proc/self", out.join("outbox/proc")));
@@ -93,7 +93,9 @@ fn plant() -> serde_json::Value {
         "state",
         symlink(&host_file, out.join("state/transcript.json")),
     );
-    let fifo = std::ffi::CString::new("/session/out/outbox/f/fifo").expect("no NUL");
+    use std::os::unix::ffi::OsStrExt;
+    let fifo = std::ffi::CString::new(out.join("outbox/f/fifo").as_os_str().as_bytes())
+        .expect("no NUL in the path");
     // SAFETY: a valid C string; mkfifo only creates a file.
     let made = unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) };
     try_it(
@@ -108,7 +110,6 @@ fn plant() -> serde_json::Value {
     // and in the agent folder, two self-loops and a DAG of links that never ends to walk.
     try_it("out file", symlink(&host_file, out.join("chown-me")));
     try_it("out dir", symlink(&host_dir, out.join("chown-dir")));
-    let agent = Path::new("/agent");
     try_it("agent file", symlink(&host_file, agent.join("chown-me")));
     try_it("agent dir", symlink(&host_dir, agent.join("chown-dir")));
     try_it("loop a", symlink(".", agent.join("loop-a")));
@@ -125,7 +126,18 @@ fn plant() -> serde_json::Value {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let paths = SessionPaths::new("/session");
+    // In a container the mounts are /session and /agent; the process backend passes paths.
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str, default: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
+    };
+    let session_dir = std::path::PathBuf::from(flag("--session-dir", "/session"));
+    let agent_dir = std::path::PathBuf::from(flag("--agent-dir", "/agent"));
+    let paths = SessionPaths::new(&session_dir);
     let mut mailbox = AgentMailbox::open(paths, JournalMode::Delete).await?;
     let report = attempts().to_string();
     for _ in 0..100 {
@@ -144,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
                 trace: None,
             };
             let text = if told == "plant" {
-                plant().to_string()
+                plant(&session_dir, &agent_dir).to_string()
             } else {
                 report.clone()
             };
@@ -166,8 +178,9 @@ async fn main() -> anyhow::Result<()> {
                 // followed it would serve that session's rows as this one's.
                 let other = std::env::var("FERROCLAW_ECHO_OTHER_SESSION_OUTBOUND")?;
                 drop(mailbox);
-                std::fs::rename("/session/out/outbound.db", "/session/out/outbound.real")?;
-                std::os::unix::fs::symlink(other, "/session/out/outbound.db")?;
+                let out = session_dir.join("out");
+                std::fs::rename(out.join("outbound.db"), out.join("outbound.real"))?;
+                std::os::unix::fs::symlink(other, out.join("outbound.db"))?;
             }
             return Ok(());
         }
