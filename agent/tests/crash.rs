@@ -153,7 +153,10 @@ async fn killed_mid_batch_is_redone_with_one_reply() {
     let first = start_agent(&dir, "first.log", 5000, &[]);
     kill_mid_batch(&dir, first, "first.log", seq).await;
     assert!(
-        host.unsettled_after(0).await.unwrap().is_empty(),
+        host.unsettled_after(0, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty(),
         "a reply was written before the kill"
     );
     assert_eq!(processing(&dir, seq).await, Some(("processing".into(), 1)));
@@ -161,7 +164,7 @@ async fn killed_mid_batch_is_redone_with_one_reply() {
     let second = start_agent(&dir, "second.log", 0, &[]);
     wait_for_exit(&dir, second, "second.log").await;
 
-    let replies = host.unsettled_after(0).await.unwrap();
+    let replies = host.unsettled_after(0, usize::MAX).await.unwrap();
     assert_eq!(replies.len(), 1, "{replies:?}");
     let reply = &replies[0];
     assert_eq!(chat_text(reply), format!("echo: {TEXT}"));
@@ -191,12 +194,17 @@ async fn batch_out_of_attempts_fails_with_one_notice() {
 
     let first = start_agent(&dir, "first.log", 5000, &["--max-attempts", "1"]);
     kill_mid_batch(&dir, first, "first.log", seq).await;
-    assert!(host.unsettled_after(0).await.unwrap().is_empty());
+    assert!(
+        host.unsettled_after(0, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let second = start_agent(&dir, "second.log", 0, &["--max-attempts", "1"]);
     wait_for_exit(&dir, second, "second.log").await;
 
-    let replies = host.unsettled_after(0).await.unwrap();
+    let replies = host.unsettled_after(0, usize::MAX).await.unwrap();
     assert_eq!(replies.len(), 1, "{replies:?}");
     let text = chat_text(&replies[0]);
     assert!(
@@ -245,7 +253,7 @@ async fn a_message_joining_a_redone_batch_is_answered_not_failed() {
     let second = start_agent(&dir, "second.log", 0, &["--max-attempts", "1"]);
     wait_for_exit(&dir, second, "second.log").await;
 
-    let replies = host.unsettled_after(0).await.unwrap();
+    let replies = host.unsettled_after(0, usize::MAX).await.unwrap();
     let texts: Vec<String> = replies.iter().map(chat_text).collect();
     assert_eq!(replies.len(), 2, "{texts:?}");
     assert!(

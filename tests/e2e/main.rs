@@ -9,6 +9,7 @@ mod discord;
 mod docker;
 mod grpc_ingress;
 mod models;
+mod outbound_policy;
 mod pipeline;
 mod questions;
 mod runner_restart;

@@ -223,6 +223,13 @@ pub struct RunnerConfig {
     pub proxy_url: Option<String>,
     /// docker backend: the internal network model agents join (created when absent).
     pub agent_network: String,
+    /// Largest outbound row an agent may write (its content and destination as JSON): a
+    /// bigger one is refused, and the agent told, without ever entering the outbound stream.
+    pub max_row_bytes: usize,
+    /// Most rows that may answer one inbound message (one batch of the agent's).
+    pub max_rows_per_batch: usize,
+    /// Most rows one session may send in any minute.
+    pub max_rows_per_minute: usize,
 }
 
 impl Default for RunnerConfig {
@@ -244,6 +251,9 @@ impl Default for RunnerConfig {
             proxy_listen: SocketAddr::from(([127, 0, 0, 1], 50055)),
             proxy_url: None,
             agent_network: "ferroclaw-agents".into(),
+            max_row_bytes: 64 * 1024,
+            max_rows_per_batch: 100,
+            max_rows_per_minute: 300,
         }
     }
 }
@@ -804,6 +814,18 @@ impl Config {
                 "runner.max_running_agents".into(),
                 "must be at least 1".into(),
             );
+        }
+        for (key, value) in [
+            ("runner.max_row_bytes", self.runner.max_row_bytes),
+            ("runner.max_rows_per_batch", self.runner.max_rows_per_batch),
+            (
+                "runner.max_rows_per_minute",
+                self.runner.max_rows_per_minute,
+            ),
+        ] {
+            if value == 0 {
+                return invalid(key.into(), "must be at least 1".into());
+            }
         }
         if self.runner.stuck_after_secs < 1 {
             return invalid(

@@ -24,7 +24,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// Where replies go. Delivery dispatches on `kind`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Destination {
     /// An API conversation, read back with `GET /v1/conversations/{id}/messages`.

@@ -150,17 +150,29 @@ impl HostMailbox {
         })
     }
 
-    /// Outbound rows above `after` that have no `delivered` entry yet, oldest first.
-    pub async fn unsettled_after(&self, after: i64) -> Result<Vec<OutboundRow>> {
+    /// Outbound rows above `after` that have no `delivered` entry yet, oldest first. A row
+    /// whose content and destination pass `max_row_bytes` comes without them (its
+    /// `row_bytes` says how big it is), so an agent cannot make the host load a huge row.
+    pub async fn unsettled_after(
+        &self,
+        after: i64,
+        max_row_bytes: usize,
+    ) -> Result<Vec<OutboundRow>> {
         let Some(out) = self.outbound().await? else {
             return Ok(Vec::new());
         };
         let out_path = self.paths.outbound_db();
         let rows = sqlx::query(
-            "SELECT seq, in_reply_to, created_at, kind, destination, content, trace
-             FROM messages_out WHERE seq > $1 ORDER BY seq",
+            "SELECT seq, in_reply_to, created_at, kind, trace, size,
+                    CASE WHEN size > $2 THEN '' ELSE destination END AS destination,
+                    CASE WHEN size > $2 THEN '' ELSE content END AS content
+             FROM (SELECT *, length(CAST(content AS BLOB))
+                             + length(CAST(destination AS BLOB)) AS size
+                   FROM messages_out WHERE seq > $1)
+             ORDER BY seq",
         )
         .bind(after)
+        .bind(i64::try_from(max_row_bytes).unwrap_or(i64::MAX))
         .fetch_all(&out)
         .await
         .at(&out_path)?;
@@ -188,10 +200,34 @@ impl HostMailbox {
                 kind: row.try_get("kind").at(&out_path)?,
                 destination: row.try_get("destination").at(&out_path)?,
                 content: row.try_get("content").at(&out_path)?,
+                row_bytes: row.try_get("size").at(&out_path)?,
                 trace: row.try_get("trace").at(&out_path)?,
             });
         }
         Ok(result)
+    }
+
+    /// Where the host said this session's replies go: the distinct `reply_to` destinations
+    /// (JSON) of its inbound rows, each written by the host, never by the agent.
+    pub async fn reply_destinations(&self) -> Result<Vec<String>> {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT DISTINCT json_extract(origin, '$.reply_to') FROM messages_in",
+        )
+        .fetch_all(&self.inbound)
+        .await
+        .at(&self.paths.inbound_db())
+        .map(|found| found.into_iter().flatten().collect())
+    }
+
+    /// The `reply_to` (JSON) of the session's first inbound message: where it lives.
+    pub async fn home_destination(&self) -> Result<Option<String>> {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT json_extract(origin, '$.reply_to') FROM messages_in ORDER BY seq LIMIT 1",
+        )
+        .fetch_optional(&self.inbound)
+        .await
+        .at(&self.paths.inbound_db())
+        .map(Option::flatten)
     }
 
     /// Records the outcome of an outbound row. `false`: it was settled before (first wins).

@@ -34,7 +34,7 @@ pub use ferroclaw_content::now_ms;
 fn futures_are_send(host: &HostMailbox, msg: &NewInbound) {
     fn send<T: Send>(_: T) {}
     send(host.enqueue(msg));
-    send(host.unsettled_after(0));
+    send(host.unsettled_after(0, usize::MAX));
     send(host.settle(1, Outcome::Delivered, None, None));
     send(host.pending());
     send(host.set_meta("a", "b"));

@@ -43,7 +43,11 @@ pub struct OutboundRow {
     pub created_at: i64,
     pub kind: String,
     pub destination: String,
+    /// Empty when the row is larger than the reader's limit (see `content_bytes`): an
+    /// oversized row is never loaded whole.
     pub content: String,
+    /// The size of the content and destination columns as written, in bytes.
+    pub row_bytes: i64,
     pub trace: Option<String>,
 }
 

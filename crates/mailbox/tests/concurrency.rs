@@ -76,7 +76,10 @@ async fn child_host() {
             let deadline = Instant::now() + CHILD_TIMEOUT;
             while settled < N {
                 assert!(Instant::now() < deadline, "host saw only {settled} replies");
-                let rows = host.unsettled_after(cursor).await.expect("unsettled_after");
+                let rows = host
+                    .unsettled_after(cursor, usize::MAX)
+                    .await
+                    .expect("unsettled_after");
                 if rows.is_empty() {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;

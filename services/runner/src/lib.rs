@@ -8,6 +8,7 @@ pub mod docker_backend;
 pub mod error;
 mod mailboxes;
 pub mod outbound_feed;
+pub mod outbound_policy;
 pub mod process_backend;
 pub mod registry;
 mod service;
@@ -125,6 +126,8 @@ pub async fn run(
         data_dir.join("sessions"),
         registry.clone(),
         mailboxes.clone(),
+        outbound_policy::OutboundPolicy::new(&config),
+        supervisor.clone(),
     )?;
     // With the engine down, recovery waits: messages stay queued in their mailboxes.
     if let Err(e) = supervisor.recover(&registry).await {

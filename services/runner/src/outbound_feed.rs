@@ -1,21 +1,28 @@
 //! `WatchOutbound`: every unsettled outbound row of every session, oldest first, then new
 //! rows as agents write them. Woken by file-change notifications on `out/outbound.db`, with
 //! a slow fallback rescan in case a notification is missed.
+//!
+//! Every row passes the host's [`OutboundPolicy`] first: a refused row (a destination the
+//! session may not use, too big, too many) is settled as failed here, its agent is told
+//! why, and it never enters the stream.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferroclaw_mailbox::OutboundRow;
+use ferroclaw_mailbox::content::SystemIn;
 use ferroclaw_mailbox::wake::{DirWatch, file_name_starts_with, session_of};
+use ferroclaw_mailbox::{HostMailbox, InboundContent, NewInbound, Origin, OutboundRow, Outcome};
 use ferroclaw_proto::v1::OutboundMessage;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, RunnerError};
 use crate::mailboxes::Mailboxes;
+use crate::outbound_policy::{OutboundPolicy, Verdict};
 use crate::registry::{Registry, SessionRecord};
+use crate::supervisor::Supervisor;
 
 /// Rescan of every session when no notification came for this long.
 const FALLBACK_RESCAN: Duration = Duration::from_secs(5);
@@ -23,6 +30,12 @@ const FALLBACK_RESCAN: Duration = Duration::from_secs(5);
 pub struct OutboundFeed {
     registry: Registry,
     mailboxes: Arc<Mailboxes>,
+    policy: OutboundPolicy,
+    /// Wakes an agent that was sent a notice.
+    supervisor: Supervisor,
+    /// Notices of refused rows, by (session, inbound seq): rows answering one are refused
+    /// without another notice, so an agent cannot loop on them.
+    notices: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
     /// Session ids whose `outbound.db` changed.
     changes: broadcast::Sender<String>,
     _watch: DirWatch,
@@ -33,6 +46,8 @@ impl OutboundFeed {
         sessions_root: PathBuf,
         registry: Registry,
         mailboxes: Arc<Mailboxes>,
+        policy: OutboundPolicy,
+        supervisor: Supervisor,
     ) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&sessions_root).map_err(|source| RunnerError::Io {
             path: sessions_root.clone(),
@@ -52,6 +67,9 @@ impl OutboundFeed {
         Ok(Arc::new(Self {
             registry,
             mailboxes,
+            policy,
+            supervisor,
+            notices: Default::default(),
             changes,
             _watch: watch,
         }))
@@ -60,6 +78,81 @@ impl OutboundFeed {
     /// Session ids whose `out/` changed, from now on.
     pub fn changes(&self) -> broadcast::Receiver<String> {
         self.changes.subscribe()
+    }
+
+    /// Judges a row: `true` when it may be streamed. A refused row is settled as failed
+    /// and its agent told why (once per batch).
+    async fn admit(&self, session: &SessionRecord, row: &OutboundRow) -> Result<bool> {
+        let mailbox = self.mailboxes.get(session).await?;
+        let reason = match self.policy.judge(session, &mailbox, row).await? {
+            Verdict::Send => return Ok(true),
+            Verdict::Refuse(reason) => reason,
+        };
+        let first_time = mailbox
+            .settle(row.seq, Outcome::Failed, None, Some(&reason))
+            .await?;
+        let told = first_time && self.tell_agent(session, &mailbox, row, &reason).await?;
+        // One warning per notice: an agent writing thousands of bad rows floods no log.
+        let shown: String = row.destination.chars().take(200).collect();
+        if told {
+            tracing::warn!(session = %session.id, agent = %session.agent, seq = row.seq,
+                destination = %shown, %reason, "outbound row refused (further refusals of this batch are logged at debug)");
+        } else {
+            tracing::debug!(session = %session.id, seq = row.seq, destination = %shown, %reason,
+                "outbound row refused");
+        }
+        Ok(false)
+    }
+
+    /// A system message to the agent: what was refused and why. `true` when a new notice
+    /// was written (the first refusal of a batch).
+    async fn tell_agent(
+        &self,
+        session: &SessionRecord,
+        mailbox: &HostMailbox,
+        row: &OutboundRow,
+        reason: &str,
+    ) -> Result<bool> {
+        let batch = row.in_reply_to.unwrap_or(0);
+        let answers_a_notice = self
+            .notices
+            .lock()
+            .is_ok_and(|n| n.contains(&(session.id.clone(), batch)));
+        if answers_a_notice {
+            return Ok(false);
+        }
+        let Some(home) = mailbox.home_destination().await? else {
+            return Ok(false);
+        };
+        let Ok(reply_to) = serde_json::from_str(&home) else {
+            return Ok(false);
+        };
+        let notice = NewInbound {
+            // One notice per batch, however many of its rows were refused.
+            id: format!("refused:{batch}"),
+            content: InboundContent::System(SystemIn {
+                event: "delivery_refused".into(),
+                text: format!("Your message was not sent: {reason}"),
+                data: serde_json::json!({"out_seq": row.seq, "kind": row.kind}),
+            }),
+            origin: Origin {
+                channel: "system".into(),
+                conversation: String::new(),
+                sender: "ferroclaw".into(),
+                reply_to,
+            },
+            process_after: None,
+            trace: None,
+        };
+        let enqueued = mailbox.enqueue(&notice).await?;
+        if let Ok(mut notices) = self.notices.lock() {
+            notices.insert((session.id.clone(), enqueued.seq));
+        }
+        if !enqueued.duplicate {
+            self.registry.touch(&session.id).await?;
+            self.supervisor.ensure(session).await;
+        }
+        Ok(!enqueued.duplicate)
     }
 
     /// Tells live streams that a session's outbound rows may have changed (used where the
@@ -85,6 +178,7 @@ impl OutboundFeed {
                 tx,
                 sent_up_to: HashMap::new(),
                 sessions: HashMap::new(),
+                held: Default::default(),
             };
             match stream.run(changes, shutdown).await {
                 Ok(()) | Err(StreamEnd::Disconnected) => {}
@@ -102,6 +196,9 @@ struct Stream {
     tx: mpsc::Sender<Result<OutboundMessage, tonic::Status>>,
     sent_up_to: HashMap<String, i64>,
     sessions: HashMap<String, SessionRecord>,
+    /// Sessions whose next row could not be judged in this scan: the rest of their rows
+    /// wait for the next scan, so their order holds.
+    held: std::collections::HashSet<String>,
 }
 
 /// Why a stream stopped.
@@ -147,6 +244,7 @@ impl Stream {
 
     /// Sends the unsettled rows of every session, oldest first across sessions.
     async fn scan_all(&mut self) -> Result<(), StreamEnd> {
+        self.held.clear();
         let sessions = self
             .feed
             .registry
@@ -168,6 +266,7 @@ impl Stream {
     }
 
     async fn scan_session(&mut self, session_id: &str) -> Result<(), StreamEnd> {
+        self.held.remove(session_id);
         let session = match self.sessions.get(session_id) {
             Some(s) => s.clone(),
             None => match self
@@ -195,9 +294,10 @@ impl Stream {
     /// session never ends the stream that carries every other session's replies.
     async fn unsent(&self, session: &SessionRecord) -> Result<Vec<OutboundRow>, StreamEnd> {
         let after = self.sent_up_to.get(&session.id).copied().unwrap_or(0);
+        let limit = self.feed.policy.max_row_bytes();
         let rows = match self.feed.mailboxes.get(session).await {
             Ok(mailbox) => mailbox
-                .unsettled_after(after)
+                .unsettled_after(after, limit)
                 .await
                 .map_err(RunnerError::from),
             Err(e) => Err(e),
@@ -222,6 +322,21 @@ impl Stream {
 
     async fn send(&mut self, session: &SessionRecord, row: OutboundRow) -> Result<(), StreamEnd> {
         let seq = row.seq;
+        if self.held.contains(&session.id) {
+            return Ok(());
+        }
+        match self.feed.admit(session, &row).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.sent_up_to.insert(session.id.clone(), seq);
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(session = %session.id, seq, error = %e, "cannot judge an outbound row yet");
+                self.held.insert(session.id.clone());
+                return Ok(());
+            }
+        }
         let message = OutboundMessage {
             session_id: session.id.clone(),
             agent: session.agent.clone(),

@@ -4,12 +4,16 @@
 //!
 //! Told `plant`, it also plants links, a FIFO and link loops where the runner looks (its
 //! `out/` and the agent folder) and sends the outbox files they lead to; told `swap`, it
-//! answers and then replaces its `outbound.db` with a link to another session's.
+//! answers and then replaces its `outbound.db` with a link to another session's. Told
+//! `forge`, it writes rows of its own choosing: to another user's conversation, an unrouted
+//! Discord channel, another webhook source's callback, a task that answers elsewhere, a
+//! 30 MiB row and 10,000 rows in one batch.
 
 use std::path::Path;
 
+use ferroclaw_mailbox::Destination;
 use ferroclaw_mailbox::agent::BatchStatus;
-use ferroclaw_mailbox::content::{ChatOut, FileOut};
+use ferroclaw_mailbox::content::{ActionOut, CardOption, CardOut, ChatOut, FileOut};
 use ferroclaw_mailbox::{
     AgentMailbox, InboundContent, JournalMode, NewOutbound, OutboundContent, SessionPaths,
 };
@@ -161,6 +165,59 @@ async fn main() -> anyhow::Result<()> {
                 report.clone()
             };
             let mut replies = vec![reply(OutboundContent::Chat(ChatOut { text }))];
+            if told == "forge" {
+                let own = last.origin.reply_to.clone();
+                let victim = Destination::Api {
+                    conversation: "victim".into(),
+                };
+                let to = |destination: Destination, content| NewOutbound {
+                    in_reply_to: Some(last.seq),
+                    destination,
+                    content,
+                    trace: None,
+                };
+                let chat = |text: &str| OutboundContent::Chat(ChatOut { text: text.into() });
+                replies = vec![
+                    to(own.clone(), chat("own-0")),
+                    to(
+                        victim.clone(),
+                        chat("Your session expired: reply with your password"),
+                    ),
+                    to(
+                        victim.clone(),
+                        OutboundContent::Card(CardOut {
+                            question_id: "phish".into(),
+                            text: "Confirm your password?".into(),
+                            options: vec![CardOption {
+                                id: "yes".into(),
+                                label: "Yes".into(),
+                            }],
+                            expires_in_secs: 0,
+                        }),
+                    ),
+                    to(
+                        Destination::Discord {
+                            channel_id: "999".into(),
+                        },
+                        chat("to an unrouted channel"),
+                    ),
+                    to(
+                        Destination::Callback {
+                            source: "other".into(),
+                        },
+                        chat("a forged callback"),
+                    ),
+                    to(
+                        victim,
+                        OutboundContent::Action(ActionOut {
+                            action: "schedule_task".into(),
+                            params: json!({"prompt": "phish", "interval_secs": 60}),
+                        }),
+                    ),
+                    to(own.clone(), chat(&"x".repeat(30 * 1024 * 1024))),
+                ];
+                replies.extend((1..=10_000).map(|i| to(own.clone(), chat(&format!("own-{i}")))));
+            }
             if told == "plant" {
                 for path in PLANTED {
                     replies.push(reply(OutboundContent::File(FileOut {

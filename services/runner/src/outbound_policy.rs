@@ -1,0 +1,339 @@
+//! What a session may send, decided by the host for every outbound row before it enters
+//! the outbound stream. The agent's own checks (`send_to` in its tools) are a convenience:
+//! an agent a prompt injection took over writes `outbound.db` itself, so the row's
+//! destination, size and rate are attacker input here.
+//!
+//! A session may send to:
+//! - every destination the host named as `reply_to` of one of its inbound rows: its own API
+//!   conversation, Discord channel, thread or DM, the reply target of the webhook source that
+//!   started it, the conversation a scheduled task of its answers in;
+//! - the API conversations in its agent's `send_to`;
+//! - the Discord channels routed to its agent.
+//!
+//! Limits: a row's content and destination at most `runner.max_row_bytes`; at most
+//! `runner.max_rows_per_batch` rows answering one inbound message; at most
+//! `runner.max_rows_per_minute` rows per session in any minute of the runner's clock.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferroclaw_common::Config;
+use ferroclaw_mailbox::{Destination, HostMailbox, OutboundRow};
+
+use crate::error::Result;
+use crate::registry::SessionRecord;
+
+/// Refusal reasons kept per session before the oldest are forgotten (they are settled, so
+/// a forgotten one is never streamed again anyway).
+const REMEMBERED_REFUSALS: usize = 10_000;
+
+/// The host's verdict on one outbound row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Send,
+    /// Refused, with the reason the agent and the log are given.
+    Refuse(String),
+}
+
+pub struct OutboundPolicy {
+    max_row_bytes: usize,
+    max_rows_per_batch: usize,
+    max_rows_per_minute: usize,
+    /// Per agent: the destinations its config allows beyond its sessions' own.
+    configured: HashMap<String, HashSet<Destination>>,
+    sessions: Mutex<HashMap<String, SessionGuard>>,
+}
+
+/// What the policy remembers of one session while the runner lives.
+#[derive(Default)]
+struct SessionGuard {
+    /// Destinations named by the host in the session's inbound rows.
+    replies_to: HashSet<Destination>,
+    /// The highest seq judged so far: rows are judged in seq order, once. A row streamed
+    /// again (a new consumer, a resend) gets the verdict it had.
+    judged_up_to: i64,
+    refused: HashMap<i64, String>,
+    /// Rows sent per inbound message they answer.
+    per_batch: HashMap<i64, usize>,
+    /// When the rows of the last minute were first judged.
+    recent: VecDeque<Instant>,
+}
+
+impl OutboundPolicy {
+    pub fn new(config: &Config) -> Self {
+        let mut configured: HashMap<String, HashSet<Destination>> = HashMap::new();
+        for agent in &config.agents {
+            let allowed = configured.entry(agent.name.clone()).or_default();
+            allowed.extend(agent.send_to.iter().map(|c| Destination::Api {
+                conversation: c.clone(),
+            }));
+        }
+        for route in &config.discord.routes {
+            if route.channel != "dm" {
+                configured
+                    .entry(route.agent.clone())
+                    .or_default()
+                    .insert(Destination::Discord {
+                        channel_id: route.channel.clone(),
+                    });
+            }
+        }
+        Self {
+            max_row_bytes: config.runner.max_row_bytes,
+            max_rows_per_batch: config.runner.max_rows_per_batch,
+            max_rows_per_minute: config.runner.max_rows_per_minute,
+            configured,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Rows larger than this come from the mailbox without their content.
+    pub fn max_row_bytes(&self) -> usize {
+        self.max_row_bytes
+    }
+
+    /// Judges `row` of `session`; a row judged before gets the same verdict again.
+    pub async fn judge(
+        &self,
+        session: &SessionRecord,
+        mailbox: &HostMailbox,
+        row: &OutboundRow,
+    ) -> Result<Verdict> {
+        if let Some(earlier) = self.earlier_verdict(&session.id, row.seq) {
+            return Ok(earlier);
+        }
+        let destination = match self.check_shape(row) {
+            Ok(destination) => destination,
+            Err(reason) => return Ok(self.record(&session.id, row, Verdict::Refuse(reason))),
+        };
+        if !self.may_send_to(session, &destination) {
+            // The host may have named a new destination since (a new thread, a task's).
+            let known = mailbox.reply_destinations().await?;
+            self.learn(&session.id, &known);
+            if !self.may_send_to(session, &destination) {
+                let reason = format!(
+                    "this conversation may not send to {}: a session sends to its own \
+                     conversation, its agent's send_to and the Discord channels routed to it",
+                    describe(&destination)
+                );
+                return Ok(self.record(&session.id, row, Verdict::Refuse(reason)));
+            }
+        }
+        let verdict = self.count(&session.id, row);
+        Ok(self.record(&session.id, row, verdict))
+    }
+
+    fn earlier_verdict(&self, session_id: &str, seq: i64) -> Option<Verdict> {
+        let sessions = self.sessions.lock().ok()?;
+        let guard = sessions.get(session_id)?;
+        (seq <= guard.judged_up_to).then(|| match guard.refused.get(&seq) {
+            Some(reason) => Verdict::Refuse(reason.clone()),
+            None => Verdict::Send,
+        })
+    }
+
+    /// The row's size and destination, before anything about the session is looked at.
+    fn check_shape(&self, row: &OutboundRow) -> Result<Destination, String> {
+        if usize::try_from(row.row_bytes).unwrap_or(usize::MAX) > self.max_row_bytes {
+            return Err(format!(
+                "the message is {} bytes; at most {} are sent (runner.max_row_bytes). \
+                 Send long text as a file",
+                row.row_bytes, self.max_row_bytes
+            ));
+        }
+        serde_json::from_str(&row.destination).map_err(|e| {
+            format!(
+                "the destination {:?} is not one ferroclaw knows: {e}",
+                row.destination
+            )
+        })
+    }
+
+    fn may_send_to(&self, session: &SessionRecord, destination: &Destination) -> bool {
+        let configured = self
+            .configured
+            .get(&session.agent)
+            .is_some_and(|allowed| allowed.contains(destination));
+        configured
+            || self.sessions.lock().is_ok_and(|sessions| {
+                sessions
+                    .get(&session.id)
+                    .is_some_and(|g| g.replies_to.contains(destination))
+            })
+    }
+
+    fn learn(&self, session_id: &str, known: &[String]) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            let guard = sessions.entry(session_id.to_string()).or_default();
+            guard
+                .replies_to
+                .extend(known.iter().filter_map(|d| serde_json::from_str(d).ok()));
+        }
+    }
+
+    /// Counts an allowed row against its batch and the session's minute.
+    fn count(&self, session_id: &str, row: &OutboundRow) -> Verdict {
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return Verdict::Send;
+        };
+        let guard = sessions.entry(session_id.to_string()).or_default();
+        let batch = row.in_reply_to.unwrap_or(0);
+        let in_batch = guard.per_batch.get(&batch).copied().unwrap_or(0);
+        if in_batch >= self.max_rows_per_batch {
+            return Verdict::Refuse(format!(
+                "one message may be answered with at most {} messages (runner.max_rows_per_batch)",
+                self.max_rows_per_batch
+            ));
+        }
+        let now = Instant::now();
+        while guard
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            guard.recent.pop_front();
+        }
+        if guard.recent.len() >= self.max_rows_per_minute {
+            return Verdict::Refuse(format!(
+                "this conversation sent {} messages in the last minute, the most allowed \
+                 (runner.max_rows_per_minute)",
+                self.max_rows_per_minute
+            ));
+        }
+        guard.recent.push_back(now);
+        *guard.per_batch.entry(batch).or_default() += 1;
+        Verdict::Send
+    }
+
+    fn record(&self, session_id: &str, row: &OutboundRow, verdict: Verdict) -> Verdict {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            let guard = sessions.entry(session_id.to_string()).or_default();
+            guard.judged_up_to = guard.judged_up_to.max(row.seq);
+            if let Verdict::Refuse(reason) = &verdict {
+                if guard.refused.len() >= REMEMBERED_REFUSALS
+                    && let Some(oldest) = guard.refused.keys().min().copied()
+                {
+                    guard.refused.remove(&oldest);
+                }
+                guard.refused.insert(row.seq, reason.clone());
+            }
+        }
+        verdict
+    }
+}
+
+/// A destination as a person reads it.
+pub fn describe(destination: &Destination) -> String {
+    match destination {
+        Destination::Api { conversation } => format!("the API conversation {conversation:?}"),
+        Destination::Callback { source } => format!("the callback of webhook source {source:?}"),
+        Destination::Discord { channel_id } => format!("the Discord channel {channel_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: i64, in_reply_to: i64, destination: &str, bytes: i64) -> OutboundRow {
+        OutboundRow {
+            seq,
+            in_reply_to: Some(in_reply_to),
+            created_at: 0,
+            kind: "chat".into(),
+            destination: destination.into(),
+            content: "{}".into(),
+            row_bytes: bytes,
+            trace: None,
+        }
+    }
+
+    fn session() -> SessionRecord {
+        SessionRecord {
+            id: "ses_a".into(),
+            agent: "main".into(),
+            conversation_key: "api:mine".into(),
+            created_at: 0,
+            last_activity: 0,
+        }
+    }
+
+    fn policy(toml: &str) -> OutboundPolicy {
+        let config = Config::parse(toml).unwrap();
+        let policy = OutboundPolicy::new(&config);
+        policy.learn("ses_a", &[r#"{"kind":"api","conversation":"mine"}"#.into()]);
+        policy
+    }
+
+    fn judge(policy: &OutboundPolicy, row: &OutboundRow) -> Verdict {
+        if let Some(v) = policy.earlier_verdict("ses_a", row.seq) {
+            return v;
+        }
+        let verdict = match policy.check_shape(row) {
+            Err(reason) => Verdict::Refuse(reason),
+            Ok(d) if !policy.may_send_to(&session(), &d) => Verdict::Refuse("not allowed".into()),
+            Ok(_) => policy.count("ses_a", row),
+        };
+        policy.record("ses_a", row, verdict)
+    }
+
+    #[test]
+    fn only_the_session_s_own_and_configured_destinations_pass() {
+        let policy = policy(
+            "[[agents]]\nname = \"main\"\nsend_to = [\"alerts\"]\n\n[[discord.routes]]\nchannel = \"42\"\nagent = \"main\"\n\n[[discord.routes]]\nchannel = \"43\"\nagent = \"other\"\n\n[[agents]]\nname = \"other\"\n",
+        );
+        let ok = [
+            r#"{"kind":"api","conversation":"mine"}"#,
+            r#"{"conversation":"alerts","kind":"api"}"#,
+            r#"{"kind":"discord","channel_id":"42"}"#,
+        ];
+        for (i, d) in ok.iter().enumerate() {
+            assert_eq!(
+                judge(&policy, &row(2 * i as i64 + 1, 2, d, 10)),
+                Verdict::Send,
+                "{d}"
+            );
+        }
+        let refused = [
+            r#"{"kind":"api","conversation":"someone-else"}"#,
+            r#"{"kind":"discord","channel_id":"43"}"#,
+            r#"{"kind":"callback","source":"ci"}"#,
+            r#"{"kind":"email","to":"x"}"#,
+            "not json",
+        ];
+        for (i, d) in refused.iter().enumerate() {
+            let verdict = judge(&policy, &row(101 + 2 * i as i64, 2, d, 10));
+            assert!(matches!(verdict, Verdict::Refuse(_)), "{d}");
+        }
+    }
+
+    #[test]
+    fn size_batch_and_minute_limits_refuse_per_row_and_verdicts_are_stable() {
+        let mut policy = policy("[runner]\nmax_rows_per_batch = 3\nmax_rows_per_minute = 5\n");
+        let mine = r#"{"kind":"api","conversation":"mine"}"#;
+        let big = judge(&policy, &row(1, 2, mine, 64 * 1024 + 1));
+        assert!(
+            matches!(&big, Verdict::Refuse(r) if r.contains("max_row_bytes")),
+            "{big:?}"
+        );
+        let verdicts: Vec<Verdict> = (0..5)
+            .map(|i| judge(&policy, &row(3 + 2 * i, 2, mine, 10)))
+            .collect();
+        assert_eq!(verdicts[..3], [Verdict::Send, Verdict::Send, Verdict::Send]);
+        assert!(matches!(&verdicts[3], Verdict::Refuse(r) if r.contains("max_rows_per_batch")));
+        // The same row again (a resend) keeps its verdict and counts nothing.
+        assert_eq!(judge(&policy, &row(3, 2, mine, 10)), Verdict::Send);
+        assert_eq!(judge(&policy, &row(1, 2, mine, 10)), big);
+        // Other batches: two more fit in the minute, then the minute is full.
+        assert_eq!(judge(&policy, &row(21, 4, mine, 10)), Verdict::Send);
+        assert_eq!(judge(&policy, &row(23, 6, mine, 10)), Verdict::Send);
+        let full = judge(&policy, &row(25, 8, mine, 10));
+        assert!(
+            matches!(&full, Verdict::Refuse(r) if r.contains("max_rows_per_minute")),
+            "{full:?}"
+        );
+        policy.max_rows_per_minute = 100;
+        assert_eq!(judge(&policy, &row(27, 8, mine, 10)), Verdict::Send);
+    }
+}
