@@ -3,6 +3,7 @@
 
 mod messaging;
 mod tasks;
+mod web_fetch;
 mod workspace;
 
 use std::path::PathBuf;
@@ -22,6 +23,9 @@ pub struct ToolLimits {
     pub output_cap: usize,
     pub question_timeout: Duration,
     pub max_file_bytes: u64,
+    /// Hosts `web_fetch` may reach although they resolve to a private or local address
+    /// (`agents.web_fetch_allow`, passed as `FERROCLAW_WEB_FETCH_ALLOW`).
+    pub web_fetch_allow: Vec<String>,
 }
 
 impl Default for ToolLimits {
@@ -31,6 +35,7 @@ impl Default for ToolLimits {
             output_cap: 30_000,
             question_timeout: Duration::from_secs(600),
             max_file_bytes: 25 * 1024 * 1024,
+            web_fetch_allow: Vec::new(),
         }
     }
 }
@@ -50,6 +55,14 @@ impl ToolLimits {
         }
         if let Some(d) = secs("FERROCLAW_QUESTION_TIMEOUT_SECS") {
             limits.question_timeout = d;
+        }
+        if let Ok(allow) = std::env::var("FERROCLAW_WEB_FETCH_ALLOW") {
+            limits.web_fetch_allow = allow
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect();
         }
         limits
     }
@@ -113,7 +126,7 @@ pub async fn run(name: &str, input: &Value, ctx: &mut ToolContext<'_>) -> ToolRe
         "edit_file" => workspace::edit_file(input, &ctx.workspace),
         "glob" => workspace::glob(input, &ctx.workspace),
         "grep" => workspace::grep(input, &ctx.workspace, &ctx.limits),
-        "web_fetch" => workspace::web_fetch(input, &ctx.http, &ctx.limits).await,
+        "web_fetch" => web_fetch::web_fetch(input, &ctx.limits).await,
         other => Err(format!("there is no tool named {other:?}")),
     }
 }

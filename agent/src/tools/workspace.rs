@@ -319,30 +319,6 @@ pub fn grep(input: &Value, workspace: &Path, limits: &ToolLimits) -> ToolResult 
     Ok(cap(&hits.join("\n"), limits.output_cap))
 }
 
-pub async fn web_fetch(input: &Value, http: &reqwest::Client, limits: &ToolLimits) -> ToolResult {
-    let url = text(input, "url")?;
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(format!("{url:?} is not an http(s) URL"));
-    }
-    let response = http
-        .get(url)
-        .timeout(std::time::Duration::from_secs(30))
-        .send()
-        .await
-        .map_err(|e| format!("fetching {url}: {e}"))?;
-    let status = response.status();
-    let body = response
-        .text()
-        .await
-        .map_err(|e| format!("reading {url}: {e}"))?;
-    let body = cap(&body, limits.output_cap);
-    if status.is_success() {
-        Ok(body)
-    } else {
-        Err(format!("HTTP {status}\n{body}"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

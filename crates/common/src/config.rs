@@ -284,6 +284,10 @@ pub struct AgentConfig {
     /// uses a small model for side tasks, for example). The proxy refuses any other.
     #[serde(default)]
     pub models: Vec<String>,
+    /// Hosts `web_fetch` may reach although they resolve to a loopback, private or
+    /// link-local address (by default it reaches the public internet only).
+    #[serde(default)]
+    pub web_fetch_allow: Vec<String>,
     /// The model API the runner's proxy forwards to; defaults to the provider's public API.
     #[serde(default)]
     pub api_base_url: Option<String>,
@@ -326,6 +330,7 @@ impl AgentConfig {
             timezone: default_timezone(),
             model: None,
             models: Vec::new(),
+            web_fetch_allow: Vec::new(),
             api_base_url: None,
             api_key_env: None,
             max_tokens: default_max_tokens(),

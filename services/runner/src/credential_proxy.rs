@@ -95,6 +95,12 @@ impl ModelAccess {
         if !agent.send_to.is_empty() {
             env.push(("FERROCLAW_SEND_TO".into(), agent.send_to.join(",")));
         }
+        if !agent.web_fetch_allow.is_empty() {
+            env.push((
+                "FERROCLAW_WEB_FETCH_ALLOW".into(),
+                agent.web_fetch_allow.join(","),
+            ));
+        }
         if let Some(command) = &agent.command {
             env.push(("FERROCLAW_CLAUDE_BIN".into(), command.clone()));
         }
