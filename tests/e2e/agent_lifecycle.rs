@@ -204,3 +204,48 @@ async fn a_stuck_agent_is_killed_retried_and_finally_the_user_is_told() -> anyho
     );
     cluster.stop().await
 }
+
+/// An agent that holds a batch and keeps touching its heartbeat is not "alive" forever:
+/// past `runner.max_batch_secs` it is stopped and the batch retried, like a stuck one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_heartbeats_but_never_finishes_is_stopped_after_max_batch_secs()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(
+        dir.path(),
+        &[
+            (
+                "FERROCLAW_AGENT_BINARY",
+                ferroclaw_e2e::binary("hostile-agent")?
+                    .display()
+                    .to_string(),
+            ),
+            ("FERROCLAW_MAX_BATCH_SECS", "2".into()),
+        ],
+    )
+    .await?;
+    let (_, hanging) = cluster.post_message("hang", "hang", None).await?;
+    let starts = dir
+        .path()
+        .join("sessions/main")
+        .join(hanging["session_id"].as_str().unwrap_or_default())
+        .join("out/state/hang-starts");
+    let count = || {
+        std::fs::read_to_string(&starts)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let started = std::time::Instant::now();
+    while count() < 2 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the heartbeating agent was never stopped ({} starts)",
+            count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("stopped and restarted after {:?}", started.elapsed());
+    // The heartbeat never went stale (stuck_after_secs is 120 s): the batch's age stopped it.
+    assert!(started.elapsed() < Duration::from_secs(60));
+    cluster.stop().await
+}

@@ -209,6 +209,9 @@ pub struct RunnerConfig {
     pub max_running_agents: usize,
     /// An agent with a claimed batch and no heartbeat for this long is killed and retried.
     pub stuck_after_secs: u64,
+    /// The longest a batch may stay claimed, heartbeat or not: past it the agent is stopped
+    /// and the batch retried or failed as for a stale heartbeat.
+    pub max_batch_secs: u64,
     /// docker backend: the agent image.
     pub agent_image: String,
     /// docker backend: limits of each agent container.
@@ -244,6 +247,7 @@ impl Default for RunnerConfig {
             max_restarts: 5,
             max_running_agents: 8,
             stuck_after_secs: 120,
+            max_batch_secs: 15 * 60,
             agent_image: "ferroclaw-agent:latest".into(),
             agent_memory_mb: 512,
             agent_cpus: 1.0,
@@ -625,6 +629,9 @@ impl Config {
         if let Some(v) = get("FERROCLAW_MAX_RUNNING_AGENTS") {
             self.runner.max_running_agents = parse("FERROCLAW_MAX_RUNNING_AGENTS", &v)?;
         }
+        if let Some(v) = get("FERROCLAW_MAX_BATCH_SECS") {
+            self.runner.max_batch_secs = parse("FERROCLAW_MAX_BATCH_SECS", &v)?;
+        }
         if let Some(v) = get("FERROCLAW_STUCK_AFTER_SECS") {
             self.runner.stuck_after_secs = parse("FERROCLAW_STUCK_AFTER_SECS", &v)?;
         }
@@ -827,6 +834,7 @@ impl Config {
                 "runner.max_rows_per_minute",
                 self.runner.max_rows_per_minute,
             ),
+            ("runner.max_batch_secs", self.runner.max_batch_secs as usize),
         ] {
             if value == 0 {
                 return invalid(key.into(), "must be at least 1".into());

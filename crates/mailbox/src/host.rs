@@ -294,17 +294,15 @@ impl HostMailbox {
         Ok(pending)
     }
 
-    /// Whether the agent holds a claimed batch it has not finished.
-    pub async fn claimed(&self) -> Result<bool> {
+    /// The inbound seqs the agent has claimed and not finished.
+    pub async fn claimed(&self) -> Result<Vec<i64>> {
         let Some(out) = self.outbound().await? else {
-            return Ok(false);
+            return Ok(Vec::new());
         };
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM processing WHERE status = 'processing'")
-                .fetch_one(&out)
-                .await
-                .at(&self.paths.outbound_db())?;
-        Ok(n > 0)
+        sqlx::query_scalar("SELECT in_seq FROM processing WHERE status = 'processing'")
+            .fetch_all(&out)
+            .await
+            .at(&self.paths.outbound_db())
     }
 
     /// The reply destinations (JSON) of the inbound messages the agent is working on now.

@@ -114,6 +114,7 @@ pub async fn run(
     let limits = SupervisorLimits {
         max_running_agents: config.runner.max_running_agents,
         stuck_after: std::time::Duration::from_secs(config.runner.stuck_after_secs),
+        max_batch: std::time::Duration::from_secs(config.runner.max_batch_secs),
     };
     let supervisor = Supervisor::new(
         backend,

@@ -58,6 +58,8 @@ struct Inner {
     yielders: std::sync::Mutex<HashMap<String, (SessionRecord, CancellationToken)>>,
     /// A claimed batch with a heartbeat older than this means a stuck agent.
     stuck_after: Duration,
+    /// A batch claimed for longer than this means a stuck agent, heartbeat or not.
+    max_batch: Duration,
     /// Sessions whose files were tampered with (a link or FIFO in place of `outbound.db`):
     /// their agents are stopped and not started again until the runner restarts.
     tampered: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -70,6 +72,7 @@ struct Inner {
 pub struct SupervisorLimits {
     pub max_running_agents: usize,
     pub stuck_after: Duration,
+    pub max_batch: Duration,
 }
 
 impl Supervisor {
@@ -89,6 +92,7 @@ impl Supervisor {
                 permits: Arc::new(Semaphore::new(limits.max_running_agents.max(1))),
                 yielders: std::sync::Mutex::new(HashMap::new()),
                 stuck_after: limits.stuck_after,
+                max_batch: limits.max_batch,
                 tampered: Default::default(),
                 shutdown,
                 tasks: TaskTracker::new(),
@@ -345,7 +349,7 @@ impl Inner {
         enum Ended {
             Exited(Result<Exit>),
             Stop,
-            Stuck(Duration),
+            Stuck(Stuck),
         }
         let ended = tokio::select! {
             exit = run.wait() => Ended::Exited(exit),
@@ -359,28 +363,47 @@ impl Inner {
         match ended {
             Ended::Exited(exit) => exit,
             Ended::Stop => run.stop(STOP_GRACE).await,
-            Ended::Stuck(stale) => {
-                tracing::warn!(
-                    ?stale,
-                    "agent is stuck (no heartbeat while working on a batch); killing it"
-                );
+            Ended::Stuck(stuck) => {
+                let why = match stuck {
+                    Stuck::Silent(stale) => format!("no heartbeat for {}s", stale.as_secs()),
+                    Stuck::TooLong(held) => format!(
+                        "a batch held for {}s, past runner.max_batch_secs",
+                        held.as_secs()
+                    ),
+                };
+                tracing::warn!(%why, "agent is stuck; killing it");
                 run.stop(Duration::ZERO).await?;
-                Ok((
-                    false,
-                    format!("stuck: no heartbeat for {}s", stale.as_secs()),
-                ))
+                Ok((false, format!("stuck: {why}")))
             }
         }
     }
 
-    /// Resolves when the agent holds a claimed batch and its heartbeat is older than
-    /// `stuck_after`; never otherwise.
-    async fn stuck(&self, session: &SessionRecord) -> Duration {
+    /// Resolves when the agent holds a claimed batch and either its heartbeat is older than
+    /// `stuck_after`, or one of the batch's messages has been claimed for longer than
+    /// `max_batch` by the runner's clock (the agent's heartbeat does not extend that);
+    /// never otherwise.
+    async fn stuck(&self, session: &SessionRecord) -> Stuck {
         let paths = self.mailboxes.paths(session);
-        let every =
-            (self.stuck_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(10));
+        let every = (self.stuck_after.min(self.max_batch) / 4)
+            .clamp(Duration::from_millis(200), Duration::from_secs(10));
+        // When this runner first saw each claimed message claimed.
+        let mut claimed_since: HashMap<i64, std::time::Instant> = HashMap::new();
         loop {
             tokio::time::sleep(every).await;
+            let claimed = match self.mailboxes.get(session).await {
+                Ok(mailbox) => mailbox.claimed().await.unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            let now = std::time::Instant::now();
+            claimed_since.retain(|seq, _| claimed.contains(seq));
+            for seq in &claimed {
+                claimed_since.entry(*seq).or_insert(now);
+            }
+            if let Some(held) = claimed_since.values().map(|t| now - *t).max()
+                && held > self.max_batch
+            {
+                return Stuck::TooLong(held);
+            }
             // The agent owns out/: look at the heartbeat itself, never through a link.
             let stale = ferroclaw_mailbox::session_fs::Dir::open(&paths.out_dir())
                 .and_then(|out| out.entry("heartbeat"))
@@ -390,15 +413,19 @@ impl Inner {
             let Some(stale) = stale.filter(|s| *s > self.stuck_after) else {
                 continue;
             };
-            let claimed = match self.mailboxes.get(session).await {
-                Ok(mailbox) => mailbox.claimed().await.unwrap_or(false),
-                Err(_) => false,
-            };
-            if claimed {
-                return stale;
+            if !claimed.is_empty() {
+                return Stuck::Silent(stale);
             }
         }
     }
+}
+
+/// Why an agent counts as stuck.
+enum Stuck {
+    /// A claimed batch and no heartbeat for this long.
+    Silent(Duration),
+    /// A batch claimed for this long, heartbeat or not.
+    TooLong(Duration),
 }
 
 /// 200 ms doubling per consecutive failure, at most 30 s.

@@ -7,7 +7,8 @@
 //! answers and then replaces its `outbound.db` with a link to another session's. Told
 //! `forge`, it writes rows of its own choosing: to another user's conversation, an unrouted
 //! Discord channel, another webhook source's callback, a task that answers elsewhere, a
-//! 30 MiB row and 10,000 rows in one batch.
+//! 30 MiB row and 10,000 rows in one batch. Told `hang`, it holds the batch forever while
+//! touching its heartbeat, counting its starts in `out/state/hang-starts`.
 
 use std::path::Path;
 
@@ -153,6 +154,20 @@ async fn main() -> anyhow::Result<()> {
                 InboundContent::Chat(chat) => chat.text.clone(),
                 _ => String::new(),
             };
+            if told == "hang" {
+                use std::io::Write;
+                let state = session_dir.join("out/state");
+                std::fs::create_dir_all(&state)?;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(state.join("hang-starts"))?
+                    .write_all(b"start\n")?;
+                loop {
+                    mailbox.touch_heartbeat()?;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
             let reply = |content| NewOutbound {
                 in_reply_to: Some(last.seq),
                 destination: last.origin.reply_to.clone(),
