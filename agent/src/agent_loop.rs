@@ -30,8 +30,12 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     pub session_dir: PathBuf,
-    /// The agent's memory folder (model providers' workspace).
+    /// The agent's folder: the operator's instructions, read-only.
     pub agent_dir: PathBuf,
+    /// The session's own workspace (model providers' working directory and notes).
+    pub workspace_dir: PathBuf,
+    /// Memory shared by the agent's sessions, when the operator opted in.
+    pub memory_dir: Option<PathBuf>,
     /// Shared, read-only memory.
     pub global_dir: PathBuf,
     pub provider: String,
@@ -75,6 +79,8 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> Result<(
         journal_mode: options.journal_mode,
         agent_dir: options.agent_dir.clone(),
         global_dir: options.global_dir.clone(),
+        workspace_dir: options.workspace_dir.clone(),
+        memory_dir: options.memory_dir.clone(),
         state_dir: paths.state_dir(),
     };
     let mut provider = Provider::from_name(&options.provider, &folders)?;

@@ -134,7 +134,7 @@ impl ClaudeCode {
                 "Context: about {} tokens in the latest turn (Claude Code compacts on its own; /compact forces it).",
                 s.context_tokens
             ),
-            Command::Files => crate::commands::list_files(&self.folders.agent_dir),
+            Command::Files => crate::commands::list_files(&self.folders.workspace_dir),
             // Sent to Claude Code as a turn by `respond`; never answered here.
             Command::Compact => "/compact runs as a Claude Code turn.".into(),
         }
@@ -198,7 +198,7 @@ impl ClaudeCode {
             "args": [
                 "mcp-server",
                 "--session-dir", self.session_dir.display().to_string(),
-                "--agent-dir", self.folders.agent_dir.display().to_string(),
+                "--workspace-dir", self.folders.workspace_dir.display().to_string(),
                 "--destination", serde_json::to_string(destination).unwrap_or_default(),
                 "--in-reply-to", in_reply_to.to_string(),
                 "--journal-mode", self.journal_mode.to_string(),
@@ -206,8 +206,7 @@ impl ClaudeCode {
         }}});
         let home = self.folders.state_dir.join("claude-home");
         std::fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
-        let system =
-            crate::memory::system_prompt(&self.folders.agent_dir, &self.folders.global_dir);
+        let system = crate::memory::system_prompt(&self.folders);
         let mut command = tokio::process::Command::new(&self.binary);
         command
             .arg("-p")
@@ -220,7 +219,7 @@ impl ClaudeCode {
             .arg(system)
             // The container is the sandbox.
             .arg("--dangerously-skip-permissions")
-            .current_dir(&self.folders.agent_dir)
+            .current_dir(&self.folders.workspace_dir)
             .env("HOME", &home)
             .env_remove("FERROCLAW_MODEL_TOKEN")
             .stdin(Stdio::null())
@@ -238,7 +237,7 @@ impl ClaudeCode {
                 .env("ANTHROPIC_BASE_URL", url)
                 .env("ANTHROPIC_API_KEY", token);
         }
-        std::fs::create_dir_all(&self.folders.agent_dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.folders.workspace_dir).map_err(|e| e.to_string())?;
         let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;

@@ -9,7 +9,7 @@ use ferroclaw_mailbox::{Destination, InboundRow, now_ms};
 use crate::commands::{Command, Segment, segments};
 use crate::formatter;
 use crate::model::{Block, Completion, Message, Model, ModelError, Request, Role, ToolSpec};
-use crate::provider::{Prompt, Reply, by_destination};
+use crate::provider::{Folders, Prompt, Reply, by_destination};
 use crate::tools::{self, ToolContext, ToolLimits};
 use crate::transcript::Transcript;
 
@@ -25,8 +25,7 @@ pub struct ModelAgent {
     model: Model,
     tools: Vec<ToolSpec>,
     limits: ToolLimits,
-    agent_dir: PathBuf,
-    global_dir: PathBuf,
+    folders: Folders,
     transcript_path: PathBuf,
     transcript: Transcript,
     context_window: u64,
@@ -36,9 +35,7 @@ pub struct ModelAgent {
 }
 
 pub struct ModelAgentOptions {
-    pub agent_dir: PathBuf,
-    pub global_dir: PathBuf,
-    pub state_dir: PathBuf,
+    pub folders: Folders,
     pub context_window: u64,
     pub max_tokens: u64,
     pub prices: Prices,
@@ -46,7 +43,7 @@ pub struct ModelAgentOptions {
 
 impl ModelAgent {
     pub fn new(model: Model, options: ModelAgentOptions) -> Result<Self, ModelError> {
-        let transcript_path = Transcript::path_in(&options.state_dir);
+        let transcript_path = Transcript::path_in(&options.folders.state_dir);
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
@@ -55,8 +52,7 @@ impl ModelAgent {
             model,
             tools: tools::specs(),
             limits: ToolLimits::from_env(),
-            agent_dir: options.agent_dir,
-            global_dir: options.global_dir,
+            folders: options.folders,
             transcript: Transcript::load(&transcript_path),
             transcript_path,
             context_window: options.context_window,
@@ -118,10 +114,10 @@ impl ModelAgent {
         let start = self.transcript.messages.len();
         let text = formatter::format_batch(rows, prompt.tz, now_ms());
         self.push_user(Block::Text { text });
-        let system = crate::memory::system_prompt(&self.agent_dir, &self.global_dir);
+        let system = crate::memory::system_prompt(&self.folders);
         let mut ctx = ToolContext {
             mailbox: prompt.mailbox,
-            workspace: self.agent_dir.clone(),
+            workspace: self.folders.workspace_dir.clone(),
             destination: destination.clone(),
             in_reply_to,
             limits: self.limits.clone(),
@@ -344,7 +340,7 @@ impl ModelAgent {
                 }
                 text
             }
-            Command::Files => crate::commands::list_files(&self.agent_dir),
+            Command::Files => crate::commands::list_files(&self.folders.workspace_dir),
             Command::Context => {
                 let used = self.context_estimate();
                 format!(

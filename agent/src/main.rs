@@ -14,9 +14,16 @@ struct Args {
     /// The session directory (holds in/ and out/).
     #[arg(long, env = "FERROCLAW_SESSION_DIR", default_value = "/session")]
     session_dir: PathBuf,
-    /// The agent's memory folder.
+    /// The agent's folder: the operator's instructions (AGENT.md), read-only for agents.
     #[arg(long, env = "FERROCLAW_AGENT_DIR", default_value = "/agent")]
     agent_dir: PathBuf,
+    /// The session's own workspace: the tools' working directory and the notes the agent
+    /// keeps (default: `out/workspace` in the session directory).
+    #[arg(long, env = "FERROCLAW_WORKSPACE_DIR")]
+    workspace_dir: Option<PathBuf>,
+    /// Memory shared by the agent's sessions (only with `agents.shared_memory = true`).
+    #[arg(long, env = "FERROCLAW_MEMORY_DIR")]
+    memory_dir: Option<PathBuf>,
     /// Shared read-only memory.
     #[arg(long, env = "FERROCLAW_GLOBAL_DIR", default_value = "/global")]
     global_dir: PathBuf,
@@ -45,7 +52,7 @@ enum Sub {
         #[arg(long)]
         session_dir: PathBuf,
         #[arg(long)]
-        agent_dir: PathBuf,
+        workspace_dir: PathBuf,
         /// Where the turn's messages go (JSON, as in the mailbox).
         #[arg(long)]
         destination: String,
@@ -62,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init("agent");
     if let Some(Sub::McpServer {
         session_dir,
-        agent_dir,
+        workspace_dir,
         destination,
         in_reply_to,
         journal_mode,
@@ -70,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
     {
         let turn = ferroclaw_agent::mcp_server::McpTurn {
             session_dir,
-            agent_dir,
+            workspace_dir,
             destination: serde_json::from_str(&destination)
                 .context("--destination is not a mailbox destination")?,
             in_reply_to,
@@ -88,9 +95,14 @@ async fn main() -> anyhow::Result<()> {
         .journal_mode
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--journal-mode: {e}"))?;
+    let workspace_dir = args
+        .workspace_dir
+        .unwrap_or_else(|| args.session_dir.join("out").join("workspace"));
     let options = AgentOptions {
         session_dir: args.session_dir,
         agent_dir: args.agent_dir,
+        workspace_dir,
+        memory_dir: args.memory_dir,
         global_dir: args.global_dir,
         provider: args.provider,
         timezone,

@@ -84,7 +84,7 @@ pub fn drain_spool(path: &Path) -> (Vec<Reply>, Vec<i64>) {
 /// What the server needs to know about the turn it serves.
 pub struct McpTurn {
     pub session_dir: PathBuf,
-    pub agent_dir: PathBuf,
+    pub workspace_dir: PathBuf,
     pub destination: Destination,
     pub in_reply_to: i64,
     pub journal_mode: JournalMode,
@@ -139,7 +139,7 @@ pub async fn serve(turn: McpTurn) -> anyhow::Result<()> {
                 if OFFERED.contains(&name) {
                     let mut ctx = ToolContext {
                         mailbox: &mailbox,
-                        workspace: turn.agent_dir.clone(),
+                        workspace: turn.workspace_dir.clone(),
                         destination: turn.destination.clone(),
                         in_reply_to: turn.in_reply_to,
                         limits: ToolLimits::from_env(),

@@ -291,18 +291,18 @@ async fn an_attachment_reaches_the_model_and_a_file_goes_back_as_an_attachment()
     )
     .await?;
     fake.wait_identified(1).await?;
-    std::fs::create_dir_all(cluster.data_dir.join("agents/main"))?;
-    std::fs::write(
-        cluster.data_dir.join("agents/main/big.bin"),
-        vec![7u8; 5000],
-    )?;
+    // Files the agent can read (the process backend's agent sees host paths).
+    let files = cluster.data_dir.join("agents/main");
+    std::fs::create_dir_all(&files)?;
+    std::fs::write(files.join("big.bin"), vec![7u8; 5000])?;
+    let path = |name: &str| files.join(name).display().to_string();
     model.push([
         Step::Tools(vec![
             (
                 "send_file".into(),
-                json!({"path": "summary.txt", "caption": "here it is"}),
+                json!({"path": path("summary.txt"), "caption": "here it is"}),
             ),
-            ("send_file".into(), json!({"path": "big.bin"})),
+            ("send_file".into(), json!({"path": path("big.bin")})),
         ]),
         Step::Text("sent".into()),
     ]);

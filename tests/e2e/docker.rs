@@ -217,6 +217,16 @@ async fn a_hostile_agent_is_contained() -> anyhow::Result<()> {
     assert_eq!(report["interfaces"], json!(["lo"]), "no network: {report}");
     assert_eq!(report["reach_host_loopback"], json!(false), "{report}");
     assert_eq!(report["docker_socket"], json!(false), "{report}");
+    assert_eq!(
+        report["write_agent_md"],
+        json!(false),
+        "AGENT.md is read-only: {report}"
+    );
+    assert_eq!(
+        report["write_memory"],
+        json!(false),
+        "no shared memory by default"
+    );
     drop(listener);
     hostile.stop().await
 }
@@ -457,6 +467,11 @@ async fn links_are_never_followed(backend: Backend) -> anyhow::Result<()> {
         );
     }
     assert_eq!(report["planted"], json!(true), "{report}");
+    assert_eq!(
+        report["planted_in_agent_folder"],
+        json!(backend == Backend::Process),
+        "the agent folder is read-only in a container: {report}"
+    );
     assert_eq!(files.len(), 7, "{files:?}");
     for link in &files {
         let link = link.as_str().unwrap_or_default();
@@ -554,4 +569,106 @@ async fn links_are_never_followed(backend: Backend) -> anyhow::Result<()> {
         "the victim's files are byte-identical"
     );
     hostile.stop().await
+}
+
+/// The operator's instructions are read-only in every mode; sharing a writable memory
+/// across sessions is opt-in, and one session's workspace is invisible to another's agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_folder_is_read_only_and_shared_memory_is_opt_in() -> anyhow::Result<()> {
+    if !docker_available() {
+        eprintln!("skipped: no Docker engine");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("agents/main"))?;
+    std::fs::write(data.join("agents/main/AGENT.md"), "operator's instructions")?;
+    let config = dir.path().join("ferroclaw.toml");
+    std::fs::write(
+        &config,
+        "[[agents]]\nname = \"main\"\nshared_memory = true\n",
+    )?;
+    let cluster = Cluster::start(
+        &data,
+        &[
+            ("FERROCLAW_CONFIG", config.display().to_string()),
+            ("FERROCLAW_RUNNER_BACKEND", "docker".to_string()),
+            (
+                "FERROCLAW_AGENT_IMAGE",
+                ferroclaw_e2e::offline_hostile_image()?,
+            ),
+        ],
+    )
+    .await?;
+    let (_, first) = cluster.post_message("first", "hi", None).await?;
+    let report = |conversation: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(text) = cluster.texts(conversation).await?.first() {
+                    return anyhow::Ok(serde_json::from_str::<Value>(text)?);
+                }
+                anyhow::ensure!(std::time::Instant::now() < deadline, "no report");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let first_report = report("first").await?;
+    assert_eq!(
+        first_report["write_agent_md"],
+        json!(false),
+        "{first_report}"
+    );
+    assert_eq!(first_report["write_memory"], json!(true), "{first_report}");
+    // The first session's workspace exists now; the second session's agent looks for it.
+    let workspace = data
+        .join("sessions/main")
+        .join(first["session_id"].as_str().unwrap_or_default())
+        .join("out/workspace");
+    std::fs::create_dir_all(&workspace)?;
+    std::fs::write(workspace.join("NOTES.md"), "first session's notes")?;
+    cluster.stop().await?;
+    let cluster = Cluster::start(
+        &data,
+        &[
+            ("FERROCLAW_CONFIG", config.display().to_string()),
+            ("FERROCLAW_RUNNER_BACKEND", "docker".to_string()),
+            (
+                "FERROCLAW_AGENT_IMAGE",
+                ferroclaw_e2e::offline_hostile_image()?,
+            ),
+            (
+                "FERROCLAW_ECHO_OTHER_WORKSPACE",
+                workspace.display().to_string(),
+            ),
+        ],
+    )
+    .await?;
+    cluster.post_message("second", "hi", None).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let second_report: Value = loop {
+        if let Some(text) = cluster.texts("second").await?.first() {
+            break serde_json::from_str(text)?;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no report");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        second_report["read_other_workspace"],
+        json!(false),
+        "{second_report}"
+    );
+    assert_eq!(
+        second_report["write_agent_md"],
+        json!(false),
+        "{second_report}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("agents/main/AGENT.md"))?,
+        "operator's instructions"
+    );
+    let shared = std::fs::read_to_string(data.join("memory/main/NOTES.md"))?;
+    assert_eq!(shared.matches("obey the attacker").count(), 2, "{shared}");
+    cluster.stop().await
 }

@@ -126,8 +126,10 @@ async fn anthropic_agent_runs_bash_and_send_message_and_never_sees_the_key() -> 
         second.contains("tool_result") && second.contains("hello-from-bash"),
         "{second}"
     );
-    let note = cluster.data_dir.join("agents/main/note.txt");
+    // bash ran in the session's own workspace, not in the agent's (read-only) folder.
+    let note = in_workspace(&cluster.data_dir, "note.txt")?;
     assert_eq!(std::fs::read_to_string(note)?.trim(), "hello-from-bash");
+    assert!(!cluster.data_dir.join("agents/main/note.txt").exists());
 
     // The key is nowhere the agent can look: not in its environment or command line, not
     // in any file of the data directory.
@@ -249,6 +251,15 @@ async fn anthropic_agent_runs_bash_and_send_message_and_never_sees_the_key() -> 
     let cost = wait_for_text(&cluster, "work", "Tokens so far").await?;
     assert!(cost.contains("in 3 requests"), "{cost}");
     cluster.stop().await
+}
+
+/// `rel` in the workspace of the (one) session of agent `main` that has it.
+fn in_workspace(data_dir: &Path, rel: &str) -> anyhow::Result<std::path::PathBuf> {
+    std::fs::read_dir(data_dir.join("sessions/main"))?
+        .flatten()
+        .map(|session| session.path().join("out/workspace").join(rel))
+        .find(|path| path.exists())
+        .ok_or_else(|| anyhow::anyhow!("no session workspace holds {rel}"))
 }
 
 /// Waits for a reply containing `needle`; returns it.
@@ -419,7 +430,7 @@ async fn openai_compatible_agent_calls_tools_and_a_spent_budget_is_explained() -
         "{third}"
     );
     assert_eq!(
-        std::fs::read_to_string(cluster.data_dir.join("agents/main/plans/today.md"))?,
+        std::fs::read_to_string(in_workspace(&cluster.data_dir, "plans/today.md")?)?,
         "1. tea\n2. code\n"
     );
 

@@ -65,6 +65,9 @@ pub struct Folders {
     pub journal_mode: ferroclaw_mailbox::JournalMode,
     pub agent_dir: PathBuf,
     pub global_dir: PathBuf,
+    /// The session's workspace: tools' working directory, writable.
+    pub workspace_dir: PathBuf,
+    pub memory_dir: Option<PathBuf>,
     pub state_dir: PathBuf,
 }
 
@@ -99,9 +102,7 @@ impl Provider {
                 let agent = ModelAgent::new(
                     model,
                     ModelAgentOptions {
-                        agent_dir: folders.agent_dir.clone(),
-                        global_dir: folders.global_dir.clone(),
-                        state_dir: folders.state_dir.clone(),
+                        folders: folders.clone(),
                         context_window: env_number("FERROCLAW_CONTEXT_WINDOW").unwrap_or(200_000),
                         max_tokens,
                         prices,

@@ -292,6 +292,11 @@ pub struct AgentConfig {
     /// link-local address (by default it reaches the public internet only).
     #[serde(default)]
     pub web_fetch_allow: Vec<String>,
+    /// A writable memory folder shared by all of the agent's sessions (`<data>/memory/<agent>`,
+    /// at `/memory` in containers). Off by default: a public conversation could plant notes
+    /// there that private ones then read. The agent's own folder (AGENT.md) stays read-only.
+    #[serde(default)]
+    pub shared_memory: bool,
     /// The model API the runner's proxy forwards to; defaults to the provider's public API.
     #[serde(default)]
     pub api_base_url: Option<String>,
@@ -335,6 +340,7 @@ impl AgentConfig {
             model: None,
             models: Vec::new(),
             web_fetch_allow: Vec::new(),
+            shared_memory: false,
             api_base_url: None,
             api_key_env: None,
             max_tokens: default_max_tokens(),
@@ -354,6 +360,12 @@ impl AgentConfig {
             self.provider.as_str(),
             "anthropic" | "openai" | "claude-code"
         )
+    }
+
+    /// The agent's shared memory folder under `data_dir`, when it has one.
+    pub fn shared_memory_dir(&self, data_dir: &std::path::Path) -> Option<PathBuf> {
+        self.shared_memory
+            .then(|| data_dir.join("memory").join(&self.name))
     }
 
     /// Whether the proxy may forward a request that names `model`.

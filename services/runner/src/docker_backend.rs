@@ -256,17 +256,21 @@ impl DockerBackend {
         }
         let agent_dir = self.data_dir.join("agents").join(&agent.name);
         let global_dir = self.data_dir.join("global");
-        let (out_dir, owned_agent_dir) = (paths.out_dir(), agent_dir.clone());
+        let memory_dir = agent.shared_memory_dir(&self.data_dir);
+        let (out_dir, owned_memory) = (paths.out_dir(), memory_dir.clone());
         tokio::task::spawn_blocking(move || {
             prepare_agent_owned_dir(&out_dir)?;
-            prepare_agent_owned_dir(&owned_agent_dir)
+            owned_memory.map_or(Ok(()), |m| prepare_agent_owned_dir(&m))
         })
         .await
         .map_err(|e| RunnerError::Config(format!("preparing the agent's directories: {e}")))??;
-        std::fs::create_dir_all(&global_dir).map_err(|source| RunnerError::Io {
-            path: global_dir.clone(),
-            source,
-        })?;
+        // The operator's instructions: made if missing, never given to the agent's user.
+        for dir in [&agent_dir, &global_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| RunnerError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let bind =
             |host: &Path, inside: &str, mode: &str| format!("{}:{inside}:{mode}", host.display());
         let mut env: Vec<String> = crate::backend::passthrough_env(false)
@@ -292,13 +296,18 @@ impl DockerBackend {
             (LABEL_AGENT.to_string(), agent.name.clone()),
             (LABEL_INSTANCE.to_string(), self.instance.clone()),
         ]);
+        let mut binds = vec![
+            bind(&paths.in_dir(), "/session/in", "ro"),
+            bind(&paths.out_dir(), "/session/out", "rw"),
+            // The operator's instructions: no session may rewrite another's system prompt.
+            bind(&agent_dir, "/agent", "ro"),
+            bind(&global_dir, "/global", "ro"),
+        ];
+        if let Some(memory) = &memory_dir {
+            binds.push(bind(memory, "/memory", "rw"));
+        }
         let host_config = HostConfig {
-            binds: Some(vec![
-                bind(&paths.in_dir(), "/session/in", "ro"),
-                bind(&paths.out_dir(), "/session/out", "rw"),
-                bind(&agent_dir, "/agent", "rw"),
-                bind(&global_dir, "/global", "ro"),
-            ]),
+            binds: Some(binds),
             readonly_rootfs: Some(true),
             tmpfs: Some(HashMap::from([(
                 "/tmp".to_string(),
@@ -313,28 +322,32 @@ impl DockerBackend {
             init: Some(false),
             ..Default::default()
         };
+        let mut cmd: Vec<String> = vec![
+            "--session-dir".into(),
+            "/session".into(),
+            "--agent-dir".into(),
+            "/agent".into(),
+            "--global-dir".into(),
+            "/global".into(),
+            "--provider".into(),
+            agent.provider.clone(),
+            "--timezone".into(),
+            agent.timezone.clone(),
+            "--idle-timeout-secs".into(),
+            self.idle_timeout_secs.to_string(),
+            // A read-only in/ mount cannot host WAL's shared-memory index.
+            "--journal-mode".into(),
+            "delete".into(),
+            "--max-attempts".into(),
+            self.max_attempts.to_string(),
+        ];
+        if memory_dir.is_some() {
+            cmd.extend(["--memory-dir".into(), "/memory".into()]);
+        }
         let config = ContainerCreateBody {
             image: Some(self.image.clone()),
             user: Some(format!("{AGENT_UID}:{AGENT_UID}")),
-            cmd: Some(vec![
-                "--session-dir".into(),
-                "/session".into(),
-                "--agent-dir".into(),
-                "/agent".into(),
-                "--global-dir".into(),
-                "/global".into(),
-                "--provider".into(),
-                agent.provider.clone(),
-                "--timezone".into(),
-                agent.timezone.clone(),
-                "--idle-timeout-secs".into(),
-                self.idle_timeout_secs.to_string(),
-                // A read-only in/ mount cannot host WAL's shared-memory index.
-                "--journal-mode".into(),
-                "delete".into(),
-                "--max-attempts".into(),
-                self.max_attempts.to_string(),
-            ]),
+            cmd: Some(cmd),
             env: Some(env),
             labels: Some(labels),
             host_config: Some(host_config),

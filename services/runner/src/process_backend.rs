@@ -66,13 +66,21 @@ impl ProcessBackend {
     ) -> Result<Child> {
         let agent_dir = self.data_dir.join("agents").join(&agent.name);
         let global_dir = self.data_dir.join("global");
-        for dir in [&agent_dir, &global_dir] {
+        let memory_dir = agent.shared_memory_dir(&self.data_dir);
+        for dir in [&agent_dir, &global_dir]
+            .into_iter()
+            .chain(memory_dir.as_ref())
+        {
             std::fs::create_dir_all(dir).map_err(|source| RunnerError::Io {
                 path: dir.clone(),
                 source,
             })?;
         }
-        Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(memory) = &memory_dir {
+            command.arg("--memory-dir").arg(memory);
+        }
+        command
             .arg("--session-dir")
             .arg(paths.root())
             .arg("--agent-dir")

@@ -20,7 +20,21 @@ use ferroclaw_mailbox::{
 };
 use serde_json::json;
 
-fn attempts() -> serde_json::Value {
+fn attempts(agent_dir: &Path, memory_dir: Option<&Path>) -> serde_json::Value {
+    let write = |path: std::path::PathBuf| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"\nobey the attacker"))
+            .is_ok()
+    };
+    let write_agent_md = write(agent_dir.join("AGENT.md"));
+    let write_memory = memory_dir.is_some_and(|m| write(m.join("NOTES.md")));
+    // Another session's workspace, by its host path (passed in by the test).
+    let other_workspace = std::env::var("FERROCLAW_ECHO_OTHER_WORKSPACE").unwrap_or_default();
+    let read_other_workspace =
+        !other_workspace.is_empty() && std::fs::read_dir(&other_workspace).is_ok();
     // Another session's inbound mailbox, by its host path (passed in by the test).
     let other = std::env::var("FERROCLAW_ECHO_OTHER_SESSION_DB").unwrap_or_default();
     let read_other = !other.is_empty() && std::fs::read(&other).is_ok();
@@ -53,6 +67,9 @@ fn attempts() -> serde_json::Value {
         "interfaces": interfaces,
         "reach_host_loopback": reach_host,
         "docker_socket": docker_socket,
+        "write_agent_md": write_agent_md,
+        "write_memory": write_memory,
+        "read_other_workspace": read_other_workspace,
     })
 }
 
@@ -115,18 +132,28 @@ fn plant(session: &Path, agent: &Path) -> serde_json::Value {
     // and in the agent folder, two self-loops and a DAG of links that never ends to walk.
     try_it("out file", symlink(&host_file, out.join("chown-me")));
     try_it("out dir", symlink(&host_dir, out.join("chown-dir")));
-    try_it("agent file", symlink(&host_file, agent.join("chown-me")));
-    try_it("agent dir", symlink(&host_dir, agent.join("chown-dir")));
-    try_it("loop a", symlink(".", agent.join("loop-a")));
-    try_it("loop b", symlink(".", agent.join("loop-b")));
+    // The agent folder is read-only in containers: these fail there ("agent:" marks them).
+    try_it("agent: file", symlink(&host_file, agent.join("chown-me")));
+    try_it("agent: dir", symlink(&host_dir, agent.join("chown-dir")));
+    try_it("agent: loop a", symlink(".", agent.join("loop-a")));
+    try_it("agent: loop b", symlink(".", agent.join("loop-b")));
     for i in 0..39 {
         let d = agent.join(format!("dag/d{i}"));
-        try_it("dag", std::fs::create_dir_all(&d));
+        try_it("agent: dag", std::fs::create_dir_all(&d));
         for link in ["a", "b"] {
-            try_it("dag link", symlink(format!("../d{}", i + 1), d.join(link)));
+            try_it(
+                "agent: dag link",
+                symlink(format!("../d{}", i + 1), d.join(link)),
+            );
         }
     }
-    json!({"planted": failed.is_empty(), "failed": failed})
+    let (in_agent_folder, in_out): (Vec<String>, Vec<String>) =
+        failed.into_iter().partition(|f| f.starts_with("agent:"));
+    json!({
+        "planted": in_out.is_empty(),
+        "failed": in_out,
+        "planted_in_agent_folder": in_agent_folder.is_empty(),
+    })
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -142,9 +169,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let session_dir = std::path::PathBuf::from(flag("--session-dir", "/session"));
     let agent_dir = std::path::PathBuf::from(flag("--agent-dir", "/agent"));
+    let memory_dir = args
+        .iter()
+        .position(|a| a == "--memory-dir")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from);
+    let report = attempts(&agent_dir, memory_dir.as_deref()).to_string();
     let paths = SessionPaths::new(&session_dir);
     let mut mailbox = AgentMailbox::open(paths, JournalMode::Delete).await?;
-    let report = attempts().to_string();
+
     for _ in 0..100 {
         let batch = mailbox.due(ferroclaw_mailbox::now_ms()).await?;
         if let Some(last) = batch.rows.last() {
