@@ -249,3 +249,77 @@ async fn a_batch_that_heartbeats_but_never_finishes_is_stopped_after_max_batch_s
     assert!(started.elapsed() < Duration::from_secs(60));
     cluster.stop().await
 }
+
+/// An agent that writes past its session's disk quota is stopped, the session takes no new
+/// message (saying why) until files are removed, and other sessions carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_over_its_disk_quota_is_stopped_and_takes_no_work_until_files_go()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(
+        dir.path(),
+        &[
+            (
+                "FERROCLAW_AGENT_BINARY",
+                ferroclaw_e2e::binary("hostile-agent")?
+                    .display()
+                    .to_string(),
+            ),
+            ("FERROCLAW_SESSION_DISK_MB", "1".into()),
+        ],
+    )
+    .await?;
+    let (_, filler) = cluster.post_message("filler", "fill", None).await?;
+    let session_dir = dir
+        .path()
+        .join("sessions/main")
+        .join(filler["session_id"].as_str().unwrap_or_default());
+    let started = std::time::Instant::now();
+    let refusal = loop {
+        let (status, body) = cluster.post_message("filler", "more", None).await?;
+        if status == 409 {
+            break body;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the session kept taking work past its quota: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let said = refusal["error"]["message"].as_str().unwrap_or_default();
+    assert!(said.contains("over the quota of 1 MB"), "{refusal}");
+    // The agent was stopped: no process serves the session any more.
+    let serving = || {
+        let needle = session_dir.display().to_string();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+            .any(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
+    };
+    let mut gone = false;
+    for _ in 0..150 {
+        if !serving() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the agent over its quota was stopped");
+    // Others carry on.
+    cluster.post_message("other", "hello", None).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.texts("other").await?.is_empty() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "another session was not answered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Files removed: the session takes work again.
+    std::fs::remove_file(session_dir.join("out/workspace/fill.bin"))?;
+    let (status, body) = cluster.post_message("filler", "again", None).await?;
+    assert_eq!(status, 202, "{body}");
+    cluster.stop().await
+}

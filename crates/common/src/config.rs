@@ -212,6 +212,11 @@ pub struct RunnerConfig {
     /// The longest a batch may stay claimed, heartbeat or not: past it the agent is stopped
     /// and the batch retried or failed as for a stale heartbeat.
     pub max_batch_secs: u64,
+    /// Disk a session's `out/` (workspace, outbox, state) may take. Over it, the agent is
+    /// stopped and the session takes no new messages until the limit is raised or files go.
+    pub session_disk_mb: u64,
+    /// Disk an agent's shared memory (`agents.shared_memory`) may take.
+    pub agent_disk_mb: u64,
     /// docker backend: the agent image.
     pub agent_image: String,
     /// docker backend: limits of each agent container.
@@ -248,6 +253,8 @@ impl Default for RunnerConfig {
             max_running_agents: 8,
             stuck_after_secs: 120,
             max_batch_secs: 15 * 60,
+            session_disk_mb: 1024,
+            agent_disk_mb: 1024,
             agent_image: "ferroclaw-agent:latest".into(),
             agent_memory_mb: 512,
             agent_cpus: 1.0,
@@ -641,6 +648,9 @@ impl Config {
         if let Some(v) = get("FERROCLAW_MAX_RUNNING_AGENTS") {
             self.runner.max_running_agents = parse("FERROCLAW_MAX_RUNNING_AGENTS", &v)?;
         }
+        if let Some(v) = get("FERROCLAW_SESSION_DISK_MB") {
+            self.runner.session_disk_mb = parse("FERROCLAW_SESSION_DISK_MB", &v)?;
+        }
         if let Some(v) = get("FERROCLAW_MAX_BATCH_SECS") {
             self.runner.max_batch_secs = parse("FERROCLAW_MAX_BATCH_SECS", &v)?;
         }
@@ -847,6 +857,11 @@ impl Config {
                 self.runner.max_rows_per_minute,
             ),
             ("runner.max_batch_secs", self.runner.max_batch_secs as usize),
+            (
+                "runner.session_disk_mb",
+                self.runner.session_disk_mb as usize,
+            ),
+            ("runner.agent_disk_mb", self.runner.agent_disk_mb as usize),
         ] {
             if value == 0 {
                 return invalid(key.into(), "must be at least 1".into());

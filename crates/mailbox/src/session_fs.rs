@@ -235,6 +235,45 @@ impl Dir {
             .map_err(|e| FsError::from_errno(path.clone(), e))
     }
 
+    /// Bytes this directory's tree takes on disk (allocated blocks), walking it through
+    /// descriptors without following any link. Counts at most `max_entries` entries:
+    /// `None` when there are more (a tree that big is over any sane quota anyway).
+    pub fn disk_usage(&self, max_entries: usize) -> FsResult<Option<u64>> {
+        let mut total: u64 = 0;
+        let mut entries = 0usize;
+        let mut todo = vec![self.dup()?];
+        while let Some(dir) = todo.pop() {
+            let listing = rustix::fs::Dir::read_from(&dir)
+                .map_err(|e| FsError::from_errno(self.path.clone(), e))?;
+            for entry in listing {
+                let entry = entry.map_err(|e| FsError::from_errno(self.path.clone(), e))?;
+                let name = entry.file_name();
+                if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                    continue;
+                }
+                entries += 1;
+                if entries > max_entries {
+                    return Ok(None);
+                }
+                let Ok(stat) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
+                    continue; // removed meanwhile
+                };
+                total = total.saturating_add((stat.st_blocks as u64).saturating_mul(512));
+                if FileType::from_raw_mode(stat.st_mode) == FileType::Directory
+                    && let Ok(sub) = rustix::fs::openat(
+                        &dir,
+                        name,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                {
+                    todo.push(sub);
+                }
+            }
+        }
+        Ok(Some(total))
+    }
+
     /// Gives this directory itself to `uid:gid` (through its descriptor: no path, no link).
     pub fn chown(&self, uid: u32, gid: u32) -> FsResult<()> {
         rustix::fs::fchown(
@@ -561,6 +600,22 @@ mod tests {
         assert_eq!(entry.kind, FileType::Symlink);
         assert!(out.entry("missing").unwrap().is_none());
         assert_eq!(out.entry("outbox/1/a.txt").unwrap().unwrap().len, 1);
+    }
+
+    #[test]
+    fn disk_usage_counts_the_tree_but_no_link_target() {
+        let (root, out) = tree();
+        std::fs::write(out.path().join("outbox/1/big"), vec![1u8; 256 * 1024]).unwrap();
+        // A link to a big file elsewhere is not counted.
+        std::fs::write(root.path().join("huge"), vec![1u8; 4 * 1024 * 1024]).unwrap();
+        symlink(root.path(), out.path().join("up")).unwrap();
+        let used = out.disk_usage(1000).unwrap().unwrap();
+        assert!((256 * 1024..1024 * 1024).contains(&used), "{used}");
+        assert_eq!(
+            out.disk_usage(2).unwrap(),
+            None,
+            "more entries than allowed"
+        );
     }
 
     #[test]

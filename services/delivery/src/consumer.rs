@@ -176,11 +176,14 @@ impl Consumer {
                 self.notices.insert((message.session_id.clone(), seq));
                 Ok(())
             }
-            // The session is gone or refuses the notice: nothing to retry.
+            // The session is gone, refuses the notice, or takes no work (over its disk
+            // quota, tampered with): nothing to retry.
             Err(status)
                 if matches!(
                     status.code(),
-                    tonic::Code::NotFound | tonic::Code::InvalidArgument
+                    tonic::Code::NotFound
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::FailedPrecondition
                 ) =>
             {
                 tracing::error!(%status, "cannot tell the agent its action failed");

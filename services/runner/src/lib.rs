@@ -4,6 +4,7 @@
 pub mod activity;
 pub mod backend;
 pub mod credential_proxy;
+pub mod disk_quota;
 pub mod docker_backend;
 pub mod error;
 mod mailboxes;
@@ -115,6 +116,11 @@ pub async fn run(
         max_running_agents: config.runner.max_running_agents,
         stuck_after: std::time::Duration::from_secs(config.runner.stuck_after_secs),
         max_batch: std::time::Duration::from_secs(config.runner.max_batch_secs),
+        disk: disk_quota::DiskQuota {
+            session_bytes: config.runner.session_disk_mb.saturating_mul(1024 * 1024),
+            agent_bytes: config.runner.agent_disk_mb.saturating_mul(1024 * 1024),
+            data_dir: data_dir.clone(),
+        },
     };
     let supervisor = Supervisor::new(
         backend,

@@ -143,6 +143,9 @@ impl Runner for RunnerService {
         } else {
             self.session(&req.session_id).await?
         };
+        if let Some(why) = self.supervisor.over_quota(&session).await {
+            return Err(Status::failed_precondition(why));
+        }
         let mailbox = self.mailboxes.get(&session).await?;
         let enqueued = mailbox.enqueue(&message).await.map_err(RunnerError::from)?;
         if !enqueued.duplicate {

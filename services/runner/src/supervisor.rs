@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backend::{Backend, Exit};
+use crate::disk_quota::{self, DiskQuota};
 use crate::error::Result;
 use crate::mailboxes::Mailboxes;
 use crate::registry::{Registry, SessionRecord};
@@ -60,6 +61,10 @@ struct Inner {
     stuck_after: Duration,
     /// A batch claimed for longer than this means a stuck agent, heartbeat or not.
     max_batch: Duration,
+    disk: DiskQuota,
+    /// Sessions over their disk quota, with why: stopped, and taking no new work until
+    /// they are under it again.
+    over_quota: std::sync::Mutex<HashMap<String, String>>,
     /// Sessions whose files were tampered with (a link or FIFO in place of `outbound.db`):
     /// their agents are stopped and not started again until the runner restarts.
     tampered: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -68,11 +73,12 @@ struct Inner {
 }
 
 /// Limits of the supervisor.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SupervisorLimits {
     pub max_running_agents: usize,
     pub stuck_after: Duration,
     pub max_batch: Duration,
+    pub disk: DiskQuota,
 }
 
 impl Supervisor {
@@ -93,6 +99,8 @@ impl Supervisor {
                 yielders: std::sync::Mutex::new(HashMap::new()),
                 stuck_after: limits.stuck_after,
                 max_batch: limits.max_batch,
+                disk: limits.disk,
+                over_quota: Default::default(),
                 tampered: Default::default(),
                 shutdown,
                 tasks: TaskTracker::new(),
@@ -122,6 +130,29 @@ impl Supervisor {
         self.inner
             .tasks
             .spawn(async move { inner.supervise(session).await }.instrument(span));
+    }
+
+    /// Why the session takes no new work now, if it does not: it was over its disk quota
+    /// and still is (measured again here, so removed files or a raised limit count at once).
+    pub async fn over_quota(&self, session: &SessionRecord) -> Option<String> {
+        let was = self
+            .inner
+            .over_quota
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&session.id).cloned())?;
+        let agent = self.inner.agents.get(&session.agent)?;
+        let paths = self.inner.mailboxes.paths(session);
+        match self.inner.disk.exceeded(&paths, agent).await {
+            Some(why) => Some(why),
+            None => {
+                tracing::info!(session = %session.id, %was, "session is under its disk quota again");
+                if let Ok(mut m) = self.inner.over_quota.lock() {
+                    m.remove(&session.id);
+                }
+                None
+            }
+        }
     }
 
     pub async fn state(&self, session_id: &str) -> Option<AgentState> {
@@ -195,6 +226,28 @@ impl Inner {
             .is_ok_and(|set| set.contains(session_id))
     }
 
+    /// Resolves when the session's usage passes its quota; never otherwise.
+    async fn watch_quota(
+        &self,
+        paths: &ferroclaw_mailbox::SessionPaths,
+        agent: &AgentConfig,
+    ) -> String {
+        loop {
+            tokio::time::sleep(disk_quota::CHECK_EVERY).await;
+            if let Some(why) = self.disk.exceeded(paths, agent).await {
+                return why;
+            }
+        }
+    }
+
+    fn note_over_quota(&self, session: &SessionRecord, why: String) {
+        tracing::error!(session = %session.id, agent = %session.agent, %why,
+            "session over its disk quota: its agent is stopped and new messages are refused");
+        if let Ok(mut m) = self.over_quota.lock() {
+            m.insert(session.id.clone(), why);
+        }
+    }
+
     /// Reports a session whose mailbox cannot be read; a tampered one is stopped for good.
     fn note_unreadable(&self, session: &SessionRecord, e: &crate::error::RunnerError) {
         if is_tampering(e) {
@@ -224,6 +277,14 @@ impl Inner {
             };
             let mut slots = self.slots.lock().await;
             if self.shutdown.is_cancelled() {
+                slots.remove(&session.id);
+                return;
+            }
+            if self
+                .over_quota
+                .lock()
+                .is_ok_and(|m| m.contains_key(&session.id))
+            {
                 slots.remove(&session.id);
                 return;
             }
@@ -340,6 +401,10 @@ impl Inner {
             return Ok((true, "shut down while queued".into()));
         };
         let paths = self.mailboxes.paths(session);
+        if let Some(why) = self.disk.exceeded(&paths, agent).await {
+            self.note_over_quota(session, why);
+            return Ok((true, "over its disk quota; not started".into()));
+        }
         let mut run = self.backend.start(session, &paths, agent).await?;
         tracing::info!(agent = %run.describe(), "agent started");
         let yield_token = CancellationToken::new();
@@ -350,12 +415,14 @@ impl Inner {
             Exited(Result<Exit>),
             Stop,
             Stuck(Stuck),
+            OverQuota(String),
         }
         let ended = tokio::select! {
             exit = run.wait() => Ended::Exited(exit),
             _ = self.shutdown.cancelled() => Ended::Stop,
             _ = yield_token.cancelled() => Ended::Stop,
             stale = self.stuck(session) => Ended::Stuck(stale),
+            why = self.watch_quota(&paths, agent) => Ended::OverQuota(why),
         };
         if let Ok(mut map) = self.yielders.lock() {
             map.remove(&session.id);
@@ -363,6 +430,11 @@ impl Inner {
         match ended {
             Ended::Exited(exit) => exit,
             Ended::Stop => run.stop(STOP_GRACE).await,
+            Ended::OverQuota(why) => {
+                self.note_over_quota(session, why);
+                run.stop(STOP_GRACE).await?;
+                Ok((true, "stopped: over its disk quota".into()))
+            }
             Ended::Stuck(stuck) => {
                 let why = match stuck {
                     Stuck::Silent(stale) => format!("no heartbeat for {}s", stale.as_secs()),

@@ -262,10 +262,14 @@ pub fn run_key(task: &TaskRow, at: i64) -> String {
 }
 
 /// Errors that retrying will not fix: the run is recorded as failed and the series goes on.
+/// A session that takes no work (over its disk quota, tampered with) is one of them.
 fn permanent(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::PermissionDenied
+        tonic::Code::NotFound
+            | tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+            | tonic::Code::FailedPrecondition
     )
 }
 

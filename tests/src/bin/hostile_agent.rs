@@ -187,6 +187,16 @@ async fn main() -> anyhow::Result<()> {
                 InboundContent::Chat(chat) => chat.text.clone(),
                 _ => String::new(),
             };
+            if told == "fill" {
+                // Past a 1 MB quota, then keep working (and heartbeating) as if nothing happened.
+                let workspace = session_dir.join("out/workspace");
+                std::fs::create_dir_all(&workspace)?;
+                std::fs::write(workspace.join("fill.bin"), vec![0x5a; 2 * 1024 * 1024])?;
+                loop {
+                    mailbox.touch_heartbeat()?;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
             if told == "hang" {
                 use std::io::Write;
                 let state = session_dir.join("out/state");
