@@ -274,7 +274,15 @@ async fn a_session_over_its_disk_quota_is_stopped_and_takes_no_work_until_files_
         .path()
         .join("sessions/main")
         .join(filler["session_id"].as_str().unwrap_or_default());
+    // Only once the agent has its batch (a later message would join it).
     let started = std::time::Instant::now();
+    while !session_dir.join("out/workspace/fill.bin").exists() {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the agent never wrote its file"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let refusal = loop {
         let (status, body) = cluster.post_message("filler", "more", None).await?;
         if status == 409 {

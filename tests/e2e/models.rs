@@ -838,3 +838,60 @@ async fn a_sent_file_can_be_downloaded_from_the_api_conversation() -> anyhow::Re
     }
     cluster.stop().await
 }
+
+/// A line forged into Claude Code's MCP spool becomes an outbound row like any other, and
+/// the host refuses its destination as it refuses a forged row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_mcp_spool_line_is_refused_by_the_host() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([Step::Text("claude says hi".into())]);
+    let claude = ferroclaw_e2e::binary("fake-claude")?;
+    let cluster = model_cluster(
+        dir.path(),
+        "claude-code",
+        &fake,
+        &format!("command = \"{}\"", claude.display()),
+        &[("FERROCLAW_ECHO_FORGE_SPOOL", "victim".into())],
+    )
+    .await?;
+    let (_, cc) = cluster.post_message("cc", "hello claude", None).await?;
+    let first = "claude says hi [session fake-session-1, resumed: false]";
+    cluster
+        .wait_for_lines("cc", &["via mcp".into(), first.into()], WAIT)
+        .await?;
+    let inbound = cluster
+        .data_dir
+        .join("sessions/main")
+        .join(cc["session_id"].as_str().unwrap_or_default())
+        .join("in/inbound.db");
+    let deadline = std::time::Instant::now() + WAIT;
+    let refused: Vec<(String,)> = loop {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&inbound)
+                    .read_only(true),
+            )
+            .await?;
+        let rows = sqlx::query_as("SELECT detail FROM delivered WHERE outcome = 'failed'")
+            .fetch_all(&pool)
+            .await?;
+        pool.close().await;
+        if !Vec::<(String,)>::is_empty(&rows) || std::time::Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0]
+            .0
+            .contains("may not send to the API conversation \"victim\"")
+    );
+    assert!(
+        cluster.texts("victim").await?.is_empty(),
+        "nothing reached the victim"
+    );
+    cluster.stop().await
+}
