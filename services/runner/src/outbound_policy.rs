@@ -27,6 +27,8 @@ use crate::registry::SessionRecord;
 /// Refusal reasons kept per session before the oldest are forgotten (they are settled, so
 /// a forgotten one is never streamed again anyway).
 const REMEMBERED_REFUSALS: usize = 10_000;
+/// Batches whose row counts are kept per session; older batches are long finished.
+const REMEMBERED_BATCHES: usize = 1_000;
 
 /// The host's verdict on one outbound row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,8 +122,7 @@ impl OutboundPolicy {
                 return Ok(self.record(&session.id, row, Verdict::Refuse(reason)));
             }
         }
-        let verdict = self.count(&session.id, row);
-        Ok(self.record(&session.id, row, verdict))
+        Ok(self.count(&session.id, row))
     }
 
     fn earlier_verdict(&self, session_id: &str, seq: i64) -> Option<Verdict> {
@@ -172,12 +173,25 @@ impl OutboundPolicy {
         }
     }
 
-    /// Counts an allowed row against its batch and the session's minute.
+    /// Counts an allowed row against its batch and the session's minute, and records the
+    /// verdict, under one lock: a row two streams judge at once is counted once.
     fn count(&self, session_id: &str, row: &OutboundRow) -> Verdict {
         let Ok(mut sessions) = self.sessions.lock() else {
             return Verdict::Send;
         };
         let guard = sessions.entry(session_id.to_string()).or_default();
+        if row.seq <= guard.judged_up_to {
+            return match guard.refused.get(&row.seq) {
+                Some(reason) => Verdict::Refuse(reason.clone()),
+                None => Verdict::Send,
+            };
+        }
+        let verdict = self.limit(guard, row);
+        guard.remember(row.seq, &verdict);
+        verdict
+    }
+
+    fn limit(&self, guard: &mut SessionGuard, row: &OutboundRow) -> Verdict {
         let batch = row.in_reply_to.unwrap_or(0);
         let in_batch = guard.per_batch.get(&batch).copied().unwrap_or(0);
         if in_batch >= self.max_rows_per_batch {
@@ -202,24 +216,38 @@ impl OutboundPolicy {
             ));
         }
         guard.recent.push_back(now);
+        if !guard.per_batch.contains_key(&batch)
+            && guard.per_batch.len() >= REMEMBERED_BATCHES
+            && let Some(oldest) = guard.per_batch.keys().min().copied()
+        {
+            guard.per_batch.remove(&oldest);
+        }
         *guard.per_batch.entry(batch).or_default() += 1;
         Verdict::Send
     }
 
     fn record(&self, session_id: &str, row: &OutboundRow, verdict: Verdict) -> Verdict {
         if let Ok(mut sessions) = self.sessions.lock() {
-            let guard = sessions.entry(session_id.to_string()).or_default();
-            guard.judged_up_to = guard.judged_up_to.max(row.seq);
-            if let Verdict::Refuse(reason) = &verdict {
-                if guard.refused.len() >= REMEMBERED_REFUSALS
-                    && let Some(oldest) = guard.refused.keys().min().copied()
-                {
-                    guard.refused.remove(&oldest);
-                }
-                guard.refused.insert(row.seq, reason.clone());
-            }
+            sessions
+                .entry(session_id.to_string())
+                .or_default()
+                .remember(row.seq, &verdict);
         }
         verdict
+    }
+}
+
+impl SessionGuard {
+    fn remember(&mut self, seq: i64, verdict: &Verdict) {
+        self.judged_up_to = self.judged_up_to.max(seq);
+        if let Verdict::Refuse(reason) = verdict {
+            if self.refused.len() >= REMEMBERED_REFUSALS
+                && let Some(oldest) = self.refused.keys().min().copied()
+            {
+                self.refused.remove(&oldest);
+            }
+            self.refused.insert(seq, reason.clone());
+        }
     }
 }
 
@@ -273,7 +301,7 @@ mod tests {
         let verdict = match policy.check_shape(row) {
             Err(reason) => Verdict::Refuse(reason),
             Ok(d) if !policy.may_send_to(&session(), &d) => Verdict::Refuse("not allowed".into()),
-            Ok(_) => policy.count("ses_a", row),
+            Ok(_) => return policy.count("ses_a", row),
         };
         policy.record("ses_a", row, verdict)
     }
