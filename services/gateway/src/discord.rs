@@ -336,6 +336,16 @@ impl Handler {
                 self.cursors.advance(&channel, msg.id.get());
                 true
             }
+            // The session takes no work (over its disk quota, or tampered with): the person
+            // is told why, since no agent will answer, and the message counts as handled.
+            Err(crate::error::ApiError::Conflict(why)) => {
+                tracing::warn!(%why, message = %msg.id, "a Discord message was refused");
+                if let Err(e) = msg.channel_id.say(http, format!("Not taken: {why}")).await {
+                    tracing::warn!(error = %e, "cannot say why a message was refused");
+                }
+                self.cursors.advance(&channel, msg.id.get());
+                true
+            }
             // The cursor stays behind it: the next catch-up fetches it again.
             Err(e) => {
                 tracing::error!(error = %e, message = %msg.id, "cannot enqueue a Discord message");
