@@ -236,7 +236,8 @@ pub struct RunnerConfig {
     pub max_row_bytes: usize,
     /// Most rows that may answer one inbound message (one batch of the agent's).
     pub max_rows_per_batch: usize,
-    /// Most rows one session may send in any minute.
+    /// Most rows one session may send in any minute: a ceiling against a flood, well above
+    /// what a busy conversation answers (rows per message are bounded by the batch limit).
     pub max_rows_per_minute: usize,
 }
 
@@ -264,7 +265,7 @@ impl Default for RunnerConfig {
             agent_network: "ferroclaw-agents".into(),
             max_row_bytes: 64 * 1024,
             max_rows_per_batch: 100,
-            max_rows_per_minute: 300,
+            max_rows_per_minute: 6_000,
         }
     }
 }
