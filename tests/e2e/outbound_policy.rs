@@ -142,7 +142,7 @@ async fn forged_rows_are_refused(docker: bool) -> anyhow::Result<()> {
     pool.close().await;
     assert_eq!(
         failed.len(),
-        5 + 1 + 9_901,
+        5 + 1 + 9_901 + 1,
         "every refused row is settled failed"
     );
     let reasons: Vec<&str> = failed.iter().map(|(d,)| d.as_str()).collect();
@@ -152,6 +152,7 @@ async fn forged_rows_are_refused(docker: bool) -> anyhow::Result<()> {
         "may not send to the callback of webhook source \"other\"",
         "max_row_bytes",
         "max_rows_per_batch",
+        "a message of type \"exec\" was refused",
     ] {
         assert!(
             reasons.iter().any(|r| r.contains(needle)),

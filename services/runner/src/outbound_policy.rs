@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ferroclaw_common::Config;
-use ferroclaw_mailbox::{Destination, HostMailbox, OutboundRow};
+use ferroclaw_mailbox::{Destination, HostMailbox, OutboundContent, OutboundRow};
 
 use crate::error::Result;
 use crate::registry::SessionRecord;
@@ -143,6 +143,12 @@ impl OutboundPolicy {
                 row.row_bytes, self.max_row_bytes
             ));
         }
+        // A row type of the agent's invention, or content that is not what its type says,
+        // never reaches a sender that would have to guess.
+        OutboundContent::parse(&row.kind, &row.content).map_err(|e| {
+            let kind: String = row.kind.chars().take(40).collect();
+            format!("a message of type {kind:?} was refused: {e}")
+        })?;
         serde_json::from_str(&row.destination).map_err(|e| {
             format!(
                 "the destination {:?} is not one ferroclaw knows: {e}",
@@ -271,7 +277,7 @@ mod tests {
             created_at: 0,
             kind: "chat".into(),
             destination: destination.into(),
-            content: "{}".into(),
+            content: r#"{"text":"hi"}"#.into(),
             row_bytes: bytes,
             trace: None,
         }
@@ -334,6 +340,13 @@ mod tests {
             let verdict = judge(&policy, &row(101 + 2 * i as i64, 2, d, 10));
             assert!(matches!(verdict, Verdict::Refuse(_)), "{d}");
         }
+        // Its own conversation, but a row type of its own invention or mismatched content.
+        let mut forged = row(201, 2, ok[0], 10);
+        forged.kind = "exec".into();
+        assert!(matches!(judge(&policy, &forged), Verdict::Refuse(r) if r.contains("\"exec\"")));
+        let mut mismatched = row(203, 2, ok[0], 10);
+        mismatched.kind = "card".into();
+        assert!(matches!(judge(&policy, &mismatched), Verdict::Refuse(_)));
     }
 
     #[test]

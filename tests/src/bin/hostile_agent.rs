@@ -288,6 +288,25 @@ async fn main() -> anyhow::Result<()> {
             mailbox
                 .finish(&seqs, &replies, BatchStatus::Completed)
                 .await?;
+            if told == "forge" {
+                // A row of a type ferroclaw never wrote, straight into outbound.db.
+                let db = session_dir.join("out/outbound.db");
+                let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&db))
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO messages_out (seq, in_reply_to, created_at, kind, destination, content)
+                     SELECT max(seq) + 2, $1, $2, 'exec', $3, '{\"cmd\":\"rm -rf /\"}' FROM messages_out",
+                )
+                .bind(last.seq)
+                .bind(ferroclaw_mailbox::now_ms())
+                .bind(serde_json::to_string(&last.origin.reply_to)?)
+                .execute(&pool)
+                .await?;
+                pool.close().await;
+                std::fs::write(session_dir.join("out/outbound.bell"), b"\n")?;
+            }
             if told == "swap" {
                 // Its own outbound.db becomes a link to another session's: a runner that
                 // followed it would serve that session's rows as this one's.
