@@ -506,3 +506,58 @@ async fn a_webhook_source_can_reply_in_a_discord_channel() -> anyhow::Result<()>
     assert_eq!(posted[0].content, r#"echo: webhook ci: {"build":"green"}"#);
     cluster.stop().await
 }
+
+/// A session that takes no work (here: over its disk quota) is no silent black hole on
+/// Discord: the person is told in the channel why their message was not taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_is_explained_in_the_channel() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeDiscord::start().await?;
+    let cluster = discord_cluster_with(
+        dir.path(),
+        &fake,
+        &[
+            (
+                "FERROCLAW_AGENT_BINARY",
+                ferroclaw_e2e::binary("hostile-agent")?
+                    .display()
+                    .to_string(),
+            ),
+            ("FERROCLAW_SESSION_DISK_MB", "1".into()),
+        ],
+        "",
+    )
+    .await?;
+    fake.user_message(OPEN, ANN, "fill", true);
+    let filled = || {
+        std::fs::read_dir(cluster.data_dir.join("sessions/main"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|s| s.path().join("out/workspace/fill.bin").exists())
+    };
+    let started = std::time::Instant::now();
+    while !filled() {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "never filled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Once the runner has seen the quota passed, the next message is refused and explained.
+    let mut n = 0;
+    let refusal = loop {
+        n += 1;
+        fake.user_message(OPEN, ANN, &format!("more {n}"), true);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let open = OPEN.to_string();
+        if let Some(post) = fake.posted().into_iter().find(|p| p.channel_id == open) {
+            break post;
+        }
+        anyhow::ensure!(n < 30, "no message was explained as refused");
+    };
+    assert!(
+        refusal.content.starts_with("Not taken: ")
+            && refusal.content.contains("over the quota of 1 MB"),
+        "{}",
+        refusal.content
+    );
+    cluster.stop().await
+}
