@@ -214,36 +214,29 @@ async fn a_batch_that_heartbeats_but_never_finishes_is_stopped_after_max_batch_s
     let cluster = Cluster::start(
         dir.path(),
         &[
-            (
-                "FERROCLAW_AGENT_BINARY",
-                ferroclaw_e2e::binary("hostile-agent")?
-                    .display()
-                    .to_string(),
-            ),
+            ferroclaw_e2e::hostile_process_agent()?,
             ("FERROCLAW_MAX_BATCH_SECS", "2".into()),
         ],
     )
     .await?;
     let (_, hanging) = cluster.post_message("hang", "hang", None).await?;
-    let starts = dir
-        .path()
-        .join("sessions/main")
-        .join(hanging["session_id"].as_str().unwrap_or_default())
-        .join("out/state/hang-starts");
+    let starts = ferroclaw_e2e::session_dir(
+        dir.path(),
+        hanging["session_id"].as_str().unwrap_or_default(),
+    )
+    .join("out/state/hang-starts");
     let count = || {
         std::fs::read_to_string(&starts)
             .map(|s| s.lines().count())
             .unwrap_or(0)
     };
     let started = std::time::Instant::now();
-    while count() < 2 {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "the heartbeating agent was never stopped ({} starts)",
-            count()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ferroclaw_e2e::wait_until(
+        Duration::from_secs(30),
+        "the heartbeating agent is stopped and started again",
+        || count() >= 2,
+    )
+    .await?;
     eprintln!("stopped and restarted after {:?}", started.elapsed());
     // The heartbeat never went stale (stuck_after_secs is 120 s): the batch's age stopped it.
     assert!(started.elapsed() < Duration::from_secs(60));
@@ -259,30 +252,22 @@ async fn a_session_over_its_disk_quota_is_stopped_and_takes_no_work_until_files_
     let cluster = Cluster::start(
         dir.path(),
         &[
-            (
-                "FERROCLAW_AGENT_BINARY",
-                ferroclaw_e2e::binary("hostile-agent")?
-                    .display()
-                    .to_string(),
-            ),
+            ferroclaw_e2e::hostile_process_agent()?,
             ("FERROCLAW_SESSION_DISK_MB", "1".into()),
         ],
     )
     .await?;
     let (_, filler) = cluster.post_message("filler", "fill", None).await?;
-    let session_dir = dir
-        .path()
-        .join("sessions/main")
-        .join(filler["session_id"].as_str().unwrap_or_default());
+    let session_dir = ferroclaw_e2e::session_dir(
+        dir.path(),
+        filler["session_id"].as_str().unwrap_or_default(),
+    );
     // Only once the agent has its batch (a later message would join it).
+    ferroclaw_e2e::wait_until(Duration::from_secs(30), "the agent writes its file", || {
+        session_dir.join("out/workspace/fill.bin").exists()
+    })
+    .await?;
     let started = std::time::Instant::now();
-    while !session_dir.join("out/workspace/fill.bin").exists() {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "the agent never wrote its file"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let refusal = loop {
         let (status, body) = cluster.post_message("filler", "more", None).await?;
         if status == 409 {
@@ -306,15 +291,12 @@ async fn a_session_over_its_disk_quota_is_stopped_and_takes_no_work_until_files_
             .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
             .any(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
     };
-    let mut gone = false;
-    for _ in 0..150 {
-        if !serving() {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(gone, "the agent over its quota was stopped");
+    ferroclaw_e2e::wait_until(
+        Duration::from_secs(15),
+        "the agent over its quota is stopped",
+        || !serving(),
+    )
+    .await?;
     // Others carry on.
     cluster.post_message("other", "hello", None).await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -860,35 +860,20 @@ async fn a_forged_mcp_spool_line_is_refused_by_the_host() -> anyhow::Result<()> 
     cluster
         .wait_for_lines("cc", &["via mcp".into(), first.into()], WAIT)
         .await?;
-    let inbound = cluster
-        .data_dir
-        .join("sessions/main")
-        .join(cc["session_id"].as_str().unwrap_or_default())
-        .join("in/inbound.db");
+    let session = ferroclaw_e2e::session_dir(
+        &cluster.data_dir,
+        cc["session_id"].as_str().unwrap_or_default(),
+    );
     let deadline = std::time::Instant::now() + WAIT;
-    let refused: Vec<(String,)> = loop {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .connect_with(
-                sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(&inbound)
-                    .read_only(true),
-            )
-            .await?;
-        let rows = sqlx::query_as("SELECT detail FROM delivered WHERE outcome = 'failed'")
-            .fetch_all(&pool)
-            .await?;
-        pool.close().await;
-        if !Vec::<(String,)>::is_empty(&rows) || std::time::Instant::now() > deadline {
-            break rows;
+    let refused = loop {
+        let refused = ferroclaw_e2e::failed_details(&session).await?;
+        if !refused.is_empty() || std::time::Instant::now() > deadline {
+            break refused;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
     assert_eq!(refused.len(), 1, "{refused:?}");
-    assert!(
-        refused[0]
-            .0
-            .contains("may not send to the API conversation \"victim\"")
-    );
+    assert!(refused[0].contains("may not send to the API conversation \"victim\""));
     assert!(
         cluster.texts("victim").await?.is_empty(),
         "nothing reached the victim"

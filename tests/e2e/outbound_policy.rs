@@ -123,29 +123,17 @@ async fn forged_rows_are_refused(docker: bool) -> anyhow::Result<()> {
 
     // Each refused row is settled as failed with the reason, in the session's own mailbox.
     let session = attacker["session_id"].as_str().unwrap_or_default();
-    let inbound = dir
-        .path()
-        .join("data/sessions/main")
-        .join(session)
-        .join("in/inbound.db");
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&inbound)
-                .read_only(true),
-        )
-        .await?;
-    let failed: Vec<(String,)> =
-        sqlx::query_as("SELECT detail FROM delivered WHERE outcome = 'failed' ORDER BY out_seq")
-            .fetch_all(&pool)
-            .await?;
-    pool.close().await;
+    let failed = ferroclaw_e2e::failed_details(&ferroclaw_e2e::session_dir(
+        &dir.path().join("data"),
+        session,
+    ))
+    .await?;
     assert_eq!(
         failed.len(),
         5 + 1 + 9_901 + 1,
         "every refused row is settled failed"
     );
-    let reasons: Vec<&str> = failed.iter().map(|(d,)| d.as_str()).collect();
+    let reasons = &failed;
     for needle in [
         "may not send to the API conversation \"victim\"",
         "may not send to the Discord channel 999",

@@ -466,3 +466,49 @@ pub fn offline_hostile_image() -> anyhow::Result<String> {
     }
     Ok("ferroclaw-hostile:e2e".into())
 }
+
+/// The environment that makes the process backend run the hostile stand-in agent.
+pub fn hostile_process_agent() -> anyhow::Result<(&'static str, String)> {
+    Ok((
+        "FERROCLAW_AGENT_BINARY",
+        binary("hostile-agent")?.display().to_string(),
+    ))
+}
+
+/// The directory of session `session_id` of agent `main` under `data_dir`.
+pub fn session_dir(data_dir: &Path, session_id: &str) -> PathBuf {
+    data_dir.join("sessions/main").join(session_id)
+}
+
+/// Polls `ready` every 100 ms until it holds; fails naming `what` after `limit`.
+pub async fn wait_until(
+    limit: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    while !ready() {
+        if started.elapsed() > limit {
+            bail!("waited {limit:?} in vain: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The `detail` of every outbound row of a session that was settled as failed, read from
+/// its `in/inbound.db` (where the agent sees them too).
+pub async fn failed_details(session_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(session_dir.join("in/inbound.db"))
+        .read_only(true);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect_with(options)
+        .await?;
+    let rows: Vec<(Option<String>,)> =
+        sqlx::query_as("SELECT detail FROM delivered WHERE outcome = 'failed' ORDER BY out_seq")
+            .fetch_all(&pool)
+            .await?;
+    pool.close().await;
+    Ok(rows.into_iter().map(|(d,)| d.unwrap_or_default()).collect())
+}
