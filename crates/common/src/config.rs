@@ -895,6 +895,16 @@ impl Config {
                 ),
             );
         }
+        // The public gRPC ingress takes the same token: open only on loopback without one.
+        if self.gateway.api_token.is_none() && !self.gateway.grpc.listen.ip().is_loopback() {
+            return invalid(
+                "gateway.grpc".into(),
+                format!(
+                    "{} is not a loopback address: set FERROCLAW_API_TOKEN before exposing the gRPC API",
+                    self.gateway.grpc.listen
+                ),
+            );
+        }
         Ok(())
     }
 

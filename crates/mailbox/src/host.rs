@@ -22,6 +22,15 @@ pub struct Enqueued {
     pub duplicate: bool,
 }
 
+/// One page of unsettled outbound rows.
+#[derive(Debug, Default)]
+pub struct OutboundPage {
+    pub rows: Vec<OutboundRow>,
+    /// When the page was full: the last seq looked at, where the next page starts (rows up
+    /// to it that are not in `rows` were settled already).
+    pub more_after: Option<i64>,
+}
+
 /// Inbound work the agent has not finished.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pending {
@@ -151,34 +160,54 @@ impl HostMailbox {
     }
 
     /// Outbound rows above `after` that have no `delivered` entry yet, oldest first. A row
-    /// whose content and destination pass `max_row_bytes` comes without them (its
-    /// `row_bytes` says how big it is), so an agent cannot make the host load a huge row.
+    /// whose columns together pass `max_row_bytes` comes without them (its `row_bytes`
+    /// says how big it is), so an agent cannot make the host load a huge row.
     pub async fn unsettled_after(
         &self,
         after: i64,
         max_row_bytes: usize,
     ) -> Result<Vec<OutboundRow>> {
+        Ok(self
+            .unsettled_page(after, max_row_bytes, usize::MAX)
+            .await?
+            .rows)
+    }
+
+    /// Like [`Self::unsettled_after`], looking at no more than `limit` rows above `after`.
+    pub async fn unsettled_page(
+        &self,
+        after: i64,
+        max_row_bytes: usize,
+        limit: usize,
+    ) -> Result<OutboundPage> {
         let Some(out) = self.outbound().await? else {
-            return Ok(Vec::new());
+            return Ok(OutboundPage::default());
         };
         let out_path = self.paths.outbound_db();
         let rows = sqlx::query(
-            "SELECT seq, in_reply_to, created_at, kind, trace, size,
+            "SELECT seq, in_reply_to, created_at, size,
+                    CASE WHEN size > $2 THEN '' ELSE kind END AS kind,
+                    CASE WHEN size > $2 THEN NULL ELSE trace END AS trace,
                     CASE WHEN size > $2 THEN '' ELSE destination END AS destination,
                     CASE WHEN size > $2 THEN '' ELSE content END AS content
              FROM (SELECT *, length(CAST(content AS BLOB))
-                             + length(CAST(destination AS BLOB)) AS size
-                   FROM messages_out WHERE seq > $1)
+                             + length(CAST(destination AS BLOB))
+                             + ifnull(length(CAST(trace AS BLOB)), 0)
+                             + length(CAST(kind AS BLOB)) AS size
+                   FROM messages_out WHERE seq > $1 ORDER BY seq LIMIT $3)
              ORDER BY seq",
         )
         .bind(after)
         .bind(i64::try_from(max_row_bytes).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&out)
         .await
         .at(&out_path)?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
+        let Some(last) = rows.last() else {
+            return Ok(OutboundPage::default());
+        };
+        let full = rows.len() >= limit;
+        let scanned_up_to: i64 = last.try_get("seq").at(&out_path)?;
         let settled: HashSet<i64> =
             sqlx::query_scalar::<_, i64>("SELECT out_seq FROM delivered WHERE out_seq > $1")
                 .bind(after)
@@ -204,7 +233,10 @@ impl HostMailbox {
                 trace: row.try_get("trace").at(&out_path)?,
             });
         }
-        Ok(result)
+        Ok(OutboundPage {
+            rows: result,
+            more_after: full.then_some(scanned_up_to),
+        })
     }
 
     /// Where the host said this session's replies go: the distinct `reply_to` destinations
@@ -217,6 +249,15 @@ impl HostMailbox {
         .await
         .at(&self.paths.inbound_db())
         .map(|found| found.into_iter().flatten().collect())
+    }
+
+    /// The seqs of inbound messages above `after`, in order.
+    pub async fn inbound_seqs_after(&self, after: i64) -> Result<Vec<i64>> {
+        sqlx::query_scalar("SELECT seq FROM messages_in WHERE seq > $1 ORDER BY seq")
+            .bind(after)
+            .fetch_all(&self.inbound)
+            .await
+            .at(&self.paths.inbound_db())
     }
 
     /// The `reply_to` (JSON) of the session's first inbound message: where it lives.
@@ -292,6 +333,34 @@ impl HostMailbox {
             pending.next_due = Some(pending.next_due.map_or(due, |d: i64| d.min(due)));
         }
         Ok(pending)
+    }
+
+    /// The inbound seqs that are due (now, unix ms) and that the agent has not finished,
+    /// by the host's reading: what an agent that makes progress will not hold for long.
+    pub async fn due_unfinished(&self, now: i64) -> Result<Vec<i64>> {
+        let due: Vec<i64> = sqlx::query_scalar(
+            "SELECT seq FROM messages_in WHERE state = 'active'
+               AND ifnull(process_after, created_at) <= $1 ORDER BY seq",
+        )
+        .bind(now)
+        .fetch_all(&self.inbound)
+        .await
+        .at(&self.paths.inbound_db())?;
+        if due.is_empty() {
+            return Ok(due);
+        }
+        let done: HashSet<i64> = match self.outbound().await? {
+            None => HashSet::new(),
+            Some(out) => sqlx::query_scalar::<_, i64>(
+                "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",
+            )
+            .fetch_all(&out)
+            .await
+            .at(&self.paths.outbound_db())?
+            .into_iter()
+            .collect(),
+        };
+        Ok(due.into_iter().filter(|s| !done.contains(s)).collect())
     }
 
     /// The inbound seqs the agent has claimed and not finished.

@@ -73,6 +73,9 @@ impl FsError {
 
 pub type FsResult<T> = std::result::Result<T, FsError>;
 
+/// Deepest directory nesting [`Dir::disk_usage`] walks.
+pub const MAX_WALK_DEPTH: usize = 128;
+
 /// Set once `openat2` turned out to be unavailable (old kernel, or a seccomp filter).
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
@@ -236,39 +239,54 @@ impl Dir {
     }
 
     /// Bytes this directory's tree takes on disk (allocated blocks), walking it through
-    /// descriptors without following any link. Counts at most `max_entries` entries:
-    /// `None` when there are more (a tree that big is over any sane quota anyway).
+    /// descriptors without following any link. Counts at most `max_entries` entries and
+    /// goes at most [`MAX_WALK_DEPTH`] directories deep: `None` beyond either (a tree like
+    /// that is over any sane quota anyway). Only the directories on the current path are
+    /// open, so a wide tree cannot use up the process's descriptors.
     pub fn disk_usage(&self, max_entries: usize) -> FsResult<Option<u64>> {
+        let io = |e: Errno| FsError::from_errno(self.path.clone(), e);
         let mut total: u64 = 0;
         let mut entries = 0usize;
-        let mut todo = vec![self.dup()?];
-        while let Some(dir) = todo.pop() {
-            let listing = rustix::fs::Dir::read_from(&dir)
-                .map_err(|e| FsError::from_errno(self.path.clone(), e))?;
-            for entry in listing {
-                let entry = entry.map_err(|e| FsError::from_errno(self.path.clone(), e))?;
-                let name = entry.file_name();
-                if name.to_bytes() == b"." || name.to_bytes() == b".." {
-                    continue;
-                }
-                entries += 1;
-                if entries > max_entries {
-                    return Ok(None);
-                }
-                let Ok(stat) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
-                    continue; // removed meanwhile
-                };
-                total = total.saturating_add((stat.st_blocks as u64).saturating_mul(512));
-                if FileType::from_raw_mode(stat.st_mode) == FileType::Directory
-                    && let Ok(sub) = rustix::fs::openat(
-                        &dir,
-                        name,
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                {
-                    todo.push(sub);
-                }
+        let mut path: Vec<rustix::fs::Dir> =
+            vec![rustix::fs::Dir::read_from(&self.fd).map_err(io)?];
+        while let Some(listing) = path.last_mut() {
+            let Some(entry) = listing.next() else {
+                path.pop();
+                continue;
+            };
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name().to_owned();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            entries += 1;
+            if entries > max_entries {
+                return Ok(None);
+            }
+            let Some(listing) = path.last() else { break };
+            let dir = listing.fd().map_err(io)?;
+            let stat = match rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat) => stat,
+                Err(Errno::NOENT) => continue, // removed meanwhile
+                Err(e) => return Err(io(e)),
+            };
+            total = total.saturating_add((stat.st_blocks as u64).saturating_mul(512));
+            if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
+                continue;
+            }
+            if path.len() >= MAX_WALK_DEPTH {
+                return Ok(None);
+            }
+            match rustix::fs::openat(
+                dir,
+                &name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(sub) => path.push(rustix::fs::Dir::new(sub).map_err(io)?),
+                // Removed, or swapped for a link, meanwhile: not counted, never followed.
+                Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR) => {}
+                Err(e) => return Err(io(e)),
             }
         }
         Ok(Some(total))

@@ -219,12 +219,14 @@ fn unix_now() -> i64 {
 
 /// Refuses a request a model turn does not need: another path or method than the
 /// provider's allow-list, or a body that names a model the agent is not configured for.
+/// Returns the body to forward: the JSON that was checked, written out again, so a second
+/// `model` key that the upstream might read instead can never ride along.
 fn check_request(
     agent: &AgentConfig,
     method: &axum::http::Method,
     path: &str,
-    body: &[u8],
-) -> Result<(), String> {
+    body: Bytes,
+) -> Result<Bytes, String> {
     let routes = match agent.api_flavour() {
         "openai" => OPENAI_ROUTES,
         _ => ANTHROPIC_ROUTES,
@@ -241,13 +243,14 @@ fn check_request(
         ));
     }
     if method == axum::http::Method::GET {
-        return Ok(());
+        return Ok(body);
     }
-    let model = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v["model"].as_str().map(str::to_string));
-    match model {
-        Some(model) if agent.allows_model(&model) => Ok(()),
+    let parsed = serde_json::from_slice::<Value>(&body)
+        .map_err(|e| format!("the request body is not JSON: {e}"))?;
+    match parsed["model"].as_str() {
+        Some(model) if agent.allows_model(model) => serde_json::to_vec(&parsed)
+            .map(Bytes::from)
+            .map_err(|e| format!("the request body: {e}")),
         Some(model) => Err(format!(
             "model {model:?} is not configured for agent {:?} (agents.model, agents.models)",
             agent.name
@@ -330,10 +333,13 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
             );
         }
     };
-    if let Err(reason) = check_request(&agent, &parts.method, parts.uri.path(), &body) {
-        tracing::warn!(session = %session_id, agent = %agent.name, %reason, "credential proxy refused a request");
-        return refuse(StatusCode::FORBIDDEN, "permission_error", reason);
-    }
+    let body = match check_request(&agent, &parts.method, parts.uri.path(), body) {
+        Ok(body) => body,
+        Err(reason) => {
+            tracing::warn!(session = %session_id, agent = %agent.name, %reason, "credential proxy refused a request");
+            return refuse(StatusCode::FORBIDDEN, "permission_error", reason);
+        }
+    };
     match upstream(&proxy, &agent, &session_id, parts, body).await {
         Ok(response) => response,
         Err(message) => refuse(StatusCode::BAD_GATEWAY, "api_error", message),
@@ -489,13 +495,21 @@ mod tests {
         agent.model = Some("claude-a".into());
         agent.models = vec!["claude-small".into()];
         let body = |model: &str| format!(r#"{{"model":"{model}","messages":[]}}"#).into_bytes();
-        assert!(check_request(&agent, &Method::POST, "/v1/messages", &body("claude-a")).is_ok());
+        assert!(
+            check_request(
+                &agent,
+                &Method::POST,
+                "/v1/messages",
+                Bytes::from(body("claude-a"))
+            )
+            .is_ok()
+        );
         assert!(
             check_request(
                 &agent,
                 &Method::POST,
                 "/v1/messages/count_tokens",
-                &body("claude-small")
+                Bytes::from(body("claude-small"))
             )
             .is_ok()
         );
@@ -507,21 +521,39 @@ mod tests {
             (Method::POST, "/v1/organizations/x/api_keys"),
             (Method::POST, "/v1/chat/completions"),
         ] {
-            let err = check_request(&agent, &method, path, &body("claude-a")).unwrap_err();
+            let err =
+                check_request(&agent, &method, path, Bytes::from(body("claude-a"))).unwrap_err();
             assert!(err.contains("is not forwarded"), "{method} {path}: {err}");
         }
-        let err =
-            check_request(&agent, &Method::POST, "/v1/messages", &body("claude-opus")).unwrap_err();
+        let err = check_request(
+            &agent,
+            &Method::POST,
+            "/v1/messages",
+            Bytes::from(body("claude-opus")),
+        )
+        .unwrap_err();
         assert!(err.contains("not configured"), "{err}");
-        assert!(check_request(&agent, &Method::POST, "/v1/messages", b"{}").is_err());
+        assert!(
+            check_request(
+                &agent,
+                &Method::POST,
+                "/v1/messages",
+                Bytes::from_static(b"{}")
+            )
+            .is_err()
+        );
+        // Two `model` keys: the one checked is the one forwarded, alone.
+        let twice = Bytes::from_static(br#"{"model":"claude-opus","model":"claude-a"}"#);
+        let sent = check_request(&agent, &Method::POST, "/v1/messages", twice).unwrap();
+        assert_eq!(&sent[..], br#"{"model":"claude-a"}"#);
         agent.provider = "openai".into();
-        assert!(check_request(&agent, &Method::GET, "/v1/models", b"").is_ok());
+        assert!(check_request(&agent, &Method::GET, "/v1/models", Bytes::new()).is_ok());
         assert!(
             check_request(
                 &agent,
                 &Method::POST,
                 "/v1/chat/completions",
-                &body("claude-a")
+                Bytes::from(body("claude-a"))
             )
             .is_ok()
         );
@@ -532,7 +564,7 @@ mod tests {
             "/v1/messages",
         ] {
             assert!(
-                check_request(&agent, &Method::POST, path, &body("claude-a")).is_err(),
+                check_request(&agent, &Method::POST, path, Bytes::from(body("claude-a"))).is_err(),
                 "{path}"
             );
         }

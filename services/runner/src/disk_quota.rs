@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ferroclaw_common::config::AgentConfig;
 use ferroclaw_mailbox::SessionPaths;
-use ferroclaw_mailbox::session_fs::Dir;
+use ferroclaw_mailbox::session_fs::{Dir, FsError};
 
 /// Entries walked at most; a tree with more is over quota whatever its size.
 pub const MAX_ENTRIES: usize = 200_000;
@@ -60,7 +60,14 @@ fn over(dir: &Path, limit: u64, what: &str, key: &str) -> Option<String> {
     let used = match Dir::open(dir).and_then(|d| d.disk_usage(MAX_ENTRIES)) {
         Ok(used) => used,
         // Not made yet: nothing used.
-        Err(_) => return None,
+        Err(FsError::NotFound { .. }) => return None,
+        // What cannot be measured is not taken as under the quota.
+        Err(e) => {
+            return Some(format!(
+                "{what} cannot be measured ({e}); an operator must look at them before this \
+                 conversation takes new messages"
+            ));
+        }
     };
     let mb = |bytes: u64| bytes.div_ceil(1024 * 1024);
     match used {
@@ -72,8 +79,9 @@ fn over(dir: &Path, limit: u64, what: &str, key: &str) -> Option<String> {
             mb(limit)
         )),
         None => Some(format!(
-            "{what} hold more than {MAX_ENTRIES} files; an operator must remove some before \
-             this conversation takes new messages"
+            "{what} hold more than {MAX_ENTRIES} files or nest deeper than {} directories; an \
+             operator must remove some before this conversation takes new messages",
+            ferroclaw_mailbox::session_fs::MAX_WALK_DEPTH
         )),
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferroclaw_mailbox::content::SystemIn;
+use ferroclaw_mailbox::host::OutboundPage;
 use ferroclaw_mailbox::wake::{DirWatch, file_name_starts_with, session_of};
 use ferroclaw_mailbox::{HostMailbox, InboundContent, NewInbound, Origin, OutboundRow, Outcome};
 use ferroclaw_proto::v1::OutboundMessage;
@@ -26,6 +27,12 @@ use crate::supervisor::Supervisor;
 
 /// Rescan of every session when no notification came for this long.
 const FALLBACK_RESCAN: Duration = Duration::from_secs(5);
+/// Rows read from one session at a time: an agent that wrote a million rows costs a page
+/// of memory, not all of them.
+const PAGE: usize = 500;
+/// The longest one session's mailbox may take to read: an agent that holds its database
+/// locked (or worse) is skipped for this scan, never waited on by every other session.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct OutboundFeed {
     registry: Registry,
@@ -251,16 +258,31 @@ impl Stream {
             .list(None)
             .await
             .map_err(StreamEnd::Runner)?;
-        let mut rows: Vec<(SessionRecord, OutboundRow)> = Vec::new();
+        // Oldest first across sessions by the time the agent claims, but never out of seq
+        // order within a session: each row sorts no earlier than the rows before it.
+        let mut rows: Vec<(i64, SessionRecord, OutboundRow)> = Vec::new();
+        let mut more = Vec::new();
         for session in sessions {
-            for row in self.unsent(&session).await? {
-                rows.push((session.clone(), row));
+            let page = self.unsent(&session).await?;
+            if let Some(after) = page.more_after {
+                more.push((session.id.clone(), after));
+            }
+            let mut key = i64::MIN;
+            for row in page.rows {
+                key = key.max(row.created_at);
+                rows.push((key, session.clone(), row));
             }
             self.sessions.insert(session.id.clone(), session);
         }
-        rows.sort_by_key(|(_, row)| row.created_at);
-        for (session, row) in rows {
+        rows.sort_by_key(|(key, _, _)| *key);
+        for (_, session, row) in rows {
             self.send(&session, row).await?;
+        }
+        for (session, after) in more {
+            if !self.held.contains(&session) {
+                self.advance(&session, after);
+                self.scan_session(&session).await?;
+            }
         }
         Ok(())
     }
@@ -283,27 +305,39 @@ impl Stream {
                 None => return Ok(()),
             },
         };
-        for row in self.unsent(&session).await? {
-            self.send(&session, row).await?;
+        loop {
+            let page = self.unsent(&session).await?;
+            for row in page.rows {
+                self.send(&session, row).await?;
+            }
+            match page.more_after {
+                Some(after) if !self.held.contains(&session.id) => self.advance(&session.id, after),
+                _ => return Ok(()),
+            }
         }
-        Ok(())
     }
 
     /// The rows of one session not yet sent. A session whose files cannot be read (a link
     /// planted in place of `outbound.db`, a broken file) is logged and left out: one
     /// session never ends the stream that carries every other session's replies.
-    async fn unsent(&self, session: &SessionRecord) -> Result<Vec<OutboundRow>, StreamEnd> {
+    async fn unsent(&self, session: &SessionRecord) -> Result<OutboundPage, StreamEnd> {
         let after = self.sent_up_to.get(&session.id).copied().unwrap_or(0);
         let limit = self.feed.policy.max_row_bytes();
-        let rows = match self.feed.mailboxes.get(session).await {
-            Ok(mailbox) => mailbox
-                .unsettled_after(after, limit)
-                .await
-                .map_err(RunnerError::from),
-            Err(e) => Err(e),
+        let read = async {
+            match self.feed.mailboxes.get(session).await {
+                Ok(mailbox) => mailbox
+                    .unsettled_page(after, limit, PAGE)
+                    .await
+                    .map_err(RunnerError::from),
+                Err(e) => Err(e),
+            }
+        };
+        let Ok(rows) = tokio::time::timeout(READ_TIMEOUT, read).await else {
+            tracing::warn!(session = %session.id, "the session's outbound.db did not answer in time; skipped for now");
+            return Ok(OutboundPage::default());
         };
         match rows {
-            Ok(rows) => Ok(rows),
+            Ok(page) => Ok(page),
             Err(e) => {
                 let tampered = matches!(
                     &e,
@@ -315,7 +349,7 @@ impl Stream {
                 } else {
                     tracing::warn!(session = %session.id, error = %e, "cannot read the session's replies");
                 }
-                Ok(Vec::new())
+                Ok(OutboundPage::default())
             }
         }
     }
@@ -328,7 +362,7 @@ impl Stream {
         match self.feed.admit(session, &row).await {
             Ok(true) => {}
             Ok(false) => {
-                self.sent_up_to.insert(session.id.clone(), seq);
+                self.advance(&session.id, seq);
                 return Ok(());
             }
             Err(e) => {
@@ -352,7 +386,13 @@ impl Stream {
             .send(Ok(message))
             .await
             .map_err(|_| StreamEnd::Disconnected)?;
-        self.sent_up_to.insert(session.id.clone(), seq);
+        self.advance(&session.id, seq);
         Ok(())
+    }
+
+    /// Moves a session's position forward (never back: a resend must not repeat rows).
+    fn advance(&mut self, session_id: &str, seq: i64) {
+        let at = self.sent_up_to.entry(session_id.to_string()).or_insert(0);
+        *at = (*at).max(seq);
     }
 }

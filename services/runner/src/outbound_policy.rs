@@ -29,6 +29,11 @@ use crate::registry::SessionRecord;
 const REMEMBERED_REFUSALS: usize = 10_000;
 /// Batches whose row counts are kept per session; older batches are long finished.
 const REMEMBERED_BATCHES: usize = 1_000;
+/// Rows counted per session that are remembered as counted (so a resend counts nothing).
+const REMEMBERED_COUNTED: usize = 20_000;
+/// The batch of rows that answer no inbound message of the session (the agent names
+/// `in_reply_to` itself, so a made-up one must not open a fresh batch).
+const UNANCHORED: i64 = -1;
 
 /// The host's verdict on one outbound row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,10 +57,12 @@ pub struct OutboundPolicy {
 struct SessionGuard {
     /// Destinations named by the host in the session's inbound rows.
     replies_to: HashSet<Destination>,
-    /// The highest seq judged so far: rows are judged in seq order, once. A row streamed
-    /// again (a new consumer, a resend) gets the verdict it had.
-    judged_up_to: i64,
+    /// Rows already counted against the limits (a resend, or a second consumer, counts
+    /// nothing again), and the limit refusals given, by seq.
+    counted: std::collections::BTreeSet<i64>,
     refused: HashMap<i64, String>,
+    /// The session's inbound seqs known so far (host-written): what `in_reply_to` may name.
+    inbound: std::collections::BTreeSet<i64>,
     /// Rows sent per inbound message they answer.
     per_batch: HashMap<i64, usize>,
     /// When the rows of the last minute were first judged.
@@ -95,19 +102,18 @@ impl OutboundPolicy {
         self.max_row_bytes
     }
 
-    /// Judges `row` of `session`; a row judged before gets the same verdict again.
+    /// Judges `row` of `session`. Its shape and destination are checked every time it is
+    /// streamed (the agent can edit a row that is not settled yet); it is counted against
+    /// the limits once, and a limit refusal stays.
     pub async fn judge(
         &self,
         session: &SessionRecord,
         mailbox: &HostMailbox,
         row: &OutboundRow,
     ) -> Result<Verdict> {
-        if let Some(earlier) = self.earlier_verdict(&session.id, row.seq) {
-            return Ok(earlier);
-        }
         let destination = match self.check_shape(row) {
             Ok(destination) => destination,
-            Err(reason) => return Ok(self.record(&session.id, row, Verdict::Refuse(reason))),
+            Err(reason) => return Ok(Verdict::Refuse(reason)),
         };
         if !self.may_send_to(session, &destination) {
             // The host may have named a new destination since (a new thread, a task's).
@@ -119,19 +125,44 @@ impl OutboundPolicy {
                      conversation, its agent's send_to and the Discord channels routed to it",
                     describe(&destination)
                 );
-                return Ok(self.record(&session.id, row, Verdict::Refuse(reason)));
+                return Ok(Verdict::Refuse(reason));
             }
         }
-        Ok(self.count(&session.id, row))
+        let batch = self.batch_of(&session.id, mailbox, row.in_reply_to).await?;
+        Ok(self.count(&session.id, row.seq, batch))
     }
 
-    fn earlier_verdict(&self, session_id: &str, seq: i64) -> Option<Verdict> {
-        let sessions = self.sessions.lock().ok()?;
-        let guard = sessions.get(session_id)?;
-        (seq <= guard.judged_up_to).then(|| match guard.refused.get(&seq) {
-            Some(reason) => Verdict::Refuse(reason.clone()),
-            None => Verdict::Send,
-        })
+    /// The inbound message a row answers, when it names a real one of its session.
+    async fn batch_of(
+        &self,
+        session_id: &str,
+        mailbox: &HostMailbox,
+        in_reply_to: Option<i64>,
+    ) -> Result<i64> {
+        let Some(seq) = in_reply_to.filter(|s| *s > 0) else {
+            return Ok(UNANCHORED);
+        };
+        let known_up_to = {
+            let sessions = self.sessions.lock().ok();
+            let guard = sessions.as_ref().and_then(|s| s.get(session_id));
+            if guard.is_some_and(|g| g.inbound.contains(&seq)) {
+                return Ok(seq);
+            }
+            guard.and_then(|g| g.inbound.last().copied()).unwrap_or(0)
+        };
+        if seq <= known_up_to {
+            return Ok(UNANCHORED);
+        }
+        let newer = mailbox.inbound_seqs_after(known_up_to).await?;
+        let found = newer.contains(&seq);
+        if let Ok(mut sessions) = self.sessions.lock() {
+            let guard = sessions.entry(session_id.to_string()).or_default();
+            guard.inbound.extend(newer);
+            while guard.inbound.len() > REMEMBERED_COUNTED {
+                guard.inbound.pop_first();
+            }
+        }
+        Ok(if found { seq } else { UNANCHORED })
     }
 
     /// The row's size and destination, before anything about the session is looked at.
@@ -179,26 +210,26 @@ impl OutboundPolicy {
         }
     }
 
-    /// Counts an allowed row against its batch and the session's minute, and records the
-    /// verdict, under one lock: a row two streams judge at once is counted once.
-    fn count(&self, session_id: &str, row: &OutboundRow) -> Verdict {
+    /// Counts an allowed row against its batch and the session's minute, once, under one
+    /// lock: a row two streams judge at once, or one streamed again, is counted once and
+    /// keeps its verdict.
+    fn count(&self, session_id: &str, seq: i64, batch: i64) -> Verdict {
         let Ok(mut sessions) = self.sessions.lock() else {
             return Verdict::Send;
         };
         let guard = sessions.entry(session_id.to_string()).or_default();
-        if row.seq <= guard.judged_up_to {
-            return match guard.refused.get(&row.seq) {
-                Some(reason) => Verdict::Refuse(reason.clone()),
-                None => Verdict::Send,
-            };
+        if let Some(reason) = guard.refused.get(&seq) {
+            return Verdict::Refuse(reason.clone());
         }
-        let verdict = self.limit(guard, row);
-        guard.remember(row.seq, &verdict);
+        if guard.counted.contains(&seq) {
+            return Verdict::Send;
+        }
+        let verdict = self.limit(guard, batch);
+        guard.remember(seq, &verdict);
         verdict
     }
 
-    fn limit(&self, guard: &mut SessionGuard, row: &OutboundRow) -> Verdict {
-        let batch = row.in_reply_to.unwrap_or(0);
+    fn limit(&self, guard: &mut SessionGuard, batch: i64) -> Verdict {
         let in_batch = guard.per_batch.get(&batch).copied().unwrap_or(0);
         if in_batch >= self.max_rows_per_batch {
             return Verdict::Refuse(format!(
@@ -231,21 +262,14 @@ impl OutboundPolicy {
         *guard.per_batch.entry(batch).or_default() += 1;
         Verdict::Send
     }
-
-    fn record(&self, session_id: &str, row: &OutboundRow, verdict: Verdict) -> Verdict {
-        if let Ok(mut sessions) = self.sessions.lock() {
-            sessions
-                .entry(session_id.to_string())
-                .or_default()
-                .remember(row.seq, &verdict);
-        }
-        verdict
-    }
 }
 
 impl SessionGuard {
     fn remember(&mut self, seq: i64, verdict: &Verdict) {
-        self.judged_up_to = self.judged_up_to.max(seq);
+        self.counted.insert(seq);
+        while self.counted.len() > REMEMBERED_COUNTED {
+            self.counted.pop_first();
+        }
         if let Verdict::Refuse(reason) = verdict {
             if self.refused.len() >= REMEMBERED_REFUSALS
                 && let Some(oldest) = self.refused.keys().min().copied()
@@ -300,16 +324,13 @@ mod tests {
         policy
     }
 
+    /// `judge` without a mailbox: `in_reply_to` is taken as a real inbound message.
     fn judge(policy: &OutboundPolicy, row: &OutboundRow) -> Verdict {
-        if let Some(v) = policy.earlier_verdict("ses_a", row.seq) {
-            return v;
-        }
-        let verdict = match policy.check_shape(row) {
+        match policy.check_shape(row) {
             Err(reason) => Verdict::Refuse(reason),
             Ok(d) if !policy.may_send_to(&session(), &d) => Verdict::Refuse("not allowed".into()),
-            Ok(_) => return policy.count("ses_a", row),
-        };
-        policy.record("ses_a", row, verdict)
+            Ok(_) => policy.count("ses_a", row.seq, row.in_reply_to.unwrap_or(UNANCHORED)),
+        }
     }
 
     #[test]
@@ -363,9 +384,23 @@ mod tests {
             .collect();
         assert_eq!(verdicts[..3], [Verdict::Send, Verdict::Send, Verdict::Send]);
         assert!(matches!(&verdicts[3], Verdict::Refuse(r) if r.contains("max_rows_per_batch")));
-        // The same row again (a resend) keeps its verdict and counts nothing.
+        // The same rows again (a resend) keep their verdicts and count nothing, in any order.
+        assert!(matches!(
+            judge(&policy, &row(9, 2, mine, 10)),
+            Verdict::Refuse(_)
+        ));
         assert_eq!(judge(&policy, &row(3, 2, mine, 10)), Verdict::Send);
-        assert_eq!(judge(&policy, &row(1, 2, mine, 10)), big);
+        // A row never seen, below rows already judged, is judged on its own.
+        let lower = judge(&policy, &row(2 + 1000, 2, mine, 10));
+        assert!(matches!(lower, Verdict::Refuse(r) if r.contains("max_rows_per_batch")));
+        // Its destination is checked again on every judgement.
+        assert!(matches!(
+            judge(
+                &policy,
+                &row(3, 2, r#"{"kind":"api","conversation":"other"}"#, 10)
+            ),
+            Verdict::Refuse(_)
+        ));
         // Other batches: two more fit in the minute, then the minute is full.
         assert_eq!(judge(&policy, &row(21, 4, mine, 10)), Verdict::Send);
         assert_eq!(judge(&policy, &row(23, 6, mine, 10)), Verdict::Send);

@@ -24,6 +24,8 @@ use crate::registry::{Registry, SessionRecord};
 
 /// How long a stopping agent may take to finish its batch before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The longest a read of one session's mailbox may hold up work that spans sessions.
+const MAILBOX_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentState {
@@ -171,10 +173,18 @@ impl Supervisor {
             self.ensure(&session).await;
         }
         for session in registry.list(None).await? {
-            // One session's broken or tampered files never keep the others from starting.
-            let pending = match self.inner.mailboxes.get(&session).await {
-                Ok(mailbox) => mailbox.pending().await.map_err(Into::into),
-                Err(e) => Err(e),
+            // One session's broken, tampered or locked files never keep the others from
+            // starting.
+            let read = async {
+                match self.inner.mailboxes.get(&session).await {
+                    Ok(mailbox) => mailbox.pending().await.map_err(Into::into),
+                    Err(e) => Err(e),
+                }
+            };
+            let Ok(pending) = tokio::time::timeout(MAILBOX_READ_TIMEOUT, read).await else {
+                tracing::warn!(session = %session.id, "its mailbox did not answer in time; recovered later");
+                self.start_at(session, ferroclaw_mailbox::now_ms() + 30_000);
+                continue;
             };
             match pending {
                 Ok(pending) => {
@@ -378,10 +388,17 @@ impl Inner {
             if token.is_cancelled() {
                 continue;
             }
-            let idle = match self.mailboxes.get(&session).await {
-                Ok(mailbox) => mailbox.pending().await.is_ok_and(|p| p.count == 0),
-                Err(_) => false,
+            let read = async {
+                match self.mailboxes.get(&session).await {
+                    Ok(mailbox) => mailbox.pending().await.is_ok_and(|p| p.count == 0),
+                    Err(_) => false,
+                }
             };
+            // A mailbox that does not answer in time counts as busy; the waiting session
+            // is not held up by it.
+            let idle = tokio::time::timeout(MAILBOX_READ_TIMEOUT, read)
+                .await
+                .unwrap_or(false);
             if idle {
                 tracing::info!(session = %session.id, "idle agent gives its slot to a queued session");
                 token.cancel();
@@ -439,7 +456,7 @@ impl Inner {
                 let why = match stuck {
                     Stuck::Silent(stale) => format!("no heartbeat for {}s", stale.as_secs()),
                     Stuck::TooLong(held) => format!(
-                        "a batch held for {}s, past runner.max_batch_secs",
+                        "a message unfinished for {}s, past runner.max_batch_secs",
                         held.as_secs()
                     ),
                 };
@@ -450,28 +467,34 @@ impl Inner {
         }
     }
 
-    /// Resolves when the agent holds a claimed batch and either its heartbeat is older than
-    /// `stuck_after`, or one of the batch's messages has been claimed for longer than
-    /// `max_batch` by the runner's clock (the agent's heartbeat does not extend that);
-    /// never otherwise.
+    /// Resolves when the agent holds a claimed batch and its heartbeat is older than
+    /// `stuck_after`, or when a due message has stayed unfinished for longer than
+    /// `max_batch` by the runner's clock while the agent runs, whatever the agent says
+    /// about it (its heartbeat, claiming or releasing it); never otherwise.
     async fn stuck(&self, session: &SessionRecord) -> Stuck {
         let paths = self.mailboxes.paths(session);
         let every = (self.stuck_after.min(self.max_batch) / 4)
             .clamp(Duration::from_millis(200), Duration::from_secs(10));
-        // When this runner first saw each claimed message claimed.
-        let mut claimed_since: HashMap<i64, std::time::Instant> = HashMap::new();
+        // When this runner first saw each due message unfinished.
+        let mut waiting_since: HashMap<i64, std::time::Instant> = HashMap::new();
         loop {
             tokio::time::sleep(every).await;
-            let claimed = match self.mailboxes.get(session).await {
-                Ok(mailbox) => mailbox.claimed().await.unwrap_or_default(),
-                Err(_) => Vec::new(),
+            let (claimed, unfinished) = match self.mailboxes.get(session).await {
+                Ok(mailbox) => (
+                    mailbox.claimed().await.unwrap_or_default(),
+                    mailbox
+                        .due_unfinished(ferroclaw_mailbox::now_ms())
+                        .await
+                        .unwrap_or_default(),
+                ),
+                Err(_) => (Vec::new(), Vec::new()),
             };
             let now = std::time::Instant::now();
-            claimed_since.retain(|seq, _| claimed.contains(seq));
-            for seq in &claimed {
-                claimed_since.entry(*seq).or_insert(now);
+            waiting_since.retain(|seq, _| unfinished.contains(seq));
+            for seq in &unfinished {
+                waiting_since.entry(*seq).or_insert(now);
             }
-            if let Some(held) = claimed_since.values().map(|t| now - *t).max()
+            if let Some(held) = waiting_since.values().map(|t| now - *t).max()
                 && held > self.max_batch
             {
                 return Stuck::TooLong(held);
@@ -496,7 +519,7 @@ impl Inner {
 enum Stuck {
     /// A claimed batch and no heartbeat for this long.
     Silent(Duration),
-    /// A batch claimed for this long, heartbeat or not.
+    /// A due message unfinished for this long, heartbeat or not.
     TooLong(Duration),
 }
 
