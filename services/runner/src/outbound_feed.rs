@@ -27,6 +27,8 @@ use crate::supervisor::Supervisor;
 
 /// Rescan of every session when no notification came for this long.
 const FALLBACK_RESCAN: Duration = Duration::from_secs(5);
+/// Refusal notices remembered (see `OutboundFeed::notices`).
+const REMEMBERED_NOTICES: usize = 100_000;
 /// Rows read from one session at a time: an agent that wrote a million rows costs a page
 /// of memory, not all of them.
 const PAGE: usize = 500;
@@ -153,6 +155,10 @@ impl OutboundFeed {
         };
         let enqueued = mailbox.enqueue(&notice).await?;
         if let Ok(mut notices) = self.notices.lock() {
+            // Bounded: forgetting old notices costs at most one more notice, never a loop.
+            if notices.len() >= REMEMBERED_NOTICES {
+                notices.clear();
+            }
             notices.insert((session.id.clone(), enqueued.seq));
         }
         if !enqueued.duplicate {
