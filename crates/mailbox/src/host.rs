@@ -304,6 +304,21 @@ impl HostMailbox {
             .at(&self.paths.inbound_db())
     }
 
+    /// The inbound seqs the agent marked completed or failed.
+    async fn finished(&self) -> Result<HashSet<i64>> {
+        let Some(out) = self.outbound().await? else {
+            return Ok(HashSet::new());
+        };
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",
+        )
+        .fetch_all(&out)
+        .await
+        .at(&self.paths.outbound_db())?
+        .into_iter()
+        .collect())
+    }
+
     /// Inbound work the agent has not completed yet.
     pub async fn pending(&self) -> Result<Pending> {
         let inbound: Vec<(i64, Option<i64>, i64)> = sqlx::query_as(
@@ -312,17 +327,7 @@ impl HostMailbox {
         .fetch_all(&self.inbound)
         .await
         .at(&self.paths.inbound_db())?;
-        let done: HashSet<i64> = match self.outbound().await? {
-            None => HashSet::new(),
-            Some(out) => sqlx::query_scalar::<_, i64>(
-                "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",
-            )
-            .fetch_all(&out)
-            .await
-            .at(&self.paths.outbound_db())?
-            .into_iter()
-            .collect(),
-        };
+        let done = self.finished().await?;
         let mut pending = Pending::default();
         for (seq, process_after, created_at) in inbound {
             if done.contains(&seq) {
@@ -349,17 +354,7 @@ impl HostMailbox {
         if due.is_empty() {
             return Ok(due);
         }
-        let done: HashSet<i64> = match self.outbound().await? {
-            None => HashSet::new(),
-            Some(out) => sqlx::query_scalar::<_, i64>(
-                "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",
-            )
-            .fetch_all(&out)
-            .await
-            .at(&self.paths.outbound_db())?
-            .into_iter()
-            .collect(),
-        };
+        let done = self.finished().await?;
         Ok(due.into_iter().filter(|s| !done.contains(s)).collect())
     }
 
