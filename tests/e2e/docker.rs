@@ -17,6 +17,21 @@ async fn docker_cluster(
     Cluster::start(dir, &env).await
 }
 
+/// The hostile agent's first reply in `conversation`: its JSON report of what it managed.
+async fn hostile_report(cluster: &Cluster, conversation: &str) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(text) = cluster.texts(conversation).await?.first() {
+            return Ok(serde_json::from_str(text)?);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no report from the hostile agent in {conversation}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn container(session: &Value) -> String {
     format!("ferroclaw-agent-{}", session.as_str().unwrap_or_default())
 }
@@ -199,17 +214,7 @@ async fn a_hostile_agent_is_contained() -> anyhow::Result<()> {
     )
     .await?;
     hostile.post_message("attacker", "try", None).await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let report: Value = loop {
-        if let Some(text) = hostile.texts("attacker").await?.first() {
-            break serde_json::from_str(text)?;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "no report from the hostile agent"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let report = hostile_report(&hostile, "attacker").await?;
     assert_eq!(report["uid"], json!(10001), "runs as non-root: {report}");
     assert_eq!(report["read_other_session"], json!(false), "{report}");
     assert_eq!(report["write_own_inbound"], json!(false), "{report}");
@@ -601,20 +606,7 @@ async fn the_agent_folder_is_read_only_and_shared_memory_is_opt_in() -> anyhow::
     )
     .await?;
     let (_, first) = cluster.post_message("first", "hi", None).await?;
-    let report = |conversation: &'static str| {
-        let cluster = &cluster;
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Some(text) = cluster.texts(conversation).await?.first() {
-                    return anyhow::Ok(serde_json::from_str::<Value>(text)?);
-                }
-                anyhow::ensure!(std::time::Instant::now() < deadline, "no report");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    let first_report = report("first").await?;
+    let first_report = hostile_report(&cluster, "first").await?;
     assert_eq!(
         first_report["write_agent_md"],
         json!(false),
@@ -646,14 +638,7 @@ async fn the_agent_folder_is_read_only_and_shared_memory_is_opt_in() -> anyhow::
     )
     .await?;
     cluster.post_message("second", "hi", None).await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let second_report: Value = loop {
-        if let Some(text) = cluster.texts("second").await?.first() {
-            break serde_json::from_str(text)?;
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "no report");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let second_report = hostile_report(&cluster, "second").await?;
     assert_eq!(
         second_report["read_other_workspace"],
         json!(false),

@@ -43,6 +43,19 @@ async fn model_cluster(
     Cluster::start(&dir.join("data"), &all).await
 }
 
+/// A claude-code agent run by the stand-in `fake-claude`, whose model says "claude says hi".
+async fn claude_code_cluster(
+    dir: &Path,
+    env: &[(&'static str, String)],
+) -> anyhow::Result<(FakeModel, Cluster)> {
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([Step::Text("claude says hi".into())]);
+    let claude = ferroclaw_e2e::binary("fake-claude")?;
+    let command = format!("command = \"{}\"", claude.display());
+    let cluster = model_cluster(dir, "claude-code", &fake, &command, env).await?;
+    Ok((fake, cluster))
+}
+
 fn tool(name: &str, input: Value) -> (String, Value) {
     (name.to_string(), input)
 }
@@ -575,17 +588,7 @@ async fn a_containerised_model_agent_reaches_only_the_proxy_and_never_the_key() 
 async fn claude_code_runs_the_cli_with_ferroclaw_tools_over_mcp_and_resumes() -> anyhow::Result<()>
 {
     let dir = tempfile::tempdir()?;
-    let fake = FakeModel::start(KEY).await?;
-    fake.push([Step::Text("claude says hi".into())]);
-    let claude = ferroclaw_e2e::binary("fake-claude")?;
-    let cluster = model_cluster(
-        dir.path(),
-        "claude-code",
-        &fake,
-        &format!("command = \"{}\"", claude.display()),
-        &[],
-    )
-    .await?;
+    let (fake, cluster) = claude_code_cluster(dir.path(), &[]).await?;
     cluster.post_message("cc", "hello claude", None).await?;
     let first = "claude says hi [session fake-session-1, resumed: false]";
     cluster
@@ -844,14 +847,8 @@ async fn a_sent_file_can_be_downloaded_from_the_api_conversation() -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_mcp_spool_line_is_refused_by_the_host() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let fake = FakeModel::start(KEY).await?;
-    fake.push([Step::Text("claude says hi".into())]);
-    let claude = ferroclaw_e2e::binary("fake-claude")?;
-    let cluster = model_cluster(
+    let (_fake, cluster) = claude_code_cluster(
         dir.path(),
-        "claude-code",
-        &fake,
-        &format!("command = \"{}\"", claude.display()),
         &[("FERROCLAW_ECHO_FORGE_SPOOL", "victim".into())],
     )
     .await?;
