@@ -45,6 +45,8 @@ pub struct ClaudeCode {
 struct Outcome {
     session_id: Option<String>,
     result: Option<String>,
+    /// The result's subtype: "success", "error_max_turns", …
+    subtype: Option<String>,
     is_error: bool,
     input_tokens: u64,
     output_tokens: u64,
@@ -165,10 +167,11 @@ impl ClaudeCode {
                 self.save();
                 let answer = outcome.result.unwrap_or_default();
                 if outcome.is_error {
+                    tracing::error!(result = %answer, subtype = ?outcome.subtype, "claude-code turn ended in an error");
                     replies.push(Reply::chat(
                         destination,
                         in_reply_to,
-                        format!("Sorry, Claude Code failed: {answer}"),
+                        failure_text(&answer, outcome.subtype.as_deref()),
                     ));
                 } else if !answer.trim().is_empty() {
                     replies.push(Reply::chat(destination, in_reply_to, answer));
@@ -179,7 +182,7 @@ impl ClaudeCode {
                 replies.push(Reply::chat(
                     destination,
                     in_reply_to,
-                    format!("Sorry, Claude Code could not run: {e}"),
+                    "Sorry, Claude Code could not run; an operator can find the details in the agent's log.".into(),
                 ));
             }
         }
@@ -269,6 +272,34 @@ impl ClaudeCode {
     }
 }
 
+/// What the user reads when a turn ended in an error: one plain sentence; Claude Code's own
+/// text (which quotes the model API's raw answer) goes to the log only.
+fn failure_text(result: &str, subtype: Option<&str>) -> String {
+    let status = result.find("API Error: ").and_then(|at| {
+        let digits: String = result[at + "API Error: ".len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits
+            .parse::<u16>()
+            .ok()
+            .filter(|s| (100..600).contains(s))
+    });
+    match (status, subtype) {
+        (Some(status), _) => format!(
+            "Sorry, Claude Code could not answer: {}.",
+            crate::model::plain_for_status(status)
+        ),
+        (None, Some("error_max_turns")) => {
+            "Sorry, Claude Code stopped at its turn limit before finishing; tell me how to go on."
+                .into()
+        }
+        _ => {
+            "Sorry, Claude Code failed; an operator can find the details in the agent's log.".into()
+        }
+    }
+}
+
 /// Takes what matters from one stream-json event.
 fn read_event(event: &Value, outcome: &mut Outcome) {
     if let Some(id) = event["session_id"].as_str() {
@@ -276,6 +307,7 @@ fn read_event(event: &Value, outcome: &mut Outcome) {
     }
     if event["type"] == "result" {
         outcome.result = Some(event["result"].as_str().unwrap_or("").to_string());
+        outcome.subtype = event["subtype"].as_str().map(str::to_string);
         outcome.is_error = event["is_error"].as_bool().unwrap_or(false)
             || event["subtype"].as_str().is_some_and(|s| s != "success");
         let usage = &event["usage"];
@@ -318,5 +350,19 @@ mod tests {
             &mut o,
         );
         assert!(o.is_error);
+        assert_eq!(o.subtype.as_deref(), Some("error_max_turns"));
+    }
+
+    #[test]
+    fn api_errors_reach_the_user_as_a_status_and_a_reason() {
+        let raw = r#"API Error: 529 {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"req_011"}"#;
+        let text = failure_text(raw, Some("success"));
+        assert_eq!(
+            text,
+            "Sorry, Claude Code could not answer: the model provider answered 529 (overloaded); try again later."
+        );
+        let text = failure_text("Invalid API key · Please run /login", None);
+        assert!(!text.contains("login"), "{text}");
+        assert!(failure_text("", Some("error_max_turns")).contains("turn limit"));
     }
 }

@@ -312,7 +312,10 @@ impl ModelAgent {
                         "Compacted the conversation from about {before} to about {after} tokens (saved about {}).",
                         before.saturating_sub(after)
                     ),
-                    Err(e) => format!("Could not compact the conversation: {e}"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "compaction failed");
+                        format!("Could not compact the conversation: {}.", e.plain())
+                    }
                 }
             }
             Command::Cost => {
@@ -355,15 +358,8 @@ impl ModelAgent {
     }
 }
 
-/// What the user reads when the model could not answer.
+/// What the user reads when the model could not answer: one plain sentence (the details
+/// are in the log).
 fn failure_text(error: &ModelError) -> String {
-    match error {
-        ModelError::Permanent(m) if m.contains("budget") => {
-            format!("Sorry, I cannot answer: {m}")
-        }
-        ModelError::GaveUp { .. } => format!(
-            "Sorry, the model is unavailable right now and I gave up after several tries ({error}). Please try again later."
-        ),
-        other => format!("Sorry, the model request failed: {other}"),
-    }
+    format!("Sorry, I could not answer: {}.", error.plain())
 }

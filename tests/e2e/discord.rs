@@ -7,10 +7,10 @@ use ferroclaw_e2e::Cluster;
 use ferroclaw_e2e::fake_discord::{BOT_ID, FakeDiscord};
 use serde_json::json;
 
-const OPEN: u64 = 111_111_111_111_111_111;
+pub(crate) const OPEN: u64 = 111_111_111_111_111_111;
 const MENTION_ONLY: u64 = 222_222_222_222_222_222;
 const DM: u64 = 333_333_333_333_333_333;
-const ANN: u64 = 444_444_444_444_444_444;
+pub(crate) const ANN: u64 = 444_444_444_444_444_444;
 const THREADED: u64 = 666_666_666_666_666_666;
 const USER_THREAD: u64 = 777_777_777_777_777_777;
 
@@ -18,7 +18,7 @@ async fn discord_cluster(dir: &std::path::Path, fake: &FakeDiscord) -> anyhow::R
     discord_cluster_with(dir, fake, &[], "").await
 }
 
-async fn discord_cluster_with(
+pub(crate) async fn discord_cluster_with(
     dir: &std::path::Path,
     fake: &FakeDiscord,
     env: &[(&'static str, String)],
@@ -142,9 +142,10 @@ async fn a_long_reply_arrives_as_ordered_chunks_and_failures_are_handled() -> an
     let posted = fake.wait_posted(OPEN, chunks.len() + 2).await?;
     let notice = &posted.last().map(|p| p.content.clone()).unwrap_or_default();
     assert!(
-        notice.starts_with("echo: system delivery_failed: Your message did not arrive: Discord answered 403: Missing Permissions"),
-        "{notice}"
+        notice.starts_with("echo: system delivery_failed: Your message did not arrive. Discord refused the message: the bot may not post in this channel."),
+        "a plain sentence, without Discord's own text: {notice}"
     );
+    assert!(!notice.contains("Missing Permissions"), "{notice}");
     assert!(
         !posted
             .iter()
@@ -344,7 +345,9 @@ async fn an_attachment_reaches_the_model_and_a_file_goes_back_as_an_attachment()
     let told = ferroclaw_e2e::fake_model::last_user_text(&notice[2].body);
     assert!(
         told.contains("delivery_failed")
-            && told.contains("big.bin is 5000 bytes; Discord takes files up to 1000 bytes"),
+            && told.contains(
+                "The file big.bin is too big for this Discord server (5000 bytes; the limit is 1000)."
+            ),
         "{told}"
     );
     cluster.stop().await
@@ -432,7 +435,7 @@ async fn question_buttons_take_one_allowed_timely_click() -> anyhow::Result<()> 
     let posted = fake.wait_posted(OPEN, 2).await?;
     assert_eq!(
         posted[1].content,
-        format!("echo: system question_response: {ANN} answered \"Yes\"")
+        format!("echo: system question_response: <@{ANN}> answered \"Yes\"")
     );
 
     // A second click changes nothing.
@@ -443,7 +446,7 @@ async fn question_buttons_take_one_allowed_timely_click() -> anyhow::Result<()> 
         reply.data["content"]
             .as_str()
             .unwrap_or("")
-            .contains("already answered"),
+            .contains(&format!("already answered (yes by <@{ANN}>)")),
         "{reply:?}"
     );
 
@@ -470,7 +473,7 @@ async fn question_buttons_take_one_allowed_timely_click() -> anyhow::Result<()> 
     let posted = fake.wait_posted(OPEN, 4).await?;
     assert_eq!(
         posted[3].content,
-        format!("/clear is for admins only, and {BOB} is not one.")
+        format!("/clear is for admins only, and <@{BOB}> is not one.")
     );
     fake.user_message(OPEN, BOB, "/help", true);
     let posted = fake.wait_posted(OPEN, 5).await?;

@@ -32,6 +32,8 @@ pub struct Posted {
     pub files: Files,
     /// Custom ids of its buttons, row by row.
     pub buttons: Vec<String>,
+    /// The post's `allowed_mentions` (Null when it had none).
+    pub allowed_mentions: Value,
 }
 
 /// The bot's answer to an interaction (a button click).
@@ -48,6 +50,14 @@ struct Shared {
     posted: Vec<Posted>,
     /// Statuses the next create-message calls answer with, before succeeding again.
     failures: VecDeque<(u16, Value)>,
+    /// Channels rate-limited until an instant: posts there get Discord's 429.
+    limited: std::collections::HashMap<String, std::time::Instant>,
+    /// Every post is rate-limited until this instant (a global limit).
+    limited_globally: Option<std::time::Instant>,
+    /// 429 answers given.
+    rate_limited_posts: usize,
+    /// Posts that repeated an earlier post's nonce (a resend Discord deduplicated).
+    repeated_nonces: usize,
     post_attempts: usize,
     identified: usize,
     /// Every user message, by channel: what a catch-up read returns.
@@ -61,6 +71,27 @@ struct Shared {
     log: Vec<String>,
     /// Users' attachments served for download: (attachment id, file name) → bytes.
     downloads: std::collections::BTreeMap<(String, String), Vec<u8>>,
+    /// DM channels (`user_message` with `guild` false): `GET /channels/{id}` answers type 1.
+    dms: std::collections::BTreeSet<String>,
+    /// Gateway connections in order: "identify:<path>" or "resume:<path>" (the websocket
+    /// URL's path; READY's `resume_gateway_url` has the path `/resume`).
+    gateway_log: Vec<String>,
+    /// Close codes of the close frames the bot sent (`None`: a close frame without one).
+    closes: Vec<Option<u16>>,
+    /// Gateway connections open now.
+    open_sessions: usize,
+}
+
+/// Discord's epoch (2015-01-01) in Unix milliseconds.
+const DISCORD_EPOCH_MS: u64 = 1_420_070_400_000;
+
+/// The snowflake of this millisecond (its low 22 bits zero), as Discord makes ids.
+fn snowflake_now() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    ms.saturating_sub(DISCORD_EPOCH_MS) << 22
 }
 
 #[derive(Clone)]
@@ -71,6 +102,8 @@ struct Fake {
     events: broadcast::Sender<Value>,
     /// Ends every open gateway connection.
     kick: broadcast::Sender<()>,
+    /// Asks every open gateway connection to reconnect (op 7), as Discord does.
+    reconnect: broadcast::Sender<()>,
 }
 
 pub struct FakeDiscord {
@@ -84,18 +117,25 @@ impl FakeDiscord {
         let ws_addr = ws.local_addr()?;
         let (events, _) = broadcast::channel(256);
         let (kick, _) = broadcast::channel(4);
+        let (reconnect, _) = broadcast::channel(4);
         let fake = Fake {
             shared: Arc::new(Mutex::new(Shared::default())),
-            ids: Arc::new(AtomicU64::new(1_000_000_000_000_000_000)),
+            // Ids are snowflakes of the time they are made, as Discord's are.
+            ids: Arc::new(AtomicU64::new(snowflake_now())),
             ws_url: format!("ws://{ws_addr}"),
             events,
             kick,
+            reconnect,
         };
         let app = axum::Router::new()
             .route("/api/v10/gateway", get(gateway))
             .route("/api/v10/gateway/bot", get(gateway_bot))
             .route("/api/v10/users/@me", get(current_user))
             .route("/api/v10/channels/{channel}", get(get_channel))
+            .route(
+                "/api/v10/guilds/{guild}/threads/active",
+                get(active_threads),
+            )
             .route(
                 "/api/v10/channels/{channel}/messages/{message}/threads",
                 post(create_thread),
@@ -126,9 +166,16 @@ impl FakeDiscord {
                 }
                 let fake = for_ws.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = session(fake, stream).await {
+                    let count = |by: isize| {
+                        if let Ok(mut s) = fake.shared.lock() {
+                            s.open_sessions = s.open_sessions.saturating_add_signed(by);
+                        }
+                    };
+                    count(1);
+                    if let Err(e) = session(fake.clone(), stream).await {
                         eprintln!("fake discord websocket: {e}");
                     }
+                    count(-1);
                 });
             }
         });
@@ -158,8 +205,22 @@ impl FakeDiscord {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A new id: above every earlier one and above the snowflake of this millisecond, so a
+    /// cursor taken as "now" is below every message posted later.
     fn next_id(&self) -> String {
-        self.fake.ids.fetch_add(1, Ordering::SeqCst).to_string()
+        self.next_snowflake().to_string()
+    }
+
+    fn next_snowflake(&self) -> u64 {
+        let now = snowflake_now() + 1;
+        let previous = self
+            .fake
+            .ids
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(last.saturating_add(1).max(now))
+            })
+            .unwrap_or_else(|last| last);
+        previous.saturating_add(1).max(now)
     }
 
     /// A user's message in a guild channel (or a DM when `guild` is false); returns the
@@ -180,7 +241,13 @@ impl FakeDiscord {
         if guild {
             message["guild_id"] = json!(GUILD_ID.to_string());
         }
-        self.lock().history.push(message.clone());
+        {
+            let mut shared = self.lock();
+            if !guild {
+                shared.dms.insert(channel_id.to_string());
+            }
+            shared.history.push(message.clone());
+        }
         self.dispatch("MESSAGE_CREATE", message.clone());
         message
     }
@@ -199,6 +266,52 @@ impl FakeDiscord {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    /// Gateway connections in order: "identify:<path>" or "resume:<path>".
+    pub fn gateway_log(&self) -> Vec<String> {
+        self.lock().gateway_log.clone()
+    }
+
+    /// Close codes of the close frames the bot sent, in order.
+    pub fn close_codes(&self) -> Vec<Option<u16>> {
+        self.lock().closes.clone()
+    }
+
+    /// Waits until the bot has sent a close frame; returns its code.
+    pub async fn wait_close(&self) -> anyhow::Result<Option<u16>> {
+        for _ in 0..300 {
+            if let Some(code) = self.lock().closes.first() {
+                return Ok(*code);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("the bot sent no close frame")
+    }
+
+    /// Waits until no gateway connection is open (after `go_down`, before posting what the
+    /// bot is to miss).
+    pub async fn wait_disconnected(&self) -> anyhow::Result<()> {
+        for _ in 0..300 {
+            if self.lock().open_sessions == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        anyhow::bail!("a gateway connection stayed open")
+    }
+
+    /// A thread someone opens now under `parent` (its id a new snowflake); returns its id.
+    pub fn new_thread(&self, parent_id: u64) -> u64 {
+        let id = self.next_snowflake();
+        self.add_thread(id, parent_id);
+        id
+    }
+
+    /// Asks every open gateway connection to reconnect (op 7 RECONNECT): the bot is to
+    /// resume its session on a new connection.
+    pub fn ask_reconnect(&self) {
+        let _ = self.fake.reconnect.send(());
     }
 
     /// An outage: open gateway connections end and new ones are refused until `up`.
@@ -305,6 +418,29 @@ impl FakeDiscord {
         for _ in 0..n {
             shared.failures.push_back((status, body.clone()));
         }
+    }
+
+    /// Posts to `channel_id` answer Discord's real 429 (body, `Retry-After` and
+    /// `X-RateLimit-*` headers) for `duration`, each asking to wait for what is left of it.
+    pub fn rate_limit_channel(&self, channel_id: u64, duration: std::time::Duration) {
+        self.lock()
+            .limited
+            .insert(channel_id.to_string(), std::time::Instant::now() + duration);
+    }
+
+    /// Every post answers a global 429 for `duration`.
+    pub fn rate_limit_globally(&self, duration: std::time::Duration) {
+        self.lock().limited_globally = Some(std::time::Instant::now() + duration);
+    }
+
+    /// How many posts repeated an earlier one's nonce (sent twice, shown once).
+    pub fn repeated_nonces(&self) -> usize {
+        self.lock().repeated_nonces
+    }
+
+    /// How many posts were answered with a 429.
+    pub fn rate_limited_posts(&self) -> usize {
+        self.lock().rate_limited_posts
     }
 
     pub fn posted(&self) -> Vec<Posted> {
@@ -433,19 +569,41 @@ fn thread_json(id: &str, parent: &str) -> Value {
            "locked": false}})
 }
 
-/// A thread's channel object, or a plain text channel for any other id.
+/// A thread's channel object (type 11, guild_id, parent_id), a DM channel (type 1) for a
+/// channel a DM was written in, or a plain text channel for any other id.
 async fn get_channel(State(fake): State<Fake>, Path(channel): Path<String>) -> Json<Value> {
-    let parent = fake
+    let (parent, dm) = fake
         .shared
         .lock()
-        .ok()
-        .and_then(|s| s.threads.get(&channel).cloned());
+        .map(|s| (s.threads.get(&channel).cloned(), s.dms.contains(&channel)))
+        .unwrap_or_default();
     Json(match parent {
         Some(parent) => thread_json(&channel, &parent),
+        None if dm => json!({"id": channel, "type": 1, "last_message_id": null,
+            "recipients": [{"id": "1", "username": "someone", "discriminator": "0",
+                            "global_name": null, "avatar": null}]}),
         None => {
             json!({"id": channel, "type": 0, "name": "general", "guild_id": GUILD_ID.to_string()})
         }
     })
+}
+
+/// `GET /guilds/{guild}/threads/active`: every thread, as all of them are active here.
+async fn active_threads(State(fake): State<Fake>, Path(guild): Path<String>) -> Json<Value> {
+    let threads: Vec<Value> = if guild == GUILD_ID.to_string() {
+        fake.shared
+            .lock()
+            .map(|s| {
+                s.threads
+                    .iter()
+                    .map(|(id, parent)| thread_json(id, parent))
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    Json(json!({"threads": threads, "members": [], "has_more": false}))
 }
 
 /// Starts a thread on a message: the thread's id is the message's.
@@ -503,8 +661,13 @@ async fn list_messages(
         // The latest `limit`.
         found = found.split_off(found.len().saturating_sub(limit));
     }
-    // Newest first, as Discord answers.
+    // Newest first, as Discord answers, and without `guild_id` (history has none).
     found.reverse();
+    for m in &mut found {
+        if let Some(m) = m.as_object_mut() {
+            m.remove("guild_id");
+        }
+    }
     Json(Value::Array(found))
 }
 
@@ -618,6 +781,17 @@ async fn create_message(
         let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return (code, Json(error)).into_response();
     }
+    let now = std::time::Instant::now();
+    let global = shared.limited_globally.filter(|until| *until > now);
+    let local = shared
+        .limited
+        .get(&channel)
+        .copied()
+        .filter(|until| *until > now);
+    if let Some(until) = global.or(local) {
+        shared.rate_limited_posts += 1;
+        return rate_limited(until - now, global.is_some());
+    }
     let nonce = match &body["nonce"] {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -631,6 +805,7 @@ async fn create_message(
             .find(|p| p.nonce.is_some() && p.nonce == nonce && p.channel_id == channel)
     {
         let m = message_json(&existing.id, &channel, bot_user(), &existing.content);
+        shared.repeated_nonces += 1;
         return Json(m).into_response();
     }
     let content = body["content"].as_str().unwrap_or("").to_string();
@@ -648,6 +823,7 @@ async fn create_message(
         .collect();
     shared.log.push(format!("post:{channel}"));
     shared.posted.push(Posted {
+        allowed_mentions: body["allowed_mentions"].clone(),
         buttons,
         id: id.clone(),
         channel_id: channel.clone(),
@@ -655,15 +831,65 @@ async fn create_message(
         nonce,
         files,
     });
-    Json(message_json(&id, &channel, bot_user(), &content)).into_response()
+    let mut response = Json(message_json(&id, &channel, bot_user(), &content)).into_response();
+    // Like Discord: every answer names its bucket and what is left of it.
+    for (name, value) in [
+        ("x-ratelimit-bucket", "fake-messages-bucket"),
+        ("x-ratelimit-limit", "5"),
+        ("x-ratelimit-remaining", "4"),
+        ("x-ratelimit-reset-after", "1.000"),
+    ] {
+        response.headers_mut().insert(
+            axum::http::HeaderName::from_static(name),
+            axum::http::HeaderValue::from_static(value),
+        );
+    }
+    response
+}
+
+/// Discord's 429, as it sends it: the JSON body with `retry_after` in (fractional)
+/// seconds and `global`, `Retry-After` in whole seconds, and the `X-RateLimit-*` headers.
+fn rate_limited(wait: std::time::Duration, global: bool) -> Response {
+    let secs = wait.as_secs_f64();
+    let body =
+        json!({"message": "You are being rate limited.", "retry_after": secs, "global": global});
+    let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+    let headers = response.headers_mut();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
+            headers.insert(axum::http::HeaderName::from_static(name), value);
+        }
+    };
+    put("retry-after", (secs.ceil() as u64).to_string());
+    put("x-ratelimit-limit", "5".into());
+    put("x-ratelimit-remaining", "0".into());
+    put("x-ratelimit-reset-after", format!("{secs:.3}"));
+    put("x-ratelimit-bucket", "fake-messages-bucket".into());
+    put(
+        "x-ratelimit-scope",
+        if global { "global" } else { "user" }.into(),
+    );
+    if global {
+        put("x-ratelimit-global", "true".into());
+    }
+    response
 }
 
 /// One gateway connection: HELLO, then IDENTIFY → READY, heartbeats acknowledged, and
 /// every dispatched event sent with the next sequence number.
 async fn session(fake: Fake, stream: tokio::net::TcpStream) -> anyhow::Result<()> {
-    let mut ws = tokio_tungstenite::accept_async(stream).await?;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let mut path = String::new();
+    // The callback's type is tungstenite's (its error is a whole HTTP response).
+    #[allow(clippy::result_large_err)]
+    let mut ws = tokio_tungstenite::accept_hdr_async(stream, |req: &Request, resp: Response| {
+        path = req.uri().path().to_string();
+        Ok(resp)
+    })
+    .await?;
     let mut events = fake.events.subscribe();
     let mut kick = fake.kick.subscribe();
+    let mut reconnect = fake.reconnect.subscribe();
     // A 1 s heartbeat (Discord's is about 41 s): serenity notices a dropped connection at
     // its next heartbeat, and tests should not wait long for that.
     ws.send(WsMessage::text(
@@ -678,7 +904,14 @@ async fn session(fake: Fake, stream: tokio::net::TcpStream) -> anyhow::Result<()
                 let Some(incoming) = incoming else { return Ok(()) };
                 let text = match incoming? {
                     WsMessage::Text(t) => t,
-                    WsMessage::Close(_) => return Ok(()),
+                    WsMessage::Close(frame) => {
+                        if let Ok(mut s) = fake.shared.lock() {
+                            s.closes.push(frame.map(|f| u16::from(f.code)));
+                        }
+                        // Answers the close (tungstenite queued the reply).
+                        let _ = ws.close(None).await;
+                        return Ok(());
+                    }
                     _ => continue,
                 };
                 let payload: Value = serde_json::from_str(&text)?;
@@ -686,11 +919,16 @@ async fn session(fake: Fake, stream: tokio::net::TcpStream) -> anyhow::Result<()
                     Some(1) => {
                         ws.send(WsMessage::text(json!({"op": 11}).to_string())).await?;
                     }
-                    Some(2) | Some(6) => {
+                    Some(op @ (2 | 6)) => {
+                        if let Ok(mut s) = fake.shared.lock() {
+                            let what = if op == 2 { "identify" } else { "resume" };
+                            s.gateway_log.push(format!("{what}:{path}"));
+                        }
                         seq += 1;
+                        let resume_url = format!("{}/resume", fake.ws_url);
                         let ready_event = json!({"op": 0, "s": seq, "t": "READY", "d": {
                             "v": 10, "user": bot_user(), "guilds": [],
-                            "session_id": "fake-session", "resume_gateway_url": fake.ws_url,
+                            "session_id": "fake-session", "resume_gateway_url": resume_url,
                             "shard": [0, 1], "application": {"id": BOT_ID.to_string(), "flags": 0},
                         }});
                         ws.send(WsMessage::text(ready_event.to_string())).await?;
@@ -701,6 +939,9 @@ async fn session(fake: Fake, stream: tokio::net::TcpStream) -> anyhow::Result<()
                     }
                     _ => {}
                 }
+            }
+            _ = reconnect.recv() => {
+                ws.send(WsMessage::text(json!({"op": 7, "d": null}).to_string())).await?;
             }
             _ = kick.recv() => {
                 let _ = ws.close(None).await;

@@ -26,6 +26,13 @@ pub enum Step {
     OverloadMidStream,
     /// An HTTP error status with an error body.
     Status(u16),
+    /// An HTTP error with exactly this body and these headers, as a real provider sends
+    /// them (raw JSON with account details, `retry-after-ms`, …).
+    Error {
+        status: u16,
+        body: String,
+        headers: Vec<(String, String)>,
+    },
 }
 
 /// One request the fake received.
@@ -35,6 +42,8 @@ pub struct Received {
     /// `x-api-key` (Anthropic) or the bearer token (OpenAI).
     pub key: Option<String>,
     pub body: Value,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -119,6 +128,7 @@ impl Fake {
             path: path.into(),
             key,
             body: body.clone(),
+            at: std::time::Instant::now(),
         });
         if !ok {
             return None;
@@ -161,6 +171,20 @@ fn error_status(status: u16, kind: &str) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// A scripted error answer: the status, the raw body and the headers as given.
+fn raw_error(status: u16, body: String, headers: Vec<(String, String)>) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = Response::builder()
+        .status(code)
+        .header("content-type", "application/json");
+    for (name, value) in headers {
+        response = response.header(name, value);
+    }
+    response
+        .body(Body::from(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
 async fn anthropic(
     State(fake): State<Fake>,
     headers: HeaderMap,
@@ -185,6 +209,11 @@ async fn anthropic(
     let mut output_tokens = 0;
     let stop_reason = match step {
         Step::Status(code) => return error_status(code, "overloaded_error"),
+        Step::Error {
+            status,
+            body,
+            headers,
+        } => return raw_error(status, body, headers),
         Step::OverloadMidStream => {
             events.push(text_block(0, "partial answer that will be lost"));
             events.push(sse(
@@ -284,6 +313,11 @@ async fn openai(State(fake): State<Fake>, headers: HeaderMap, Json(body): Json<V
     let prompt_tokens = (body.to_string().len() / 4) as u64;
     let (message, finish) = match step {
         Step::Status(code) => return error_status(code, "server_error"),
+        Step::Error {
+            status,
+            body,
+            headers,
+        } => return raw_error(status, body, headers),
         Step::OverloadMidStream => return error_status(503, "server_error"),
         Step::Text(text) => (json!({"role": "assistant", "content": text}), "stop"),
         Step::Tools(calls) => {

@@ -215,6 +215,34 @@ impl Cluster {
         Ok(())
     }
 
+    /// SIGKILL delivery, mid-send or not.
+    pub async fn kill_delivery(&mut self) -> anyhow::Result<()> {
+        self.delivery.child.kill().await.context("kill delivery")?;
+        self.delivery.child.wait().await?;
+        Ok(())
+    }
+
+    /// Starts a new delivery on the address the old one had.
+    pub async fn restart_delivery(&mut self) -> anyhow::Result<()> {
+        let addr = self.delivery.grpc.context("delivery address")?;
+        self.delivery = start(
+            "delivery",
+            &self.envs,
+            &[("FERROCLAW_DELIVERY_ADDR", addr.to_string())],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Delivery's ledger, newest first (`ListDeliveries`).
+    pub async fn deliveries(&self) -> anyhow::Result<Vec<ferroclaw_proto::v1::DeliveryRecord>> {
+        let channel = self.internal_channel(&self.delivery.grpc_url())?;
+        let response = ferroclaw_proto::v1::delivery_client::DeliveryClient::new(channel)
+            .list_deliveries(ferroclaw_proto::v1::ListDeliveriesRequest { limit: 1000 })
+            .await?;
+        Ok(response.into_inner().deliveries)
+    }
+
     /// Sets an environment variable for services started from now on (e.g. a restart).
     pub fn envs_set(&mut self, key: &'static str, value: &str) {
         self.envs.retain(|(k, _)| *k != key);

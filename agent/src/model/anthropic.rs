@@ -7,7 +7,10 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
 use super::sse::{self, Event};
-use super::{Block, Completion, Endpoint, ModelError, Request, Usage, error_of, transport_error};
+use super::{
+    Block, Completion, Endpoint, Fault, ModelError, Request, Usage, error_of, transport_error,
+    unreadable,
+};
 
 const API_VERSION: &str = "2023-06-01";
 
@@ -33,14 +36,18 @@ pub fn body(endpoint: &Endpoint, request: &Request<'_>) -> Value {
         .iter()
         .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.schema}))
         .collect();
-    json!({
+    let mut body = json!({
         "model": endpoint.model,
         "max_tokens": endpoint.max_tokens,
         "stream": true,
         "system": [{"type": "text", "text": request.system, "cache_control": {"type": "ephemeral"}}],
         "messages": messages,
-        "tools": tools,
-    })
+    });
+    // Without tools (a compaction) there is no field, as for OpenAI-compatible servers.
+    if !tools.is_empty() {
+        body["tools"] = Value::Array(tools);
+    }
+    body
 }
 
 pub async fn complete(
@@ -70,10 +77,7 @@ pub async fn complete(
             }
         }
     }
-    Err((
-        ModelError::Transient("the stream ended before message_stop".into()),
-        None,
-    ))
+    Err(unreadable("the stream ended before message_stop"))
 }
 
 /// A message being assembled from stream events.
@@ -98,12 +102,8 @@ enum Partial {
 impl Streamed {
     /// Applies one event; `Ok(true)` at `message_stop`.
     fn apply(&mut self, event: &Event) -> Result<bool, Failure> {
-        let data: Value = serde_json::from_str(&event.data).map_err(|e| {
-            (
-                ModelError::Transient(format!("unreadable stream event {:?}: {e}", event.event)),
-                None,
-            )
-        })?;
+        let data: Value = serde_json::from_str(&event.data)
+            .map_err(|e| unreadable(format!("unreadable stream event {:?}: {e}", event.event)))?;
         match data["type"].as_str().unwrap_or(&event.event) {
             "message_start" => self.count(&data["message"]["usage"]),
             "content_block_start" => {
@@ -141,15 +141,21 @@ impl Streamed {
             "message_stop" => return Ok(true),
             "error" => {
                 let kind = data["error"]["type"].as_str().unwrap_or("error");
-                let text = format!(
-                    "{kind} in the stream: {}",
-                    data["error"]["message"].as_str().unwrap_or("")
-                );
+                let text = format!("{kind} in the stream: {}", event.data);
+                let reason = match kind {
+                    "overloaded_error" => "overloaded",
+                    "rate_limit_error" => "rate limited",
+                    "api_error" => "server error",
+                    "timeout_error" => "timed out",
+                    "invalid_request_error" => "bad request",
+                    _ => "refused the request",
+                };
+                let fault = Fault::new(format!("failed mid-answer ({reason})"), text);
                 let error = match kind {
                     "overloaded_error" | "rate_limit_error" | "api_error" | "timeout_error" => {
-                        ModelError::Transient(text)
+                        ModelError::Transient(fault)
                     }
-                    _ => ModelError::Permanent(text),
+                    _ => ModelError::Permanent(fault),
                 };
                 return Err((error, None));
             }
@@ -178,12 +184,7 @@ impl Streamed {
                         json!({})
                     } else {
                         serde_json::from_str(&json).map_err(|e| {
-                            (
-                                ModelError::Transient(format!(
-                                    "tool call {name} has unreadable input: {e}"
-                                )),
-                                None,
-                            )
+                            unreadable(format!("tool call {name} has unreadable input: {e}"))
                         })?
                     };
                     content.push(Block::ToolUse { id, name, input });
@@ -271,6 +272,7 @@ mod tests {
             token: "t".into(),
             model: "m".into(),
             max_tokens: 100,
+            max_tokens_field: crate::model::MaxTokensField::MaxTokens,
         };
         let messages = [Message::user_text("hi")];
         let tools = [ToolSpec {
@@ -293,5 +295,16 @@ mod tests {
         );
         assert_eq!(b["tools"][0]["input_schema"]["type"], "object");
         assert_eq!(b["stream"], true);
+        assert_eq!(b["max_tokens"], 100);
+
+        let without = body(
+            &endpoint,
+            &Request {
+                system: "sys",
+                messages: &messages,
+                tools: &[],
+            },
+        );
+        assert!(without.get("tools").is_none(), "{without}");
     }
 }

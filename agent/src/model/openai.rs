@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::{
     Block, Completion, Endpoint, Message, ModelError, Request, Role, Usage, error_of,
-    transport_error,
+    transport_error, unreadable,
 };
 
 type Failure = (ModelError, Option<Duration>);
@@ -21,10 +21,10 @@ fn messages(system: &str, history: &[Message]) -> Vec<Value> {
                     if let Block::ToolResult {
                         tool_use_id,
                         content,
-                        ..
+                        is_error,
                     } = block
                     {
-                        out.push(json!({"role": "tool", "tool_call_id": tool_use_id, "content": content}));
+                        out.push(json!({"role": "tool", "tool_call_id": tool_use_id, "content": tool_content(content, *is_error)}));
                     }
                 }
                 let text = message.text();
@@ -56,6 +56,16 @@ fn messages(system: &str, history: &[Message]) -> Vec<Value> {
     out
 }
 
+/// A tool result's content: chat completions have no error flag, so an error says so in
+/// its first word.
+fn tool_content(content: &str, is_error: bool) -> String {
+    if is_error && !content.starts_with("error: ") {
+        format!("error: {content}")
+    } else {
+        content.to_string()
+    }
+}
+
 pub fn body(endpoint: &Endpoint, request: &Request<'_>) -> Value {
     let tools: Vec<Value> = request
         .tools
@@ -66,12 +76,16 @@ pub fn body(endpoint: &Endpoint, request: &Request<'_>) -> Value {
             }})
         })
         .collect();
-    json!({
+    let mut body = json!({
         "model": endpoint.model,
-        "max_tokens": endpoint.max_tokens,
         "messages": messages(request.system, request.messages),
-        "tools": tools,
-    })
+    });
+    body[endpoint.max_tokens_field.name()] = json!(endpoint.max_tokens);
+    // OpenAI and vLLM refuse an empty list: without tools (a compaction) there is no field.
+    if !tools.is_empty() {
+        body["tools"] = Value::Array(tools);
+    }
+    body
 }
 
 pub async fn complete(
@@ -89,22 +103,19 @@ pub async fn complete(
     if !response.status().is_success() {
         return Err(error_of(response).await);
     }
-    let answer: Value = response.json().await.map_err(|e| {
-        (
-            ModelError::Transient(format!("unreadable completion: {e}")),
-            None,
-        )
-    })?;
+    let answer: Value = response
+        .json()
+        .await
+        .map_err(|e| unreadable(format!("unreadable completion: {e}")))?;
     parse(&answer)
 }
 
 fn parse(answer: &Value) -> Result<Completion, Failure> {
     let choice = &answer["choices"][0];
     if choice.is_null() {
-        return Err((
-            ModelError::Transient(format!("a completion without choices: {answer}")),
-            None,
-        ));
+        return Err(unreadable(format!(
+            "a completion without choices: {answer}"
+        )));
     }
     let message = &choice["message"];
     let mut content = Vec::new();
@@ -118,12 +129,7 @@ fn parse(answer: &Value) -> Result<Completion, Failure> {
         let input = match arguments {
             Value::String(s) if s.trim().is_empty() => json!({}),
             Value::String(s) => serde_json::from_str(s).map_err(|e| {
-                (
-                    ModelError::Transient(format!(
-                        "tool call {name} has unreadable arguments: {e}"
-                    )),
-                    None,
-                )
+                unreadable(format!("tool call {name} has unreadable arguments: {e}"))
             })?,
             Value::Null => json!({}),
             other => other.clone(),
@@ -161,6 +167,124 @@ fn parse(answer: &Value) -> Result<Completion, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{MaxTokensField, ToolSpec};
+
+    fn endpoint(base_url: &str, configured: Option<&str>) -> Endpoint {
+        Endpoint {
+            base_url: base_url.into(),
+            token: "t".into(),
+            model: "m".into(),
+            max_tokens: 321,
+            max_tokens_field: MaxTokensField::resolve(configured, base_url).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_request_without_tools_has_no_tools_key() {
+        let messages = [Message::user_text("summarise")];
+        let request = Request {
+            system: "sys",
+            messages: &messages,
+            tools: &[],
+        };
+        let b = body(&endpoint("http://vllm:8000", None), &request);
+        assert!(b.get("tools").is_none(), "{b}");
+        let tools = [ToolSpec {
+            name: "bash",
+            description: "run",
+            schema: json!({"type": "object"}),
+        }];
+        let with = body(
+            &endpoint("http://vllm:8000", None),
+            &Request {
+                tools: &tools,
+                ..request
+            },
+        );
+        assert_eq!(with["tools"][0]["function"]["name"], "bash");
+    }
+
+    #[test]
+    fn the_max_tokens_field_follows_the_host_and_the_override() {
+        let messages = [Message::user_text("hi")];
+        let request = Request {
+            system: "sys",
+            messages: &messages,
+            tools: &[],
+        };
+        let field = |url: &str, configured: Option<&str>| {
+            let b = body(&endpoint(url, configured), &request);
+            let mut names: Vec<&str> = ["max_tokens", "max_completion_tokens"]
+                .into_iter()
+                .filter(|k| b.get(*k) == Some(&json!(321)))
+                .collect();
+            assert_eq!(names.len(), 1, "exactly one limit field in {b}");
+            names.remove(0).to_string()
+        };
+        assert_eq!(
+            field("https://api.openai.com", None),
+            "max_completion_tokens"
+        );
+        assert_eq!(
+            field("https://api.openai.com/v1", None),
+            "max_completion_tokens"
+        );
+        assert_eq!(field("http://127.0.0.1:11434", None), "max_tokens");
+        assert_eq!(field("https://openrouter.ai/api", None), "max_tokens");
+        assert_eq!(
+            field("http://litellm:4000", Some("max_completion_tokens")),
+            "max_completion_tokens"
+        );
+        assert_eq!(
+            field("https://api.openai.com", Some("max_tokens")),
+            "max_tokens"
+        );
+        let bad = MaxTokensField::resolve(Some("max_output_tokens"), "http://x");
+        assert!(
+            matches!(&bad, Err(ModelError::Config(m)) if m.contains("expected max_tokens or max_completion_tokens")),
+            "{bad:?}"
+        );
+    }
+
+    #[test]
+    fn an_error_result_says_error_in_its_content() {
+        let history = vec![
+            Message {
+                role: Role::Assistant,
+                content: vec![
+                    Block::ToolUse {
+                        id: "c1".into(),
+                        name: "bash".into(),
+                        input: json!({"command": "false"}),
+                    },
+                    Block::ToolUse {
+                        id: "c2".into(),
+                        name: "read_file".into(),
+                        input: json!({"path": "a"}),
+                    },
+                ],
+            },
+            Message {
+                role: Role::User,
+                content: vec![
+                    Block::ToolResult {
+                        tool_use_id: "c1".into(),
+                        content: "exit status 1".into(),
+                        is_error: true,
+                    },
+                    Block::ToolResult {
+                        tool_use_id: "c2".into(),
+                        content: "fine".into(),
+                        is_error: false,
+                    },
+                ],
+            },
+        ];
+        let wire = messages("sys", &history);
+        assert_eq!(wire[2]["content"], "error: exit status 1");
+        assert_eq!(wire[3]["content"], "fine");
+        assert_eq!(tool_content("error: twice", true), "error: twice");
+    }
 
     #[test]
     fn tool_calls_round_trip_through_the_wire_shape() {

@@ -33,7 +33,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub gateway: GatewayConfig,
     pub runner: RunnerConfig,
-    pub delivery: ServiceAddr,
+    pub delivery: DeliveryConfig,
     pub scheduler: ServiceAddr,
     pub agents: Vec<AgentConfig>,
     pub webhooks: Vec<WebhookRoute>,
@@ -113,6 +113,10 @@ pub struct DiscordRoute {
     /// A mention of the bot outside a thread opens a thread for that conversation.
     #[serde(default)]
     pub thread_on_mention: bool,
+    /// Mentions a reply may ping besides the people it names: "roles", "everyone"
+    /// (`@everyone`/`@here`). Empty by default: replies never ping a role or everyone.
+    #[serde(default)]
+    pub allow_mentions: Vec<String>,
 }
 
 fn default_sessions() -> String {
@@ -270,6 +274,43 @@ impl Default for RunnerConfig {
     }
 }
 
+/// Delivery: where it listens, and how long it keeps trying to deliver a reply.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub listen: SocketAddr,
+    pub url: Option<String>,
+    /// A reply that cannot be delivered (rate limits, a destination down) is given up on
+    /// this long after its agent wrote it; a permanent refusal ends it at once.
+    pub max_reply_age_secs: u64,
+    /// Sends in flight at once across all destinations (waiting lanes hold none).
+    pub max_concurrent_sends: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            listen: ServiceAddr::on(50052).listen,
+            url: None,
+            max_reply_age_secs: 15 * 60,
+            max_concurrent_sends: 32,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    pub fn addr(&self) -> ServiceAddr {
+        ServiceAddr {
+            listen: self.listen,
+            url: self.url.clone(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.addr().url()
+    }
+}
+
 impl RunnerConfig {
     pub fn addr(&self) -> ServiceAddr {
         ServiceAddr {
@@ -315,6 +356,12 @@ pub struct AgentConfig {
     /// Most tokens one model response may have.
     #[serde(default = "default_max_tokens")]
     pub max_tokens: u32,
+    /// openai: the request field that carries `max_tokens`, "max_tokens" or
+    /// "max_completion_tokens". Unset: "max_completion_tokens" when the upstream is OpenAI's
+    /// own API (api.openai.com, where `max_tokens` is deprecated and refused by reasoning
+    /// models), "max_tokens" for other servers (Ollama, vLLM, LiteLLM, …).
+    #[serde(default)]
+    pub max_tokens_field: Option<String>,
     /// The model's context window in tokens: the history is compacted before it fills.
     #[serde(default = "default_context_window")]
     pub context_window: u64,
@@ -352,6 +399,7 @@ impl AgentConfig {
             api_base_url: None,
             api_key_env: None,
             max_tokens: default_max_tokens(),
+            max_tokens_field: None,
             context_window: default_context_window(),
             token_budget: None,
             price_per_mtok: None,
@@ -398,6 +446,15 @@ impl AgentConfig {
         }
     }
 
+    /// The field its OpenAI-compatible requests limit the answer with (see
+    /// `max_tokens_field`): the configured one, else the one its upstream wants.
+    pub fn max_tokens_field(&self) -> &str {
+        match &self.max_tokens_field {
+            Some(field) => field,
+            None => default_max_tokens_field(self.upstream_base_url()),
+        }
+    }
+
     /// The API key from the runner's environment, if this agent has one.
     pub fn api_key(&self) -> Option<String> {
         let var = match (&self.api_key_env, self.api_flavour()) {
@@ -411,6 +468,22 @@ impl AgentConfig {
 
 /// Providers the agent binary knows.
 pub const PROVIDERS: &[&str] = &["echo", "anthropic", "openai", "claude-code"];
+
+/// Values of `agents.max_tokens_field`.
+pub const MAX_TOKENS_FIELDS: &[&str] = &["max_tokens", "max_completion_tokens"];
+
+/// The max-tokens field an OpenAI-compatible server at `base_url` wants: OpenAI's own API
+/// (host api.openai.com) wants "max_completion_tokens", every other server "max_tokens".
+pub fn default_max_tokens_field(base_url: &str) -> &'static str {
+    let host = base_url.parse::<http::Uri>().ok().and_then(|uri| {
+        uri.host()
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+    });
+    match host.as_deref() {
+        Some("api.openai.com") => "max_completion_tokens",
+        _ => "max_tokens",
+    }
+}
 
 fn default_provider() -> String {
     "echo".into()
@@ -524,7 +597,7 @@ impl Default for Config {
             data_dir: PathBuf::from("ferroclaw-data"),
             gateway: GatewayConfig::default(),
             runner: RunnerConfig::default(),
-            delivery: ServiceAddr::on(50052),
+            delivery: DeliveryConfig::default(),
             scheduler: ServiceAddr::on(50053),
             agents: vec![AgentConfig::echo("main")],
             webhooks: vec![WebhookRoute {
@@ -623,7 +696,6 @@ impl Config {
         }
         for (prefix, addr) in [
             ("FERROCLAW_GATEWAY_GRPC", &mut self.gateway.grpc),
-            ("FERROCLAW_DELIVERY", &mut self.delivery),
             ("FERROCLAW_SCHEDULER", &mut self.scheduler),
         ] {
             let var = format!("{prefix}_ADDR");
@@ -633,6 +705,15 @@ impl Config {
             if let Some(v) = get(&format!("{prefix}_URL")) {
                 addr.url = Some(v);
             }
+        }
+        if let Some(v) = get("FERROCLAW_DELIVERY_ADDR") {
+            self.delivery.listen = listen_addr("FERROCLAW_DELIVERY_ADDR", &v)?;
+        }
+        if let Some(v) = get("FERROCLAW_DELIVERY_URL") {
+            self.delivery.url = Some(v);
+        }
+        if let Some(v) = get("FERROCLAW_MAX_REPLY_AGE_SECS") {
+            self.delivery.max_reply_age_secs = parse("FERROCLAW_MAX_REPLY_AGE_SECS", &v)?;
         }
         if let Some(v) = get("FERROCLAW_RUNNER_ADDR") {
             self.runner.listen = listen_addr("FERROCLAW_RUNNER_ADDR", &v)?;
@@ -731,6 +812,14 @@ impl Config {
                 return invalid(
                     format!("{key}.api_base_url"),
                     format!("{url:?} is not an http(s) URL"),
+                );
+            }
+            if let Some(field) = &agent.max_tokens_field
+                && !MAX_TOKENS_FIELDS.contains(&field.as_str())
+            {
+                return invalid(
+                    format!("{key}.max_tokens_field"),
+                    format!("{field:?}: expected {}", MAX_TOKENS_FIELDS.join(" or ")),
                 );
             }
             if !matches!(agent.answerers.as_str(), "anyone" | "admins") {
@@ -834,6 +923,16 @@ impl Config {
                     format!("{:?}: expected always or mention", route.engage),
                 );
             }
+            if let Some(bad) = route
+                .allow_mentions
+                .iter()
+                .find(|m| !matches!(m.as_str(), "roles" | "everyone"))
+            {
+                return invalid(
+                    format!("{key}.allow_mentions"),
+                    format!("{bad:?}: expected \"roles\" or \"everyone\""),
+                );
+            }
         }
         if !matches!(self.runner.backend.as_str(), "process" | "docker") {
             return invalid(
@@ -842,6 +941,12 @@ impl Config {
                     "unknown backend {:?} (available: process, docker)",
                     self.runner.backend
                 ),
+            );
+        }
+        if self.delivery.max_concurrent_sends == 0 {
+            return invalid(
+                "delivery.max_concurrent_sends".into(),
+                "must be at least 1".into(),
             );
         }
         if self.runner.max_running_agents == 0 {
@@ -1068,6 +1173,73 @@ command = "/usr/local/bin/claude"
         .unwrap();
         let err = big.validate().unwrap_err().to_string();
         assert!(err.contains("agents[0].max_tokens"), "{err}");
+    }
+
+    #[test]
+    fn max_tokens_field_follows_the_upstream_host_unless_set() {
+        let c = Config::parse(
+            r#"
+[[agents]]
+name = "main"
+provider = "openai"
+model = "gpt-4o"
+
+[[agents]]
+name = "explicit"
+provider = "openai"
+model = "gpt-4o"
+api_base_url = "https://API.OpenAI.com:443/"
+
+[[agents]]
+name = "vllm"
+provider = "openai"
+model = "llama"
+api_base_url = "http://vllm:8000"
+
+[[agents]]
+name = "proxy"
+provider = "openai"
+model = "o3"
+api_base_url = "http://litellm:4000"
+max_tokens_field = "max_completion_tokens"
+
+[[agents]]
+name = "old"
+provider = "openai"
+model = "gpt-4o"
+max_tokens_field = "max_tokens"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let fields: Vec<&str> = c.agents.iter().map(|a| a.max_tokens_field()).collect();
+        assert_eq!(
+            fields,
+            [
+                "max_completion_tokens",
+                "max_completion_tokens",
+                "max_tokens",
+                "max_completion_tokens",
+                "max_tokens"
+            ]
+        );
+        assert_eq!(
+            default_max_tokens_field("https://api.openai.com.evil.example"),
+            "max_tokens"
+        );
+
+        let bad = Config::parse(
+            "[[agents]]\nname = \"main\"\nprovider = \"openai\"\nmodel = \"m\"\nmax_tokens_field = \"max_output_tokens\"\n",
+        )
+        .unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("agents[0].max_tokens_field")
+                && err.contains(
+                    "\"max_output_tokens\": expected max_tokens or max_completion_tokens"
+                ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,12 +8,10 @@ use ferroclaw_content::OutboundContent;
 use ferroclaw_proto::v1::OutboundMessage;
 use serde_json::json;
 
-pub enum CallbackError {
-    /// The receiver refused it for good (a 4xx other than 408/429).
-    Permanent(String),
-    /// Worth retrying (a network error, 408, 429, 5xx).
-    Transient(String),
-}
+use crate::send_error::SendError;
+
+/// The longest `Retry-After` taken from a receiver.
+const LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Posts one reply; returns a platform id naming the response.
 pub async fn post(
@@ -21,11 +19,13 @@ pub async fn post(
     route: &WebhookRoute,
     message: &OutboundMessage,
     content: &OutboundContent,
-) -> Result<String, CallbackError> {
-    let url = route
-        .callback_url
-        .as_deref()
-        .ok_or_else(|| CallbackError::Permanent("the source has no callback_url".into()))?;
+) -> Result<String, SendError> {
+    let url = route.callback_url.as_deref().ok_or_else(|| {
+        SendError::permanent(
+            "The webhook source has no callback address any more.",
+            format!("webhook source {:?} has no callback_url", route.source),
+        )
+    })?;
     let body = json!({
         "source": route.source,
         "session_id": message.session_id,
@@ -53,19 +53,37 @@ pub async fn post(
                 signing::sign(secret.as_bytes(), now, body.as_bytes()),
             );
     }
-    let response = request
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| CallbackError::Transient(format!("POST {url}: {e}")))?;
+    let response = request.body(body).send().await.map_err(|e| {
+        SendError::transient(
+            "The callback address could not be reached",
+            format!("POST {url}: {e}"),
+        )
+    })?;
     let status = response.status();
     if status.is_success() {
         return Ok(format!("callback:{}", status.as_u16()));
     }
     let detail = format!("POST {url} answered {status}");
-    if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
-        Err(CallbackError::Permanent(detail))
-    } else {
-        Err(CallbackError::Transient(detail))
+    // 429 or 503 with a Retry-After (seconds): the receiver's own wait, not an attempt.
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|secs| std::time::Duration::from_secs(secs).min(LONGEST_WAIT));
+    match (status.as_u16(), retry_after) {
+        (429 | 503, Some(wait)) => Err(SendError::Wait {
+            wait,
+            plain: "The callback address kept asking to wait".into(),
+            detail,
+        }),
+        (408 | 429, None) | (500.., _) => Err(SendError::transient(
+            "The callback address kept failing",
+            detail,
+        )),
+        (code, _) => Err(SendError::permanent(
+            format!("The callback address refused the reply (HTTP {code})."),
+            detail,
+        )),
     }
 }

@@ -21,6 +21,9 @@ CREATE TABLE IF NOT EXISTS ledger (
     platform_message_id TEXT,
     detail              TEXT,
     updated_at          INTEGER NOT NULL,
+    reason              TEXT,               -- a failure in one plain sentence
+    waits               INTEGER NOT NULL DEFAULT 0, -- rate-limit waits (not attempts)
+    waiting_until       INTEGER,            -- while a rate-limit wait is in progress
     PRIMARY KEY (session_id, out_seq)
 );
 CREATE TABLE IF NOT EXISTS conversation_messages (
@@ -104,8 +107,14 @@ impl Claimed {
 /// Final state of a ledger entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
-    Delivered { platform_message_id: String },
-    Failed { detail: String },
+    Delivered {
+        platform_message_id: String,
+    },
+    Failed {
+        detail: String,
+        /// The failure in one plain sentence, for the agent and the user.
+        reason: String,
+    },
 }
 
 /// One ledger row.
@@ -119,6 +128,10 @@ pub struct Entry {
     pub platform_message_id: Option<String>,
     pub detail: Option<String>,
     pub updated_at: i64,
+    pub reason: Option<String>,
+    pub waits: i64,
+    /// Set while the row waits out a rate limit.
+    pub waiting_until: Option<i64>,
 }
 
 /// A message of an API conversation.
@@ -164,6 +177,26 @@ impl Ledger {
                 .execute(&pool)
                 .await?;
         }
+        // Ledgers from before rate limits were waits get the columns for them.
+        let columns: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('ledger')")
+                .fetch_all(&pool)
+                .await?;
+        for (column, ddl) in [
+            ("reason", "ALTER TABLE ledger ADD COLUMN reason TEXT"),
+            (
+                "waits",
+                "ALTER TABLE ledger ADD COLUMN waits INTEGER NOT NULL DEFAULT 0",
+            ),
+            (
+                "waiting_until",
+                "ALTER TABLE ledger ADD COLUMN waiting_until INTEGER",
+            ),
+        ] {
+            if !columns.iter().any(|c| c == column) {
+                sqlx::query(ddl).execute(&pool).await?;
+            }
+        }
         Ok(Self {
             pool,
             appended: broadcast::channel(1024).0,
@@ -172,8 +205,9 @@ impl Ledger {
 
     /// The final outcome of a row already handled, if any.
     pub async fn outcome(&self, session_id: &str, out_seq: i64) -> Result<Option<Settled>> {
-        let row: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT state, platform_message_id, detail FROM ledger
+        type Row = (String, Option<String>, Option<String>, Option<String>);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT state, platform_message_id, detail, reason FROM ledger
              WHERE session_id = $1 AND out_seq = $2",
         )
         .bind(session_id)
@@ -181,12 +215,17 @@ impl Ledger {
         .fetch_optional(&self.pool)
         .await?;
         Ok(match row {
-            Some((state, pmid, _)) if state == "delivered" => Some(Settled::Delivered {
+            Some((state, pmid, _, _)) if state == "delivered" => Some(Settled::Delivered {
                 platform_message_id: pmid.unwrap_or_default(),
             }),
-            Some((state, _, detail)) if state == "failed" => Some(Settled::Failed {
-                detail: detail.unwrap_or_default(),
-            }),
+            Some((state, _, detail, reason)) if state == "failed" => {
+                let detail = detail.unwrap_or_default();
+                Some(Settled::Failed {
+                    // Rows failed before reasons were kept say what they said then.
+                    reason: reason.unwrap_or_else(|| detail.clone()),
+                    detail,
+                })
+            }
             _ => None,
         })
     }
@@ -203,7 +242,7 @@ impl Ledger {
             "INSERT INTO ledger (session_id, out_seq, state, attempts, kind, destination, updated_at)
              VALUES ($1, $2, 'pending', 1, $3, $4, $5)
              ON CONFLICT (session_id, out_seq) DO UPDATE
-               SET attempts = ledger.attempts + 1, updated_at = $5
+               SET attempts = ledger.attempts + 1, waiting_until = NULL, updated_at = $5
              RETURNING attempts",
         )
         .bind(session_id)
@@ -330,9 +369,15 @@ impl Ledger {
         let by: Option<String> = row.try_get("answered_by")?;
         let agent: Option<String> = row.try_get("agent")?;
         if let Some(answer) = answer {
+            let by = by.unwrap_or_default();
             return Ok(Err(AnswerRefused::Answered {
                 option: answer,
-                by: by.unwrap_or_default(),
+                // On Discord a person is named by a mention, which shows their name.
+                by: if conversation.starts_with(DISCORD_PREFIX) {
+                    format!("<@{by}>")
+                } else {
+                    by
+                },
             }));
         }
         if now > expires_at {
@@ -387,19 +432,61 @@ impl Ledger {
         Ok(())
     }
 
-    /// Marks a row failed for good.
-    pub async fn fail(&self, row: &OutboundMessage, detail: &str) -> Result<()> {
+    /// Marks a row failed for good: `detail` for operators, `reason` in a plain sentence.
+    pub async fn fail(&self, row: &OutboundMessage, detail: &str, reason: &str) -> Result<()> {
         sqlx::query(
             "INSERT INTO ledger (session_id, out_seq, state, attempts, kind, destination, detail,
-                updated_at)
-             VALUES ($1, $2, 'failed', 1, $3, $4, $5, $6)
+                reason, updated_at)
+             VALUES ($1, $2, 'failed', 1, $3, $4, $5, $6, $7)
              ON CONFLICT (session_id, out_seq) DO UPDATE
-               SET state = 'failed', detail = $5, updated_at = $6",
+               SET state = 'failed', detail = $5, reason = $6, waiting_until = NULL,
+                   updated_at = $7",
         )
         .bind(&row.session_id)
         .bind(row.seq)
         .bind(&row.kind)
         .bind(&row.destination_json)
+        .bind(detail)
+        .bind(reason)
+        .bind(ferroclaw_content::now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a row delivered (a Discord post, a callback, an action), so a resend of it
+    /// is answered from here.
+    pub async fn delivered(&self, row: &OutboundMessage, platform_message_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO ledger (session_id, out_seq, state, attempts, kind, destination,
+                platform_message_id, updated_at)
+             VALUES ($1, $2, 'delivered', 1, $3, $4, $5, $6)
+             ON CONFLICT (session_id, out_seq) DO UPDATE
+               SET state = 'delivered', platform_message_id = $5, waiting_until = NULL,
+                   updated_at = $6",
+        )
+        .bind(&row.session_id)
+        .bind(row.seq)
+        .bind(&row.kind)
+        .bind(&row.destination_json)
+        .bind(platform_message_id)
+        .bind(ferroclaw_content::now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that the row's last try was a rate limit: a wait until `until_ms`, which
+    /// does not count as an attempt.
+    pub async fn waiting(&self, row: &OutboundMessage, until_ms: i64, detail: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE ledger SET attempts = MAX(attempts - 1, 0), waits = waits + 1,
+                waiting_until = $3, detail = $4, updated_at = $5
+             WHERE session_id = $1 AND out_seq = $2 AND state = 'pending'",
+        )
+        .bind(&row.session_id)
+        .bind(row.seq)
+        .bind(until_ms)
         .bind(detail)
         .bind(ferroclaw_content::now_ms())
         .execute(&self.pool)
@@ -472,7 +559,8 @@ impl Ledger {
 
     pub async fn list(&self, limit: u32) -> Result<Vec<Entry>> {
         let rows = sqlx::query(
-            "SELECT session_id, out_seq, state, attempts, destination, platform_message_id, detail, updated_at
+            "SELECT session_id, out_seq, state, attempts, destination, platform_message_id, detail,
+                updated_at, reason, waits, waiting_until
              FROM ledger ORDER BY updated_at DESC LIMIT $1",
         )
         .bind(i64::from(limit))
@@ -489,6 +577,9 @@ impl Ledger {
                     platform_message_id: r.try_get("platform_message_id")?,
                     detail: r.try_get("detail")?,
                     updated_at: r.try_get("updated_at")?,
+                    reason: r.try_get("reason")?,
+                    waits: r.try_get("waits")?,
+                    waiting_until: r.try_get("waiting_until")?,
                 })
             })
             .collect()

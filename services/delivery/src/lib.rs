@@ -4,8 +4,12 @@ mod actions;
 mod callback;
 mod consumer;
 pub mod discord;
+mod discord_limits;
 pub mod error;
+mod lanes;
 pub mod ledger;
+mod row_delivery;
+mod send_error;
 mod service;
 mod typing;
 
@@ -17,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 pub use error::{DeliveryError, Result};
 
 use crate::consumer::Consumer;
+use crate::lanes::Lanes;
 use crate::ledger::Ledger;
+use crate::row_delivery::RowDelivery;
 use crate::service::DeliveryService;
 
 /// Runs delivery on `listener` until `shutdown`; the row being delivered is finished first.
@@ -33,15 +39,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let runner_for_typing = runner.clone();
     let runner_for_service = runner.clone();
     let scheduler = grpc::channel(&config.scheduler.url(), internal)?;
-    let consumer = Consumer::new(
+    let discord = discord::DiscordOut::from_config(&config.discord);
+    let rows = RowDelivery::new(
         std::sync::Arc::new(config.clone()),
-        runner,
+        runner.clone(),
         scheduler,
         ledger.clone(),
-        "delivery".into(),
+        discord.clone(),
     );
+    let lanes = Lanes::new(std::sync::Arc::new(rows), shutdown.clone());
+    let consumer = Consumer::new(runner, lanes, "delivery".into());
     let consuming = tokio::spawn(consumer.run(shutdown.clone()));
-    if let Some(discord) = discord::DiscordOut::from_config(&config.discord) {
+    if let Some(discord) = discord {
         tokio::spawn(typing::run(runner_for_typing, discord, shutdown.clone()));
     }
 

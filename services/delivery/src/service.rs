@@ -136,10 +136,11 @@ impl Delivery for DeliveryService {
                 });
             }
         };
-        let user = if req.user.is_empty() {
-            "someone"
-        } else {
-            req.user.as_str()
+        // On Discord a person is named by a mention, which shows their name.
+        let user = match (req.user.as_str(), &claimed.reply_to()) {
+            ("", _) => "someone".to_string(),
+            (id, ferroclaw_content::Destination::Discord { .. }) => format!("<@{id}>"),
+            (id, _) => id.to_string(),
         };
         let content = ferroclaw_content::InboundContent::System(ferroclaw_content::SystemIn {
             event: "question_response".into(),
@@ -200,6 +201,9 @@ impl Delivery for DeliveryService {
                 platform_message_id: e.platform_message_id.unwrap_or_default(),
                 detail: e.detail.unwrap_or_default(),
                 updated_at_ms: e.updated_at,
+                reason: e.reason.unwrap_or_default(),
+                rate_limit_waits: e.waits,
+                waiting_until_ms: e.waiting_until.unwrap_or(0),
             })
             .collect();
         Ok(Response::new(ListDeliveriesResponse { deliveries }))

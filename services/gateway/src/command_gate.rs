@@ -22,6 +22,11 @@ pub enum Gate {
 
 /// Sorts `text` from `sender`, addressed to `agent`.
 pub fn check(config: &Config, agent: &str, sender: &str, text: &str) -> Gate {
+    check_as(config, agent, sender, sender, text)
+}
+
+/// As [`check`], naming the sender `shown_as` in answers (on Discord a mention, `<@id>`).
+pub fn check_as(config: &Config, agent: &str, sender: &str, shown_as: &str, text: &str) -> Gate {
     let Some(command) = text
         .split_whitespace()
         .next()
@@ -41,7 +46,7 @@ pub fn check(config: &Config, agent: &str, sender: &str, text: &str) -> Gate {
         });
     }
     if ADMIN_COMMANDS.contains(&command) && !config.is_admin(agent, sender) {
-        let who = if sender.is_empty() { "you" } else { sender };
+        let who = if sender.is_empty() { "you" } else { shown_as };
         return Gate::Deny(format!(
             "{command} is for admins only, and {who} is not one."
         ));
@@ -83,6 +88,10 @@ mod tests {
             panic!("bob is no admin");
         };
         assert_eq!(why, "/clear is for admins only, and bob is not one.");
+        let Gate::Deny(why) = check_as(&config, "main", "1504", "<@1504>", "/clear") else {
+            panic!("1504 is no admin");
+        };
+        assert_eq!(why, "/clear is for admins only, and <@1504> is not one.");
         assert!(
             matches!(check(&config, "main", "bob", "/help"), Gate::Answer(a) if a.contains("/compact"))
         );

@@ -60,7 +60,7 @@ pub async fn run(
         ingress: ingress.clone(),
     }));
     let grpc_task = tokio::spawn(grpc::serve(router, grpc_listener, shutdown.clone()));
-    discord::start(
+    let discord = discord::start(
         config.clone(),
         state.ingress.clone(),
         state.delivery.clone(),
@@ -78,6 +78,12 @@ pub async fn run(
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
         .map_err(GatewayError::Http)?;
+    // The bot logs off (a close frame) before the process ends.
+    if let Some(discord) = discord
+        && let Err(e) = discord.await
+    {
+        tracing::error!(error = %e, "the Discord shutdown task failed");
+    }
     match grpc_task.await {
         Ok(result) => result?,
         Err(e) => tracing::error!(error = %e, "gRPC server task failed"),

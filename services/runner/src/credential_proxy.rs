@@ -92,6 +92,13 @@ impl ModelAccess {
                 agent.context_window.to_string(),
             ),
         ];
+        if agent.api_flavour() == "openai" {
+            // Resolved against the upstream, which the agent (behind the proxy) cannot see.
+            env.push((
+                "FERROCLAW_MAX_TOKENS_FIELD".into(),
+                agent.max_tokens_field().to_string(),
+            ));
+        }
         if !agent.send_to.is_empty() {
             env.push(("FERROCLAW_SEND_TO".into(), agent.send_to.join(",")));
         }

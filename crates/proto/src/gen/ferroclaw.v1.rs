@@ -1318,10 +1318,20 @@ pub struct DeliveryRecord {
     pub destination_json: ::prost::alloc::string::String,
     #[prost(string, tag = "6")]
     pub platform_message_id: ::prost::alloc::string::String,
+    /// What went wrong, for operators (statuses, upstream text).
     #[prost(string, tag = "7")]
     pub detail: ::prost::alloc::string::String,
     #[prost(int64, tag = "8")]
     pub updated_at_ms: i64,
+    /// A failure in one plain sentence, as the agent and the user were told it.
+    #[prost(string, tag = "9")]
+    pub reason: ::prost::alloc::string::String,
+    /// Rate-limit waits so far (a wait is not an attempt).
+    #[prost(int64, tag = "10")]
+    pub rate_limit_waits: i64,
+    /// While a rate-limit wait is in progress: when it ends (ms since the epoch); else 0.
+    #[prost(int64, tag = "11")]
+    pub waiting_until_ms: i64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -1,0 +1,195 @@
+//! Lanes: outbound rows are delivered through independent lanes, one per destination (a
+//! Discord channel or thread, an API conversation, a callback source; a session's actions
+//! share one). Order holds within a lane. A lane that waits (a rate limit, a backoff, a
+//! dead callback) delays no other lane.
+//!
+//! A lane exists only while it has rows: its task takes them in order and ends with the
+//! last one, so 10,000 quiet destinations cost nothing. The rows held across all lanes are
+//! bounded ([`MAX_BUFFERED_ROWS`]); past that, reading the runner's stream pauses.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use ferroclaw_content::Destination;
+use ferroclaw_proto::v1::OutboundMessage;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::row_delivery::RowDelivery;
+
+/// Rows held in lanes at once, across all of them.
+pub const MAX_BUFFERED_ROWS: usize = 10_000;
+
+/// The lane a row travels in.
+pub fn lane_of(message: &OutboundMessage) -> String {
+    if message.kind == "action" {
+        return format!("actions:{}", message.session_id);
+    }
+    match serde_json::from_str::<Destination>(&message.destination_json) {
+        Ok(Destination::Discord { channel_id }) => format!("discord:{channel_id}"),
+        Ok(Destination::Api { conversation }) => format!("api:{conversation}"),
+        Ok(Destination::Callback { source }) => format!("callback:{source}"),
+        // Refused in its own lane, without holding anyone up.
+        Err(_) => format!("unknown:{}", message.session_id),
+    }
+}
+
+#[derive(Clone)]
+pub struct Lanes {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    delivery: Arc<RowDelivery>,
+    state: Mutex<State>,
+    buffered: Arc<Semaphore>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    /// Lanes with rows; a lane's task runs exactly while it is here.
+    lanes: HashMap<String, VecDeque<Queued>>,
+    /// (session, seq) of every row in a lane: a row the runner sends again (on a new
+    /// stream) while it is still here is not queued twice.
+    held: HashSet<(String, i64)>,
+}
+
+struct Queued {
+    message: OutboundMessage,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Lanes {
+    pub fn new(delivery: Arc<RowDelivery>, shutdown: CancellationToken) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                delivery,
+                state: Mutex::default(),
+                buffered: Arc::new(Semaphore::new(MAX_BUFFERED_ROWS)),
+                tasks: TaskTracker::new(),
+                shutdown,
+            }),
+        }
+    }
+
+    /// Queues a row in its lane, starting the lane if it was idle. Waits while the lanes
+    /// hold [`MAX_BUFFERED_ROWS`].
+    pub async fn push(&self, message: OutboundMessage) {
+        let key = (message.session_id.clone(), message.seq);
+        if self.lock().held.contains(&key) {
+            return;
+        }
+        let Ok(slot) = self.inner.buffered.clone().acquire_owned().await else {
+            return;
+        };
+        let lane = lane_of(&message);
+        let mut state = self.lock();
+        if !state.held.insert(key) {
+            return;
+        }
+        let queued = Queued {
+            message,
+            _slot: slot,
+        };
+        match state.lanes.get_mut(&lane) {
+            Some(queue) => queue.push_back(queued),
+            None => {
+                state.lanes.insert(lane.clone(), VecDeque::from([queued]));
+                let lanes = self.clone();
+                self.inner.tasks.spawn(async move { lanes.run(lane).await });
+            }
+        }
+    }
+
+    /// Waits for every lane's task to end (after shutdown: each finishes the send in hand).
+    pub async fn drained(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One lane's task: its rows in order, then it ends.
+    async fn run(self, lane: String) {
+        loop {
+            let next = self
+                .lock()
+                .lanes
+                .get(&lane)
+                .and_then(|q| q.front())
+                .map(|q| q.message.clone());
+            let Some(message) = next else {
+                self.lock().lanes.remove(&lane);
+                return;
+            };
+            let done = self
+                .inner
+                .delivery
+                .handle(&message, &self.inner.shutdown)
+                .await;
+            let mut state = self.lock();
+            if !done {
+                // Shutdown: the lane's rows stay unsettled at the runner and come back.
+                if let Some(queue) = state.lanes.remove(&lane) {
+                    for q in queue {
+                        state.held.remove(&(q.message.session_id, q.message.seq));
+                    }
+                }
+                return;
+            }
+            state
+                .held
+                .remove(&(message.session_id.clone(), message.seq));
+            let Some(queue) = state.lanes.get_mut(&lane) else {
+                return;
+            };
+            queue.pop_front();
+            if queue.is_empty() {
+                state.lanes.remove(&lane);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kind: &str, destination: &str) -> OutboundMessage {
+        OutboundMessage {
+            session_id: "ses_1".into(),
+            seq: 1,
+            kind: kind.into(),
+            destination_json: destination.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lanes_are_keyed_by_destination() {
+        let a = lane_of(&row("chat", r#"{"kind":"discord","channel_id":"1"}"#));
+        let b = lane_of(&row("chat", r#"{"kind":"discord","channel_id":"2"}"#));
+        let a_card = lane_of(&row("card", r#"{"kind":"discord","channel_id":"1"}"#));
+        assert_ne!(a, b);
+        assert_eq!(a, a_card, "every kind of row to a channel keeps its order");
+        assert_ne!(
+            lane_of(&row("chat", r#"{"kind":"api","conversation":"1"}"#)),
+            a,
+            "an API conversation named like a channel is another lane"
+        );
+        assert_eq!(
+            lane_of(&row("action", r#"{"kind":"discord","channel_id":"1"}"#)),
+            "actions:ses_1"
+        );
+        assert_eq!(lane_of(&row("chat", "nonsense")), "unknown:ses_1");
+    }
+}
