@@ -11,6 +11,8 @@ use serde_json::{Value, json};
 struct Compose {
     command: Vec<String>,
     project: String,
+    /// Where compose runs: the data directory is `ferroclaw-data` in it.
+    dir: std::path::PathBuf,
     envs: Vec<(&'static str, String)>,
 }
 
@@ -22,6 +24,9 @@ impl Compose {
             .args(["-p", &self.project, "-f"])
             .arg(root.join("docker-compose.yml"))
             .args(args)
+            .current_dir(&self.dir)
+            // The compose file names the data directory `${PWD}/ferroclaw-data`.
+            .env("PWD", &self.dir)
             .envs(self.envs.iter().map(|(k, v)| (*k, v.as_str())))
             .output()?;
         anyhow::ensure!(
@@ -71,8 +76,8 @@ async fn compose_up_then_a_webhook_gets_its_reply() -> anyhow::Result<()> {
     let compose = Compose {
         command,
         project: format!("fce2e{}", std::process::id()),
+        dir: dir.path().to_path_buf(),
         envs: vec![
-            ("FERROCLAW_DATA_DIR", dir.path().display().to_string()),
             ("FERROCLAW_API_TOKEN", "compose-token".into()),
             ("FERROCLAW_TAG", "e2e".into()),
             ("FERROCLAW_HTTP_PORT", "0".into()),
@@ -99,6 +104,10 @@ async fn compose_up_then_a_webhook_gets_its_reply() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    assert!(
+        dir.path().join("ferroclaw-data/runner.db").is_file(),
+        "the data directory defaults to ./ferroclaw-data where compose runs"
+    );
     let unauthorized = http
         .post(format!("{api}/v1/hooks/default"))
         .json(&json!({}))

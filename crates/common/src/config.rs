@@ -203,6 +203,9 @@ pub struct RunnerConfig {
     pub agent_binary: Option<PathBuf>,
     /// An agent with nothing to do for this long exits.
     pub idle_timeout_secs: u64,
+    /// A session's mailbox (its SQLite connections, threads and files) unused this long is
+    /// closed; it opens again when the session has work.
+    pub mailbox_idle_secs: u64,
     /// Journal of the session databases: "wal" (the default for the process backend: readers
     /// never wait for the writer) or "delete" (for mounts that cannot share WAL's memory
     /// index, such as VM-backed Docker Desktop volumes).
@@ -253,6 +256,7 @@ impl Default for RunnerConfig {
             backend: "process".into(),
             agent_binary: None,
             idle_timeout_secs: 300,
+            mailbox_idle_secs: 30,
             journal_mode: "wal".into(),
             max_restarts: 5,
             max_running_agents: 8,
@@ -756,6 +760,9 @@ impl Config {
         }
         if let Some(v) = get("FERROCLAW_JOURNAL_MODE") {
             self.runner.journal_mode = v;
+        }
+        if let Some(v) = get("FERROCLAW_MAILBOX_IDLE_SECS") {
+            self.runner.mailbox_idle_secs = parse("FERROCLAW_MAILBOX_IDLE_SECS", &v)?;
         }
         if let Some(v) = get("FERROCLAW_IDLE_TIMEOUT_SECS") {
             self.runner.idle_timeout_secs = parse("FERROCLAW_IDLE_TIMEOUT_SECS", &v)?;

@@ -1,5 +1,5 @@
-//! The start of every gRPC service binary: telemetry, config, listener, readiness line,
-//! shutdown token.
+//! The start of every gRPC service binary: telemetry, config, listeners, shutdown token, and
+//! the readiness line the service prints once it can serve (see [`Ready`]).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::grpc::{self, GrpcError};
-use crate::{ready, shutdown, telemetry};
+use crate::ready::Ready;
+use crate::{shutdown, telemetry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -24,21 +25,24 @@ pub struct Startup {
     pub config: Config,
     pub listener: TcpListener,
     pub shutdown: CancellationToken,
+    /// The readiness line naming the bound addresses: `run` prints it once its database is
+    /// open and migrated, right before it serves.
+    pub ready: Ready,
 }
 
 /// Loads the config, binds the service's gRPC address (`listen` picks it from the config),
-/// announces readiness and arms the shutdown signals.
+/// arms the shutdown signals and prepares the readiness line (not printed yet).
 pub async fn grpc_service(
     name: &str,
     config_path: Option<&Path>,
     listen: impl Fn(&Config) -> SocketAddr,
 ) -> Result<Startup, StartupError> {
     let (config, listener) = load_and_bind(name, config_path, listen).await?;
-    Ok(announce(name, config, listener, None))
+    Ok(prepare(name, config, listener, None))
 }
 
 /// As [`grpc_service`], for a service that also serves HTTP (the runner's credential
-/// proxy): both addresses are bound before the readiness line names them.
+/// proxy): both addresses are bound, and the readiness line names them.
 pub async fn grpc_and_http_service(
     name: &str,
     config_path: Option<&Path>,
@@ -47,7 +51,7 @@ pub async fn grpc_and_http_service(
 ) -> Result<(Startup, TcpListener), StartupError> {
     let (config, listener) = load_and_bind(name, config_path, listen).await?;
     let http = grpc::bind(http_listen(&config)).await?;
-    let startup = announce(name, config, listener, http.local_addr().ok());
+    let startup = prepare(name, config, listener, http.local_addr().ok());
     Ok((startup, http))
 }
 
@@ -62,17 +66,13 @@ async fn load_and_bind(
     Ok((config, listener))
 }
 
-fn announce(
-    name: &str,
-    config: Config,
-    listener: TcpListener,
-    http: Option<SocketAddr>,
-) -> Startup {
+fn prepare(name: &str, config: Config, listener: TcpListener, http: Option<SocketAddr>) -> Startup {
     let shutdown = shutdown::on_signal();
-    ready::announce(name, listener.local_addr().ok(), http);
+    let ready = Ready::new(name, listener.local_addr().ok(), http);
     Startup {
         config,
         listener,
         shutdown,
+        ready,
     }
 }

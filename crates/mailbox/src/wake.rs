@@ -23,21 +23,7 @@ impl DirWatch {
         recursive: bool,
         on_change: impl Fn(&Path) + Send + 'static,
     ) -> Result<Self> {
-        // Agents can plant links under a watched directory: a recursive watch must not
-        // follow them out of it.
-        let config = notify::Config::default().with_follow_symlinks(false);
-        let mut watcher = RecommendedWatcher::new(
-            move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else { return };
-                if matches!(event.kind, EventKind::Access(_)) {
-                    return;
-                }
-                for path in &event.paths {
-                    on_change(path);
-                }
-            },
-            config,
-        )?;
+        let mut watcher = watcher(on_change)?;
         let mode = if recursive {
             RecursiveMode::Recursive
         } else {
@@ -56,6 +42,62 @@ impl DirWatch {
             }
         })
     }
+}
+
+/// One watch over a changing set of directories, each watched on its own (not recursively):
+/// the runner watches a session's `out/` only while its agent may write there, so idle
+/// sessions hold no watches, and nothing an agent creates below `out/` adds any.
+pub struct DirsWatch {
+    watcher: std::sync::Mutex<RecommendedWatcher>,
+}
+
+impl DirsWatch {
+    /// Calls `on_change` (on the watcher's own thread) with the path of every created,
+    /// modified or removed file in a watched directory.
+    pub fn new(on_change: impl Fn(&Path) + Send + 'static) -> Result<Self> {
+        Ok(Self {
+            watcher: std::sync::Mutex::new(watcher(on_change)?),
+        })
+    }
+
+    /// Starts watching `dir` (watching it twice is harmless).
+    pub fn add(&self, dir: &Path) -> Result<()> {
+        let mut watcher = self
+            .watcher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+        Ok(())
+    }
+
+    /// Stops watching `dir` (one not watched, or gone, is fine).
+    pub fn remove(&self, dir: &Path) {
+        let mut watcher = self
+            .watcher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = watcher.unwatch(dir);
+    }
+}
+
+/// A watcher that calls `on_change` with the path of every created, modified or removed
+/// file (not mere reads).
+fn watcher(on_change: impl Fn(&Path) + Send + 'static) -> Result<RecommendedWatcher> {
+    // Agents can plant links under a watched directory: a watch must not follow them out
+    // of it.
+    let config = notify::Config::default().with_follow_symlinks(false);
+    Ok(RecommendedWatcher::new(
+        move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, EventKind::Access(_)) {
+                return;
+            }
+            for path in &event.paths {
+                on_change(path);
+            }
+        },
+        config,
+    )?)
 }
 
 /// True when the last component of `path` starts with `prefix` (so `inbound.db` also matches
@@ -78,6 +120,30 @@ pub fn session_of(sessions_root: &Path, path: &Path) -> Option<(String, String)>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watched_directory_reports_changes_until_it_is_removed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let watch = DirsWatch::new(move |path| {
+            let _ = tx.send(path.to_path_buf());
+        })
+        .expect("watch");
+        watch.add(dir.path()).expect("add");
+        std::fs::write(dir.path().join("outbound.bell"), b"\n").expect("write");
+        let seen = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("an event");
+        assert_eq!(seen.file_name(), Some("outbound.bell".as_ref()));
+        watch.remove(dir.path());
+        while rx.try_recv().is_ok() {}
+        std::fs::write(dir.path().join("outbound.bell"), b"\n").expect("write");
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "no events once removed"
+        );
+    }
 
     #[test]
     fn session_of_paths() {

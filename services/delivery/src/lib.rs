@@ -27,7 +27,13 @@ use crate::row_delivery::RowDelivery;
 use crate::service::DeliveryService;
 
 /// Runs delivery on `listener` until `shutdown`; the row being delivered is finished first.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+/// Prints `ready` once the ledger is open and migrated.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    ready: ferroclaw_common::ready::Ready,
+) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| DeliveryError::Io {
         path: config.data_dir.clone(),
         source,
@@ -61,10 +67,23 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         config: std::sync::Arc::new(config.clone()),
         shutdown: shutdown.clone(),
     }));
+    ready.announce();
     tracing::info!(addr = ?listener.local_addr().ok(), "delivery listening");
     grpc::serve(router, listener, shutdown).await?;
     let _ = consuming.await;
     ledger.close().await;
     tracing::info!("delivery stopped");
     Ok(())
+}
+
+/// The delivery as its binary runs it: the config read (`config`, else `$FERROCLAW_CONFIG`,
+/// else `./ferroclaw.toml`), its addresses bound, then [`run`] until SIGTERM or Ctrl-C. Both
+/// `ferroclaw-delivery` and the one-binary services image start here.
+pub async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use ferroclaw_common::startup;
+    let s = startup::grpc_service("delivery", config, |c| c.delivery.listen).await?;
+    run(s.config, s.listener, s.shutdown, s.ready)
+        .await
+        .context("delivery failed")
 }

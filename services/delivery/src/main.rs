@@ -1,8 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
-use ferroclaw_common::startup;
 
 /// ferroclaw delivery: the outbound ledger and channel senders.
 #[derive(Parser)]
@@ -16,9 +14,5 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let s =
-        startup::grpc_service("delivery", args.config.as_deref(), |c| c.delivery.listen).await?;
-    ferroclaw_delivery::run(s.config, s.listener, s.shutdown)
-        .await
-        .context("delivery failed")
+    ferroclaw_delivery::serve(args.config.as_deref()).await
 }

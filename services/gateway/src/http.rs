@@ -341,6 +341,7 @@ fn session_json(s: Session) -> Value {
         "last_activity": s.last_activity_ms,
         "agent_state": s.agent_state,
         "pending": s.pending,
+        "agent_starts": s.agent_starts,
     })
 }
 
@@ -350,7 +351,10 @@ async fn list_sessions(State(state): State<AppState>) -> Result<Json<Value>> {
         .await?
         .into_inner();
     let sessions: Vec<Value> = response.sessions.into_iter().map(session_json).collect();
-    Ok(Json(json!({"sessions": sessions})))
+    Ok(Json(json!({
+        "sessions": sessions,
+        "agent_starts_total": response.agent_starts_total,
+    })))
 }
 
 async fn get_session(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {

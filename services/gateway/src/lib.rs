@@ -12,6 +12,7 @@ mod tasks_api;
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
+use ferroclaw_common::ready::Ready;
 use ferroclaw_common::{Config, grpc, grpc_auth};
 use ferroclaw_proto::v1::gateway_server::GatewayServer;
 use tokio::net::TcpListener;
@@ -29,12 +30,14 @@ pub enum GatewayError {
     Http(std::io::Error),
 }
 
-/// Serves the REST API on `http` and gRPC on `grpc_listener` until `shutdown`.
+/// Serves the REST API on `http` and gRPC on `grpc_listener` until `shutdown`; prints
+/// `ready` once both serve.
 pub async fn run(
     config: Config,
     http: TcpListener,
     grpc_listener: TcpListener,
     shutdown: CancellationToken,
+    ready: Ready,
 ) -> Result<(), GatewayError> {
     let config = Arc::new(config);
     let (internal, _) =
@@ -60,6 +63,8 @@ pub async fn run(
         ingress: ingress.clone(),
     }));
     let grpc_task = tokio::spawn(grpc::serve(router, grpc_listener, shutdown.clone()));
+    // No database of its own: ready once its routes are built (REST accepts right below).
+    ready.announce();
     let discord = discord::start(
         config.clone(),
         state.ingress.clone(),
@@ -90,4 +95,22 @@ pub async fn run(
     }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// The gateway as its binary runs it: the config read (`config`, else `$FERROCLAW_CONFIG`,
+/// else `./ferroclaw.toml`), its addresses bound, then [`run`] until SIGTERM or Ctrl-C. Both
+/// `ferroclaw-gateway` and the one-binary services image start here.
+pub async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use ferroclaw_common::startup;
+    let (s, http) = startup::grpc_and_http_service(
+        "gateway",
+        config,
+        |c| c.gateway.grpc.listen,
+        |c| c.gateway.http_addr,
+    )
+    .await?;
+    run(s.config, http, s.listener, s.shutdown, s.ready)
+        .await
+        .context("gateway failed")
 }

@@ -14,6 +14,7 @@ pub mod process_backend;
 pub mod registry;
 mod service;
 pub mod session_files;
+pub mod slot_policy;
 pub mod supervisor;
 
 use std::collections::HashMap;
@@ -45,6 +46,7 @@ pub async fn run(
     listener: TcpListener,
     proxy: TcpListener,
     shutdown: CancellationToken,
+    ready: ferroclaw_common::ready::Ready,
 ) -> Result<()> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| RunnerError::Io {
@@ -136,6 +138,8 @@ pub async fn run(
         outbound_policy::OutboundPolicy::new(&config),
         supervisor.clone(),
     )?;
+    // An agent's idle time counts from its last reply (see `slot_policy`).
+    supervisor.watch_output(feed.changes());
     // With the engine down, recovery waits: messages stay queued in their mailboxes.
     if let Err(e) = supervisor.recover(&registry).await {
         tracing::error!(error = %e, "cannot recover agents yet; their messages wait");
@@ -163,6 +167,11 @@ pub async fn run(
         health,
         shutdown.clone(),
     ));
+    tokio::spawn(close_idle_mailboxes(
+        mailboxes.clone(),
+        std::time::Duration::from_secs(config.runner.mailbox_idle_secs.max(1)),
+        shutdown.clone(),
+    ));
     // Files travel in single messages: room for the largest plus its envelope.
     let file_room = session_files::MAX_FILE_BYTES + 1024 * 1024;
     let router = router.add_service(
@@ -170,12 +179,49 @@ pub async fn run(
             .max_decoding_message_size(file_room)
             .max_encoding_message_size(file_room),
     );
+    ready.announce();
     tracing::info!(addr = ?listener.local_addr().ok(), "runner listening");
     grpc::serve(router, listener, shutdown.clone()).await?;
     supervisor.wait_stopped().await;
     mailboxes.close_all().await;
     tracing::info!("runner stopped");
     Ok(())
+}
+
+/// Closes the mailboxes of quiet sessions now and then, so their connections, threads and
+/// files are given back.
+async fn close_idle_mailboxes(
+    mailboxes: Arc<Mailboxes>,
+    idle: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(idle / 3);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let closed = mailboxes.close_idle(idle).await;
+        tracing::trace!(closed, "idle mailbox sweep");
+        if closed > 0 {
+            let open = mailboxes.open_count().await;
+            tracing::debug!(closed, open, "idle mailboxes closed");
+            if open == 0 {
+                give_memory_back();
+            }
+        }
+    }
+}
+
+/// Returns freed heap to the system once the last mailbox closed: their connections' page
+/// caches are freed, but glibc keeps freed memory in its arenas otherwise, and a quiet
+/// runner would go on holding its busiest hour's memory.
+fn give_memory_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Reports the backend's state through gRPC health (so `/readyz` shows it) and logs each
@@ -213,4 +259,22 @@ async fn watch_backend(
             _ = shutdown.cancelled() => {}
         }
     }
+}
+
+/// The runner as its binary runs it: the config read (`config`, else `$FERROCLAW_CONFIG`,
+/// else `./ferroclaw.toml`), its addresses bound, then [`run`] until SIGTERM or Ctrl-C. Both
+/// `ferroclaw-runner` and the one-binary services image start here.
+pub async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use ferroclaw_common::startup;
+    let (s, proxy) = startup::grpc_and_http_service(
+        "runner",
+        config,
+        |c| c.runner.listen,
+        |c| c.runner.proxy_listen,
+    )
+    .await?;
+    run(s.config, s.listener, proxy, s.shutdown, s.ready)
+        .await
+        .context("runner failed")
 }

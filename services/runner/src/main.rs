@@ -1,8 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
-use ferroclaw_common::startup;
 
 /// ferroclaw runner: sessions, session directories and agents.
 #[derive(Parser)]
@@ -16,14 +14,5 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (s, proxy) = startup::grpc_and_http_service(
-        "runner",
-        args.config.as_deref(),
-        |c| c.runner.listen,
-        |c| c.runner.proxy_listen,
-    )
-    .await?;
-    ferroclaw_runner::run(s.config, s.listener, proxy, s.shutdown)
-        .await
-        .context("runner failed")
+    ferroclaw_runner::serve(args.config.as_deref()).await
 }

@@ -1,6 +1,8 @@
 //! `WatchOutbound`: every unsettled outbound row of every session, oldest first, then new
-//! rows as agents write them. Woken by file-change notifications on `out/outbound.db`, with
-//! a slow fallback rescan in case a notification is missed.
+//! rows as agents write them. Woken by file-change notifications on `out/outbound.db`. A
+//! missed notification is caught by a slow rescan of the sessions that may be writing (those
+//! with an agent, or enqueued to or written by in the last [`RECENT`]), never of every
+//! session: idle sessions cost nothing.
 //!
 //! Every row passes the host's [`OutboundPolicy`] first: a refused row (a destination the
 //! session may not use, too big, too many) is settled as failed here, its agent is told
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use ferroclaw_mailbox::content::SystemIn;
 use ferroclaw_mailbox::host::OutboundPage;
-use ferroclaw_mailbox::wake::{DirWatch, file_name_starts_with, session_of};
+use ferroclaw_mailbox::wake::{DirsWatch, session_of};
 use ferroclaw_mailbox::{HostMailbox, InboundContent, NewInbound, Origin, OutboundRow, Outcome};
 use ferroclaw_proto::v1::OutboundMessage;
 use tokio::sync::{broadcast, mpsc};
@@ -25,8 +27,11 @@ use crate::outbound_policy::{OutboundPolicy, Verdict};
 use crate::registry::{Registry, SessionRecord};
 use crate::supervisor::Supervisor;
 
-/// Rescan of every session when no notification came for this long.
+/// Rescan of the active sessions when no notification came for this long.
 const FALLBACK_RESCAN: Duration = Duration::from_secs(5);
+/// A session without an agent counts as active (may write rows) this long after its last
+/// enqueue or write: its agent may be about to start, or have just exited.
+pub const RECENT: Duration = Duration::from_secs(30);
 /// Refusal notices remembered (see `OutboundFeed::notices`).
 const REMEMBERED_NOTICES: usize = 100_000;
 /// Rows read from one session at a time: an agent that wrote a million rows costs a page
@@ -47,7 +52,16 @@ pub struct OutboundFeed {
     notices: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
     /// Session ids whose `outbound.db` changed.
     changes: broadcast::Sender<String>,
-    _watch: DirWatch,
+    /// Sessions that may be writing rows: their `out/` is watched while they are here.
+    active: Arc<std::sync::Mutex<HashMap<String, Active>>>,
+    watch: DirsWatch,
+}
+
+/// A session that may be writing rows.
+struct Active {
+    /// When it last showed it (an enqueue, a doorbell).
+    at: std::time::Instant,
+    out_dir: PathBuf,
 }
 
 impl OutboundFeed {
@@ -65,11 +79,21 @@ impl OutboundFeed {
         let (changes, _) = broadcast::channel(4096);
         let sender = changes.clone();
         let root = sessions_root.clone();
-        let watch = DirWatch::new(&sessions_root, true, move |path: &Path| {
-            // outbound.db, its journal or WAL, and the doorbell rung after each commit.
-            if file_name_starts_with(path, "outbound.")
+        let active: Arc<std::sync::Mutex<HashMap<String, Active>>> = Arc::default();
+        let writing = active.clone();
+        let watch = DirsWatch::new(move |path: &Path| {
+            // The doorbell the agent rings after each commit. Not the database's own files:
+            // the runner's reads create and remove its `-wal` and `-shm` too, and reacting to
+            // them had every read wake another. An agent that never rings is still read by
+            // the rescan of active sessions.
+            if path.file_name().is_some_and(|n| n == "outbound.bell")
                 && let Some((_, session)) = session_of(&root, path)
             {
+                if let Ok(mut active) = writing.lock()
+                    && let Some(entry) = active.get_mut(&session)
+                {
+                    entry.at = std::time::Instant::now();
+                }
                 let _ = sender.send(session);
             }
         })?;
@@ -80,8 +104,80 @@ impl OutboundFeed {
             supervisor,
             notices: Default::default(),
             changes,
-            _watch: watch,
+            active,
+            watch,
         }))
+    }
+
+    /// Notes that a session has work, so its agent may write rows: its `out/` is watched,
+    /// and it is rescanned now and then in case a notification is missed, while it has an
+    /// agent.
+    pub fn note_active(&self, session: &SessionRecord) {
+        let out_dir = self.mailboxes.paths(session).out_dir();
+        let added = match self.active.lock() {
+            Ok(mut active) => {
+                let now = std::time::Instant::now();
+                match active.get_mut(&session.id) {
+                    Some(entry) => {
+                        entry.at = now;
+                        false
+                    }
+                    None => {
+                        active.insert(
+                            session.id.clone(),
+                            Active {
+                                at: now,
+                                out_dir: out_dir.clone(),
+                            },
+                        );
+                        true
+                    }
+                }
+            }
+            Err(_) => false,
+        };
+        if added && let Err(e) = self.watch.add(&out_dir) {
+            // Its rows are still found by the rescan of active sessions.
+            tracing::warn!(session = %session.id, error = %e, "cannot watch the session's out/");
+        }
+    }
+
+    /// The sessions that may be writing rows: those with an agent, and those marked in the
+    /// last [`RECENT`]. The others are forgotten until they are marked again.
+    async fn active_sessions(&self) -> Vec<String> {
+        // Agents started without an enqueue (recovery after a restart, the engine back)
+        // are noted here.
+        for session in self.supervisor.sessions_with_agents().await {
+            let known = self
+                .active
+                .lock()
+                .is_ok_and(|active| active.contains_key(&session));
+            if !known && let Ok(Some(record)) = self.registry.get(&session).await {
+                self.note_active(&record);
+            }
+        }
+        let now = std::time::Instant::now();
+        let marked: Vec<(String, std::time::Instant)> = match self.active.lock() {
+            Ok(active) => active.iter().map(|(k, v)| (k.clone(), v.at)).collect(),
+            Err(_) => return Vec::new(),
+        };
+        let mut live = Vec::with_capacity(marked.len());
+        for (session, at) in marked {
+            if now.duration_since(at) < RECENT || self.supervisor.state(&session).await.is_some() {
+                live.push(session);
+                continue;
+            }
+            let forgotten = match self.active.lock() {
+                Ok(mut active) if active.get(&session).is_some_and(|a| a.at == at) => {
+                    active.remove(&session)
+                }
+                _ => None,
+            };
+            if let Some(gone) = forgotten {
+                self.watch.remove(&gone.out_dir);
+            }
+        }
+        live
     }
 
     /// Session ids whose `out/` changed, from now on.
@@ -162,6 +258,7 @@ impl OutboundFeed {
             notices.insert((session.id.clone(), enqueued.seq));
         }
         if !enqueued.duplicate {
+            self.note_active(session);
             self.registry.touch(&session.id).await?;
             self.supervisor.ensure(session).await;
         }
@@ -230,6 +327,11 @@ impl Stream {
         shutdown: CancellationToken,
     ) -> Result<(), StreamEnd> {
         self.scan_all().await?;
+        // Watches the sessions whose agents run already (recovered at start).
+        self.feed.active_sessions().await;
+        let mut rescan = tokio::time::interval(FALLBACK_RESCAN);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rescan.tick().await;
         loop {
             tokio::select! {
                 change = changes.recv() => match change {
@@ -248,7 +350,11 @@ impl Stream {
                     Err(broadcast::error::RecvError::Lagged(_)) => self.scan_all().await?,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
-                _ = tokio::time::sleep(FALLBACK_RESCAN) => self.scan_all().await?,
+                _ = rescan.tick() => {
+                    for session in self.feed.active_sessions().await {
+                        self.scan_session(&session).await?;
+                    }
+                }
                 _ = self.tx.closed() => return Err(StreamEnd::Disconnected),
                 _ = shutdown.cancelled() => return Ok(()),
             }

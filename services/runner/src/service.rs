@@ -95,6 +95,7 @@ impl RunnerService {
         Ok(Session {
             agent_state: state.map_or("idle", |s| s.as_str()).to_string(),
             pending: pending.count,
+            agent_starts: self.supervisor.agent_starts(&session.id),
             id: session.id,
             agent: session.agent,
             conversation_key: session.conversation_key,
@@ -148,6 +149,8 @@ impl Runner for RunnerService {
         }
         let mailbox = self.mailboxes.get(&session).await?;
         let enqueued = mailbox.enqueue(&message).await.map_err(RunnerError::from)?;
+        // Its agent may write rows from now on.
+        self.feed.note_active(&session);
         if !enqueued.duplicate {
             self.registry.touch(&session.id).await?;
             self.supervisor.ensure(&session).await;
@@ -241,7 +244,10 @@ impl Runner for RunnerService {
         for record in records {
             sessions.push(self.describe(record).await?);
         }
-        Ok(Response::new(ListSessionsResponse { sessions }))
+        Ok(Response::new(ListSessionsResponse {
+            sessions,
+            agent_starts_total: self.supervisor.agent_starts_total(),
+        }))
     }
 
     async fn get_session(

@@ -5,13 +5,20 @@
 //! running. A slot is only removed while holding the slot lock *after* reading that nothing
 //! is pending, and `ensure` takes the same lock after its message is written, so a message
 //! can never slip between an agent's exit and the decision not to restart it.
+//!
+//! Slots under `max_running_agents` follow `slot_policy` (first come, first served; one
+//! agent asked to give its slot back per waiting session, the longest idle first and only
+//! after a minimum idle age, or one whose turn is over); this module carries the
+//! decisions out: it looks at running agents' mailboxes while sessions wait, and stops the
+//! agents chosen (each finishes its batch first).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use ferroclaw_common::config::AgentConfig;
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Mutex, Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -21,11 +28,18 @@ use crate::disk_quota::{self, DiskQuota};
 use crate::error::Result;
 use crate::mailboxes::Mailboxes;
 use crate::registry::{Registry, SessionRecord};
+use crate::slot_policy::SlotBook;
 
 /// How long a stopping agent may take to finish its batch before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// The longest a read of one session's mailbox may hold up work that spans sessions.
 const MAILBOX_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// While sessions wait for a slot, a running agent is looked at when it writes (the
+/// outbound feed's notice: it may have finished its work), and every agent at least this
+/// often, in case a notice was missed or deferred work came due.
+const SLOT_RECHECK: Duration = Duration::from_secs(1);
+/// The longest one look at a running agent's mailbox may take before it counts as busy.
+const SLOT_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentState {
@@ -55,10 +69,11 @@ struct Inner {
     mailboxes: Arc<Mailboxes>,
     agents: HashMap<String, AgentConfig>,
     slots: Mutex<HashMap<String, AgentState>>,
-    /// One permit per agent allowed to run at once; tokio's semaphore serves waiters in order.
-    permits: Arc<Semaphore>,
-    /// Running agents, each with a token that asks it to give its slot back.
-    yielders: std::sync::Mutex<HashMap<String, (SessionRecord, CancellationToken)>>,
+    /// The `max_running_agents` slots: who holds one, who waits (see `slot_policy`).
+    agent_slots: Arc<Slots>,
+    /// Agents started, per session and in all, since this runner started.
+    starts: std::sync::Mutex<HashMap<String, u64>>,
+    starts_total: AtomicU64,
     /// A claimed batch with a heartbeat older than this means a stuck agent.
     stuck_after: Duration,
     /// A batch claimed for longer than this means a stuck agent, heartbeat or not.
@@ -91,14 +106,21 @@ impl Supervisor {
         limits: SupervisorLimits,
         shutdown: CancellationToken,
     ) -> Self {
-        Self {
+        // An idle agent keeps its slot for about what the cold start it may cost later is
+        // worth (see `slot_policy`).
+        let min_idle = match backend {
+            Backend::Docker(_) => crate::slot_policy::MIN_IDLE_CONTAINER,
+            Backend::Process(_) => crate::slot_policy::MIN_IDLE,
+        };
+        let this = Self {
             inner: Arc::new(Inner {
                 backend,
                 mailboxes,
                 agents: agents.iter().map(|a| (a.name.clone(), a.clone())).collect(),
                 slots: Mutex::new(HashMap::new()),
-                permits: Arc::new(Semaphore::new(limits.max_running_agents.max(1))),
-                yielders: std::sync::Mutex::new(HashMap::new()),
+                agent_slots: Arc::new(Slots::new(limits.max_running_agents, min_idle)),
+                starts: Default::default(),
+                starts_total: AtomicU64::new(0),
                 stuck_after: limits.stuck_after,
                 max_batch: limits.max_batch,
                 disk: limits.disk,
@@ -107,7 +129,48 @@ impl Supervisor {
                 shutdown,
                 tasks: TaskTracker::new(),
             }),
-        }
+        };
+        let inner = this.inner.clone();
+        this.inner
+            .tasks
+            .spawn(async move { inner.schedule_slots().await });
+        this
+    }
+
+    /// Follows what agents write (the outbound feed's change notices), so an agent's idle
+    /// time counts from its last reply.
+    pub fn watch_output(&self, mut changes: broadcast::Receiver<String>) {
+        let slots = self.inner.agent_slots.clone();
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    change = changes.recv() => match change {
+                        Ok(session) => slots.note_output(Some(&session)),
+                        // Missed notices: count every agent as just active (the cautious
+                        // reading: none is yielded sooner for it).
+                        Err(broadcast::error::RecvError::Lagged(_)) => slots.note_output(None),
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// Agents started for the session since this runner started.
+    pub fn agent_starts(&self, session_id: &str) -> u64 {
+        self.inner
+            .starts
+            .lock()
+            .ok()
+            .and_then(|m| m.get(session_id).copied())
+            .unwrap_or(0)
+    }
+
+    /// Agents started for all sessions since this runner started.
+    pub fn agent_starts_total(&self) -> u64 {
+        self.inner.starts_total.load(Ordering::Relaxed)
     }
 
     /// Makes sure the session's agent runs (single-flight: a running agent picks up new
@@ -120,6 +183,8 @@ impl Supervisor {
             tracing::warn!(session = %session.id, "not starting the agent of a tampered session");
             return;
         }
+        // New work: a running agent is busy now and is not asked to give its slot up.
+        self.inner.agent_slots.note_work(&session.id);
         let mut slots = self.inner.slots.lock().await;
         if slots.contains_key(&session.id) {
             return;
@@ -159,6 +224,11 @@ impl Supervisor {
 
     pub async fn state(&self, session_id: &str) -> Option<AgentState> {
         self.inner.slots.lock().await.get(session_id).copied()
+    }
+
+    /// The sessions that have an agent (queued, running or in backoff).
+    pub async fn sessions_with_agents(&self) -> Vec<String> {
+        self.inner.slots.lock().await.keys().cloned().collect()
     }
 
     /// Whether the backend can start agents (see [`Backend::ready`]).
@@ -352,57 +422,91 @@ impl Inner {
         }
     }
 
-    /// Waits for a slot under the cap. While it waits, running agents with nothing to do
-    /// are asked to give theirs back, so every session gets its turn.
-    async fn acquire_slot(&self, session: &SessionRecord) -> Option<OwnedSemaphorePermit> {
-        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-            return Some(permit);
-        }
+    /// Waits for a slot under the cap (first come, first served). While sessions wait,
+    /// the slot scheduler asks running agents to give theirs back (see `slot_policy`).
+    async fn acquire_slot(&self, session: &SessionRecord) -> Option<SlotGuard> {
+        let guard = |token| SlotGuard {
+            slots: self.agent_slots.clone(),
+            session: session.id.clone(),
+            token,
+        };
+        let granted = match self.agent_slots.request(session) {
+            Ok(token) => return Some(guard(token)),
+            Err(granted) => granted,
+        };
         self.slots
             .lock()
             .await
             .insert(session.id.clone(), AgentState::Queued);
         tracing::info!("all agent slots are taken; queued");
-        // One acquire future for the whole wait: dropping it would lose the queue position.
-        let acquire = self.permits.clone().acquire_owned();
-        tokio::pin!(acquire);
-        loop {
-            self.ask_idle_agents_to_yield().await;
-            tokio::select! {
-                permit = &mut acquire => {
-                    self.slots.lock().await.insert(session.id.clone(), AgentState::Running);
-                    return permit.ok();
-                }
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = self.shutdown.cancelled() => return None,
+        tokio::select! {
+            token = granted => {
+                let token = token.ok()?;
+                self.slots.lock().await.insert(session.id.clone(), AgentState::Running);
+                Some(guard(token))
+            }
+            _ = self.shutdown.cancelled() => {
+                self.agent_slots.cancel(&session.id);
+                None
             }
         }
     }
 
-    async fn ask_idle_agents_to_yield(&self) {
-        let running: Vec<(SessionRecord, CancellationToken)> = match self.yielders.lock() {
-            Ok(map) => map.values().cloned().collect(),
-            Err(_) => return,
-        };
-        for (session, token) in running {
-            if token.is_cancelled() {
+    /// While sessions wait for a slot: looks at the running agents (has each anything
+    /// due?) and asks those the policy picks to give their slot back.
+    async fn schedule_slots(self: Arc<Self>) {
+        let mut last_full = Instant::now();
+        loop {
+            if self.agent_slots.waiting() == 0 {
+                tokio::select! {
+                    _ = self.agent_slots.wake.notified() => {}
+                    _ = self.shutdown.cancelled() => return,
+                }
                 continue;
             }
-            let read = async {
-                match self.mailboxes.get(&session).await {
-                    Ok(mailbox) => mailbox.pending().await.is_ok_and(|p| p.count == 0),
-                    Err(_) => false,
-                }
-            };
-            // A mailbox that does not answer in time counts as busy; the waiting session
-            // is not held up by it.
-            let idle = tokio::time::timeout(MAILBOX_READ_TIMEOUT, read)
-                .await
-                .unwrap_or(false);
-            if idle {
-                tracing::info!(session = %session.id, "idle agent gives its slot to a queued session");
+            let full = last_full.elapsed() >= SLOT_RECHECK;
+            if full {
+                last_full = Instant::now();
+            }
+            for (session, epoch) in self.agent_slots.to_observe(full) {
+                let read = async {
+                    match self.mailboxes.get(&session).await {
+                        Ok(mailbox) => mailbox
+                            .due_unfinished(ferroclaw_mailbox::now_ms())
+                            .await
+                            .map(|due| due.is_empty())
+                            .unwrap_or(false),
+                        Err(_) => false,
+                    }
+                };
+                // A mailbox that does not answer in time counts as busy.
+                let idle = tokio::time::timeout(SLOT_READ_TIMEOUT, read)
+                    .await
+                    .unwrap_or(false);
+                self.agent_slots.observed(&session.id, epoch, idle);
+            }
+            for (session, token) in self.agent_slots.to_yield() {
+                tracing::info!(%session, "agent gives its slot to a waiting session");
                 token.cancel();
             }
+            // Until the next agent may be chosen, something changes, or the recheck.
+            let recheck = last_full + SLOT_RECHECK;
+            let until = self
+                .agent_slots
+                .next_deadline()
+                .map_or(recheck, |d| d.min(recheck));
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.into()) => {}
+                _ = self.agent_slots.wake.notified() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn count_start(&self, session_id: &str) {
+        self.starts_total.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut starts) = self.starts.lock() {
+            *starts.entry(session_id.to_string()).or_default() += 1;
         }
     }
 
@@ -414,7 +518,7 @@ impl Inner {
                 session.agent
             ))
         })?;
-        let Some(_permit) = self.acquire_slot(session).await else {
+        let Some(slot) = self.acquire_slot(session).await else {
             return Ok((true, "shut down while queued".into()));
         };
         let paths = self.mailboxes.paths(session);
@@ -423,27 +527,34 @@ impl Inner {
             return Ok((true, "over its disk quota; not started".into()));
         }
         let mut run = self.backend.start(session, &paths, agent).await?;
+        self.count_start(&session.id);
         tracing::info!(agent = %run.describe(), "agent started");
-        let yield_token = CancellationToken::new();
-        if let Ok(mut map) = self.yielders.lock() {
-            map.insert(session.id.clone(), (session.clone(), yield_token.clone()));
-        }
         enum Ended {
             Exited(Result<Exit>),
             Stop,
             Stuck(Stuck),
             OverQuota(String),
         }
-        let ended = tokio::select! {
-            exit = run.wait() => Ended::Exited(exit),
-            _ = self.shutdown.cancelled() => Ended::Stop,
-            _ = yield_token.cancelled() => Ended::Stop,
-            stale = self.stuck(session) => Ended::Stuck(stale),
-            why = self.watch_quota(&paths, agent) => Ended::OverQuota(why),
+        let stuck = self.stuck(session);
+        tokio::pin!(stuck);
+        let quota = self.watch_quota(&paths, agent);
+        tokio::pin!(quota);
+        let mut yield_token = slot.token.clone();
+        let ended = loop {
+            tokio::select! {
+                exit = run.wait() => break Ended::Exited(exit),
+                _ = self.shutdown.cancelled() => break Ended::Stop,
+                _ = yield_token.cancelled() => match self.agent_slots.confirm_yield(&session.id) {
+                    None => break Ended::Stop,
+                    Some(token) => {
+                        tracing::info!("new work arrived as it was asked to yield; the agent keeps its slot");
+                        yield_token = token;
+                    }
+                },
+                stale = &mut stuck => break Ended::Stuck(stale),
+                why = &mut quota => break Ended::OverQuota(why),
+            }
         };
-        if let Ok(mut map) = self.yielders.lock() {
-            map.remove(&session.id);
-        }
         match ended {
             Ended::Exited(exit) => exit,
             Ended::Stop => run.stop(STOP_GRACE).await,
@@ -512,6 +623,206 @@ impl Inner {
                 return Stuck::Silent(stale);
             }
         }
+    }
+}
+
+/// The slot book (`slot_policy`, the decisions) with what carries them out: the channels
+/// that tell waiting sessions their slot is there, and the tokens that ask agents to go.
+struct Slots {
+    state: std::sync::Mutex<SlotState>,
+    /// Wakes the slot scheduler: a session starts waiting, or an agent wrote something.
+    wake: Notify,
+}
+
+struct SlotState {
+    book: SlotBook,
+    /// Waiting sessions, and how to hand each its slot (with its yield token).
+    waiting: HashMap<String, (SessionRecord, oneshot::Sender<CancellationToken>)>,
+    /// Slot holders, and the token that asks each one's agent to give its slot back.
+    holders: HashMap<String, (SessionRecord, CancellationToken)>,
+    /// Holders to look at: new ones, and those whose agent wrote since last looked at.
+    dirty: HashSet<String>,
+}
+
+impl Slots {
+    fn new(capacity: usize, min_idle: Duration) -> Self {
+        Self {
+            state: std::sync::Mutex::new(SlotState {
+                book: SlotBook::with_min_idle(capacity, min_idle),
+                waiting: HashMap::new(),
+                holders: HashMap::new(),
+                dirty: HashSet::new(),
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        // The state is consistent after every call: a panic elsewhere leaves nothing half done.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot now (its yield token), or a receiver that gets the token when the
+    /// session's turn comes.
+    fn request(
+        &self,
+        session: &SessionRecord,
+    ) -> std::result::Result<CancellationToken, oneshot::Receiver<CancellationToken>> {
+        let mut state = self.lock();
+        if state.book.request(&session.id, Instant::now()) {
+            let token = CancellationToken::new();
+            state
+                .holders
+                .insert(session.id.clone(), (session.clone(), token.clone()));
+            state.dirty.insert(session.id.clone());
+            return Ok(token);
+        }
+        let (tx, rx) = oneshot::channel();
+        state
+            .waiting
+            .insert(session.id.clone(), (session.clone(), tx));
+        drop(state);
+        self.wake.notify_one();
+        Err(rx)
+    }
+
+    /// Gives a held slot back (the agent is gone), to the next waiting session.
+    fn release(&self, session_id: &str) {
+        let mut state = self.lock();
+        state.holders.remove(session_id);
+        state.dirty.remove(session_id);
+        let next = state.book.release(session_id, Instant::now());
+        Self::hand_over(&mut state, next);
+    }
+
+    /// A waiting session gives up (shutdown); a slot it was handed meanwhile goes on.
+    fn cancel(&self, session_id: &str) {
+        let mut state = self.lock();
+        state.waiting.remove(session_id);
+        state.holders.remove(session_id);
+        state.dirty.remove(session_id);
+        let next = state.book.cancel(session_id, Instant::now());
+        Self::hand_over(&mut state, next);
+    }
+
+    /// Tells the session the book gave a slot to; if it is gone, the slot goes on.
+    fn hand_over(state: &mut SlotState, mut next: Option<String>) {
+        while let Some(id) = next.take() {
+            let token = CancellationToken::new();
+            let told = match state.waiting.remove(&id) {
+                Some((session, tx)) => tx.send(token.clone()).is_ok().then_some(session),
+                None => None,
+            };
+            match told {
+                Some(session) => {
+                    state.dirty.insert(id.clone());
+                    state.holders.insert(id, (session, token));
+                }
+                None => next = state.book.release(&id, Instant::now()),
+            }
+        }
+    }
+
+    fn note_work(&self, session_id: &str) {
+        self.lock().book.note_work(session_id, Instant::now());
+    }
+
+    /// An agent wrote something; `None`: perhaps any of them (notices were missed).
+    fn note_output(&self, session_id: Option<&str>) {
+        let now = Instant::now();
+        {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            match session_id {
+                Some(id) if state.holders.contains_key(id) => {
+                    state.book.note_output(id, now);
+                    state.dirty.insert(id.to_string());
+                }
+                Some(_) => return,
+                None => {
+                    for id in state.holders.keys() {
+                        state.book.note_output(id, now);
+                        state.dirty.insert(id.clone());
+                    }
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn waiting(&self) -> usize {
+        self.lock().book.waiting()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.lock().book.next_deadline()
+    }
+
+    /// Holders to look at (`all`, or those marked), each with the epoch its observation
+    /// starts at.
+    fn to_observe(&self, all: bool) -> Vec<(SessionRecord, u64)> {
+        let mut state = self.lock();
+        let dirty = std::mem::take(&mut state.dirty);
+        state
+            .book
+            .unasked()
+            .into_iter()
+            .filter(|id| all || dirty.contains(id))
+            .filter_map(|id| {
+                let epoch = state.book.epoch(&id)?;
+                let (session, _) = state.holders.get(&id)?;
+                Some((session.clone(), epoch))
+            })
+            .collect()
+    }
+
+    fn observed(&self, session_id: &str, epoch: u64, idle: bool) {
+        let mut state = self.lock();
+        if idle {
+            state.book.note_idle(session_id, epoch);
+        } else {
+            state.book.note_busy(session_id);
+        }
+    }
+
+    /// The agents to ask to give their slot back now, with their tokens.
+    fn to_yield(&self) -> Vec<(String, CancellationToken)> {
+        let mut state = self.lock();
+        let chosen = state.book.to_yield(Instant::now());
+        chosen
+            .into_iter()
+            .filter_map(|id| {
+                let token = state.holders.get(&id)?.1.clone();
+                Some((id, token))
+            })
+            .collect()
+    }
+
+    /// `None`: the agent gives its slot back now. `Some(token)`: new work arrived since
+    /// it was asked, so it keeps its slot, with a fresh token.
+    fn confirm_yield(&self, session_id: &str) -> Option<CancellationToken> {
+        let mut state = self.lock();
+        if state.book.confirm_yield(session_id, Instant::now()) {
+            return None;
+        }
+        let token = CancellationToken::new();
+        let holder = state.holders.get_mut(session_id)?;
+        holder.1 = token.clone();
+        Some(token)
+    }
+}
+
+/// A held slot, given back when dropped (after the agent is gone).
+struct SlotGuard {
+    slots: Arc<Slots>,
+    session: String,
+    /// Cancelled when the agent is asked to give the slot back.
+    token: CancellationToken,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots.release(&self.session);
     }
 }
 

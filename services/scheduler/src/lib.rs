@@ -10,6 +10,7 @@ pub mod sync;
 
 use std::sync::Arc;
 
+use ferroclaw_common::ready::Ready;
 use ferroclaw_common::{Config, grpc, grpc_auth};
 use ferroclaw_proto::v1::scheduler_server::SchedulerServer;
 use tokio::net::TcpListener;
@@ -23,8 +24,13 @@ use crate::service::SchedulerService;
 use crate::store::TaskStore;
 use crate::sync::Syncer;
 
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
-    run_with_clock(config, listener, shutdown, Arc::new(SystemClock)).await
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    ready: Ready,
+) -> Result<()> {
+    run_with_clock(config, listener, shutdown, ready, Arc::new(SystemClock)).await
 }
 
 /// [`run`] with a chosen time source.
@@ -32,6 +38,7 @@ pub async fn run_with_clock(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
+    ready: Ready,
     clock: Arc<dyn Clock>,
 ) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| SchedulerError::Io {
@@ -60,10 +67,24 @@ pub async fn run_with_clock(
         changed,
         clock,
     }));
+    // Ready: the task store is open and migrated.
+    ready.announce();
     tracing::info!(addr = ?listener.local_addr().ok(), "scheduler listening");
     grpc::serve(router, listener, shutdown).await?;
     let _ = tokio::join!(firing, syncing);
     store.close().await;
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+/// The scheduler as its binary runs it: the config read (`config`, else `$FERROCLAW_CONFIG`,
+/// else `./ferroclaw.toml`), its addresses bound, then [`run`] until SIGTERM or Ctrl-C. Both
+/// `ferroclaw-scheduler` and the one-binary services image start here.
+pub async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use ferroclaw_common::startup;
+    let s = startup::grpc_service("scheduler", config, |c| c.scheduler.listen).await?;
+    run(s.config, s.listener, s.shutdown, s.ready)
+        .await
+        .context("scheduler failed")
 }

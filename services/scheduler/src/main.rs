@@ -1,8 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
-use ferroclaw_common::startup;
 
 /// ferroclaw scheduler: scheduled tasks.
 #[derive(Parser)]
@@ -16,9 +14,5 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let s =
-        startup::grpc_service("scheduler", args.config.as_deref(), |c| c.scheduler.listen).await?;
-    ferroclaw_scheduler::run(s.config, s.listener, s.shutdown)
-        .await
-        .context("scheduler failed")
+    ferroclaw_scheduler::serve(args.config.as_deref()).await
 }

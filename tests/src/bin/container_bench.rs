@@ -7,13 +7,31 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::Parser;
 use ferroclaw_e2e::{Cluster, docker};
 use ferroclaw_mailbox::content::ChatIn;
 use ferroclaw_mailbox::{
     Destination, HostMailbox, InboundContent, JournalMode, NewInbound, Origin, SessionPaths,
 };
 
-const IMAGE: &str = "ferroclaw-agent:bench";
+/// Agents in containers: cold start against a bare `docker run`, the warm pipeline through
+/// containers, and an idle agent container's memory.
+///
+/// Needs the service binaries and the agent image: `cargo build --release --workspace --bins &&
+/// docker/build-offline.sh --profile release --tag bench --no-build`.
+#[derive(Parser)]
+#[command(name = "container-bench")]
+struct Args {
+    /// The agent image.
+    #[arg(long, default_value = "ferroclaw-agent:bench")]
+    image: String,
+    /// Sessions (and bare `docker run`s) for the cold starts.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Warm rounds: each sends one message to every session, one at a time.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -26,7 +44,7 @@ fn ms(d: Duration) -> f64 {
 
 /// One `docker run --rm` of the agent on a session holding one message: it answers, then
 /// exits at once (idle timeout 0).
-async fn bare_run(root: &std::path::Path, i: usize) -> anyhow::Result<Duration> {
+async fn bare_run(root: &std::path::Path, image: &str, i: u64) -> anyhow::Result<Duration> {
     let paths = SessionPaths::new(root.join(format!("bare-{i}")));
     let host = HostMailbox::open(paths.clone(), JournalMode::Delete).await?;
     host.enqueue(&NewInbound {
@@ -62,7 +80,7 @@ async fn bare_run(root: &std::path::Path, i: usize) -> anyhow::Result<Duration> 
         &format!("{}:/session/in:ro", paths.in_dir().display()),
         "-v",
         &format!("{}:/session/out:rw", paths.out_dir().display()),
-        IMAGE,
+        image,
         "--session-dir",
         "/session",
         "--idle-timeout-secs",
@@ -104,20 +122,24 @@ async fn round_trip(cluster: &Cluster, conversation: &str, text: &str) -> anyhow
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let runs = 10;
+    let Args {
+        image,
+        runs,
+        rounds,
+    } = Args::parse();
     let dir = tempfile::tempdir()?;
     let mut bare = Vec::new();
     for i in 0..runs {
-        bare.push(bare_run(dir.path(), i).await?);
+        bare.push(bare_run(dir.path(), &image, i).await?);
     }
 
     let cluster = Cluster::start(
         dir.path(),
         &[
             ("FERROCLAW_RUNNER_BACKEND", "docker".into()),
-            ("FERROCLAW_AGENT_IMAGE", IMAGE.into()),
+            ("FERROCLAW_AGENT_IMAGE", image.clone()),
             // Room for every session: warm means the agents stay up.
-            ("FERROCLAW_MAX_RUNNING_AGENTS", "16".into()),
+            ("FERROCLAW_MAX_RUNNING_AGENTS", runs.max(16).to_string()),
         ],
     )
     .await?;
@@ -126,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
         cold.push(round_trip(&cluster, &format!("cold-{i}"), "hi").await?);
     }
     let mut warm = Vec::new();
-    for round in 0..20 {
+    for round in 0..rounds {
         for i in 0..runs {
             warm.push(round_trip(&cluster, &format!("cold-{i}"), &format!("w{round}")).await?);
         }

@@ -2,8 +2,9 @@
 //!
 //! Starts the four services (as the end-to-end tests do), warms one session per
 //! conversation, then sends messages from one client per conversation, each waiting for its
-//! reply through the long-poll endpoint before sending the next. Prints p50/p90/p99 and
-//! messages per second.
+//! reply through the long-poll endpoint before sending the next. Prints p50/p90/p99,
+//! messages per second, and the agents the runner started per message during the timed
+//! run (from the session listing's `agent_starts_total`).
 //!
 //! `cargo build --release --workspace --bins && target/release/pipeline-bench [--messages N] [--conversations C] [--journal-mode delete|wal]`
 
@@ -24,8 +25,14 @@ fn options() -> anyhow::Result<Options> {
         conversations: 10,
         journal_mode: "wal".into(),
     };
+    const USAGE: &str =
+        "usage: pipeline-bench [--messages N] [--conversations C] [--journal-mode delete|wal]";
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--help" || arg == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
         let value = args
             .next()
             .with_context(|| format!("{arg} needs a value"))?;
@@ -105,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
         result?;
     }
 
+    let starts_before = agent_starts_total(&cluster).await?;
     let per_conversation = options.messages / options.conversations;
     let started = Instant::now();
     let runs: Vec<_> = conversations
@@ -116,10 +124,11 @@ async fn main() -> anyhow::Result<()> {
         all.extend(result?);
     }
     let elapsed = started.elapsed();
+    let starts = agent_starts_total(&cluster).await? - starts_before;
     all.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "journal {}  messages {}  conversations {}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  throughput {:.1} msg/s",
+        "journal {}  messages {}  conversations {}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  throughput {:.1} msg/s  agent starts {}  agent starts per message {:.3}",
         options.journal_mode,
         all.len(),
         options.conversations,
@@ -127,9 +136,22 @@ async fn main() -> anyhow::Result<()> {
         ms(percentile(&all, 0.90)),
         ms(percentile(&all, 0.99)),
         ms(*all.last().unwrap_or(&Duration::ZERO)),
-        all.len() as f64 / elapsed.as_secs_f64()
+        all.len() as f64 / elapsed.as_secs_f64(),
+        starts,
+        starts as f64 / all.len().max(1) as f64
     );
     cluster.stop().await
+}
+
+/// Agents the runner started so far, from `GET /v1/sessions`.
+async fn agent_starts_total(cluster: &Cluster) -> anyhow::Result<u64> {
+    let (status, listing) = cluster.get("/v1/sessions").await?;
+    if status != 200 {
+        bail!("GET /v1/sessions: {status} {listing}");
+    }
+    listing["agent_starts_total"]
+        .as_u64()
+        .context("the session listing has no agent_starts_total")
 }
 
 /// Runs futures concurrently on this task and returns their outputs in order.

@@ -8,12 +8,30 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use clap::Parser;
 use ferroclaw_e2e::Cluster;
 use ferroclaw_e2e::fake_model::FakeModel;
 use serde_json::json;
 
 const KEY: &str = "sk-bench";
-const REQUESTS: usize = 300;
+
+/// The credential proxy's cost: streamed Messages API requests straight to a fake model API
+/// and through the runner's proxy, then whole agent turns through all services.
+///
+/// Needs the service binaries: `cargo build --release --workspace --bins`.
+#[derive(Parser)]
+#[command(name = "proxy-bench")]
+struct Args {
+    /// Requests per measurement (sequential, then the same number concurrently).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: u64,
+    /// Requests in flight at once in the concurrent measurement.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: u64,
+    /// Agent turns through every service (the first starts the agent).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..))]
+    turns: u64,
+}
 
 fn percentile(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
@@ -38,21 +56,23 @@ async fn one(http: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<Du
     Ok(started.elapsed())
 }
 
-async fn measure(label: &str, base: &str, key: &str) -> anyhow::Result<()> {
+async fn measure(args: &Args, label: &str, base: &str, key: &str) -> anyhow::Result<()> {
+    let (requests, concurrency) = (args.requests as usize, args.concurrency as usize);
     let http = reqwest::Client::new();
     for _ in 0..20 {
         one(&http, base, key).await?;
     }
-    let mut sequential = Vec::with_capacity(REQUESTS);
-    for _ in 0..REQUESTS {
+    let mut sequential = Vec::with_capacity(requests);
+    for _ in 0..requests {
         sequential.push(one(&http, base, key).await?);
     }
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..8 {
+    let each = requests.div_ceil(concurrency);
+    for _ in 0..concurrency {
         let (http, base, key) = (http.clone(), base.to_string(), key.to_string());
         tasks.spawn(async move {
-            for _ in 0..REQUESTS / 8 {
+            for _ in 0..each {
                 one(&http, &base, &key).await?;
             }
             anyhow::Ok(())
@@ -61,9 +81,9 @@ async fn measure(label: &str, base: &str, key: &str) -> anyhow::Result<()> {
     while let Some(done) = tasks.join_next().await {
         done??;
     }
-    let rate = (REQUESTS / 8 * 8) as f64 / started.elapsed().as_secs_f64();
+    let rate = (each * concurrency) as f64 / started.elapsed().as_secs_f64();
     println!(
-        "{label:>8}: p50 {:.2} ms, p99 {:.2} ms sequential; {rate:.0} requests/s with 8 concurrent",
+        "{label:>8}: p50 {:.2} ms, p99 {:.2} ms sequential; {rate:.0} requests/s with {concurrency} concurrent",
         percentile(&mut sequential, 0.5),
         percentile(&mut sequential, 0.99),
     );
@@ -72,6 +92,7 @@ async fn measure(label: &str, base: &str, key: &str) -> anyhow::Result<()> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
     let dir = tempfile::tempdir()?;
     let fake = FakeModel::start(KEY).await?;
     let config = dir.path().join("ferroclaw.toml");
@@ -95,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
     // A whole turn through every service, from a new session (agent start included) and
     // then warm.
     let mut turns = Vec::new();
-    for i in 0..20 {
+    for i in 0..args.turns as usize {
         let started = Instant::now();
         let (_, accepted) = cluster
             .post_message("bench", &format!("hi {i}"), None)
@@ -137,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
             .http
             .context("the runner announces its proxy")?
     );
-    measure("direct", &fake.url(), KEY).await?;
-    measure("proxy", &proxy, &token).await?;
+    measure(&args, "direct", &fake.url(), KEY).await?;
+    measure(&args, "proxy", &proxy, &token).await?;
     cluster.stop().await
 }

@@ -12,17 +12,35 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::Parser;
 use ferroclaw_e2e::Cluster;
 use ferroclaw_proto::v1;
 use ferroclaw_proto::v1::scheduler_client::SchedulerClient;
 use ferroclaw_scheduler::store::{TaskRow, TaskStore};
 use serde_json::json;
 
-fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => Ok(args.get(i + 1).context("missing value")?.parse()?),
-        None => Ok(default),
+/// Scheduler benchmark: firing precision (due → enqueued) and scale with many tasks.
+///
+/// Needs the service binaries: `cargo build --release --workspace --bins`.
+#[derive(Parser)]
+#[command(name = "scheduler-bench")]
+struct Args {
+    /// Tasks in the database, due days ahead (the scale part).
+    #[arg(long, default_value_t = 100_000)]
+    bulk: usize,
+    /// One-off tasks created through gRPC, due over the next seconds (the precision part).
+    #[arg(long, default_value_t = 500, value_parser = at_least_one)]
+    tasks: usize,
+    /// Milliseconds between the due times of those tasks.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i64).range(0..))]
+    spacing_ms: i64,
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -38,9 +56,11 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let bulk = arg("--bulk", 100_000)?;
-    let tasks = arg("--tasks", 500)?;
-    let spacing = arg("--spacing-ms", 10)? as i64;
+    let Args {
+        bulk,
+        tasks,
+        spacing_ms: spacing,
+    } = Args::parse();
     let dir = tempfile::tempdir()?;
     let now = ferroclaw_mailbox::now_ms();
 

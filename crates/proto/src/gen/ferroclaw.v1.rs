@@ -240,6 +240,9 @@ pub struct ListSessionsRequest {
 pub struct ListSessionsResponse {
     #[prost(message, repeated, tag = "1")]
     pub sessions: ::prost::alloc::vec::Vec<Session>,
+    /// Agents started (processes or containers) for all sessions since the runner started.
+    #[prost(uint64, tag = "2")]
+    pub agent_starts_total: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -260,12 +263,15 @@ pub struct Session {
     pub created_at_ms: i64,
     #[prost(int64, tag = "5")]
     pub last_activity_ms: i64,
-    /// "idle", "starting", "running" or "backoff".
+    /// "idle", "queued", "running" or "backoff".
     #[prost(string, tag = "6")]
     pub agent_state: ::prost::alloc::string::String,
     /// Inbound messages not yet processed by the agent.
     #[prost(int64, tag = "7")]
     pub pending: i64,
+    /// Agents started for this session since the runner started.
+    #[prost(uint64, tag = "8")]
+    pub agent_starts: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

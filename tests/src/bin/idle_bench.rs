@@ -1,0 +1,147 @@
+//! What quiet sessions cost the runner: N conversations get one message each and their
+//! answer, their agents exit, and then the runner's resident memory, threads, open files
+//! and CPU time over a quiet stretch are read from /proc.
+//!
+//! `cargo build --release --workspace --bins && target/release/idle-bench --sessions 10000`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ferroclaw_e2e::Cluster;
+
+#[derive(Parser)]
+#[command(about = "The runner's footprint with many quiet sessions on disk")]
+struct Args {
+    /// Sessions to create (one message each).
+    #[arg(long, default_value_t = 10_000)]
+    sessions: usize,
+    /// Messages in flight at once while the sessions are created.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// How long to watch the quiet runner's CPU time, in seconds.
+    #[arg(long, default_value_t = 30)]
+    quiet_secs: u64,
+}
+
+/// Resident memory (kB), threads, open files and CPU time (clock ticks) of a process.
+struct Footprint {
+    rss_kb: u64,
+    threads: usize,
+    files: usize,
+    cpu_ticks: u64,
+}
+
+fn footprint(pid: u32) -> anyhow::Result<Footprint> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and
+    // 13th of them.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(Footprint {
+        rss_kb,
+        threads: std::fs::read_dir(format!("/proc/{pid}/task"))?.count(),
+        files: std::fs::read_dir(format!("/proc/{pid}/fd"))?.count(),
+        cpu_ticks: tick(11) + tick(12),
+    })
+}
+
+fn show(label: &str, f: &Footprint) {
+    println!(
+        "{label}: RSS {:.1} MB, {} threads, {} open files",
+        f.rss_kb as f64 / 1024.0,
+        f.threads,
+        f.files
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let cluster = Arc::new(
+        Cluster::start(
+            &dir.path().join("data"),
+            &[
+                ("FERROCLAW_IDLE_TIMEOUT_SECS", "1".into()),
+                ("FERROCLAW_MAILBOX_IDLE_SECS", "5".into()),
+            ],
+        )
+        .await?,
+    );
+    let pid = cluster
+        .runner
+        .child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("the runner has no pid"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    show("before any session", &footprint(pid)?);
+
+    let started = Instant::now();
+    let slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.sessions {
+        let permit = slots.clone().acquire_owned().await?;
+        let cluster = cluster.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let conversation = format!("idle-{i}");
+            let (status, body) = cluster.post_message(&conversation, "hello", None).await?;
+            anyhow::ensure!(status == 202 || status == 200, "{status}: {body}");
+            for _ in 0..20 {
+                let (messages, _) = cluster.messages(&conversation, 0, 25.0).await?;
+                if !messages.is_empty() {
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("{conversation} got no answer")
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    println!(
+        "{} sessions answered in {:.1} s",
+        args.sessions,
+        started.elapsed().as_secs_f64()
+    );
+    show("right after the last answer", &footprint(pid)?);
+
+    // Agents exit after 1 s idle, mailboxes close after 5 s unused, and the outbound feed
+    // forgets sessions 30 s after their last activity.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let quiet = footprint(pid)?;
+    show("quiet", &quiet);
+    tokio::time::sleep(Duration::from_secs(args.quiet_secs)).await;
+    let later = footprint(pid)?;
+    // SAFETY: sysconf only reads a system constant.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    println!(
+        "quiet for {} s: runner CPU {:.2} s; then RSS {:.1} MB, {} threads, {} open files",
+        args.quiet_secs,
+        later.cpu_ticks.saturating_sub(quiet.cpu_ticks) as f64 / ticks_per_sec,
+        later.rss_kb as f64 / 1024.0,
+        later.threads,
+        later.files
+    );
+    match Arc::try_unwrap(cluster) {
+        Ok(cluster) => cluster.stop().await,
+        Err(_) => Ok(()),
+    }
+}
