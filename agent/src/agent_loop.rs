@@ -90,7 +90,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> Result<(
         None => options.timezone,
     };
     let wake = Arc::new(Notify::new());
-    let _watch = DirWatch::notifying(&paths.in_dir(), "inbound.", wake.clone())?;
+    let _watch = DirWatch::notifying(&paths.in_dir(), "inbound.bell", wake.clone())?;
     let parent = std::os::unix::process::parent_id();
     tracing::info!(session = %paths.root().display(), "agent running");
 

@@ -169,7 +169,7 @@ pub async fn ask_user_question(input: &Value, ctx: &mut ToolContext<'_>) -> Tool
         .map_err(|e| format!("the question could not be sent: {e}"))?;
     let wake = Arc::new(Notify::new());
     let in_dir = ctx.mailbox.paths().in_dir();
-    let _watch = DirWatch::notifying(&in_dir, "inbound.", wake.clone())
+    let _watch = DirWatch::notifying(&in_dir, "inbound.bell", wake.clone())
         .map_err(|e| format!("cannot watch for the answer: {e}"))?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {

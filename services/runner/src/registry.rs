@@ -15,6 +15,20 @@ pub struct SessionRecord {
     pub last_activity: i64,
 }
 
+/// Sessions kept in memory at most (forgotten all at once past that: they are read again).
+const KNOWN_SESSIONS: usize = 4096;
+/// A session's `last_activity` is written at most this often.
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Default)]
+struct Known {
+    by_id: std::collections::HashMap<String, SessionRecord>,
+    /// (agent, conversation key) → id.
+    by_key: std::collections::HashMap<(String, String), String>,
+    /// When each session's `last_activity` was last written (ms).
+    touched: std::collections::HashMap<String, i64>,
+}
+
 /// Column order of every `SELECT` below (sqlx's derive needs its macros, which we do not build).
 type Columns = (String, String, String, i64, i64);
 const COLUMNS: &str = "id, agent, conversation_key, created_at, last_activity";
@@ -34,6 +48,9 @@ impl From<Columns> for SessionRecord {
 #[derive(Clone)]
 pub struct Registry {
     pool: SqlitePool,
+    /// Sessions looked up recently: a session's id, agent and key never change, so every
+    /// message need not read them again.
+    known: std::sync::Arc<std::sync::Mutex<Known>>,
 }
 
 const DDL: &str = "
@@ -73,7 +90,10 @@ impl Usage {
 impl Registry {
     pub async fn open(path: &Path) -> Result<Self> {
         let pool = ferroclaw_common::service_db::open(path, 4, DDL).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            known: Default::default(),
+        })
     }
 
     /// The session of (agent, conversation key), created with a new id when absent.
@@ -82,7 +102,16 @@ impl Registry {
         agent: &str,
         conversation_key: &str,
     ) -> Result<SessionRecord> {
+        if let Some(found) = self.cached(|k| {
+            k.by_key
+                .get(&(agent.to_string(), conversation_key.to_string()))
+                .and_then(|id| k.by_id.get(id))
+                .cloned()
+        }) {
+            return Ok(found);
+        }
         if let Some(found) = self.find(agent, conversation_key).await? {
+            self.remember(&found);
             return Ok(found);
         }
         let now = ferroclaw_mailbox::now_ms();
@@ -97,9 +126,29 @@ impl Registry {
         .execute(&self.pool)
         .await?;
         // A concurrent enqueue may have won the insert: read back whichever row stands.
-        self.find(agent, conversation_key)
+        let found = self
+            .find(agent, conversation_key)
             .await?
-            .ok_or_else(|| sqlx::Error::RowNotFound.into())
+            .ok_or(sqlx::Error::RowNotFound)?;
+        self.remember(&found);
+        Ok(found)
+    }
+
+    fn cached(&self, look: impl FnOnce(&Known) -> Option<SessionRecord>) -> Option<SessionRecord> {
+        self.known.lock().ok().and_then(|k| look(&k))
+    }
+
+    fn remember(&self, session: &SessionRecord) {
+        if let Ok(mut known) = self.known.lock() {
+            if known.by_id.len() >= KNOWN_SESSIONS {
+                *known = Known::default();
+            }
+            known.by_key.insert(
+                (session.agent.clone(), session.conversation_key.clone()),
+                session.id.clone(),
+            );
+            known.by_id.insert(session.id.clone(), session.clone());
+        }
     }
 
     async fn find(&self, agent: &str, conversation_key: &str) -> Result<Option<SessionRecord>> {
@@ -113,13 +162,22 @@ impl Registry {
         Ok(row.map(Into::into))
     }
 
+    /// A session by id. The record may come from memory: its `last_activity` is then as of
+    /// when it was read (`list` reads them fresh).
     pub async fn get(&self, id: &str) -> Result<Option<SessionRecord>> {
+        if let Some(found) = self.cached(|k| k.by_id.get(id).cloned()) {
+            return Ok(Some(found));
+        }
         let sql = format!("SELECT {COLUMNS} FROM sessions WHERE id = $1");
         let row: Option<Columns> = sqlx::query_as(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(Into::into))
+        let found: Option<SessionRecord> = row.map(Into::into);
+        if let Some(session) = &found {
+            self.remember(session);
+        }
+        Ok(found)
     }
 
     pub async fn list(&self, agent: Option<&str>) -> Result<Vec<SessionRecord>> {
@@ -176,10 +234,27 @@ impl Registry {
         })
     }
 
+    /// Records activity. A session written less than [`TOUCH_EVERY`] ago is not written
+    /// again: under load that is one write per session per second, not one per message.
     pub async fn touch(&self, id: &str) -> Result<()> {
+        let now = ferroclaw_mailbox::now_ms();
+        let recent = self.known.lock().is_ok_and(|mut k| {
+            let last = k.touched.get(id).copied().unwrap_or(i64::MIN);
+            if now.saturating_sub(last) < TOUCH_EVERY.as_millis() as i64 {
+                return true;
+            }
+            if k.touched.len() >= KNOWN_SESSIONS {
+                k.touched.clear();
+            }
+            k.touched.insert(id.to_string(), now);
+            false
+        });
+        if recent {
+            return Ok(());
+        }
         sqlx::query("UPDATE sessions SET last_activity = $2 WHERE id = $1")
             .bind(id)
-            .bind(ferroclaw_mailbox::now_ms())
+            .bind(now)
             .execute(&self.pool)
             .await?;
         Ok(())
