@@ -540,3 +540,24 @@ pub async fn failed_details(session_dir: &Path) -> anyhow::Result<Vec<String>> {
     pool.close().await;
     Ok(rows.into_iter().map(|(d,)| d.unwrap_or_default()).collect())
 }
+
+/// CPU time of a process from `/proc/<pid>/stat`, in seconds: its own (user + system), and
+/// that of its children it has waited for (the runner's exited agents).
+pub fn cpu_times(pid: u32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command's closing parenthesis: utime, stime, cutime and cstime
+    // are the 12th to 15th of them.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<f64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let [utime, stime, cutime, cstime] = fields[..] else {
+        return None;
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(((utime + stime) / ticks, (cutime + cstime) / ticks))
+}

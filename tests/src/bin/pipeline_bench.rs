@@ -4,7 +4,8 @@
 //! conversation, then sends messages from one client per conversation, each waiting for its
 //! reply through the long-poll endpoint before sending the next. Prints p50/p90/p99,
 //! messages per second, and the agents the runner started per message during the timed
-//! run (from the session listing's `agent_starts_total`).
+//! run (from the session listing's `agent_starts_total`), and the CPU time per message of
+//! each process (from /proc; the agents' includes those that exited during the run).
 //!
 //! `cargo build --release --workspace --bins && target/release/pipeline-bench [--messages N] [--conversations C] [--journal-mode delete|wal]`
 
@@ -113,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let starts_before = agent_starts_total(&cluster).await?;
+    let cpu_before = cpu(&cluster);
     let per_conversation = options.messages / options.conversations;
     let started = Instant::now();
     let runs: Vec<_> = conversations
@@ -125,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     let starts = agent_starts_total(&cluster).await? - starts_before;
+    let cpu_after = cpu(&cluster);
     all.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
@@ -140,7 +143,47 @@ async fn main() -> anyhow::Result<()> {
         starts,
         starts as f64 / all.len().max(1) as f64
     );
+    let per_message = |name: &str| {
+        let at = |cpu: &[(&str, f64)]| {
+            cpu.iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0.0, |(_, s)| *s)
+        };
+        (at(&cpu_after) - at(&cpu_before)).max(0.0) * 1000.0 / all.len().max(1) as f64
+    };
+    println!(
+        "CPU per message: runner {:.2} ms, agents {:.2} ms, delivery {:.2} ms, gateway {:.2} ms, scheduler {:.2} ms",
+        per_message("runner"),
+        per_message("agents"),
+        per_message("delivery"),
+        per_message("gateway"),
+        per_message("scheduler"),
+    );
     cluster.stop().await
+}
+
+/// CPU seconds so far of each service, and of the agents: those the runner has reaped
+/// plus those running.
+fn cpu(cluster: &Cluster) -> Vec<(&'static str, f64)> {
+    let own = |p: &ferroclaw_common::launch::ServiceProcess| {
+        p.child
+            .id()
+            .and_then(ferroclaw_e2e::cpu_times)
+            .unwrap_or_default()
+    };
+    let runner = own(&cluster.runner);
+    let running: f64 = ferroclaw_e2e::agent_processes(&cluster.data_dir)
+        .into_iter()
+        .filter_map(|(pid, _)| ferroclaw_e2e::cpu_times(pid))
+        .map(|(own, _)| own)
+        .sum();
+    vec![
+        ("runner", runner.0),
+        ("agents", runner.1 + running),
+        ("delivery", own(&cluster.delivery).0),
+        ("gateway", own(&cluster.gateway).0),
+        ("scheduler", own(&cluster.scheduler).0),
+    ]
 }
 
 /// Agents the runner started so far, from `GET /v1/sessions`.
