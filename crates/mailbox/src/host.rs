@@ -291,7 +291,8 @@ impl HostMailbox {
         .execute(&self.inbound)
         .await
         .at(&self.paths.inbound_db())?;
-        crate::paths::ring(&self.paths.inbound_bell());
+        // No doorbell: an outcome is nothing for the agent to act on, and ringing woke it
+        // for every reply it wrote.
         Ok(done.rows_affected() == 1)
     }
 
