@@ -7,49 +7,43 @@
 //! run (from the session listing's `agent_starts_total`), and the CPU time per message of
 //! each process (from /proc; the agents' includes those that exited during the run).
 //!
-//! `cargo build --release --workspace --bins && target/release/pipeline-bench [--messages N] [--conversations C] [--journal-mode delete|wal]`
+//! `cargo build --release --workspace --bins && target/release/pipeline-bench --help`
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::{CommandFactory, Parser};
 use ferroclaw_e2e::Cluster;
 
+#[derive(Parser)]
+#[command(
+    name = "pipeline-bench",
+    about = "Warm pipeline overhead: REST in, through the echo agent, to the reply over the API"
+)]
 struct Options {
+    /// Messages in the timed run, spread evenly over the conversations.
+    #[arg(long, default_value_t = 1000)]
     messages: usize,
-    conversations: usize,
+    /// Conversations (each its own session and client).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    conversations: u32,
+    /// The session databases' journal.
+    #[arg(long, default_value = "wal", value_parser = ["wal", "delete"])]
     journal_mode: String,
 }
 
-fn options() -> anyhow::Result<Options> {
-    let mut options = Options {
-        messages: 1000,
-        conversations: 10,
-        journal_mode: "wal".into(),
-    };
-    const USAGE: &str =
-        "usage: pipeline-bench [--messages N] [--conversations C] [--journal-mode delete|wal]";
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        if arg == "--help" || arg == "-h" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        let value = args
-            .next()
-            .with_context(|| format!("{arg} needs a value"))?;
-        match arg.as_str() {
-            "--messages" => options.messages = value.parse()?,
-            "--conversations" => options.conversations = value.parse()?,
-            "--journal-mode" => options.journal_mode = value,
-            other => bail!(
-                "unknown option {other} (use --messages N --conversations C --journal-mode delete|wal)"
-            ),
-        }
+/// The command line; a usage error ends the program the way clap's own errors do.
+fn options() -> Options {
+    let options = Options::parse();
+    if options.messages < options.conversations as usize {
+        Options::command()
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                "--messages must be at least --conversations (one message per conversation)",
+            )
+            .exit();
     }
-    if options.conversations == 0 || options.messages < options.conversations {
-        bail!("need at least one message per conversation");
-    }
-    Ok(options)
+    options
 }
 
 /// Sends `count` messages in `conversation` one after another; returns each round trip.
@@ -93,7 +87,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let options = options()?;
+    let options = options();
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::start(
         dir.path(),
@@ -115,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
 
     let starts_before = agent_starts_total(&cluster).await?;
     let cpu_before = cpu(&cluster);
-    let per_conversation = options.messages / options.conversations;
+    let per_conversation = options.messages / options.conversations as usize;
     let started = Instant::now();
     let runs: Vec<_> = conversations
         .iter()
