@@ -7,11 +7,10 @@ use ferroclaw_e2e::{Cluster, wait_until};
 
 const SESSIONS: usize = 1000;
 
-/// (open files, threads) of a process, from /proc.
+/// (open files, threads) of a process.
 fn footprint(pid: u32) -> anyhow::Result<(usize, usize)> {
-    let files = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))?.count();
-    Ok((files, threads))
+    let f = ferroclaw_e2e::footprint(pid)?;
+    Ok((f.files, f.threads))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

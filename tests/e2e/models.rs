@@ -628,21 +628,17 @@ async fn claude_code_runs_the_cli_with_ferroclaw_tools_over_mcp_and_resumes() ->
     cluster.stop().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_context_is_compacted_before_the_next_request() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let fake = FakeModel::start(KEY).await?;
-    fake.push([
-        Step::Text("one".into()),
-        Step::Text("two".into()),
-        Step::Text("SUMMARY: counted to two".into()),
-        Step::Text("three".into()),
-    ]);
-    // A window the tool definitions alone nearly fill.
+/// Three turns in conversation "long" with an agent whose window the tool definitions
+/// alone nearly fill, so the history is compacted before the third.
+async fn count_to_three(
+    dir: &std::path::Path,
+    provider: &str,
+    fake: &FakeModel,
+) -> anyhow::Result<Cluster> {
     let cluster = model_cluster(
-        dir.path(),
-        "anthropic",
-        &fake,
+        dir,
+        provider,
+        fake,
         "context_window = 1000\nmax_tokens = 100",
         &[],
     )
@@ -653,6 +649,20 @@ async fn a_full_context_is_compacted_before_the_next_request() -> anyhow::Result
             .wait_for_lines("long", &[answer.to_string()], WAIT)
             .await?;
     }
+    Ok(cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_context_is_compacted_before_the_next_request() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeModel::start(KEY).await?;
+    fake.push([
+        Step::Text("one".into()),
+        Step::Text("two".into()),
+        Step::Text("SUMMARY: counted to two".into()),
+        Step::Text("three".into()),
+    ]);
+    let cluster = count_to_three(dir.path(), "anthropic", &fake).await?;
     let received = fake.received();
     assert_eq!(received.len(), 4);
     assert!(
@@ -897,20 +907,7 @@ async fn openai_compaction_sends_no_tools_field() -> anyhow::Result<()> {
         Step::Text("three".into()),
         Step::Text("SUMMARY: counted to three".into()),
     ]);
-    let cluster = model_cluster(
-        dir.path(),
-        "openai",
-        &fake,
-        "context_window = 1000\nmax_tokens = 100",
-        &[],
-    )
-    .await?;
-    for (text, answer) in [("count", "one"), ("go on", "two"), ("and on", "three")] {
-        cluster.post_message("long", text, None).await?;
-        cluster
-            .wait_for_lines("long", &[answer.to_string()], WAIT)
-            .await?;
-    }
+    let cluster = count_to_three(dir.path(), "openai", &fake).await?;
     cluster.post_message("long", "/compact", None).await?;
     wait_for_text(&cluster, "long", "Compacted").await?;
     let received = fake.received();

@@ -541,6 +541,28 @@ pub async fn failed_details(session_dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(rows.into_iter().map(|(d,)| d.unwrap_or_default()).collect())
 }
 
+/// What a process holds, from /proc: resident memory (kB), threads and open files.
+pub struct Footprint {
+    pub rss_kb: u64,
+    pub threads: usize,
+    pub files: usize,
+}
+
+pub fn footprint(pid: u32) -> anyhow::Result<Footprint> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(Footprint {
+        rss_kb,
+        threads: std::fs::read_dir(format!("/proc/{pid}/task"))?.count(),
+        files: std::fs::read_dir(format!("/proc/{pid}/fd"))?.count(),
+    })
+}
+
 /// CPU time of a process from `/proc/<pid>/stat`, in seconds: its own (user + system), and
 /// that of its children it has waited for (the runner's exited agents).
 pub fn cpu_times(pid: u32) -> Option<(f64, f64)> {

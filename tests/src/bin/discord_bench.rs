@@ -49,29 +49,43 @@ async fn main() -> anyhow::Result<()> {
     lanes(&args, true).await
 }
 
-/// One channel, one message at a time; then 10 channels at once.
-async fn round_trips() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let fake = FakeDiscord::start().await?;
-    let channels: Vec<u64> = (0..10).map(|i| 100_000_000_000_000_000 + i).collect();
+/// `n` channel ids.
+fn channel_ids(n: usize) -> Vec<u64> {
+    (0..n as u64).map(|i| 100_000_000_000_000_000 + i).collect()
+}
+
+/// A cluster whose Discord bot answers in `channels` (agent `main`), connected to `fake`.
+async fn discord_cluster(
+    dir: &std::path::Path,
+    fake: &FakeDiscord,
+    channels: &[u64],
+    env: &[(&'static str, String)],
+) -> anyhow::Result<Cluster> {
     let routes: String = channels
         .iter()
         .map(|c| format!("[[discord.routes]]\nchannel = \"{c}\"\nagent = \"main\"\n"))
         .collect();
-    let config = dir.path().join("ferroclaw.toml");
+    let config = dir.join("ferroclaw.toml");
     std::fs::write(
         &config,
         format!("[discord]\napi_url = \"{}\"\n{routes}", fake.url()),
     )?;
-    let cluster = Cluster::start(
-        &dir.path().join("data"),
-        &[
-            ("FERROCLAW_CONFIG", config.display().to_string()),
-            ("DISCORD_BOT_TOKEN", "bench".into()),
-        ],
-    )
-    .await?;
+    let mut all = vec![
+        ("FERROCLAW_CONFIG", config.display().to_string()),
+        ("DISCORD_BOT_TOKEN", "bench".into()),
+    ];
+    all.extend(env.iter().cloned());
+    let cluster = Cluster::start(&dir.join("data"), &all).await?;
     fake.wait_identified(1).await?;
+    Ok(cluster)
+}
+
+/// One channel, one message at a time; then 10 channels at once.
+async fn round_trips() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fake = FakeDiscord::start().await?;
+    let channels = channel_ids(10);
+    let cluster = discord_cluster(dir.path(), &fake, &channels, &[]).await?;
 
     let one = channels[0];
     let mut times = Vec::new();
@@ -133,32 +147,13 @@ async fn round_trips() -> anyhow::Result<()> {
 async fn lanes(args: &Args, limited: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let fake = FakeDiscord::start().await?;
-    let channels: Vec<u64> = (0..args.channels as u64)
-        .map(|i| 100_000_000_000_000_000 + i)
-        .collect();
-    let routes: String = channels
-        .iter()
-        .map(|c| format!("[[discord.routes]]\nchannel = \"{c}\"\nagent = \"main\"\n"))
-        .collect();
-    let config = dir.path().join("ferroclaw.toml");
-    std::fs::write(
-        &config,
-        format!("[discord]\napi_url = \"{}\"\n{routes}", fake.url()),
-    )?;
-    let cluster = Cluster::start(
-        &dir.path().join("data"),
-        &[
-            ("FERROCLAW_CONFIG", config.display().to_string()),
-            ("DISCORD_BOT_TOKEN", "bench".into()),
-            // Every channel's agent stays warm: this run measures delivery, not slots.
-            (
-                "FERROCLAW_MAX_RUNNING_AGENTS",
-                (args.channels + 8).to_string(),
-            ),
-        ],
-    )
-    .await?;
-    fake.wait_identified(1).await?;
+    let channels = channel_ids(args.channels);
+    // Every channel's agent stays warm: this run measures delivery, not slots.
+    let slots = [(
+        "FERROCLAW_MAX_RUNNING_AGENTS",
+        (args.channels + 8).to_string(),
+    )];
+    let cluster = discord_cluster(dir.path(), &fake, &channels, &slots).await?;
     for c in &channels {
         fake.user_message(*c, USER, "warm up", true);
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ferroclaw_e2e::Cluster;
+use ferroclaw_e2e::{Cluster, Footprint, cpu_times, footprint};
 
 #[derive(Parser)]
 #[command(about = "The runner's footprint with many quiet sessions on disk")]
@@ -22,41 +22,6 @@ struct Args {
     /// How long to watch the quiet runner's CPU time, in seconds.
     #[arg(long, default_value_t = 30)]
     quiet_secs: u64,
-}
-
-/// Resident memory (kB), threads, open files and CPU time (clock ticks) of a process.
-struct Footprint {
-    rss_kb: u64,
-    threads: usize,
-    files: usize,
-    cpu_ticks: u64,
-}
-
-fn footprint(pid: u32) -> anyhow::Result<Footprint> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command's closing parenthesis: utime and stime are the 12th and
-    // 13th of them.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok(Footprint {
-        rss_kb,
-        threads: std::fs::read_dir(format!("/proc/{pid}/task"))?.count(),
-        files: std::fs::read_dir(format!("/proc/{pid}/fd"))?.count(),
-        cpu_ticks: tick(11) + tick(12),
-    })
 }
 
 fn show(label: &str, f: &Footprint) {
@@ -126,16 +91,16 @@ async fn main() -> anyhow::Result<()> {
     // Agents exit after 1 s idle, mailboxes close after 5 s unused, and the outbound feed
     // forgets sessions 30 s after their last activity.
     tokio::time::sleep(Duration::from_secs(40)).await;
-    let quiet = footprint(pid)?;
-    show("quiet", &quiet);
+    show("quiet", &footprint(pid)?);
+    let cpu_before = cpu_times(pid);
     tokio::time::sleep(Duration::from_secs(args.quiet_secs)).await;
+    let cpu_after = cpu_times(pid);
     let later = footprint(pid)?;
-    // SAFETY: sysconf only reads a system constant.
-    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = |at: Option<(f64, f64)>| at.map_or(0.0, |(own, _)| own);
     println!(
         "quiet for {} s: runner CPU {:.2} s; then RSS {:.1} MB, {} threads, {} open files",
         args.quiet_secs,
-        later.cpu_ticks.saturating_sub(quiet.cpu_ticks) as f64 / ticks_per_sec,
+        (cpu(cpu_after) - cpu(cpu_before)).max(0.0),
         later.rss_kb as f64 / 1024.0,
         later.threads,
         later.files
