@@ -46,6 +46,9 @@ pub struct AgentOptions {
     pub max_attempts: i64,
     /// Exit when the parent process goes away (local process backend).
     pub exit_with_parent: bool,
+    /// Benchmark baseline only: ignore the doorbell and look for due messages this often,
+    /// as NanoClaw's agents do (500 ms). `None`: the doorbell wakes the agent.
+    pub poll: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +93,19 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> Result<(
         None => options.timezone,
     };
     let wake = Arc::new(Notify::new());
-    let _watch = DirWatch::notifying(&paths.in_dir(), "inbound.bell", wake.clone())?;
+    let _watch = match options.poll {
+        None => Some(DirWatch::notifying(
+            &paths.in_dir(),
+            "inbound.bell",
+            wake.clone(),
+        )?),
+        Some(_) => None,
+    };
     let parent = std::os::unix::process::parent_id();
     tracing::info!(session = %paths.root().display(), "agent running");
 
     let mut idle_deadline = Instant::now() + options.idle_timeout;
-    let mut tick = tokio::time::interval(TICK);
+    let mut tick = tokio::time::interval(options.poll.unwrap_or(TICK));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let batch = mailbox.due(now_ms()).await?;

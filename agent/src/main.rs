@@ -38,6 +38,10 @@ struct Args {
     journal_mode: String,
     #[arg(long, env = "FERROCLAW_MAX_ATTEMPTS", default_value_t = 3)]
     max_attempts: i64,
+    /// Benchmark baseline only (`pipeline-bench --poll-baseline`): look for messages every
+    /// this many milliseconds instead of waking on the doorbell. 0: the doorbell.
+    #[arg(long, env = "FERROCLAW_AGENT_POLL_MS", default_value_t = 0)]
+    poll_ms: u64,
     /// Exit when the parent process exits.
     #[arg(long)]
     exit_with_parent: bool,
@@ -110,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         journal_mode,
         max_attempts: args.max_attempts,
         exit_with_parent: args.exit_with_parent,
+        poll: (args.poll_ms > 0).then(|| Duration::from_millis(args.poll_ms)),
     };
     let shutdown = shutdown::on_signal();
     ferroclaw_agent::run(options, shutdown)

@@ -30,6 +30,8 @@ pub fn passthrough_env(with_system: bool) -> Vec<(String, String)> {
         "FERROCLAW_MODEL_RETRY_BASE_MS",
         "FERROCLAW_BASH_TIMEOUT_SECS",
         "FERROCLAW_QUESTION_TIMEOUT_SECS",
+        // The polling baseline of `pipeline-bench --poll-baseline`.
+        "FERROCLAW_AGENT_POLL_MS",
     ];
     std::env::vars()
         .filter(|(k, _)| {

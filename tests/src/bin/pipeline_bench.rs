@@ -30,6 +30,24 @@ struct Options {
     /// The session databases' journal.
     #[arg(long, default_value = "wal", value_parser = ["wal", "delete"])]
     journal_mode: String,
+    /// Then run the same load again with notifications off and NanoClaw's waits (agents
+    /// poll every 500 ms, the host reads replies every 1 s), and print both and their ratio.
+    #[arg(long)]
+    poll_baseline: bool,
+}
+
+/// NanoClaw v2's waits: its agents poll their inbound database every 500 ms, its host polls
+/// the outbound databases every second.
+const BASELINE_ENV: &[(&str, &str)] = &[
+    ("FERROCLAW_AGENT_POLL_MS", "500"),
+    ("FERROCLAW_OUTBOUND_POLL_MS", "1000"),
+];
+
+/// One timed run's figures.
+struct Figures {
+    p50: Duration,
+    p99: Duration,
+    throughput: f64,
 }
 
 /// The command line; a usage error ends the program the way clap's own errors do.
@@ -88,12 +106,33 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = options();
+    let ours = run(&options, &[]).await?;
+    if options.poll_baseline {
+        println!("baseline: notifications off, agents poll every 500 ms, replies read every 1 s");
+        let baseline = run(&options, BASELINE_ENV).await?;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "ferroclaw vs polling baseline: p50 {:.2} ms vs {:.2} ms ({:.1}x faster), p99 {:.2} ms vs {:.2} ms ({:.1}x), throughput {:.1} vs {:.1} msg/s ({:.1}x)",
+            ms(ours.p50),
+            ms(baseline.p50),
+            baseline.p50.as_secs_f64() / ours.p50.as_secs_f64().max(1e-9),
+            ms(ours.p99),
+            ms(baseline.p99),
+            baseline.p99.as_secs_f64() / ours.p99.as_secs_f64().max(1e-9),
+            ours.throughput,
+            baseline.throughput,
+            ours.throughput / baseline.throughput.max(1e-9),
+        );
+    }
+    Ok(())
+}
+
+/// Starts a cluster with `env` added, warms it, times the load, prints the figures.
+async fn run(options: &Options, env: &[(&'static str, &'static str)]) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
-    let cluster = Cluster::start(
-        dir.path(),
-        &[("FERROCLAW_JOURNAL_MODE", options.journal_mode.clone())],
-    )
-    .await?;
+    let mut cluster_env = vec![("FERROCLAW_JOURNAL_MODE", options.journal_mode.clone())];
+    cluster_env.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+    let cluster = Cluster::start(dir.path(), &cluster_env).await?;
     let conversations: Vec<String> = (0..options.conversations)
         .map(|i| format!("bench-{i}"))
         .collect();
@@ -153,7 +192,13 @@ async fn main() -> anyhow::Result<()> {
         per_message("gateway"),
         per_message("scheduler"),
     );
-    cluster.stop().await
+    let figures = Figures {
+        p50: percentile(&all, 0.50),
+        p99: percentile(&all, 0.99),
+        throughput: all.len() as f64 / elapsed.as_secs_f64(),
+    };
+    cluster.stop().await?;
+    Ok(figures)
 }
 
 /// CPU seconds so far of each service, and of the agents: those the runner has reaped
