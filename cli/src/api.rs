@@ -5,7 +5,7 @@ use std::io::Read;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct ApiArgs {
     /// The gateway's REST API.
     #[arg(long, env = "FERROCLAW_API", default_value = "http://127.0.0.1:8080")]
@@ -16,7 +16,7 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
-    fn request(
+    pub(crate) fn request(
         &self,
         client: &reqwest::Client,
         method: reqwest::Method,
@@ -32,7 +32,7 @@ impl ApiArgs {
 }
 
 /// Sends the request and returns its JSON body, or fails with the API's error message.
-async fn call(builder: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+pub(crate) async fn call(builder: reqwest::RequestBuilder) -> anyhow::Result<Value> {
     let response = builder
         .send()
         .await
@@ -140,7 +140,7 @@ pub async fn hook(
 }
 
 /// Percent-encodes a path segment.
-fn encode(segment: &str) -> String {
+pub(crate) fn encode(segment: &str) -> String {
     let mut out = String::new();
     for b in segment.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

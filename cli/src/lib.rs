@@ -2,6 +2,8 @@
 //! image (`ferroclaw-services`) can be `ferroclaw` as well.
 
 mod api;
+mod chat;
+mod sse;
 mod up;
 
 use std::ffi::OsString;
@@ -48,6 +50,16 @@ enum Command {
         #[arg(long)]
         idempotency_key: Option<String>,
         text: String,
+    },
+    /// Chat in an API conversation: each line typed is sent, replies print as they arrive
+    /// (over the conversation's event stream). Ctrl-D ends.
+    Chat {
+        #[command(flatten)]
+        api: api::ApiArgs,
+        #[arg(long, short)]
+        conversation: String,
+        #[arg(long, default_value = "operator")]
+        sender: String,
     },
     /// Scheduled tasks: list them, see a task's runs, pause, resume, cancel or run one now.
     Tasks {
@@ -101,6 +113,11 @@ pub async fn main_from(args: impl IntoIterator<Item = OsString>) -> anyhow::Resu
             )
             .await
         }
+        Command::Chat {
+            api,
+            conversation,
+            sender,
+        } => chat::run(&api, &conversation, &sender).await,
         Command::Tasks { api, action } => api::tasks(&api, action).await,
         Command::Probe { target } => probe(&target).await,
         Command::Hook {

@@ -26,6 +26,19 @@ pub async fn run(
         ("FERROCLAW_SCHEDULER_ADDR", "127.0.0.1:0".into()),
         ("FERROCLAW_GATEWAY_GRPC_ADDR", "127.0.0.1:0".into()),
         ("FERROCLAW_PROXY_ADDR", "127.0.0.1:0".into()),
+        // Free ports unless set: they are printed below, for a scrape config.
+        (
+            "FERROCLAW_RUNNER_METRICS_ADDR",
+            metrics_addr("FERROCLAW_RUNNER_METRICS_ADDR"),
+        ),
+        (
+            "FERROCLAW_DELIVERY_METRICS_ADDR",
+            metrics_addr("FERROCLAW_DELIVERY_METRICS_ADDR"),
+        ),
+        (
+            "FERROCLAW_SCHEDULER_METRICS_ADDR",
+            metrics_addr("FERROCLAW_SCHEDULER_METRICS_ADDR"),
+        ),
         ("FERROCLAW_HTTP_ADDR", http_addr),
     ];
     if let Some(config) = config {
@@ -41,16 +54,34 @@ pub async fn run(
         return Err(e);
     }
     let gateway = &services[3];
+    let metrics = |service: &ServiceProcess| {
+        service
+            .metrics
+            .map(|a| format!("http://{a}/metrics"))
+            .unwrap_or_default()
+    };
     println!(
-        "ferroclaw is up\n  REST API      http://{}\n  gateway gRPC  {}\n  runner gRPC   {}\n  data          {}\nPress Ctrl-C to stop.",
+        "ferroclaw is up\n  REST API      http://{}\n  gateway gRPC  {}\n  runner gRPC   {}\n  data          {}\n  metrics       http://{}/metrics (gateway)\n                {} (runner)\n                {} (scheduler)\n                {} (delivery)\nPress Ctrl-C to stop.",
         gateway.http.map(|a| a.to_string()).unwrap_or_default(),
         gateway.grpc_url(),
         services[0].grpc_url(),
-        data_dir.display()
+        data_dir.display(),
+        gateway.http.map(|a| a.to_string()).unwrap_or_default(),
+        metrics(&services[0]),
+        metrics(&services[1]),
+        metrics(&services[2]),
     );
     let outcome = wait_for_exit(&mut services).await;
     stop_all(&mut services).await;
     outcome
+}
+
+/// A metrics address from the environment, else a free loopback port.
+fn metrics_addr(var: &str) -> String {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:0".into())
 }
 
 async fn start_all(

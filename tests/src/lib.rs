@@ -52,6 +52,9 @@ impl Cluster {
             ("FERROCLAW_GATEWAY_GRPC_ADDR", "127.0.0.1:0".into()),
             ("FERROCLAW_HTTP_ADDR", "127.0.0.1:0".into()),
             ("FERROCLAW_PROXY_ADDR", "127.0.0.1:0".into()),
+            ("FERROCLAW_RUNNER_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("FERROCLAW_DELIVERY_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("FERROCLAW_SCHEDULER_METRICS_ADDR", "127.0.0.1:0".into()),
             (
                 "FERROCLAW_AGENT_BINARY",
                 binary("ferroclaw-agent")?.display().to_string(),

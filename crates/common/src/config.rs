@@ -41,6 +41,28 @@ pub struct Config {
     /// Who may use admin commands everywhere.
     pub roles: Roles,
     pub discord: DiscordConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Where the services without an HTTP API serve Prometheus' `GET /metrics` (the gateway
+/// serves it on its HTTP address). Each is named in the service's readiness line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub runner: SocketAddr,
+    pub delivery: SocketAddr,
+    pub scheduler: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        let on = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            runner: on(9461),
+            delivery: on(9462),
+            scheduler: on(9463),
+        }
+    }
 }
 
 /// The Discord bot: on when it has routes and a token.
@@ -246,6 +268,10 @@ pub struct RunnerConfig {
     /// Most rows one session may send in any minute: a ceiling against a flood, well above
     /// what a busy conversation answers (rows per message are bounded by the batch limit).
     pub max_rows_per_minute: usize,
+    /// Benchmark baseline only (`pipeline-bench --poll-baseline`): when not 0, the runner
+    /// ignores agents' doorbells and reads active sessions' outbound rows every this many
+    /// milliseconds, as NanoClaw's host does (1,000). 0, the default: doorbells.
+    pub outbound_poll_ms: u64,
 }
 
 impl Default for RunnerConfig {
@@ -274,6 +300,7 @@ impl Default for RunnerConfig {
             max_row_bytes: 64 * 1024,
             max_rows_per_batch: 100,
             max_rows_per_minute: 6_000,
+            outbound_poll_ms: 0,
         }
     }
 }
@@ -603,6 +630,7 @@ impl Default for Config {
             runner: RunnerConfig::default(),
             delivery: DeliveryConfig::default(),
             scheduler: ServiceAddr::on(50053),
+            metrics: MetricsConfig::default(),
             agents: vec![AgentConfig::echo("main")],
             webhooks: vec![WebhookRoute {
                 source: "default".into(),
@@ -710,6 +738,21 @@ impl Config {
                 addr.url = Some(v);
             }
         }
+        for (var, addr) in [
+            ("FERROCLAW_RUNNER_METRICS_ADDR", &mut self.metrics.runner),
+            (
+                "FERROCLAW_DELIVERY_METRICS_ADDR",
+                &mut self.metrics.delivery,
+            ),
+            (
+                "FERROCLAW_SCHEDULER_METRICS_ADDR",
+                &mut self.metrics.scheduler,
+            ),
+        ] {
+            if let Some(v) = get(var) {
+                *addr = listen_addr(var, &v)?;
+            }
+        }
         if let Some(v) = get("FERROCLAW_DELIVERY_ADDR") {
             self.delivery.listen = listen_addr("FERROCLAW_DELIVERY_ADDR", &v)?;
         }
@@ -763,6 +806,9 @@ impl Config {
         }
         if let Some(v) = get("FERROCLAW_MAILBOX_IDLE_SECS") {
             self.runner.mailbox_idle_secs = parse("FERROCLAW_MAILBOX_IDLE_SECS", &v)?;
+        }
+        if let Some(v) = get("FERROCLAW_OUTBOUND_POLL_MS") {
+            self.runner.outbound_poll_ms = parse("FERROCLAW_OUTBOUND_POLL_MS", &v)?;
         }
         if let Some(v) = get("FERROCLAW_IDLE_TIMEOUT_SECS") {
             self.runner.idle_timeout_secs = parse("FERROCLAW_IDLE_TIMEOUT_SECS", &v)?;

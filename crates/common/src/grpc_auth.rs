@@ -18,15 +18,15 @@ use subtle::ConstantTimeEq;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 /// The environment variable that gives every service the internal secret.
 pub const INTERNAL_TOKEN_ENV: &str = "FERROCLAW_INTERNAL_TOKEN";
 /// The file in the data directory that holds it when the variable is unset.
 pub const INTERNAL_TOKEN_FILE: &str = "internal.token";
 
-/// A channel whose every call carries the caller's credential.
-pub type GrpcChannel = InterceptedService<Channel, AttachToken>;
+/// A channel whose every call carries the caller's credential, within the client limits
+/// of [`crate::grpc::LimitedChannel`].
+pub type GrpcChannel = InterceptedService<crate::grpc::LimitedChannel, AttachToken>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {

@@ -30,6 +30,8 @@ pub struct ServiceProcess {
     pub child: Child,
     pub grpc: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
+    /// Where it serves Prometheus' `GET /metrics`, when not on its HTTP address.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The executable `name` in the same directory as the current one (where cargo and the
@@ -100,7 +102,7 @@ pub async fn launch(
             Some(text) => text.parse().map(Some).map_err(|_| bad()),
         }
     };
-    let (grpc, http) = (addr("grpc")?, addr("http")?);
+    let (grpc, http, metrics) = (addr("grpc")?, addr("http")?, addr("metrics")?);
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(ServiceProcess {
@@ -108,6 +110,7 @@ pub async fn launch(
         child,
         grpc,
         http,
+        metrics,
     })
 }
 

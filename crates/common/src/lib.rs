@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod grpc_auth;
 pub mod ids;
 pub mod launch;
+pub mod metrics;
 pub mod ready;
 pub mod service_db;
 pub mod shutdown;

@@ -8,12 +8,18 @@ use std::net::SocketAddr;
 
 use serde_json::json;
 
-/// Prints `{"ready": service, "grpc": addr, "http": addr}` on stdout.
-pub fn announce(service: &str, grpc: Option<SocketAddr>, http: Option<SocketAddr>) {
+/// Prints `{"ready": service, "grpc": addr, "http": addr, "metrics": addr}` on stdout.
+pub fn announce(
+    service: &str,
+    grpc: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) {
     let line = json!({
         "ready": service,
         "grpc": grpc.map(|a| a.to_string()),
         "http": http.map(|a| a.to_string()),
+        "metrics": metrics.map(|a| a.to_string()),
     });
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -28,6 +34,7 @@ pub struct Ready {
     service: String,
     grpc: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
 }
 
 impl Ready {
@@ -36,11 +43,18 @@ impl Ready {
             service: service.to_string(),
             grpc,
             http,
+            metrics: None,
         }
+    }
+
+    /// Names the address of the service's `GET /metrics` (see [`crate::metrics::serve`]).
+    pub fn with_metrics(mut self, metrics: Option<SocketAddr>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Prints the line (see [`announce`]).
     pub fn announce(self) {
-        announce(&self.service, self.grpc, self.http);
+        announce(&self.service, self.grpc, self.http, self.metrics);
     }
 }

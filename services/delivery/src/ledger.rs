@@ -2,6 +2,7 @@
 //! and out seq, so a row is sent at most once) and the messages of API conversations.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferroclaw_proto::v1::OutboundMessage;
@@ -157,11 +158,22 @@ pub struct NewConversationMessage<'a> {
     pub content: &'a str,
 }
 
+/// A message was stored in an API conversation: a doorbell for that conversation's readers
+/// (long-polls, watchers), who then read the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub conversation: Arc<str>,
+    pub cursor: i64,
+}
+
+/// Notifications a slow reader may fall behind by before it lags (and re-reads the store).
+const APPENDED_CAPACITY: usize = 1024;
+
 #[derive(Clone)]
 pub struct Ledger {
     pool: SqlitePool,
-    /// The conversation of every stored message: wakes that conversation's long-polls only.
-    appended: broadcast::Sender<String>,
+    /// Every stored conversation message, sent after its commit.
+    appended: broadcast::Sender<Appended>,
 }
 
 impl Ledger {
@@ -199,8 +211,22 @@ impl Ledger {
         }
         Ok(Self {
             pool,
-            appended: broadcast::channel(1024).0,
+            appended: broadcast::channel(APPENDED_CAPACITY).0,
         })
+    }
+
+    /// Notifications of conversation messages stored from now on. Subscribe BEFORE reading
+    /// the store, so a message stored in between is announced rather than missed.
+    pub fn subscribe(&self) -> broadcast::Receiver<Appended> {
+        self.appended.subscribe()
+    }
+
+    /// The same ledger with room for only `capacity` notifications, so tests can make a
+    /// reader lag.
+    #[cfg(test)]
+    pub(crate) fn with_appended_capacity(mut self, capacity: usize) -> Self {
+        self.appended = broadcast::channel(capacity).0;
+        self
     }
 
     /// The final outcome of a row already handled, if any.
@@ -338,7 +364,11 @@ impl Ledger {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        let _ = self.appended.send(message.conversation.to_string());
+        // After the commit: whoever is woken finds the message in the store.
+        let _ = self.appended.send(Appended {
+            conversation: message.conversation.into(),
+            cursor,
+        });
         Ok(platform_message_id)
     }
 
@@ -550,7 +580,7 @@ impl Ledger {
             loop {
                 match tokio::time::timeout_at(deadline, appended.recv()).await {
                     Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(messages),
-                    Ok(Ok(c)) if c != conversation => continue,
+                    Ok(Ok(a)) if &*a.conversation != conversation => continue,
                     Ok(_) => break,
                 }
             }

@@ -3,11 +3,13 @@
 mod actions;
 mod callback;
 mod consumer;
+mod conversation_watch;
 pub mod discord;
 mod discord_limits;
 pub mod error;
 mod lanes;
 pub mod ledger;
+pub mod metrics;
 mod row_delivery;
 mod send_error;
 mod service;
@@ -66,8 +68,15 @@ pub async fn run(
         ledger: ledger.clone(),
         config: std::sync::Arc::new(config.clone()),
         shutdown: shutdown.clone(),
+        watchers: conversation_watch::Watchers::new(
+            ledger.clone(),
+            conversation_watch::MAX_WATCHERS,
+            shutdown.clone(),
+        ),
     }));
-    ready.announce();
+    let metrics_addr =
+        ferroclaw_common::metrics::serve_on(config.metrics.delivery, shutdown.clone()).await?;
+    ready.with_metrics(metrics_addr).announce();
     tracing::info!(addr = ?listener.local_addr().ok(), "delivery listening");
     grpc::serve(router, listener, shutdown).await?;
     let _ = consuming.await;

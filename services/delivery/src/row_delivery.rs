@@ -3,6 +3,7 @@
 //! the maximum age; a failure is told to the agent in a plain sentence; the outcome is
 //! settled back to the runner.
 
+use crate::metrics;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -139,12 +140,14 @@ impl RowDelivery {
                     if acts_elsewhere(message) {
                         self.ledger.delivered(message, &platform_message_id).await?;
                     }
+                    metrics::settled(message, "delivered");
                     return Ok(Some(Settled::Delivered {
                         platform_message_id,
                     }));
                 }
                 Err(SendError::Permanent(failure)) => {
                     tracing::warn!(detail = %failure.detail, "delivery refused");
+                    metrics::settled(message, "refused");
                     return self.fail(message, failure.detail, failure.plain).await;
                 }
                 Err(SendError::Wait {
@@ -155,6 +158,10 @@ impl RowDelivery {
                     let until = ferroclaw_content::now_ms() + wait.as_millis() as i64;
                     self.ledger.waiting(message, until, &detail).await?;
                     tracing::info!(%detail, ?wait, "waiting out a rate limit");
+                    metrics::METRICS
+                        .rate_limit_waits
+                        .with_label_values(&[metrics::destination_kind(message)])
+                        .inc();
                     (wait, plain, detail)
                 }
                 Err(SendError::Transient(failure)) => {
@@ -162,6 +169,10 @@ impl RowDelivery {
                     let wait = (Duration::from_millis(200) * 2u32.pow(failures.min(8)))
                         .min(LONGEST_BACKOFF);
                     tracing::info!(detail = %failure.detail, failures, ?wait, "retrying delivery");
+                    metrics::METRICS
+                        .retries
+                        .with_label_values(&[metrics::destination_kind(message)])
+                        .inc();
                     (wait, failure.plain, failure.detail)
                 }
             };
@@ -179,6 +190,7 @@ impl RowDelivery {
                 let reason = format!("{plain} for {max_age}; {what}.");
                 let detail = format!("given up after {max_age}: {detail}");
                 tracing::warn!(%detail, "delivery given up");
+                metrics::settled(message, "given_up");
                 return self.fail(message, detail, reason).await;
             }
             if !pause(wait, shutdown).await {

@@ -4,12 +4,13 @@ use std::time::Duration;
 
 use ferroclaw_proto::v1::delivery_server::Delivery;
 use ferroclaw_proto::v1::{
-    AnswerQuestionRequest, AnswerQuestionResponse, ConversationMessage, DeliveryRecord,
-    EnqueueRequest, ListConversationMessagesRequest, ListConversationMessagesResponse,
-    ListDeliveriesRequest, ListDeliveriesResponse, Origin,
+    AnswerQuestionRequest, AnswerQuestionResponse, DeliveryRecord, EnqueueRequest,
+    ListConversationMessagesRequest, ListConversationMessagesResponse, ListDeliveriesRequest,
+    ListDeliveriesResponse, Origin, WatchConversationRequest,
 };
 use tonic::{Request, Response, Status};
 
+use crate::conversation_watch::{self, Watchers};
 use crate::ledger::{AnswerRefused, Ledger};
 
 /// Longest long-poll a caller may ask for.
@@ -26,6 +27,8 @@ pub struct DeliveryService {
         ferroclaw_proto::v1::runner_client::RunnerClient<ferroclaw_common::grpc_auth::GrpcChannel>,
     /// Ends waiting long-polls when the service stops, so shutdown is not held up.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
+    /// Live conversation streams (they end on the same shutdown).
+    pub(crate) watchers: Watchers,
 }
 
 /// Whether `user` may answer a question asked in `conversation`: anyone, unless the
@@ -83,22 +86,23 @@ impl Delivery for DeliveryService {
         let next_cursor = messages.last().map_or(req.after, |m| m.cursor);
         let messages = messages
             .into_iter()
-            .map(|m| ConversationMessage {
-                cursor: m.cursor,
-                conversation: m.conversation,
-                session_id: m.session_id,
-                out_seq: m.out_seq,
-                kind: m.kind,
-                text: m.text,
-                content_json: m.content,
-                created_at_ms: m.created_at,
-                in_reply_to: m.in_reply_to.unwrap_or(0),
-            })
+            .map(conversation_watch::to_proto)
             .collect();
         Ok(Response::new(ListConversationMessagesResponse {
             messages,
             next_cursor,
         }))
+    }
+
+    type WatchConversationStream = conversation_watch::WatchStream;
+
+    async fn watch_conversation(
+        &self,
+        request: Request<WatchConversationRequest>,
+    ) -> Result<Response<Self::WatchConversationStream>, Status> {
+        let req = request.into_inner();
+        let stream = self.watchers.watch(req.conversation_id, req.after_cursor)?;
+        Ok(Response::new(stream))
     }
 
     async fn answer_question(

@@ -1,16 +1,23 @@
 //! The `Gateway` gRPC service: the same ingress as the REST API, for programs.
 
+use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_proto::v1::gateway_server::Gateway;
 use ferroclaw_proto::v1::inject_message_request::Target;
-use ferroclaw_proto::v1::{InjectMessageRequest, InjectMessageResponse};
+use ferroclaw_proto::v1::{InjectMessageRequest, InjectMessageResponse, WatchConversationRequest};
 use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::conversation_events;
 use crate::error::ApiError;
 use crate::ingress::{Accepted, Ingress};
 
 pub struct GatewayService {
     pub(crate) ingress: Ingress,
+    /// Serves `WatchConversation` (its conversation store).
+    pub(crate) delivery: GrpcChannel,
+    /// Ends open streams when the gateway stops, so shutdown is not held up.
+    pub(crate) shutdown: CancellationToken,
 }
 
 /// A conversation payload: `{"text": "...", "sender": "..."}` or a bare JSON string.
@@ -27,6 +34,24 @@ enum ChatPayload {
 
 #[tonic::async_trait]
 impl Gateway for GatewayService {
+    type WatchConversationStream = conversation_events::Relay;
+
+    async fn watch_conversation(
+        &self,
+        request: Request<WatchConversationRequest>,
+    ) -> Result<Response<Self::WatchConversationStream>, Status> {
+        let req = request.into_inner();
+        let relay = conversation_events::open(
+            &self.ingress,
+            &self.delivery,
+            &self.shutdown,
+            req.conversation_id,
+            req.after_cursor,
+        )
+        .await?;
+        Ok(Response::new(relay))
+    }
+
     async fn inject_message(
         &self,
         request: Request<InjectMessageRequest>,

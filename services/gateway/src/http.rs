@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,12 +20,20 @@ use ferroclaw_proto::v1::runner_client::RunnerClient;
 use ferroclaw_proto::v1::{
     GetSessionRequest, ListConversationMessagesRequest, ListSessionsRequest, Session,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
 
-use crate::error::{ApiError, Result};
-use crate::ingress::{Ingress, check_conversation};
-use crate::tasks_api;
+use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody, ErrorCause, ErrorCode, Result};
+use crate::ingress::{Accepted, Ingress, check_conversation};
+use crate::{openapi, tasks_api};
+
+/// Longest request target (path and query) the API reads; longer ones get a JSON 414.
+/// hyper itself refuses only from 64 KiB on, with a bare status line.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Largest header block the API reads; larger ones get a JSON 431. hyper itself refuses
+/// only beyond about 400 KiB or 100 headers, with a bare status line.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -47,6 +55,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/conversations/{id}/messages",
             get(get_conversation_messages),
         )
+        .route(
+            "/v1/conversations/{id}/events",
+            get(crate::conversation_events::sse),
+        )
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}", get(get_session))
         .route("/v1/sessions/{id}/files/{*path}", get(get_outbox_file))
@@ -57,21 +69,139 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(crate::http_metrics::scrape))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(request_limits))
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn(crate::http_metrics::record))
         .with_state(state)
 }
 
+/// Logs every request at debug, and a server-side failure (a service down, a call cut off)
+/// at warn with its cause, so an operator sees it without turning on debug.
 async fn log_request(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let started = Instant::now();
     let response = next.run(request).await;
-    tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "http request");
+    let status = response.status().as_u16();
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    if response.status().is_server_error() {
+        let cause = response
+            .extensions()
+            .get::<ErrorCause>()
+            .map(|c| c.0.as_str());
+        tracing::warn!(%method, %path, status, elapsed_us, cause = cause.unwrap_or("unknown"), "http request failed");
+    } else {
+        tracing::debug!(%method, %path, status, elapsed_us, "http request");
+    }
     response
+}
+
+/// Turns every 4xx and 5xx that is not yet the JSON error body (axum's 405, a rejection
+/// made below the handlers) into it, keeping its headers (`Allow`, `Retry-After`).
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Small plain-text reasons (axum's rejections) are kept as the message.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .ok()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    let message = text.unwrap_or_else(|| match status {
+        // axum adds `Allow` further out, after this layer has run.
+        StatusCode::METHOD_NOT_ALLOWED => "method not allowed here; see the Allow header".into(),
+        _ => status.canonical_reason().unwrap_or("error").to_lowercase(),
+    });
+    let body = ErrorBody::new(ErrorCode::for_status(status), message.clone());
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.extensions.insert(ErrorCause(message));
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// The parser limits the API enforces itself, below hyper's own, so a client gets them
+/// as the JSON error body (hyper answers its own with a bare status line).
+async fn request_limits(request: Request, next: Next) -> Response {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if target > MAX_URI_BYTES {
+        return ApiError::UriTooLong(format!(
+            "the request target is {target} bytes; at most {MAX_URI_BYTES} are read"
+        ))
+        .into_response();
+    }
+    // As on the wire: "name: value\r\n" per header.
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if headers > MAX_HEADER_BYTES {
+        return ApiError::HeadersTooLarge(format!(
+            "the request headers are {headers} bytes; at most {MAX_HEADER_BYTES} are read"
+        ))
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// What `/healthz` answers.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"status": "ok"}))]
+pub struct Health {
+    /// Always `ok`: the process serves HTTP.
+    status: String,
+}
+
+/// Liveness: the gateway process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "The gateway is alive", body = Health))
+)]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// This document: the REST API as OpenAPI 3.1.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json", body = Value))
+)]
+pub(crate) async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi::document_json(),
+    )
+        .into_response()
 }
 
 /// `Authorization: Bearer <token>` on every `/v1` route when a token is configured.
@@ -115,12 +245,64 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>> {
         .transpose()
 }
 
-async fn post_hook(
+/// What accepting a message or webhook answers.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"session_id": "3f2a9c4e-0b1d-4c55-9a7e-2d6f1e8b7a10", "message_id": "0b8e5c1a-7d2f-4e3b-9c6a-5f1d2e3c4b5a", "duplicate": false}))]
+pub struct AcceptedBody {
+    /// The session the message was queued for (empty when a command was answered at once).
+    session_id: String,
+    /// The queued message's id (empty when a command was answered at once).
+    message_id: String,
+    /// The same `Idempotency-Key` was accepted before: nothing new was queued.
+    duplicate: bool,
+    /// A command the gateway answered itself (`200`): nothing was queued.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    answer: Option<String>,
+}
+
+impl From<Accepted> for AcceptedBody {
+    fn from(a: Accepted) -> Self {
+        Self {
+            session_id: a.session_id,
+            message_id: a.message_id,
+            duplicate: a.duplicate,
+            answer: a.answer,
+        }
+    }
+}
+
+/// Injects a webhook: the body (any JSON document) goes to the agent the source routes to.
+///
+/// A source with a secret requires a signature: `X-Ferroclaw-Timestamp` and
+/// `X-Ferroclaw-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`, or GitHub's
+/// `X-Hub-Signature-256` for sources configured with `signature = "github"`. The
+/// idempotency header is `Idempotency-Key` unless the source names another (GitHub's
+/// `X-GitHub-Delivery` for GitHub sources).
+#[utoipa::path(
+    post,
+    path = "/v1/hooks/{source}",
+    tag = "messages",
+    params(
+        ("source" = String, Path, description = "The webhook source, as configured in `[[webhooks]]`", example = "default"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Accepting the same key twice queues the message once"),
+        ("X-Ferroclaw-Timestamp" = Option<String>, Header, description = "Unix seconds the signature was made at"),
+        ("X-Ferroclaw-Signature" = Option<String>, Header, description = "`sha256=<hex>`: required when the source has a secret"),
+        ("X-Hub-Signature-256" = Option<String>, Header, description = "GitHub's signature, for sources with `signature = \"github\"`"),
+    ),
+    request_body(content = Value, description = "Any JSON document", content_type = "application/json", example = json!({"event": "build.finished", "status": "green"})),
+    responses(
+        (status = 202, description = "Queued for the source's agent", body = AcceptedBody),
+        (status = 401, description = "Missing or wrong bearer token, or the signature was rejected", body = ErrorBody),
+        (status = 404, description = "No route for this source", body = ErrorBody),
+        (status = 413, description = "The body is larger than the gateway or the source accepts", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn post_hook(
     State(state): State<AppState>,
-    Path(source): Path<String>,
+    ApiPath(source): ApiPath<String>,
     headers: HeaderMap,
     bytes: std::result::Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>)> {
+) -> Result<(StatusCode, Json<AcceptedBody>)> {
     let bytes = body(bytes)?;
     let route = state
         .config
@@ -161,23 +343,47 @@ async fn post_hook(
         })
         .transpose()?;
     let accepted = state.ingress.webhook(&source, payload, delivery_id).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!(accepted))))
+    Ok((StatusCode::ACCEPTED, Json(accepted.into())))
 }
 
-#[derive(Deserialize)]
+/// A chat message into an API conversation.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PostMessage {
+#[schema(example = json!({"conversation": "support-42", "text": "What changed in the last deploy?", "sender": "alice"}))]
+pub struct PostMessage {
+    /// The API conversation (1 to 256 printable bytes); replies are read from it.
     conversation: String,
+    /// The message; must not be blank.
     text: String,
+    /// Who is speaking, for the agent and for command permissions.
     #[serde(default)]
     sender: String,
 }
 
-async fn post_message(
+/// Sends a chat message to the agent of an API conversation.
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    tag = "messages",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Accepting the same key twice queues the message once"),
+    ),
+    request_body(content = PostMessage, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued for the conversation's agent", body = AcceptedBody),
+        (status = 200, description = "A command the gateway answered itself (`answer`); nothing was queued", body = AcceptedBody,
+            example = json!({"session_id": "", "message_id": "", "duplicate": false, "answer": "commands: /help, /status"})),
+        (status = 403, description = "A command the sender may not use", body = ErrorBody),
+        (status = 404, description = "No route for this conversation", body = ErrorBody),
+        (status = 409, description = "The session cannot take messages now", body = ErrorBody),
+        (status = 413, description = "The body is larger than the gateway accepts", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn post_message(
     State(state): State<AppState>,
     headers: HeaderMap,
     bytes: std::result::Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>)> {
+) -> Result<(StatusCode, Json<AcceptedBody>)> {
     let bytes = body(bytes)?;
     let message: PostMessage = parse_json(&bytes)?;
     let accepted = state
@@ -195,26 +401,45 @@ async fn post_message(
     } else {
         StatusCode::ACCEPTED
     };
-    Ok((status, Json(json!(accepted))))
+    Ok((status, Json(accepted.into())))
 }
 
-#[derive(Deserialize)]
-struct MessagesQuery {
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MessagesQuery {
+    /// Only messages after this cursor (the `next_cursor` of the previous page; 0: all).
     #[serde(default)]
+    #[param(example = 0)]
     after: i64,
-    /// Seconds to wait for a first message (long-poll).
+    /// Seconds to wait for a first message when there is none yet (long-poll); capped by
+    /// the gateway's `max_wait_secs`.
     #[serde(default)]
+    #[param(minimum = 0, example = 25)]
     wait: f64,
+    /// Most messages to return (0: the server's default).
     #[serde(default)]
     limit: u32,
 }
 
-async fn get_conversation_messages(
+/// The assistant's messages in an API conversation, oldest first; long-polls with `wait`.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/{id}/messages",
+    tag = "messages",
+    params(
+        ("id" = String, Path, description = "The API conversation", example = "support-42"),
+        MessagesQuery,
+    ),
+    responses(
+        (status = 200, description = "Messages after the cursor (empty when none came in time)", body = openapi::MessagesPage),
+        (status = 404, description = "No route for this conversation", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn get_conversation_messages(
     State(state): State<AppState>,
-    Path(conversation): Path<String>,
-    query: std::result::Result<Query<MessagesQuery>, axum::extract::rejection::QueryRejection>,
+    ApiPath(conversation): ApiPath<String>,
+    ApiQuery(query): ApiQuery<MessagesQuery>,
 ) -> Result<Json<Value>> {
-    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     check_conversation(&conversation)?;
     state.ingress.conversation_agent(&conversation)?;
     if !query.wait.is_finite() || query.wait < 0.0 {
@@ -232,6 +457,10 @@ async fn get_conversation_messages(
     };
     let after = request.after;
     let mut delivery = DeliveryClient::new(state.delivery.clone());
+    // The long-poll's own deadline: the wait plus time for the answer (the channel gives
+    // long-polls no default timeout).
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(wait + Duration::from_secs(10));
     let response = tokio::select! {
         response = delivery.list_conversation_messages(request) => response?.into_inner(),
         _ = state.shutdown.cancelled() => ferroclaw_proto::v1::ListConversationMessagesResponse {
@@ -260,20 +489,48 @@ async fn get_conversation_messages(
     ))
 }
 
-#[derive(Deserialize)]
+/// The option chosen for a question.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Answer {
+#[schema(example = json!({"option": "yes", "user": "alice"}))]
+pub struct Answer {
+    /// One of the question's option ids.
     option: String,
+    /// Who answers (checked when the question names who may).
     #[serde(default)]
     user: String,
 }
 
-/// `POST /v1/questions/{id}/answer`: answers a question an agent asked in an API conversation.
-async fn answer_question(
+/// The recorded answer.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"question_id": "q-7c1e", "option": "yes", "label": "Yes, deploy"}))]
+pub struct AnswerBody {
+    question_id: String,
+    option: String,
+    /// The option's label as the question showed it.
+    label: String,
+}
+
+/// Answers a question an agent asked in an API conversation (a `card` message).
+#[utoipa::path(
+    post,
+    path = "/v1/questions/{id}/answer",
+    tag = "messages",
+    params(("id" = String, Path, description = "The question's id, from the card message", example = "q-7c1e")),
+    request_body(content = Answer, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The answer was recorded and passed to the agent", body = AnswerBody),
+        (status = 403, description = "This user may not answer the question", body = ErrorBody),
+        (status = 404, description = "No such question", body = ErrorBody),
+        (status = 409, description = "Already answered, or no longer open", body = ErrorBody),
+        (status = 413, description = "The body is larger than the gateway accepts", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn answer_question(
     State(state): State<AppState>,
-    Path(question_id): Path<String>,
+    ApiPath(question_id): ApiPath<String>,
     bytes: std::result::Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>> {
+) -> Result<Json<AnswerBody>> {
     let bytes = body(bytes)?;
     let answer: Answer = parse_json(&bytes)?;
     let response = DeliveryClient::new(state.delivery.clone())
@@ -284,11 +541,11 @@ async fn answer_question(
         })
         .await?
         .into_inner();
-    Ok(Json(json!({
-        "question_id": response.question_id,
-        "option": response.option,
-        "label": response.label,
-    })))
+    Ok(Json(AnswerBody {
+        question_id: response.question_id,
+        option: response.option,
+        label: response.label,
+    }))
 }
 
 /// Where a file message's bytes can be fetched (`null` for other kinds).
@@ -303,10 +560,24 @@ fn file_link(kind: &str, session_id: &str, content_json: &str) -> Value {
     }
 }
 
-/// `GET /v1/sessions/{id}/files/{path}`: a file the agent sent (from its outbox).
-async fn get_outbox_file(
+/// A file the agent sent (from its outbox), as linked by a `file` message's `download`.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/files/{path}",
+    tag = "sessions",
+    params(
+        ("id" = String, Path, description = "The session", example = "3f2a9c4e-0b1d-4c55-9a7e-2d6f1e8b7a10"),
+        ("path" = String, Path, description = "The file's path in the outbox (may contain `/`)", example = "report.pdf"),
+    ),
+    responses(
+        (status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = Vec<u8>,
+            headers(("Content-Disposition" = String, description = "`attachment` with the file's name"))),
+        (status = 404, description = "No such session or file", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn get_outbox_file(
     State(state): State<AppState>,
-    Path((session_id, path)): Path<(String, String)>,
+    ApiPath((session_id, path)): ApiPath<(String, String)>,
 ) -> Result<Response> {
     let file = RunnerClient::new(state.runner.clone())
         // Outbox files arrive in one message (up to 25 MiB).
@@ -332,58 +603,165 @@ async fn get_outbox_file(
         .into_response())
 }
 
-fn session_json(s: Session) -> Value {
-    json!({
-        "id": s.id,
-        "agent": s.agent,
-        "conversation_key": s.conversation_key,
-        "created_at": s.created_at_ms,
-        "last_activity": s.last_activity_ms,
-        "agent_state": s.agent_state,
-        "pending": s.pending,
-        "agent_starts": s.agent_starts,
-    })
+/// A session: one conversation with one agent.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"id": "3f2a9c4e-0b1d-4c55-9a7e-2d6f1e8b7a10", "agent": "main", "conversation_key": "api:support-42",
+    "created_at": 1767225600000i64, "last_activity": 1767225660000i64, "agent_state": "idle", "pending": 0, "agent_starts": 1}))]
+pub struct SessionBody {
+    id: String,
+    agent: String,
+    /// Where the session's messages come from, e.g. `api:<conversation>`, `webhook:<source>`.
+    conversation_key: String,
+    /// Unix milliseconds.
+    created_at: i64,
+    /// Unix milliseconds.
+    last_activity: i64,
+    /// `idle`, `queued`, `running` or `backoff`.
+    agent_state: String,
+    /// Inbound messages the agent has not processed yet.
+    pending: i64,
+    /// Agents started for this session since the runner started.
+    agent_starts: u64,
 }
 
-async fn list_sessions(State(state): State<AppState>) -> Result<Json<Value>> {
+impl From<Session> for SessionBody {
+    fn from(s: Session) -> Self {
+        Self {
+            id: s.id,
+            agent: s.agent,
+            conversation_key: s.conversation_key,
+            created_at: s.created_at_ms,
+            last_activity: s.last_activity_ms,
+            agent_state: s.agent_state,
+            pending: s.pending,
+            agent_starts: s.agent_starts,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SessionList {
+    sessions: Vec<SessionBody>,
+    /// Agents started (processes or containers) for all sessions since the runner started.
+    agent_starts_total: u64,
+}
+
+/// Every session with its agent's state.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions",
+    tag = "sessions",
+    responses((status = 200, description = "All sessions", body = SessionList)),
+)]
+pub(crate) async fn list_sessions(State(state): State<AppState>) -> Result<Json<SessionList>> {
     let response = RunnerClient::new(state.runner.clone())
         .list_sessions(ListSessionsRequest::default())
         .await?
         .into_inner();
-    let sessions: Vec<Value> = response.sessions.into_iter().map(session_json).collect();
-    Ok(Json(json!({
-        "sessions": sessions,
-        "agent_starts_total": response.agent_starts_total,
-    })))
+    Ok(Json(SessionList {
+        sessions: response.sessions.into_iter().map(Into::into).collect(),
+        agent_starts_total: response.agent_starts_total,
+    }))
 }
 
-async fn get_session(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>> {
+/// One session.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    params(("id" = String, Path, description = "The session", example = "3f2a9c4e-0b1d-4c55-9a7e-2d6f1e8b7a10")),
+    responses(
+        (status = 200, description = "The session", body = SessionBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn get_session(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<SessionBody>> {
     let session = RunnerClient::new(state.runner.clone())
         .get_session(GetSessionRequest { session_id: id })
         .await?
         .into_inner();
-    Ok(Json(session_json(session)))
+    Ok(Json(session.into()))
 }
 
-/// Ready when the gRPC peers the API needs answer their health checks.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+/// What `/readyz` answers: each peer's reachability, and the error body when one is not.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"runner": "ok", "delivery": "ok", "scheduler": "ok"}))]
+pub struct Readiness {
+    runner: PeerState,
+    delivery: PeerState,
+    scheduler: PeerState,
+    /// Present with `503`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<crate::error::ErrorDetail>,
+}
+
+#[derive(Serialize, ToSchema, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    Ok,
+    Unreachable,
+}
+
+/// Readiness: whether the gRPC services the API needs answer their health checks.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Every peer answers", body = Readiness),
+        (status = 503, description = "A peer does not answer", body = Readiness,
+            headers(("Retry-After" = u64, description = "Seconds to wait before asking again")),
+            example = json!({"runner": "unreachable", "delivery": "ok", "scheduler": "ok",
+                "error": {"code": "unavailable", "message": "not ready: runner unreachable"}})),
+    ),
+)]
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let (runner, delivery, scheduler) = tokio::join!(
         is_serving(state.runner.clone(), ""),
         is_serving(state.delivery.clone(), ""),
         is_serving(state.scheduler.clone(), "")
     );
-    let status = if runner && delivery && scheduler {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let word = |ok: bool| {
+        if ok {
+            PeerState::Ok
+        } else {
+            PeerState::Unreachable
+        }
     };
-    let word = |ok: bool| if ok { "ok" } else { "unreachable" };
-    (
-        status,
-        Json(json!({
-            "runner": word(runner),
-            "delivery": word(delivery),
-            "scheduler": word(scheduler),
-        })),
+    let down: Vec<&str> = [
+        ("runner", runner),
+        ("delivery", delivery),
+        ("scheduler", scheduler),
+    ]
+    .into_iter()
+    .filter_map(|(name, ok)| (!ok).then_some(name))
+    .collect();
+    let mut body = Readiness {
+        runner: word(runner),
+        delivery: word(delivery),
+        scheduler: word(scheduler),
+        error: None,
+    };
+    if down.is_empty() {
+        return Json(body).into_response();
+    }
+    let message = format!("not ready: {} unreachable", down.join(", "));
+    body.error = Some(crate::error::ErrorDetail {
+        code: ErrorCode::Unavailable,
+        message: message.clone(),
+    });
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(
+            header::RETRY_AFTER,
+            crate::error::RETRY_AFTER_SECS.to_string(),
+        )],
+        Json(body),
     )
+        .into_response();
+    response.extensions_mut().insert(ErrorCause(message));
+    response
 }

@@ -2,11 +2,14 @@
 //! tokens (ARCHITECTURE.md §2, §9).
 
 pub mod command_gate;
+pub mod conversation_events;
 mod discord;
 pub mod error;
 mod grpc_service;
 pub mod http;
+mod http_metrics;
 pub mod ingress;
+pub mod openapi;
 mod tasks_api;
 
 use std::sync::Arc;
@@ -61,6 +64,8 @@ pub async fn run(
     .await?;
     let router = router.add_service(GatewayServer::new(GatewayService {
         ingress: ingress.clone(),
+        delivery: state.delivery.clone(),
+        shutdown: shutdown.clone(),
     }));
     let grpc_task = tokio::spawn(grpc::serve(router, grpc_listener, shutdown.clone()));
     // No database of its own: ready once its routes are built (REST accepts right below).

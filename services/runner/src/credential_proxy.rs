@@ -413,6 +413,7 @@ async fn upstream(
     let registry = proxy.registry.clone();
     let session = session_id.to_string();
     let agent_name = agent.name.clone();
+    let price_per_mtok = agent.price_per_mtok;
     let mut stream = answer.bytes_stream();
     tokio::spawn(async move {
         let mut seen = Vec::new();
@@ -436,6 +437,7 @@ async fn upstream(
         drop(tx);
         if status.is_success() {
             let (input, output) = usage_in(&seen);
+            count_usage(&agent_name, input, output, price_per_mtok);
             if let Err(e) = registry
                 .record_usage(&session, &agent_name, input, output)
                 .await
@@ -479,6 +481,23 @@ pub fn usage_in(body: &[u8]) -> (i64, i64) {
         }
     }
     (input, output)
+}
+
+/// Adds one answer's tokens, and their price when the operator set one, to the metrics.
+fn count_usage(agent: &str, input: i64, output: i64, price_per_mtok: Option<(f64, f64)>) {
+    let metrics = &crate::metrics::METRICS;
+    let tokens = |direction, n: i64| {
+        metrics
+            .model_tokens
+            .with_label_values(&[agent, direction])
+            .inc_by(n.max(0) as u64)
+    };
+    tokens("input", input);
+    tokens("output", output);
+    let cost = price_per_mtok.map_or(0.0, |(per_input, per_output)| {
+        (input.max(0) as f64 * per_input + output.max(0) as f64 * per_output) / 1_000_000.0
+    });
+    metrics.model_cost.with_label_values(&[agent]).inc_by(cost);
 }
 
 #[cfg(test)]

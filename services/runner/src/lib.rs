@@ -8,6 +8,7 @@ pub mod disk_quota;
 pub mod docker_backend;
 pub mod error;
 mod mailboxes;
+pub mod metrics;
 pub mod outbound_feed;
 pub mod outbound_policy;
 pub mod process_backend;
@@ -137,6 +138,8 @@ pub async fn run(
         mailboxes.clone(),
         outbound_policy::OutboundPolicy::new(&config),
         supervisor.clone(),
+        (config.runner.outbound_poll_ms > 0)
+            .then(|| std::time::Duration::from_millis(config.runner.outbound_poll_ms)),
     )?;
     // An agent's idle time counts from its last reply (see `slot_policy`).
     supervisor.watch_output(feed.changes());
@@ -145,6 +148,11 @@ pub async fn run(
         tracing::error!(error = %e, "cannot recover agents yet; their messages wait");
     }
 
+    tokio::spawn(refresh_gauges(
+        supervisor.clone(),
+        registry.clone(),
+        shutdown.clone(),
+    ));
     let registry_for_watch = registry.clone();
     let service = RunnerService {
         registry,
@@ -179,13 +187,47 @@ pub async fn run(
             .max_decoding_message_size(file_room)
             .max_encoding_message_size(file_room),
     );
-    ready.announce();
+    let metrics_addr =
+        ferroclaw_common::metrics::serve_on(config.metrics.runner, shutdown.clone()).await?;
+    ready.with_metrics(metrics_addr).announce();
     tracing::info!(addr = ?listener.local_addr().ok(), "runner listening");
     grpc::serve(router, listener, shutdown.clone()).await?;
     supervisor.wait_stopped().await;
     mailboxes.close_all().await;
     tracing::info!("runner stopped");
     Ok(())
+}
+
+/// How often the gauges of agents and sessions are refreshed (a scrape is every 15 s or so).
+const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps the agent and session gauges current: a count in memory and one `count(*)`.
+async fn refresh_gauges(supervisor: Supervisor, registry: Registry, shutdown: CancellationToken) {
+    let metrics = &metrics::METRICS;
+    loop {
+        let mut with_agent = 0;
+        for (state, count) in supervisor.state_counts().await {
+            metrics
+                .agents
+                .with_label_values(&[state.as_str()])
+                .set(count as i64);
+            with_agent += count as i64;
+        }
+        if let Ok(total) = registry.count().await {
+            metrics
+                .sessions
+                .with_label_values(&["idle"])
+                .set((total - with_agent).max(0));
+        }
+        metrics
+            .sessions
+            .with_label_values(&["with_agent"])
+            .set(with_agent);
+        tokio::select! {
+            _ = tokio::time::sleep(GAUGE_REFRESH) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Closes the mailboxes of quiet sessions now and then, so their connections, threads and

@@ -55,6 +55,13 @@ pub struct OutboundFeed {
     /// Sessions that may be writing rows: their `out/` is watched while they are here.
     active: Arc<std::sync::Mutex<HashMap<String, Active>>>,
     watch: DirsWatch,
+    /// How often active sessions are read without a doorbell: [`FALLBACK_RESCAN`], or the
+    /// polling baseline's interval, when doorbells are ignored.
+    rescan: Duration,
+    /// The polling baseline (`runner.outbound_poll_ms`): no `out/` is watched.
+    polling: bool,
+    /// Messages waiting for their first reply (the pipeline-stage metric).
+    pub pending_replies: crate::metrics::PendingReplies,
 }
 
 /// A session that may be writing rows.
@@ -71,6 +78,7 @@ impl OutboundFeed {
         mailboxes: Arc<Mailboxes>,
         policy: OutboundPolicy,
         supervisor: Supervisor,
+        poll: Option<Duration>,
     ) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&sessions_root).map_err(|source| RunnerError::Io {
             path: sessions_root.clone(),
@@ -106,6 +114,9 @@ impl OutboundFeed {
             changes,
             active,
             watch,
+            rescan: poll.unwrap_or(FALLBACK_RESCAN),
+            polling: poll.is_some(),
+            pending_replies: Default::default(),
         }))
     }
 
@@ -136,7 +147,10 @@ impl OutboundFeed {
             }
             Err(_) => false,
         };
-        if added && let Err(e) = self.watch.add(&out_dir) {
+        if added
+            && !self.polling
+            && let Err(e) = self.watch.add(&out_dir)
+        {
             // Its rows are still found by the rescan of active sessions.
             tracing::warn!(session = %session.id, error = %e, "cannot watch the session's out/");
         }
@@ -329,7 +343,7 @@ impl Stream {
         self.scan_all().await?;
         // Watches the sessions whose agents run already (recovered at start).
         self.feed.active_sessions().await;
-        let mut rescan = tokio::time::interval(FALLBACK_RESCAN);
+        let mut rescan = tokio::time::interval(self.feed.rescan);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.tick().await;
         loop {
@@ -474,6 +488,10 @@ impl Stream {
         match self.feed.admit(session, &row).await {
             Ok(true) => {}
             Ok(false) => {
+                crate::metrics::METRICS
+                    .rows_refused
+                    .with_label_values(&[&session.agent])
+                    .inc();
                 self.advance(&session.id, seq);
                 return Ok(());
             }
@@ -481,6 +499,18 @@ impl Stream {
                 tracing::warn!(session = %session.id, seq, error = %e, "cannot judge an outbound row yet");
                 self.held.insert(session.id.clone());
                 return Ok(());
+            }
+        }
+        if let Some(in_reply_to) = row.in_reply_to {
+            let stage = crate::metrics::METRICS
+                .pipeline_stage
+                .with_label_values(&["enqueue_to_reply_written"]);
+            for seconds in
+                self.feed
+                    .pending_replies
+                    .replied(&session.id, in_reply_to, row.created_at)
+            {
+                stage.observe(seconds);
             }
         }
         let message = OutboundMessage {

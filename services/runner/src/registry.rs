@@ -180,6 +180,13 @@ impl Registry {
         Ok(found)
     }
 
+    /// Sessions on disk.
+    pub async fn count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM sessions")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     pub async fn list(&self, agent: Option<&str>) -> Result<Vec<SessionRecord>> {
         let sql = format!(
             "SELECT {COLUMNS} FROM sessions WHERE $1 IS NULL OR agent = $1 ORDER BY created_at, id"

@@ -151,7 +151,19 @@ impl Runner for RunnerService {
         let enqueued = mailbox.enqueue(&message).await.map_err(RunnerError::from)?;
         // Its agent may write rows from now on.
         self.feed.note_active(&session);
+        crate::metrics::METRICS
+            .enqueued
+            .with_label_values(&[
+                session.agent.as_str(),
+                if enqueued.duplicate { "true" } else { "false" },
+            ])
+            .inc();
         if !enqueued.duplicate {
+            self.feed.pending_replies.enqueued(
+                &session.id,
+                enqueued.seq,
+                ferroclaw_mailbox::now_ms(),
+            );
             self.registry.touch(&session.id).await?;
             self.supervisor.ensure(&session).await;
         }

@@ -226,6 +226,17 @@ impl Supervisor {
         self.inner.slots.lock().await.get(session_id).copied()
     }
 
+    /// How many agents are in each state.
+    pub async fn state_counts(&self) -> [(AgentState, usize); 3] {
+        let slots = self.inner.slots.lock().await;
+        let count = |state| slots.values().filter(|s| **s == state).count();
+        [
+            (AgentState::Running, count(AgentState::Running)),
+            (AgentState::Queued, count(AgentState::Queued)),
+            (AgentState::Backoff, count(AgentState::Backoff)),
+        ]
+    }
+
     /// The sessions that have an agent (queued, running or in backoff).
     pub async fn sessions_with_agents(&self) -> Vec<String> {
         self.inner.slots.lock().await.keys().cloned().collect()
@@ -528,6 +539,10 @@ impl Inner {
         }
         let mut run = self.backend.start(session, &paths, agent).await?;
         self.count_start(&session.id);
+        crate::metrics::METRICS
+            .agent_starts
+            .with_label_values(&[&session.agent])
+            .inc();
         tracing::info!(agent = %run.describe(), "agent started");
         enum Ended {
             Exited(Result<Exit>),

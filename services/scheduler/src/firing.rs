@@ -216,6 +216,7 @@ impl Firer {
         }
         task.updated_at = now;
         self.store.record_run(&task, &run).await?;
+        crate::metrics::run(&run.outcome, run.scheduled_at, run.fired_at);
         tracing::info!(task = %task.id, scheduled = run.scheduled_at, lateness_ms = now - run.scheduled_at, outcome = %run.outcome, "task run");
         self.syncer.mark(&task.session_id);
         Ok(())

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod firing;
+pub mod metrics;
 pub mod schedule;
 mod service;
 pub mod store;
@@ -68,7 +69,9 @@ pub async fn run_with_clock(
         clock,
     }));
     // Ready: the task store is open and migrated.
-    ready.announce();
+    let metrics_addr =
+        ferroclaw_common::metrics::serve_on(config.metrics.scheduler, shutdown.clone()).await?;
+    ready.with_metrics(metrics_addr).announce();
     tracing::info!(addr = ?listener.local_addr().ok(), "scheduler listening");
     grpc::serve(router, listener, shutdown).await?;
     let _ = tokio::join!(firing, syncing);

@@ -1273,6 +1273,15 @@ pub struct ListConversationMessagesRequest {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchConversationRequest {
+    #[prost(string, tag = "1")]
+    pub conversation_id: ::prost::alloc::string::String,
+    /// Only messages with a greater cursor are sent (0: from the start).
+    #[prost(int64, tag = "2")]
+    pub after_cursor: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConversationMessage {
     #[prost(int64, tag = "1")]
     pub cursor: i64,
@@ -1464,6 +1473,34 @@ pub mod delivery_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// Every message of an API conversation after `after_cursor`, then each new one as it is
+        /// stored: in cursor order, none skipped, none twice. Ends when delivery stops
+        /// (UNAVAILABLE); resume with the last cursor received. RESOURCE_EXHAUSTED when too many
+        /// streams are open.
+        pub async fn watch_conversation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WatchConversationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::ConversationMessage>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Delivery/WatchConversation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Delivery", "WatchConversation"));
+            self.inner.server_streaming(req, path, codec).await
+        }
         /// The delivery ledger, newest first.
         pub async fn list_deliveries(
             &mut self,
@@ -1536,6 +1573,23 @@ pub mod delivery_server {
             request: tonic::Request<super::ListConversationMessagesRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ListConversationMessagesResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the WatchConversation method.
+        type WatchConversationStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::ConversationMessage, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Every message of an API conversation after `after_cursor`, then each new one as it is
+        /// stored: in cursor order, none skipped, none twice. Ends when delivery stops
+        /// (UNAVAILABLE); resume with the last cursor received. RESOURCE_EXHAUSTED when too many
+        /// streams are open.
+        async fn watch_conversation(
+            &self,
+            request: tonic::Request<super::WatchConversationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::WatchConversationStream>,
             tonic::Status,
         >;
         /// The delivery ledger, newest first.
@@ -1677,6 +1731,53 @@ pub mod delivery_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Delivery/WatchConversation" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchConversationSvc<T: Delivery>(pub Arc<T>);
+                    impl<
+                        T: Delivery,
+                    > tonic::server::ServerStreamingService<
+                        super::WatchConversationRequest,
+                    > for WatchConversationSvc<T> {
+                        type Response = super::ConversationMessage;
+                        type ResponseStream = T::WatchConversationStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WatchConversationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Delivery>::watch_conversation(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchConversationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
@@ -2859,6 +2960,33 @@ pub mod gateway_client {
                 .insert(GrpcMethod::new("ferroclaw.v1.Gateway", "InjectMessage"));
             self.inner.unary(req, path, codec).await
         }
+        /// The assistant's messages in an API conversation after `after_cursor`, then each new one
+        /// as it arrives: the stream behind GET /v1/conversations/{id}/events. Resume after a
+        /// broken stream with the last cursor received: no message is skipped or repeated.
+        pub async fn watch_conversation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WatchConversationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::ConversationMessage>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Gateway/WatchConversation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Gateway", "WatchConversation"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2879,6 +3007,22 @@ pub mod gateway_server {
             request: tonic::Request<super::InjectMessageRequest>,
         ) -> std::result::Result<
             tonic::Response<super::InjectMessageResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the WatchConversation method.
+        type WatchConversationStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::ConversationMessage, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The assistant's messages in an API conversation after `after_cursor`, then each new one
+        /// as it arrives: the stream behind GET /v1/conversations/{id}/events. Resume after a
+        /// broken stream with the last cursor received: no message is skipped or repeated.
+        async fn watch_conversation(
+            &self,
+            request: tonic::Request<super::WatchConversationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::WatchConversationStream>,
             tonic::Status,
         >;
     }
@@ -3000,6 +3144,53 @@ pub mod gateway_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Gateway/WatchConversation" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchConversationSvc<T: Gateway>(pub Arc<T>);
+                    impl<
+                        T: Gateway,
+                    > tonic::server::ServerStreamingService<
+                        super::WatchConversationRequest,
+                    > for WatchConversationSvc<T> {
+                        type Response = super::ConversationMessage;
+                        type ResponseStream = T::WatchConversationStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WatchConversationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Gateway>::watch_conversation(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchConversationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
