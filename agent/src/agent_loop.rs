@@ -179,7 +179,17 @@ async fn process(
         .map(|(r, _)| with_local_attachments(r.clone(), &options.session_dir))
         .collect();
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let span = tracing::info_span!("batch", first = seqs[0], size = seqs.len(), attempt);
+    let span = tracing::info_span!(
+        "batch",
+        otel.name = "agent.batch",
+        first = seqs[0],
+        size = seqs.len(),
+        attempt
+    );
+    // The batch joins the trace of its last message (the one its replies answer).
+    if let Some(parent) = rows.last().and_then(|r| r.trace.as_deref()) {
+        ferroclaw_common::telemetry::continue_trace(&span, parent);
+    }
     // `instrument`, not `span.enter()`: a guard held across `.await` leaves the span entered
     // while the batch waits, so events of other tasks (the shutdown listener) land in it.
     answer(mailbox, provider, &rows, &seqs, tz)
@@ -217,7 +227,11 @@ async fn answer(
     let replies = answer.replies;
     let mut seqs = seqs.to_vec();
     seqs.extend(answer.consumed);
-    let trace = rows.last().and_then(|r| r.trace.clone());
+    // Delivery continues from the batch (its own span when this agent exports, else the
+    // message's).
+    let trace = Some(ferroclaw_common::telemetry::current_traceparent())
+        .filter(|t| !t.is_empty())
+        .or_else(|| rows.last().and_then(|r| r.trace.clone()));
     let out: Vec<NewOutbound> = replies
         .into_iter()
         .map(|r| NewOutbound {

@@ -3,6 +3,7 @@
 //! `/cost` and `/context` are answered here without the model.
 
 use std::path::PathBuf;
+use tracing::Instrument;
 
 use ferroclaw_mailbox::{Destination, InboundRow, now_ms};
 
@@ -171,9 +172,23 @@ impl ModelAgent {
             let mut results = Vec::new();
             for (id, name, input) in calls {
                 tracing::info!(tool = %name, "tool call");
-                let (content, is_error) = match tools::run(&name, &input, &mut ctx).await {
+                let span = tracing::info_span!(
+                    "execute_tool",
+                    otel.name = %format!("execute_tool {name}"),
+                    gen_ai.operation.name = "execute_tool",
+                    gen_ai.tool.name = %name,
+                    gen_ai.tool.call.id = %id,
+                    error.type = tracing::field::Empty,
+                );
+                let (content, is_error) = match tools::run(&name, &input, &mut ctx)
+                    .instrument(span.clone())
+                    .await
+                {
                     Ok(out) => (out, false),
-                    Err(out) => (out, true),
+                    Err(out) => {
+                        span.record("error.type", "tool_error");
+                        (out, true)
+                    }
                 };
                 results.push(Block::ToolResult {
                     tool_use_id: id,

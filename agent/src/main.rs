@@ -117,7 +117,8 @@ async fn main() -> anyhow::Result<()> {
         poll: (args.poll_ms > 0).then(|| Duration::from_millis(args.poll_ms)),
     };
     let shutdown = shutdown::on_signal();
-    ferroclaw_agent::run(options, shutdown)
-        .await
-        .context("agent failed")
+    let result = ferroclaw_agent::run(options, shutdown).await;
+    // The last spans go out before the process ends.
+    telemetry::shutdown().await;
+    result.context("agent failed")
 }

@@ -23,4 +23,5 @@ mod runner_restart;
 mod scheduler;
 mod scheduler_clock;
 mod slots;
+mod traces;
 mod webhooks;

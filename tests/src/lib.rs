@@ -6,6 +6,7 @@
 
 pub mod fake_discord;
 pub mod fake_model;
+pub mod otlp_receiver;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

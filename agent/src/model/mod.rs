@@ -8,6 +8,7 @@ mod retry;
 mod sse;
 
 use std::time::Duration;
+use tracing::Instrument;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -312,8 +313,45 @@ impl Model {
         })
     }
 
-    /// Sends one request, retrying transient failures with backoff.
+    /// Sends one request, retrying transient failures with backoff, in a span with the
+    /// OpenTelemetry GenAI attributes (the model, the tokens in and out).
     pub async fn complete(&self, request: &Request<'_>) -> Result<Completion, ModelError> {
+        let provider = match self.api {
+            Api::Anthropic => "anthropic",
+            Api::OpenAi => "openai",
+        };
+        let span = tracing::info_span!(
+            "chat",
+            otel.name = %format!("chat {}", self.endpoint.model),
+            otel.kind = "client",
+            gen_ai.operation.name = "chat",
+            gen_ai.provider.name = provider,
+            gen_ai.system = provider,
+            gen_ai.request.model = %self.endpoint.model,
+            gen_ai.request.max_tokens = self.endpoint.max_tokens,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            gen_ai.response.finish_reasons = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let result = self
+            .complete_with_retries(request)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(done) => {
+                span.record("gen_ai.usage.input_tokens", done.usage.prompt_tokens());
+                span.record("gen_ai.usage.output_tokens", done.usage.output_tokens);
+                span.record("gen_ai.response.finish_reasons", done.stop_reason.as_str());
+            }
+            Err(e) => {
+                span.record("error.type", e.to_string().as_str());
+            }
+        }
+        result
+    }
+
+    async fn complete_with_retries(&self, request: &Request<'_>) -> Result<Completion, ModelError> {
         let mut attempt = 0;
         loop {
             attempt += 1;

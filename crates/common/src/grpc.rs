@@ -1,6 +1,7 @@
 //! gRPC serving and client helpers: every server carries health and reflection.
 
 use crate::metrics::GrpcServerMetricsLayer;
+use crate::telemetry::GrpcServerTraceLayer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -23,7 +24,9 @@ use tower::layer::util::{Identity, Stack};
 use crate::grpc_auth::{AttachToken, GrpcChannel, RequireToken};
 
 /// A server's routes behind its caller check.
-pub type AuthRouter = Router<Stack<RequireToken, Stack<GrpcServerMetricsLayer, Identity>>>;
+pub type AuthRouter = Router<
+    Stack<RequireToken, Stack<GrpcServerTraceLayer, Stack<GrpcServerMetricsLayer, Identity>>>,
+>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcError {
@@ -52,6 +55,7 @@ pub async fn server_for<S: NamedService>(
     let router = Server::builder()
         // Outside the token check, so refused calls are counted too.
         .layer(GrpcServerMetricsLayer)
+        .layer(GrpcServerTraceLayer)
         .layer(auth)
         .add_service(health)
         // Both reflection versions: grpcurl speaks v1, many clients (Python's
@@ -245,7 +249,9 @@ impl tower::Service<http::Request<Body>> for LimitedChannel {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // The caller's trace goes with the call (W3C traceparent in the metadata).
+        crate::telemetry::inject_traceparent(request.headers_mut());
         let method = method_of(&request);
         let deadline = call_deadline(&request, &self.limits);
         let slots = self.slots.clone();

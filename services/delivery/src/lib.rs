@@ -92,7 +92,8 @@ pub async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     use anyhow::Context;
     use ferroclaw_common::startup;
     let s = startup::grpc_service("delivery", config, |c| c.delivery.listen).await?;
-    run(s.config, s.listener, s.shutdown, s.ready)
-        .await
-        .context("delivery failed")
+    let result = run(s.config, s.listener, s.shutdown, s.ready).await;
+    // The last spans go out before the process ends.
+    ferroclaw_common::telemetry::shutdown().await;
+    result.context("delivery failed")
 }

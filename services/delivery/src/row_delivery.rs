@@ -7,6 +7,7 @@ use crate::metrics;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_content::{Destination, InboundContent, OutboundContent, SystemIn};
@@ -69,6 +70,20 @@ impl RowDelivery {
     /// Delivers, reports and settles one row. Returns `false` when shutdown came first:
     /// the row stays unsettled and pending, and the next start goes on with it.
     pub async fn handle(&self, message: &OutboundMessage, shutdown: &CancellationToken) -> bool {
+        let destination = metrics::destination_kind(message);
+        let span = tracing::info_span!(
+            "delivery",
+            otel.name = %format!("deliver {destination}"),
+            destination,
+            session = %message.session_id,
+            seq = message.seq,
+        );
+        // The message's trace ends here: the agent's batch is the parent.
+        ferroclaw_common::telemetry::continue_trace(&span, &message.trace);
+        self.handle_row(message, shutdown).instrument(span).await
+    }
+
+    async fn handle_row(&self, message: &OutboundMessage, shutdown: &CancellationToken) -> bool {
         let settled = loop {
             match self.deliver(message, shutdown).await {
                 Ok(Some(settled)) => break settled,
@@ -133,7 +148,12 @@ impl RowDelivery {
             // delivered, so there is nothing to record before.
             let sent = {
                 let _permit = self.sending.acquire().await;
-                self.send(message, &mut progress).await
+                let span = tracing::info_span!(
+                    "send",
+                    otel.name = %format!("send {}", metrics::destination_kind(message)),
+                    otel.kind = "client",
+                );
+                self.send(message, &mut progress).instrument(span).await
             };
             let (wait, plain, detail) = match sent {
                 Ok(platform_message_id) => {

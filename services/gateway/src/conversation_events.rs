@@ -5,7 +5,6 @@
 //! (`Last-Event-ID` for SSE, `after_cursor` for gRPC).
 
 use std::convert::Infallible;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
@@ -13,25 +12,22 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use ferroclaw_common::config::GatewayConfig;
 use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_proto::v1::delivery_client::DeliveryClient;
 use ferroclaw_proto::v1::{ConversationMessage, WatchConversationRequest};
 use serde::Deserialize;
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::conversation_message::message_json;
 use crate::error::{ApiError, Result};
 use crate::http::AppState;
 use crate::ingress::{Ingress, check_conversation};
 
-/// How often an idle stream carries a `: keep-alive` comment, so proxies keep it open.
-pub const HEARTBEAT: Duration = Duration::from_secs(15);
-/// Overrides [`HEARTBEAT`] (seconds, fractions allowed): tests use a short one.
-pub const HEARTBEAT_ENV: &str = "FERROCLAW_SSE_HEARTBEAT_SECS";
 /// Messages relayed toward one client before the relay waits for it (and delivery for us).
 const RELAY_BUFFER: usize = 16;
 /// How long delivery may take to start a stream (streams get no call timeout of their own).
@@ -143,8 +139,9 @@ pub async fn sse(
     // An error from delivery ends the stream: SSE has no error frame, and the client
     // reconnects with Last-Event-ID.
     let events = relay.map_while(|item| item.ok().map(|m| Ok::<_, Infallible>(event(&m))));
-    let sse =
-        Sse::new(events).keep_alive(KeepAlive::new().interval(heartbeat()).text("keep-alive"));
+    // Idle streams carry `: keep-alive` comments, so proxies keep them open.
+    let heartbeat = heartbeat(state.config.gateway.sse_heartbeat_secs);
+    let sse = Sse::new(events).keep_alive(KeepAlive::new().interval(heartbeat).text("keep-alive"));
     // nginx buffers responses unless told otherwise.
     let no_buffering = (
         HeaderName::from_static("x-accel-buffering"),
@@ -178,55 +175,13 @@ fn event(m: &ConversationMessage) -> Event {
         .data(message_json(m).to_string())
 }
 
-/// A message as the conversation endpoints show it (the shape of `/messages`' entries).
-pub fn message_json(m: &ConversationMessage) -> Value {
-    json!({
-        "cursor": m.cursor,
-        "kind": m.kind,
-        "text": m.text,
-        "content": serde_json::from_str::<Value>(&m.content_json).unwrap_or(Value::Null),
-        "download": file_link(&m.kind, &m.session_id, &m.content_json),
-        "session_id": m.session_id,
-        "in_reply_to": (m.in_reply_to > 0).then_some(m.in_reply_to),
-        "created_at": m.created_at_ms,
-    })
-}
-
-/// Where a file message's bytes can be fetched (`null` for other kinds).
-fn file_link(kind: &str, session_id: &str, content_json: &str) -> Value {
-    if kind != "file" {
-        return Value::Null;
-    }
-    let content: Value = serde_json::from_str(content_json).unwrap_or_default();
-    match content["path"].as_str() {
-        Some(path) => json!(format!("/v1/sessions/{session_id}/files/{path}")),
-        None => Value::Null,
-    }
-}
-
-/// [`HEARTBEAT`], or the interval [`HEARTBEAT_ENV`] sets (read once).
-fn heartbeat() -> Duration {
-    static INTERVAL: OnceLock<Duration> = OnceLock::new();
-    *INTERVAL.get_or_init(|| {
-        let value = std::env::var(HEARTBEAT_ENV).ok();
-        parse_heartbeat(value.as_deref()).unwrap_or_else(|| {
-            tracing::warn!(value = ?value, "{HEARTBEAT_ENV} is not a number of seconds > 0; using {HEARTBEAT:?}");
-            HEARTBEAT
-        })
-    })
-}
-
-/// `None` when `value` is set but not a usable interval.
-fn parse_heartbeat(value: Option<&str>) -> Option<Duration> {
-    match value {
-        None => Some(HEARTBEAT),
-        Some(v) => v
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0)
-            .map(Duration::from_secs_f64),
-    }
+/// The heartbeat interval `[gateway] sse_heartbeat_secs` sets (validated at start; a value
+/// that slipped past, from a config built in code, falls back to its default).
+fn heartbeat(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .unwrap_or_else(|| Duration::from_secs_f64(GatewayConfig::default().sse_heartbeat_secs))
 }
 
 #[cfg(test)]
@@ -251,14 +206,11 @@ mod tests {
     }
 
     #[test]
-    fn heartbeat_interval_is_validated() {
-        assert_eq!(parse_heartbeat(None), Some(HEARTBEAT));
-        assert_eq!(
-            parse_heartbeat(Some("0.25")),
-            Some(Duration::from_millis(250))
-        );
-        for bad in ["0", "-1", "NaN", "inf", "x", "99999"] {
-            assert_eq!(parse_heartbeat(Some(bad)), None, "{bad}");
+    fn heartbeat_comes_from_the_config() {
+        assert_eq!(heartbeat(0.25), Duration::from_millis(250));
+        let default = Duration::from_secs(15);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(heartbeat(bad), default, "{bad}");
         }
     }
 
@@ -275,10 +227,8 @@ mod tests {
             created_at_ms: 5,
             in_reply_to: 2,
         };
-        let json = message_json(&message);
-        assert_eq!(json["download"], json!("/v1/sessions/ses_1/files/a.txt"));
-        assert_eq!(json["in_reply_to"], json!(2));
-        let data = json.to_string();
+        // The text's newline stays escaped inside the JSON: one `data:` line.
+        let data = message_json(&message).to_string();
         assert!(!data.contains('\n'), "one data line");
         // The wire form, as axum writes it.
         let response =

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::conversation_message::message_json;
 use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody, ErrorCause, ErrorCode, Result};
 use crate::ingress::{Accepted, Ingress, check_conversation};
 use crate::{openapi, tasks_api};
@@ -78,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(request_limits))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn(crate::http_trace::trace))
         .layer(middleware::from_fn(crate::http_metrics::record))
         .with_state(state)
 }
@@ -468,22 +470,7 @@ pub(crate) async fn get_conversation_messages(
             next_cursor: after,
         },
     };
-    let messages: Vec<Value> = response
-        .messages
-        .into_iter()
-        .map(|m| {
-            json!({
-                "cursor": m.cursor,
-                "kind": m.kind,
-                "text": m.text,
-                "content": serde_json::from_str::<Value>(&m.content_json).unwrap_or(Value::Null),
-                "download": file_link(&m.kind, &m.session_id, &m.content_json),
-                "session_id": m.session_id,
-                "in_reply_to": (m.in_reply_to > 0).then_some(m.in_reply_to),
-                "created_at": m.created_at_ms,
-            })
-        })
-        .collect();
+    let messages: Vec<Value> = response.messages.iter().map(message_json).collect();
     Ok(Json(
         json!({"messages": messages, "next_cursor": response.next_cursor}),
     ))
@@ -546,18 +533,6 @@ pub(crate) async fn answer_question(
         option: response.option,
         label: response.label,
     }))
-}
-
-/// Where a file message's bytes can be fetched (`null` for other kinds).
-fn file_link(kind: &str, session_id: &str, content_json: &str) -> Value {
-    if kind != "file" {
-        return Value::Null;
-    }
-    let content: Value = serde_json::from_str(content_json).unwrap_or_default();
-    match content["path"].as_str() {
-        Some(path) => json!(format!("/v1/sessions/{session_id}/files/{path}")),
-        None => Value::Null,
-    }
 }
 
 /// A file the agent sent (from its outbox), as linked by a `file` message's `download`.

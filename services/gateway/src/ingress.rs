@@ -222,7 +222,8 @@ impl Ingress {
             origin: Some(origin),
             idempotency_key,
             process_after_ms: 0,
-            trace: String::new(),
+            // The agent's spans join this message's trace (empty when nothing is exported).
+            trace: ferroclaw_common::telemetry::current_traceparent(),
             session_id: String::new(),
         };
         let response = self.runner.clone().enqueue(request).await?.into_inner();

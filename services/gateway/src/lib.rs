@@ -3,11 +3,13 @@
 
 pub mod command_gate;
 pub mod conversation_events;
+pub mod conversation_message;
 mod discord;
 pub mod error;
 mod grpc_service;
 pub mod http;
 mod http_metrics;
+mod http_trace;
 pub mod ingress;
 pub mod openapi;
 mod tasks_api;
@@ -115,7 +117,8 @@ pub async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<()> {
         |c| c.gateway.http_addr,
     )
     .await?;
-    run(s.config, http, s.listener, s.shutdown, s.ready)
-        .await
-        .context("gateway failed")
+    let result = run(s.config, http, s.listener, s.shutdown, s.ready).await;
+    // The last spans go out before the process ends.
+    ferroclaw_common::telemetry::shutdown().await;
+    result.context("gateway failed")
 }

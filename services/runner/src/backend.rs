@@ -43,6 +43,26 @@ pub fn passthrough_env(with_system: bool) -> Vec<(String, String)> {
         .collect()
 }
 
+/// What an agent needs to export its spans: `endpoint`, the collector address the runner
+/// allows it, and the runner's other `OTEL_*` settings (sampler, batch delays, timeout),
+/// never its headers (a collector's API key stays with the services) nor its endpoints or
+/// service name. Nothing without an endpoint.
+pub fn telemetry_env(endpoint: Option<&str>) -> Vec<(String, String)> {
+    let Some(endpoint) = endpoint.filter(|e| !e.is_empty()) else {
+        return Vec::new();
+    };
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| {
+            k.starts_with("OTEL_")
+                && !k.contains("HEADERS")
+                && !k.contains("ENDPOINT")
+                && k != "OTEL_SERVICE_NAME"
+        })
+        .collect();
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.to_string()));
+    env
+}
+
 /// How an agent ended: cleanly or not, and a description for the logs.
 pub type Exit = (bool, String);
 

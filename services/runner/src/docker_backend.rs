@@ -59,6 +59,9 @@ pub struct DockerBackend {
     /// The internal network of model agents, and the proxy URL they use on it.
     network: String,
     proxy_url: OnceCell<String>,
+    /// `OTEL_*` for agents that export spans: only with `runner.agent_otlp_endpoint`, an
+    /// address on the agents network (see [`crate::backend::telemetry_env`]).
+    telemetry_env: Vec<(String, String)>,
 }
 
 /// One agent container of a session, started or adopted.
@@ -105,7 +108,14 @@ impl DockerBackend {
             model_access,
             network,
             proxy_url: OnceCell::new(),
+            telemetry_env: Vec::new(),
         }
+    }
+
+    /// Agents export their spans with this environment.
+    pub fn with_telemetry_env(mut self, env: Vec<(String, String)>) -> Self {
+        self.telemetry_env = env;
+        self
     }
 
     /// Creates the agents' internal network unless it exists (compose creates it itself);
@@ -275,6 +285,7 @@ impl DockerBackend {
             |host: &Path, inside: &str, mode: &str| format!("{}:{inside}:{mode}", host.display());
         let mut env: Vec<String> = crate::backend::passthrough_env(false)
             .into_iter()
+            .chain(self.telemetry_env.iter().cloned())
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         env.push("FERROCLAW_SESSION_DIR=/session".into());

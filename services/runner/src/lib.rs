@@ -87,33 +87,51 @@ pub async fn run(
     )
     .await?;
     let backend = if docker {
-        Backend::Docker(Box::new(DockerBackend::new(
-            config.runner.agent_image.clone(),
-            data_dir.clone(),
-            config.runner.idle_timeout_secs,
-            config.runner.max_restarts,
-            Limits {
-                memory_mb: config.runner.agent_memory_mb,
-                cpus: config.runner.agent_cpus,
-                pids: config.runner.agent_pids,
-            },
-            model_access,
-            config.runner.agent_network.clone(),
-        )))
+        Backend::Docker(Box::new(
+            DockerBackend::new(
+                config.runner.agent_image.clone(),
+                data_dir.clone(),
+                config.runner.idle_timeout_secs,
+                config.runner.max_restarts,
+                Limits {
+                    memory_mb: config.runner.agent_memory_mb,
+                    cpus: config.runner.agent_cpus,
+                    pids: config.runner.agent_pids,
+                },
+                model_access,
+                config.runner.agent_network.clone(),
+            )
+            // Agents sit on an internal network: they export spans only to an address the
+            // operator put there for them.
+            .with_telemetry_env(backend::telemetry_env(
+                config.runner.agent_otlp_endpoint.as_deref(),
+            )),
+        ))
     } else {
         let binary = config
             .runner
             .agent_binary
             .clone()
             .unwrap_or_else(ProcessBackend::default_binary);
-        Backend::Process(ProcessBackend::new(
-            binary,
-            data_dir.clone(),
-            config.runner.idle_timeout_secs,
-            config.runner.journal_mode.clone(),
-            config.runner.max_restarts,
-            model_access,
-        )?)
+        Backend::Process(
+            ProcessBackend::new(
+                binary,
+                data_dir.clone(),
+                config.runner.idle_timeout_secs,
+                config.runner.journal_mode.clone(),
+                config.runner.max_restarts,
+                model_access,
+            )?
+            // Local agents reach what the runner reaches: its own collector by default.
+            .with_telemetry_env(backend::telemetry_env(
+                config
+                    .runner
+                    .agent_otlp_endpoint
+                    .clone()
+                    .or_else(ferroclaw_common::telemetry::otlp_endpoint)
+                    .as_deref(),
+            )),
+        )
     };
     let limits = SupervisorLimits {
         max_running_agents: config.runner.max_running_agents,
@@ -316,7 +334,8 @@ pub async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<()> {
         |c| c.runner.proxy_listen,
     )
     .await?;
-    run(s.config, s.listener, proxy, s.shutdown, s.ready)
-        .await
-        .context("runner failed")
+    let result = run(s.config, s.listener, proxy, s.shutdown, s.ready).await;
+    // The last spans go out before the process ends.
+    ferroclaw_common::telemetry::shutdown().await;
+    result.context("runner failed")
 }

@@ -20,6 +20,8 @@ pub struct ProcessBackend {
     journal_mode: String,
     max_attempts: u32,
     model_access: ModelAccess,
+    /// `OTEL_*` for agents that export spans (see [`crate::backend::telemetry_env`]).
+    telemetry_env: Vec<(String, String)>,
 }
 
 impl ProcessBackend {
@@ -44,7 +46,14 @@ impl ProcessBackend {
             journal_mode,
             max_attempts,
             model_access,
+            telemetry_env: Vec::new(),
         })
+    }
+
+    /// Agents export their spans with this environment.
+    pub fn with_telemetry_env(mut self, env: Vec<(String, String)>) -> Self {
+        self.telemetry_env = env;
+        self
     }
 
     /// `ferroclaw-agent` beside the current executable.
@@ -100,6 +109,7 @@ impl ProcessBackend {
             .arg("--exit-with-parent")
             .env_clear()
             .envs(crate::backend::passthrough_env(true))
+            .envs(self.telemetry_env.iter().cloned())
             .envs(
                 self.model_access
                     .agent_env(session_id, agent, &self.model_access.local_url()),

@@ -78,7 +78,11 @@ impl RunnerService {
                 reply_to,
             },
             process_after: (req.process_after_ms > 0).then_some(req.process_after_ms),
-            trace: (!req.trace.is_empty()).then(|| req.trace.clone()),
+            // The runner's own span when it exports (a child of the caller's), else what the
+            // caller sent: the agent's spans continue from it.
+            trace: Some(ferroclaw_common::telemetry::current_traceparent())
+                .filter(|t| !t.is_empty())
+                .or_else(|| (!req.trace.is_empty()).then(|| req.trace.clone())),
         })
     }
 

@@ -193,7 +193,9 @@ impl Supervisor {
         drop(slots);
         let inner = self.inner.clone();
         let session = session.clone();
-        let span = tracing::info_span!("agent", session = %session.id, agent = %session.agent);
+        // A root, not a child of the call that started it: the agent outlives that call, and
+        // a child would hold the call's span (and its trace) open for the agent's lifetime.
+        let span = tracing::info_span!(parent: None, "agent", session = %session.id, agent = %session.agent);
         self.inner
             .tasks
             .spawn(async move { inner.supervise(session).await }.instrument(span));

@@ -34,6 +34,10 @@ struct Options {
     /// poll every 500 ms, the host reads replies every 1 s), and print both and their ratio.
     #[arg(long)]
     poll_baseline: bool,
+    /// Export every process's spans over OTLP to a collector started by the bench (to
+    /// measure what tracing costs).
+    #[arg(long)]
+    otlp: bool,
 }
 
 /// NanoClaw v2's waits: its agents poll their inbound database every 500 ms, its host polls
@@ -132,6 +136,13 @@ async fn run(options: &Options, env: &[(&'static str, &'static str)]) -> anyhow:
     let dir = tempfile::tempdir()?;
     let mut cluster_env = vec![("FERROCLAW_JOURNAL_MODE", options.journal_mode.clone())];
     cluster_env.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+    let collector = match options.otlp {
+        true => Some(ferroclaw_e2e::otlp_receiver::OtlpReceiver::start().await?),
+        false => None,
+    };
+    if let Some(collector) = &collector {
+        cluster_env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint()));
+    }
     let cluster = Cluster::start(dir.path(), &cluster_env).await?;
     let conversations: Vec<String> = (0..options.conversations)
         .map(|i| format!("bench-{i}"))
@@ -192,6 +203,9 @@ async fn run(options: &Options, env: &[(&'static str, &'static str)]) -> anyhow:
         per_message("gateway"),
         per_message("scheduler"),
     );
+    if let Some(collector) = &collector {
+        println!("spans exported: {}", collector.spans().len());
+    }
     let figures = Figures {
         p50: percentile(&all, 0.50),
         p99: percentile(&all, 0.99),

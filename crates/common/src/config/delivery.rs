@@ -1,0 +1,86 @@
+//! `[delivery]`: where delivery listens, and how long it keeps trying to deliver a reply.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use super::env::{Get, listen_addr, parse};
+use super::service_addr::ServiceAddr;
+use super::{ConfigError, invalid};
+
+/// Delivery: where it listens, and how long it keeps trying to deliver a reply.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub listen: SocketAddr,
+    pub url: Option<String>,
+    /// A reply that cannot be delivered (rate limits, a destination down) is given up on
+    /// this long after its agent wrote it; a permanent refusal ends it at once.
+    pub max_reply_age_secs: u64,
+    /// Sends in flight at once across all destinations (waiting lanes hold none).
+    pub max_concurrent_sends: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            listen: ServiceAddr::on(50052).listen,
+            url: None,
+            max_reply_age_secs: 15 * 60,
+            max_concurrent_sends: 32,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    pub fn addr(&self) -> ServiceAddr {
+        ServiceAddr {
+            listen: self.listen,
+            url: self.url.clone(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.addr().url()
+    }
+
+    pub(super) fn apply_env(&mut self, get: Get<'_>) -> Result<(), ConfigError> {
+        if let Some(v) = get("FERROCLAW_DELIVERY_ADDR") {
+            self.listen = listen_addr("FERROCLAW_DELIVERY_ADDR", &v)?;
+        }
+        if let Some(v) = get("FERROCLAW_DELIVERY_URL") {
+            self.url = Some(v);
+        }
+        if let Some(v) = get("FERROCLAW_MAX_REPLY_AGE_SECS") {
+            self.max_reply_age_secs = parse("FERROCLAW_MAX_REPLY_AGE_SECS", &v)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_concurrent_sends == 0 {
+            return Err(invalid(
+                "delivery.max_concurrent_sends",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+
+    #[test]
+    fn delivery_needs_a_send_slot_and_takes_its_overrides() {
+        let mut c = Config::default();
+        assert_eq!(c.delivery.url(), "http://127.0.0.1:50052");
+        c.apply_env(|k| (k == "FERROCLAW_DELIVERY_URL").then(|| "http://delivery:1".into()))
+            .unwrap();
+        assert_eq!(c.delivery.url(), "http://delivery:1");
+        c.delivery.max_concurrent_sends = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("delivery.max_concurrent_sends"), "{err}");
+    }
+}
