@@ -166,3 +166,75 @@ async fn every_grpc_server_authenticates_its_callers() -> anyhow::Result<()> {
     assert!(!accepted.session_id.is_empty());
     cluster.stop().await
 }
+
+/// `Runner.SettleBatch`: every valid settlement is taken once (one commit per session), an
+/// invalid one or one for an unknown session is refused by name without failing the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_batch_takes_the_valid_and_names_the_refused() -> anyhow::Result<()> {
+    use ferroclaw_proto::v1::runner_client::RunnerClient;
+    use ferroclaw_proto::v1::{Outcome, SettleBatchRequest, SettleRequest};
+
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), &[]).await?;
+    let (status, body) = cluster.post_message("settled", "hi", None).await?;
+    assert_eq!(status, 202, "{body}");
+    let session = body["session_id"].as_str().unwrap_or_default().to_string();
+    cluster
+        .wait_for_lines(
+            "settled",
+            &["echo: hi".into()],
+            std::time::Duration::from_secs(30),
+        )
+        .await?;
+    let settle = |session: &str, out_seq: i64| SettleRequest {
+        session_id: session.to_string(),
+        out_seq,
+        outcome: Outcome::Delivered as i32,
+        platform_message_id: String::new(),
+        detail: String::new(),
+    };
+    let mut runner = RunnerClient::new(cluster.internal_channel(&cluster.runner.grpc_url())?);
+    let results = runner
+        .settle_batch(SettleBatchRequest {
+            settlements: vec![
+                settle(&session, 99),
+                settle(&session, 101),
+                settle(&session, 2),
+                settle("ses_unknown", 1),
+                settle(&session, 99),
+            ],
+        })
+        .await?
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 5);
+    assert!(
+        results[0].recorded && results[0].refused.is_empty(),
+        "{results:?}"
+    );
+    assert!(
+        results[1].recorded && results[1].refused.is_empty(),
+        "{results:?}"
+    );
+    assert!(
+        results[2].refused.contains("not an agent (odd) seq"),
+        "{results:?}"
+    );
+    assert!(results[3].refused.contains("ses_unknown"), "{results:?}");
+    // The first outcome stands, within one batch as across calls.
+    assert!(
+        !results[4].recorded && results[4].refused.is_empty(),
+        "{results:?}"
+    );
+
+    let too_many = runner
+        .settle_batch(SettleBatchRequest {
+            settlements: (0..513).map(|i| settle(&session, 2 * i + 101)).collect(),
+        })
+        .await;
+    assert_eq!(
+        too_many.err().map(|s| s.code()),
+        Some(tonic::Code::InvalidArgument)
+    );
+    cluster.stop().await
+}

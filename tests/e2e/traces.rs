@@ -151,6 +151,38 @@ async fn a_message_and_a_webhook_each_make_one_trace_through_every_process() -> 
         render_tree(&trace)
     );
     println!("API message trace:\n{}", render_tree(&trace));
+    // The same tokens are counted in the runner's metrics, by agent.
+    let addr = cluster
+        .runner
+        .metrics
+        .ok_or_else(|| anyhow::anyhow!("the runner named no metrics address"))?;
+    let counted = |metrics: &str, direction: &str| {
+        metrics.lines().any(|line| {
+            line.starts_with("ferroclaw_model_tokens_total{")
+                && line.contains("agent=\"main\"")
+                && line.contains(&format!("direction=\"{direction}\""))
+                && line
+                    .rsplit_once(' ')
+                    .and_then(|(_, v)| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)
+        })
+    };
+    // Usage is recorded as the model's answer ends, a moment after the reply.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = reqwest::get(format!("http://{addr}/metrics"))
+            .await?
+            .text()
+            .await?;
+        if counted(&metrics, "input") && counted(&metrics, "output") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        counted(&metrics, "input") && counted(&metrics, "output"),
+        "{metrics}"
+    );
 
     // A webhook carrying the caller's traceparent continues the caller's trace.
     let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";

@@ -43,6 +43,15 @@ pub struct Pending {
 /// The agent's database, directly in `out/`.
 const OUTBOUND_DB: &str = "outbound.db";
 
+/// What happened to one outbound row, for [`HostMailbox::settle_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Settlement<'a> {
+    pub out_seq: i64,
+    pub outcome: Outcome,
+    pub platform_message_id: Option<&'a str>,
+    pub detail: Option<&'a str>,
+}
+
 pub struct HostMailbox {
     paths: SessionPaths,
     inbound: SqlitePool,
@@ -296,6 +305,32 @@ impl HostMailbox {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Records several outcomes in one transaction (one commit instead of one each); for
+    /// each, whether it was recorded (false: the row was already settled).
+    pub async fn settle_many(&self, settlements: &[Settlement<'_>]) -> Result<Vec<bool>> {
+        let path = self.paths.inbound_db();
+        let mut tx = self.inbound.begin().await.at(&path)?;
+        let mut recorded = Vec::with_capacity(settlements.len());
+        let now = crate::now_ms();
+        for s in settlements {
+            let done = sqlx::query(
+                "INSERT INTO delivered (out_seq, outcome, platform_message_id, detail, at)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (out_seq) DO NOTHING",
+            )
+            .bind(s.out_seq)
+            .bind(s.outcome.as_str())
+            .bind(s.platform_message_id)
+            .bind(s.detail)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .at(&path)?;
+            recorded.push(done.rows_affected() == 1);
+        }
+        tx.commit().await.at(&path)?;
+        Ok(recorded)
+    }
+
     /// The outcome recorded for `out_seq`, if any.
     pub async fn outcome(&self, out_seq: i64) -> Result<Option<String>> {
         sqlx::query_scalar("SELECT outcome FROM delivered WHERE out_seq = $1")
@@ -446,5 +481,47 @@ impl HostMailbox {
         if let Some(out) = self.outbound.lock().await.take() {
             out.close().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn settling_many_commits_once_and_the_first_outcome_stands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = HostMailbox::open(SessionPaths::new(dir.path()), JournalMode::Wal)
+            .await
+            .expect("open");
+        let settled = |out_seq, outcome| Settlement {
+            out_seq,
+            outcome,
+            platform_message_id: Some("pm"),
+            detail: None,
+        };
+        let recorded = host
+            .settle_many(&[
+                settled(1, Outcome::Delivered),
+                settled(3, Outcome::Failed),
+                settled(1, Outcome::Failed),
+            ])
+            .await
+            .expect("settle_many");
+        assert_eq!(recorded, vec![true, true, false]);
+        assert_eq!(
+            host.outcome(1).await.expect("outcome").as_deref(),
+            Some("delivered")
+        );
+        assert_eq!(
+            host.outcome(3).await.expect("outcome").as_deref(),
+            Some("failed")
+        );
+        assert!(
+            !host
+                .settle(3, Outcome::Delivered, None, None)
+                .await
+                .expect("settle")
+        );
     }
 }

@@ -13,6 +13,7 @@ pub mod metrics;
 mod row_delivery;
 mod send_error;
 mod service;
+pub mod settler;
 mod typing;
 
 use ferroclaw_common::{Config, grpc, grpc_auth};
@@ -54,6 +55,7 @@ pub async fn run(
         scheduler,
         ledger.clone(),
         discord.clone(),
+        settler::Settler::start(runner.clone(), shutdown.clone()),
     );
     let lanes = Lanes::new(std::sync::Arc::new(rows), shutdown.clone());
     let consumer = Consumer::new(runner, lanes, "delivery".into());

@@ -4,6 +4,7 @@
 //! settled back to the runner.
 
 use crate::metrics;
+use crate::settler::Settler;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +41,7 @@ pub struct RowDelivery {
     /// Failure notices enqueued, by (session, inbound seq): a reply to one that fails too
     /// is not reported again, so a channel that refuses everything cannot loop.
     notices: Mutex<HashSet<(String, i64)>>,
+    settler: Settler,
 }
 
 impl RowDelivery {
@@ -49,8 +51,10 @@ impl RowDelivery {
         scheduler: GrpcChannel,
         ledger: Ledger,
         discord: Option<DiscordOut>,
+        settler: Settler,
     ) -> Self {
         Self {
+            settler,
             http: reqwest::Client::new(),
             // Outbox files arrive in one message.
             runner: RunnerClient::new(runner).max_decoding_message_size(27 * 1024 * 1024),
@@ -103,7 +107,7 @@ impl RowDelivery {
         {
             return false;
         }
-        self.settle(message, &settled, shutdown).await
+        self.settle(message, &settled).await
     }
 
     fn answers_a_notice(&self, message: &OutboundMessage) -> bool {
@@ -454,12 +458,7 @@ impl RowDelivery {
     /// Tells the runner the outcome, retrying while it is unreachable. A row that cannot be
     /// settled stays unsettled there and comes back on the next stream, where the ledger
     /// answers without sending again. `false` when shutdown came first.
-    async fn settle(
-        &self,
-        message: &OutboundMessage,
-        settled: &Settled,
-        shutdown: &CancellationToken,
-    ) -> bool {
+    async fn settle(&self, message: &OutboundMessage, settled: &Settled) -> bool {
         let (outcome, platform_message_id, detail) = match settled {
             Settled::Delivered {
                 platform_message_id,
@@ -477,28 +476,8 @@ impl RowDelivery {
             platform_message_id,
             detail,
         };
-        let mut failures: u32 = 0;
-        loop {
-            match self.runner.clone().settle(request.clone()).await {
-                Ok(_) => return true,
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::NotFound | tonic::Code::InvalidArgument
-                    ) =>
-                {
-                    tracing::error!(%status, "the runner will not take this settlement");
-                    return true;
-                }
-                Err(status) => {
-                    failures += 1;
-                    tracing::warn!(%status, failures, "settle failed; retrying");
-                    if !pause(backoff(failures), shutdown).await {
-                        return false;
-                    }
-                }
-            }
-        }
+        // Shared with other lanes' settlements: one call and one commit for all that queue up.
+        self.settler.settle(request).await
     }
 }
 

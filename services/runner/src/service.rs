@@ -5,13 +5,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use ferroclaw_common::config::AgentConfig;
-use ferroclaw_mailbox::{Destination, HostMailbox, NewInbound, Origin, Outcome as MailOutcome};
+use ferroclaw_mailbox::{
+    Destination, HostMailbox, NewInbound, Origin, Outcome as MailOutcome, Settlement,
+};
 use ferroclaw_proto::v1::runner_server::Runner;
 use ferroclaw_proto::v1::{
     EnqueueRequest, EnqueueResponse, GetSessionRequest, ListSessionsRequest, ListSessionsResponse,
     OutboundMessage, Outcome, PutInboxFileRequest, PutInboxFileResponse, ReadOutboxFileRequest,
-    ReadOutboxFileResponse, Session, SettleRequest, SettleResponse, SyncTasksRequest,
-    SyncTasksResponse, WatchOutboundRequest,
+    ReadOutboxFileResponse, Session, SettleBatchRequest, SettleBatchResponse, SettleRequest,
+    SettleResponse, SettleResult, SyncTasksRequest, SyncTasksResponse, WatchOutboundRequest,
 };
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -197,21 +199,7 @@ impl Runner for RunnerService {
         request: Request<SettleRequest>,
     ) -> Result<Response<SettleResponse>, Status> {
         let req = request.into_inner();
-        let outcome = match Outcome::try_from(req.outcome) {
-            Ok(Outcome::Delivered) => MailOutcome::Delivered,
-            Ok(Outcome::Failed) => MailOutcome::Failed,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "outcome must be DELIVERED or FAILED",
-                ));
-            }
-        };
-        if !ferroclaw_mailbox::seq::is_agent(req.out_seq) {
-            return Err(Status::invalid_argument(format!(
-                "out_seq {} is not an agent (odd) seq",
-                req.out_seq
-            )));
-        }
+        let outcome = settlement_outcome(&req)?;
         let session = self.session(&req.session_id).await?;
         let mailbox = self.mailboxes.get(&session).await?;
         let none_if_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
@@ -225,6 +213,65 @@ impl Runner for RunnerService {
             .await
             .map_err(RunnerError::from)?;
         Ok(Response::new(SettleResponse { recorded }))
+    }
+
+    async fn settle_batch(
+        &self,
+        request: Request<SettleBatchRequest>,
+    ) -> Result<Response<SettleBatchResponse>, Status> {
+        let settlements = request.into_inner().settlements;
+        if settlements.len() > MAX_SETTLE_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} settlements in one call; at most {MAX_SETTLE_BATCH}",
+                settlements.len()
+            )));
+        }
+        let mut results: Vec<SettleResult> = settlements
+            .iter()
+            .map(|_| SettleResult::default())
+            .collect();
+        // Valid settlements by session, in order, each with its place in the answer.
+        let mut by_session: Vec<(String, Vec<(usize, MailOutcome)>)> = Vec::new();
+        for (i, s) in settlements.iter().enumerate() {
+            match settlement_outcome(s) {
+                Ok(outcome) => match by_session.iter_mut().find(|(id, _)| *id == s.session_id) {
+                    Some((_, items)) => items.push((i, outcome)),
+                    None => by_session.push((s.session_id.clone(), vec![(i, outcome)])),
+                },
+                Err(status) => results[i].refused = status.message().to_string(),
+            }
+        }
+        for (session_id, items) in by_session {
+            let session = match self.session(&session_id).await {
+                Ok(session) => session,
+                Err(RunnerError::NotFound(why)) => {
+                    for (i, _) in &items {
+                        results[*i].refused = why.clone();
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mailbox = self.mailboxes.get(&session).await?;
+            let batch: Vec<Settlement> = items
+                .iter()
+                .map(|(i, outcome)| Settlement {
+                    out_seq: settlements[*i].out_seq,
+                    outcome: *outcome,
+                    platform_message_id: non_empty(&settlements[*i].platform_message_id),
+                    detail: non_empty(&settlements[*i].detail),
+                })
+                .collect();
+            // One commit for the session's settlements.
+            let recorded = mailbox
+                .settle_many(&batch)
+                .await
+                .map_err(RunnerError::from)?;
+            for ((i, _), recorded) in items.iter().zip(recorded) {
+                results[*i].recorded = recorded;
+            }
+        }
+        Ok(Response::new(SettleBatchResponse { results }))
     }
 
     async fn sync_tasks(
@@ -338,4 +385,31 @@ impl Runner for RunnerService {
                 .map_err(|e| Status::internal(format!("outbox read: {e}")))??;
         Ok(Response::new(ReadOutboxFileResponse { data, name }))
     }
+}
+
+/// Settlements one `SettleBatch` may carry.
+const MAX_SETTLE_BATCH: usize = 512;
+
+/// The outcome a settlement records, or why it cannot be taken.
+fn settlement_outcome(req: &SettleRequest) -> std::result::Result<MailOutcome, Status> {
+    let outcome = match Outcome::try_from(req.outcome) {
+        Ok(Outcome::Delivered) => MailOutcome::Delivered,
+        Ok(Outcome::Failed) => MailOutcome::Failed,
+        _ => {
+            return Err(Status::invalid_argument(
+                "outcome must be DELIVERED or FAILED",
+            ));
+        }
+    };
+    if !ferroclaw_mailbox::seq::is_agent(req.out_seq) {
+        return Err(Status::invalid_argument(format!(
+            "out_seq {} is not an agent (odd) seq",
+            req.out_seq
+        )));
+    }
+    Ok(outcome)
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
 }

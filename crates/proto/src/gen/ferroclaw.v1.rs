@@ -229,6 +229,30 @@ pub struct SettleResponse {
     pub recorded: bool,
 }
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SettleBatchRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub settlements: ::prost::alloc::vec::Vec<SettleRequest>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SettleBatchResponse {
+    /// One per settlement, in order.
+    #[prost(message, repeated, tag = "1")]
+    pub results: ::prost::alloc::vec::Vec<SettleResult>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SettleResult {
+    /// False when the row had already been settled (the first outcome stands).
+    #[prost(bool, tag = "1")]
+    pub recorded: bool,
+    /// Why this settlement was refused (an invalid one, an unknown session); empty when it
+    /// was taken. A refused settlement is not worth retrying.
+    #[prost(string, tag = "2")]
+    pub refused: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListSessionsRequest {
     /// Empty: every agent.
@@ -480,6 +504,32 @@ pub mod runner_client {
                 .insert(GrpcMethod::new("ferroclaw.v1.Runner", "Settle"));
             self.inner.unary(req, path, codec).await
         }
+        /// Several settlements in one call, written with one commit per session (delivery groups
+        /// those that queue up while a call is in flight). At most 512.
+        pub async fn settle_batch(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SettleBatchRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SettleBatchResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Runner/SettleBatch",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Runner", "SettleBatch"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Replaces the mirror of a session's scheduled tasks in its inbound mailbox.
         pub async fn sync_tasks(
             &mut self,
@@ -667,6 +717,15 @@ pub mod runner_server {
             &self,
             request: tonic::Request<super::SettleRequest>,
         ) -> std::result::Result<tonic::Response<super::SettleResponse>, tonic::Status>;
+        /// Several settlements in one call, written with one commit per session (delivery groups
+        /// those that queue up while a call is in flight). At most 512.
+        async fn settle_batch(
+            &self,
+            request: tonic::Request<super::SettleBatchRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SettleBatchResponse>,
+            tonic::Status,
+        >;
         /// Replaces the mirror of a session's scheduled tasks in its inbound mailbox.
         async fn sync_tasks(
             &self,
@@ -913,6 +972,51 @@ pub mod runner_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SettleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Runner/SettleBatch" => {
+                    #[allow(non_camel_case_types)]
+                    struct SettleBatchSvc<T: Runner>(pub Arc<T>);
+                    impl<
+                        T: Runner,
+                    > tonic::server::UnaryService<super::SettleBatchRequest>
+                    for SettleBatchSvc<T> {
+                        type Response = super::SettleBatchResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SettleBatchRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Runner>::settle_batch(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SettleBatchSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
