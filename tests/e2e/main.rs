@@ -5,6 +5,7 @@ mod agent_lifecycle;
 mod bad_input;
 mod cli_up;
 mod compose;
+mod console;
 mod delivery_lanes;
 mod discord;
 mod discord_catch_up;

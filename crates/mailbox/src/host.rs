@@ -11,7 +11,6 @@ use crate::error::{Result, SqliteContext, io_at};
 use crate::paths::SessionPaths;
 use crate::rows::{NewInbound, OutboundRow, Outcome};
 use crate::schema;
-use crate::seq;
 use crate::session_fs::{self, FileType};
 
 /// Result of an enqueue: the row's seq and id, and whether it was already there.
@@ -124,31 +123,20 @@ impl HostMailbox {
     /// Appends a message, or returns the existing row when its id is already there.
     pub async fn enqueue(&self, msg: &NewInbound) -> Result<Enqueued> {
         let path = self.paths.inbound_db();
-        let mut tx = self.inbound.begin().await.at(&path)?;
-        let existing: Option<i64> = sqlx::query_scalar("SELECT seq FROM messages_in WHERE id = $1")
-            .bind(&msg.id)
-            .fetch_optional(&mut *tx)
-            .await
-            .at(&path)?;
-        if let Some(seq) = existing {
-            return Ok(Enqueued {
-                seq,
-                id: msg.id.clone(),
-                duplicate: true,
-            });
-        }
-        let max_in: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM messages_in")
-            .fetch_one(&mut *tx)
-            .await
-            .at(&path)?;
         let max_out = self.max_out_seq().await?;
-        let seq = seq::next_host(max_in.unwrap_or(0).max(max_out));
         let origin = serde_json::to_string(&msg.origin).unwrap_or_else(|_| "{}".into());
-        sqlx::query(
+        // One statement, one commit: the seq (the smallest even number above every seq of
+        // both files, see `seq::next_host`) is taken inside the insert, and a repeated id
+        // inserts nothing. The runner is the only writer of this file.
+        let inserted: Option<i64> = sqlx::query_scalar(
             "INSERT INTO messages_in (seq, id, kind, created_at, process_after, state, origin, content, trace)
-             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8)",
+             SELECT (max(coalesce((SELECT max(seq) FROM messages_in), 0), $1, 0) + 2) / 2 * 2,
+                    $2, $3, $4, $5, 'active', $6, $7, $8
+             WHERE true
+             ON CONFLICT (id) DO NOTHING
+             RETURNING seq",
         )
-        .bind(seq)
+        .bind(max_out)
         .bind(&msg.id)
         .bind(msg.content.kind())
         .bind(crate::now_ms())
@@ -156,10 +144,21 @@ impl HostMailbox {
         .bind(origin)
         .bind(msg.content.to_json())
         .bind(&msg.trace)
-        .execute(&mut *tx)
+        .fetch_optional(&self.inbound)
         .await
         .at(&path)?;
-        tx.commit().await.at(&path)?;
+        let Some(seq) = inserted else {
+            let seq: i64 = sqlx::query_scalar("SELECT seq FROM messages_in WHERE id = $1")
+                .bind(&msg.id)
+                .fetch_one(&self.inbound)
+                .await
+                .at(&path)?;
+            return Ok(Enqueued {
+                seq,
+                id: msg.id.clone(),
+                duplicate: true,
+            });
+        };
         crate::paths::ring(&self.paths.inbound_bell());
         Ok(Enqueued {
             seq,
@@ -487,6 +486,38 @@ impl HostMailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn enqueue_takes_the_next_even_seq_and_repeats_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = HostMailbox::open(SessionPaths::new(dir.path()), JournalMode::Wal)
+            .await
+            .expect("open");
+        let message = |id: &str| NewInbound {
+            id: id.into(),
+            content: InboundContent::Chat(crate::content::ChatIn {
+                text: "hi".into(),
+                sender: String::new(),
+                attachments: Vec::new(),
+            }),
+            origin: crate::Origin {
+                channel: "api".into(),
+                conversation: "c".into(),
+                sender: String::new(),
+                reply_to: crate::Destination::Api {
+                    conversation: "c".into(),
+                },
+            },
+            process_after: None,
+            trace: None,
+        };
+        let first = host.enqueue(&message("a")).await.expect("enqueue");
+        let second = host.enqueue(&message("b")).await.expect("enqueue");
+        let again = host.enqueue(&message("a")).await.expect("enqueue");
+        assert_eq!((first.seq, first.duplicate), (2, false));
+        assert_eq!((second.seq, second.duplicate), (4, false));
+        assert_eq!((again.seq, again.duplicate), (2, true));
+    }
 
     #[tokio::test]
     async fn settling_many_commits_once_and_the_first_outcome_stands() {

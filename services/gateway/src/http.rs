@@ -78,6 +78,9 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(request_limits))
         .layer(middleware::from_fn(json_errors))
+        // The console answers in HTML and plain text: merged after the JSON error layer, so
+        // that layer does not wrap it (it brings its own security headers and body limit).
+        .merge(crate::console::router(state.clone()))
         .layer(middleware::from_fn(log_request))
         .layer(middleware::from_fn(crate::http_trace::trace))
         .layer(middleware::from_fn(crate::http_metrics::record))

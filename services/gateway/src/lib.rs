@@ -2,6 +2,7 @@
 //! tokens (ARCHITECTURE.md §2, §9).
 
 pub mod command_gate;
+pub mod console;
 pub mod conversation_events;
 pub mod conversation_message;
 mod discord;

@@ -1,0 +1,332 @@
+//! The operator console (`/ui`) in a real headless Chromium against the four real
+//! services: sign-in, a live conversation, a question card, tasks, and screenshots of
+//! every page at desktop and phone widths (under `target/console-screenshots/`). The CSRF
+//! refusal is checked with plain HTTP.
+//!
+//! Without Chromium the browser test skips with a message, unless
+//! `FERROCLAW_REQUIRE_BROWSER=1` (CI), where it fails.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferroclaw_e2e::Cluster;
+use ferroclaw_e2e::browser::{Browser, Page};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "console-t0ken";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn token_env() -> Vec<(&'static str, String)> {
+    vec![("FERROCLAW_API_TOKEN", TOKEN.into())]
+}
+
+/// Where the run's screenshots go: `target/console-screenshots/`.
+fn screenshot_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("console-screenshots")
+}
+
+/// Screenshots of the open page at desktop (1280×800) and phone (390×844) widths.
+async fn screenshots(page: &mut Page, name: &str) -> anyhow::Result<()> {
+    let dir = screenshot_dir();
+    for (size, width, height, mobile) in [("desktop", 1280, 800, false), ("phone", 390, 844, true)]
+    {
+        page.viewport(width, height, mobile).await?;
+        // Let the layout settle at the new width.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        page.screenshot(&dir.join(format!("{name}-{size}.png")))
+            .await?;
+    }
+    page.viewport(1280, 800, false).await
+}
+
+async fn task(cluster: &Cluster, id: &str) -> anyhow::Result<Value> {
+    for _ in 0..100 {
+        let (_, body) = cluster.get("/v1/tasks").await?;
+        if let Some(t) = body["tasks"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["id"] == json!(id)))
+        {
+            return Ok(t.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("task {id} never appeared")
+}
+
+/// A JavaScript string literal.
+fn js(text: &str) -> String {
+    json!(text).to_string()
+}
+
+/// Whether some chat bubble's text is exactly `text`.
+fn bubble_with(text: &str) -> String {
+    format!(
+        "[...document.querySelectorAll('#chat .msg.agent .text')].some(e => e.textContent === {})",
+        js(text)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_a_real_browser() -> anyhow::Result<()> {
+    let Some(mut browser) = Browser::launch().await? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), &token_env()).await?;
+    let api = cluster.api();
+    let mut page = browser.new_page().await?;
+
+    // A task to pause and resume, scheduled by the echo agent's `!action`.
+    let schedule = json!({"action": "schedule_task", "params": {"task_id": "t-console",
+        "name": "digest", "prompt": "summarise", "interval_secs": 3600}});
+    cluster
+        .post_message("plans", &format!("!action {schedule}"), None)
+        .await?;
+    assert_eq!(task(&cluster, "t-console").await?["state"], json!("active"));
+
+    // Sign-in: the wrong token is refused, the right one opens the sessions page.
+    page.navigate(&format!("{api}/ui")).await?;
+    screenshots(&mut page, "sign-in").await?;
+    page.fill("#token", "not-the-token").await?;
+    page.click(".sign-in button[type=submit]").await?;
+    page.wait_for("document.querySelector('.sign-in .error') !== null", WAIT)
+        .await?;
+    assert_eq!(
+        page.text(".sign-in .error").await?.as_deref(),
+        Some("That is not the API token.")
+    );
+    assert_eq!(page.eval("location.pathname").await?, json!("/ui/sign-in"));
+    page.fill("#token", TOKEN).await?;
+    page.click(".sign-in button[type=submit]").await?;
+    page.wait_for("location.pathname === '/ui/sessions'", WAIT)
+        .await?;
+    // The cookie is HttpOnly: script cannot read it.
+    assert_eq!(page.eval("document.cookie").await?, json!(""));
+    page.wait_for(
+        "[...document.querySelectorAll('#sessions td.channel')].some(e => e.textContent === 'api:plans')",
+        WAIT,
+    )
+    .await?;
+    screenshots(&mut page, "sessions").await?;
+    // The table updates live: a new session shows up without a reload.
+    page.eval("window.notReloaded = true").await?;
+    cluster.post_message("live-row", "hi", None).await?;
+    page.wait_for(
+        "[...document.querySelectorAll('#sessions td.channel')].some(e => e.textContent === 'api:live-row')",
+        WAIT,
+    )
+    .await?;
+    assert_eq!(page.eval("window.notReloaded === true").await?, json!(true));
+
+    // A message sent from the conversation view; the echo reply appears without a reload.
+    page.navigate(&format!("{api}/ui/conversations/console-chat"))
+        .await?;
+    page.wait_for("document.documentElement.dataset.js === 'ready'", WAIT)
+        .await?;
+    page.wait_for(
+        "document.getElementById('live').textContent === 'Live.'",
+        WAIT,
+    )
+    .await?;
+    page.eval("window.notReloaded = true").await?;
+    page.fill("#sender", "ann").await?;
+    page.fill("#text", "hello <from> the console").await?;
+    page.click("#send button[type=submit]").await?;
+    page.wait_for(&bubble_with("echo: hello <from> the console"), WAIT)
+        .await?;
+    assert_eq!(page.eval("window.notReloaded === true").await?, json!(true));
+    assert_eq!(
+        page.eval("document.querySelector('#text').value").await?,
+        json!("")
+    );
+
+    // A question card: its buttons answer it once; a second click is refused with the
+    // reason shown.
+    let card = json!({"question_id": "q-console", "text": "Deploy now?",
+        "options": [{"id": "yes", "label": "Yes"}, {"id": "no", "label": "Not yet"}]});
+    page.fill("#text", &format!("!card {card}")).await?;
+    page.click("#send button[type=submit]").await?;
+    page.wait_for(
+        "document.querySelectorAll('#chat form.card button').length === 2",
+        WAIT,
+    )
+    .await?;
+    page.click("#chat form.card button[value=yes]").await?;
+    page.wait_for(
+        "document.querySelector('#chat form.card .status').textContent === 'answered: Yes'",
+        WAIT,
+    )
+    .await?;
+    page.wait_for(
+        &bubble_with("echo: system question_response: ann answered \"Yes\""),
+        WAIT,
+    )
+    .await?;
+    page.click("#chat form.card button[value=no]").await?;
+    page.wait_for(
+        "document.querySelector('#chat form.card .status').classList.contains('error')",
+        WAIT,
+    )
+    .await?;
+    let refusal = page
+        .text("#chat form.card .status")
+        .await?
+        .unwrap_or_default();
+    assert!(refusal.contains("already answered"), "{refusal}");
+    assert_eq!(page.eval("window.notReloaded === true").await?, json!(true));
+    screenshots(&mut page, "conversation").await?;
+
+    // Tasks: pause and resume from the page; the REST API agrees.
+    page.navigate(&format!("{api}/ui/tasks")).await?;
+    let row = "tr[data-task='t-console']";
+    assert_eq!(
+        page.text(&format!("{row} .state")).await?.as_deref(),
+        Some("active")
+    );
+    assert_eq!(
+        page.text(&format!("{row} td:nth-child(3)"))
+            .await?
+            .as_deref(),
+        Some("every hour")
+    );
+    screenshots(&mut page, "tasks").await?;
+    page.click(&format!("{row} button[data-action=pause]"))
+        .await?;
+    page.wait_for(
+        &format!("document.querySelector(\"{row} .state\")?.textContent === 'paused'"),
+        WAIT,
+    )
+    .await?;
+    assert_eq!(task(&cluster, "t-console").await?["state"], json!("paused"));
+    page.click(&format!("{row} button[data-action=resume]"))
+        .await?;
+    page.wait_for(
+        &format!("document.querySelector(\"{row} .state\")?.textContent === 'active'"),
+        WAIT,
+    )
+    .await?;
+    assert_eq!(task(&cluster, "t-console").await?["state"], json!("active"));
+
+    // Run now: the run reaches the agent and shows in the task's run history.
+    page.click(&format!("{row} button[data-action=run]"))
+        .await?;
+    cluster
+        .wait_for_lines("plans", &["echo: task digest: summarise".into()], WAIT)
+        .await?;
+    page.navigate(&format!("{api}/ui/tasks")).await?;
+    page.click(&format!("{row} a[href$='/runs']")).await?;
+    page.wait_for("location.pathname === '/ui/tasks/t-console/runs'", WAIT)
+        .await?;
+    assert_eq!(
+        page.text("table.runs .outcome").await?.as_deref(),
+        Some("enqueued")
+    );
+
+    // Deliveries and health.
+    page.navigate(&format!("{api}/ui/deliveries")).await?;
+    page.wait_for(
+        "document.querySelectorAll('table.deliveries .outcome-ok').length >= 2",
+        WAIT,
+    )
+    .await?;
+    screenshots(&mut page, "deliveries").await?;
+    page.navigate(&format!("{api}/ui/health")).await?;
+    assert_eq!(
+        page.eval("document.querySelectorAll('table.health .outcome-ok').length")
+            .await?,
+        json!(4)
+    );
+    screenshots(&mut page, "health").await?;
+
+    // Sign out: back to the form, and the pages need a sign-in again.
+    page.click("form.sign-out button").await?;
+    page.wait_for("document.querySelector('#token') !== null", WAIT)
+        .await?;
+    page.navigate(&format!("{api}/ui/sessions")).await?;
+    assert_eq!(page.eval("location.pathname").await?, json!("/ui"));
+    assert!(page.text("#token").await?.is_some(), "the sign-in form");
+
+    println!("screenshots in {}", screenshot_dir().display());
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_without_the_csrf_token_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), &token_env()).await?;
+    let api = cluster.api();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let signed = http
+        .post(format!("{api}/ui/sign-in"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await?;
+    assert_eq!(signed.status(), 303);
+    let set = signed
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let cookie = set.split(';').next().unwrap_or_default().to_string();
+    assert!(cookie.starts_with("ferroclaw_console="), "{set}");
+
+    let page = http
+        .get(format!("{api}/ui/conversations/csrf-check"))
+        .header("cookie", &cookie)
+        .send()
+        .await?;
+    assert_eq!(page.status(), 200);
+    let html = page.text().await?;
+    let csrf = html
+        .split(r#"name="csrf" value=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(!csrf.is_empty(), "the page carries a CSRF token");
+
+    let send = |form: Vec<(&'static str, String)>| {
+        http.post(format!("{api}/ui/conversations/csrf-check/messages"))
+            .header("cookie", &cookie)
+            .header("x-console-fetch", "1")
+            .form(&form)
+            .send()
+    };
+    for form in [
+        vec![("text", "forged".to_string()), ("sender", "eve".into())],
+        vec![
+            ("text", "forged".to_string()),
+            ("sender", "eve".into()),
+            ("csrf", "0".repeat(64)),
+        ],
+    ] {
+        let refused = send(form).await?;
+        assert_eq!(refused.status(), 403);
+        assert!(refused.text().await?.contains("CSRF"));
+    }
+    let refused = http
+        .post(format!("{api}/ui/tasks/t-any/pause"))
+        .header("cookie", &cookie)
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 403);
+
+    // With the token the same form goes through, and only that message reaches the agent.
+    let sent = send(vec![
+        ("text", "genuine".to_string()),
+        ("sender", "ann".into()),
+        ("csrf", csrf),
+    ])
+    .await?;
+    assert_eq!(sent.status(), 202);
+    let lines = cluster
+        .wait_for_lines("csrf-check", &["echo: genuine".into()], WAIT)
+        .await?;
+    assert!(!lines.iter().any(|l| l.contains("forged")), "{lines:?}");
+    cluster.stop().await
+}
