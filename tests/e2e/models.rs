@@ -884,8 +884,15 @@ async fn a_forged_mcp_spool_line_is_refused_by_the_host() -> anyhow::Result<()> 
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
-    assert_eq!(refused.len(), 1, "{refused:?}");
-    assert!(refused[0].contains("may not send to the API conversation \"victim\""));
+    // The refusal is told to the agent once; its turn answering that notice forges again
+    // and is refused without another notice, so one or two refusals, never a loop.
+    assert!((1..=2).contains(&refused.len()), "{refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.contains("may not send to the API conversation \"victim\"")),
+        "{refused:?}"
+    );
     assert!(
         cluster.texts("victim").await?.is_empty(),
         "nothing reached the victim"
