@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ferroclaw_e2e::Cluster;
 use ferroclaw_e2e::browser::{Browser, Page};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const TOKEN: &str = "console-t0ken";
 const WAIT: Duration = Duration::from_secs(30);
@@ -40,20 +40,6 @@ async fn screenshots(page: &mut Page, name: &str) -> anyhow::Result<()> {
             .await?;
     }
     page.viewport(1280, 800, false).await
-}
-
-async fn task(cluster: &Cluster, id: &str) -> anyhow::Result<Value> {
-    for _ in 0..100 {
-        let (_, body) = cluster.get("/v1/tasks").await?;
-        if let Some(t) = body["tasks"]
-            .as_array()
-            .and_then(|ts| ts.iter().find(|t| t["id"] == json!(id)))
-        {
-            return Ok(t.clone());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("task {id} never appeared")
 }
 
 /// A JavaScript string literal.
@@ -85,7 +71,7 @@ async fn the_console_in_a_real_browser() -> anyhow::Result<()> {
     cluster
         .post_message("plans", &format!("!action {schedule}"), None)
         .await?;
-    assert_eq!(task(&cluster, "t-console").await?["state"], json!("active"));
+    assert_eq!(cluster.task("t-console").await?["state"], json!("active"));
 
     // Sign-in: the wrong token is refused, the right one opens the sessions page.
     page.navigate(&format!("{api}/ui")).await?;
@@ -200,7 +186,7 @@ async fn the_console_in_a_real_browser() -> anyhow::Result<()> {
         WAIT,
     )
     .await?;
-    assert_eq!(task(&cluster, "t-console").await?["state"], json!("paused"));
+    assert_eq!(cluster.task("t-console").await?["state"], json!("paused"));
     page.click(&format!("{row} button[data-action=resume]"))
         .await?;
     page.wait_for(
@@ -208,7 +194,7 @@ async fn the_console_in_a_real_browser() -> anyhow::Result<()> {
         WAIT,
     )
     .await?;
-    assert_eq!(task(&cluster, "t-console").await?["state"], json!("active"));
+    assert_eq!(cluster.task("t-console").await?["state"], json!("active"));
 
     // Run now: the run reaches the agent and shows in the task's run history.
     page.click(&format!("{row} button[data-action=run]"))

@@ -13,23 +13,9 @@ fn action(name: &str, params: Value) -> String {
     format!("!action {}", json!({"action": name, "params": params}))
 }
 
-async fn task_state(cluster: &Cluster, id: &str) -> anyhow::Result<Value> {
-    for _ in 0..100 {
-        let (_, body) = cluster.get("/v1/tasks").await?;
-        if let Some(t) = body["tasks"]
-            .as_array()
-            .and_then(|ts| ts.iter().find(|t| t["id"] == json!(id)))
-        {
-            return Ok(t.clone());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("task {id} never appeared")
-}
-
 async fn wait_state(cluster: &Cluster, id: &str, state: &str) -> anyhow::Result<Value> {
     for _ in 0..100 {
-        let task = task_state(cluster, id).await?;
+        let task = cluster.task(id).await?;
         if task["state"] == json!(state) {
             return Ok(task);
         }
@@ -162,7 +148,7 @@ async fn invalid_or_foreign_actions_are_explained_to_the_agent() -> anyhow::Resu
     cluster
         .post_message("mine", &action("schedule_task", json!({"task_id": "t-mine", "prompt": "p", "cron": "0 9 * * *", "timezone": "America/New_York"})), None)
         .await?;
-    task_state(&cluster, "t-mine").await?;
+    cluster.task("t-mine").await?;
 
     let cases = [
         (
@@ -212,9 +198,6 @@ async fn invalid_or_foreign_actions_are_explained_to_the_agent() -> anyhow::Resu
         }
     }
     // The foreign pause changed nothing.
-    assert_eq!(
-        task_state(&cluster, "t-mine").await?["state"],
-        json!("active")
-    );
+    assert_eq!(cluster.task("t-mine").await?["state"], json!("active"));
     cluster.stop().await
 }

@@ -116,6 +116,22 @@ impl Cluster {
         }
     }
 
+    /// The task `id` from `GET /v1/tasks`, once it is there (tasks are synced a moment
+    /// after the agent's action).
+    pub async fn task(&self, id: &str) -> anyhow::Result<Value> {
+        for _ in 0..100 {
+            let (_, body) = self.get("/v1/tasks").await?;
+            if let Some(t) = body["tasks"]
+                .as_array()
+                .and_then(|ts| ts.iter().find(|t| t["id"].as_str() == Some(id)))
+            {
+                return Ok(t.clone());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("task {id} never appeared")
+    }
+
     /// `POST /v1/messages`; returns the status and JSON body.
     pub async fn post_message(
         &self,

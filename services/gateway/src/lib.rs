@@ -14,6 +14,8 @@ mod http_trace;
 pub mod ingress;
 pub mod openapi;
 mod tasks_api;
+#[cfg(test)]
+mod test_router;
 
 use std::sync::Arc;
 

@@ -277,19 +277,13 @@ fn shared_responses() -> Vec<(&'static str, utoipa::openapi::Response)> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::sync::Arc;
 
     use axum::body::Body;
     use axum::http::{Method, Request, StatusCode};
-    use ferroclaw_common::Config;
-    use ferroclaw_common::grpc::{CallLimits, channel_with_limits};
-    use ferroclaw_common::grpc_auth::AttachToken;
     use serde_json::Value;
     use tower::ServiceExt;
 
     use super::*;
-    use crate::http::AppState;
-    use crate::ingress::Ingress;
 
     fn doc() -> Value {
         serde_json::from_slice(&document_json()).unwrap()
@@ -505,30 +499,7 @@ mod tests {
 
     /// A router on peers that do not exist, with an API token.
     fn router() -> axum::Router {
-        let mut config = Config::default();
-        config.gateway.api_token = Some("t0ken".into());
-        let config = Arc::new(config);
-        let nowhere = || {
-            let limits = CallLimits {
-                default_timeout: std::time::Duration::from_secs(2),
-                max_in_flight: 8,
-            };
-            channel_with_limits(
-                "http://127.0.0.1:9",
-                AttachToken::new(None).unwrap(),
-                limits,
-            )
-            .unwrap()
-        };
-        let runner = nowhere();
-        http::router(AppState {
-            config: config.clone(),
-            shutdown: tokio_util::sync::CancellationToken::new(),
-            ingress: Ingress::new(config, runner.clone()),
-            runner,
-            delivery: nowhere(),
-            scheduler: nowhere(),
-        })
+        crate::test_router::offline_router(Some("t0ken"))
     }
 
     /// Each documented operation, called without and with the token: the router has it

@@ -207,12 +207,19 @@ pub(crate) async fn task_action(
     State(state): State<AppState>,
     ApiPath((id, action)): ApiPath<(String, String)>,
 ) -> Result<Json<TaskBody>> {
+    let task = apply_action(&state, id, &action).await?;
+    Ok(Json(task.into()))
+}
+
+/// Pauses, resumes, cancels or runs a task now (the API's and the console's buttons);
+/// the task as it is after.
+pub(crate) async fn apply_action(state: &AppState, task_id: String, action: &str) -> Result<Task> {
     let mut scheduler = SchedulerClient::new(state.scheduler.clone());
     let task_ref = TaskRef {
-        task_id: id,
+        task_id,
         session_id: String::new(),
     };
-    let task = match action.as_str() {
+    let task = match action {
         "pause" => scheduler.pause_task(task_ref).await?,
         "resume" => scheduler.resume_task(task_ref).await?,
         "cancel" => scheduler.cancel_task(task_ref).await?,
@@ -223,5 +230,5 @@ pub(crate) async fn task_action(
             )));
         }
     };
-    Ok(Json(task.into_inner().into()))
+    Ok(task.into_inner())
 }

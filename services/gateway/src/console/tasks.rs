@@ -7,13 +7,12 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
 use ferroclaw_proto::v1::scheduler_client::SchedulerClient;
-use ferroclaw_proto::v1::{ListRunsRequest, ListTasksRequest, Task, TaskRef};
+use ferroclaw_proto::v1::{ListRunsRequest, ListTasksRequest, Task};
 use maud::{Markup, html};
 use serde::Deserialize;
 
 use super::layout::{self, csrf_field, respond};
 use super::{Console, ConsoleError, Operator, from_script, schedule_words, time, urls};
-use crate::error::ApiError;
 
 /// Runs shown on a task's history page.
 const RUNS_SHOWN: u32 = 200;
@@ -114,24 +113,7 @@ pub async fn action(
 ) -> Result<Response, ConsoleError> {
     let csrf = form.map(|Form(f)| f.csrf).unwrap_or_default();
     operator.check_csrf(&state.keys, &csrf)?;
-    let mut scheduler = SchedulerClient::new(state.app.scheduler.clone());
-    let task_ref = TaskRef {
-        task_id: id,
-        session_id: String::new(),
-    };
-    let task = match action.as_str() {
-        "pause" => scheduler.pause_task(task_ref).await?,
-        "resume" => scheduler.resume_task(task_ref).await?,
-        "cancel" => scheduler.cancel_task(task_ref).await?,
-        "run" => scheduler.run_now(task_ref).await?,
-        other => {
-            return Err(ApiError::NotFound(format!(
-                "no task action {other:?} (pause, resume, cancel, run)"
-            ))
-            .into());
-        }
-    }
-    .into_inner();
+    let task = crate::tasks_api::apply_action(&state.app, id, &action).await?;
     if from_script(&headers) {
         return Ok(task.state.into_response());
     }

@@ -2,43 +2,12 @@
 //! cookies, CSRF and the security headers (pages that need a peer answer 503 here; the
 //! end-to-end tests cover them against real services).
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use ferroclaw_common::Config;
-use ferroclaw_common::grpc::{CallLimits, channel_with_limits};
-use ferroclaw_common::grpc_auth::AttachToken;
 use tower::ServiceExt;
 
-use crate::http::{self, AppState};
-use crate::ingress::Ingress;
-
 fn router(token: Option<&str>) -> axum::Router {
-    let mut config = Config::default();
-    config.gateway.api_token = token.map(str::to_string);
-    let config = Arc::new(config);
-    let nowhere = || {
-        let limits = CallLimits {
-            default_timeout: std::time::Duration::from_secs(2),
-            max_in_flight: 8,
-        };
-        channel_with_limits(
-            "http://127.0.0.1:9",
-            AttachToken::new(None).unwrap(),
-            limits,
-        )
-        .unwrap()
-    };
-    let runner = nowhere();
-    http::router(AppState {
-        config: config.clone(),
-        shutdown: tokio_util::sync::CancellationToken::new(),
-        ingress: Ingress::new(config, runner.clone()),
-        runner,
-        delivery: nowhere(),
-        scheduler: nowhere(),
-    })
+    crate::test_router::offline_router(token)
 }
 
 struct Answer {
