@@ -208,8 +208,17 @@ impl Delivery for DeliveryService {
                 reason: e.reason.unwrap_or_default(),
                 rate_limit_waits: e.waits,
                 waiting_until_ms: e.waiting_until.unwrap_or(0),
+                retryable: false,
             })
             .collect();
         Ok(Response::new(ListDeliveriesResponse { deliveries }))
+    }
+
+    // PLACEHOLDER (being implemented): RetryDelivery.
+    async fn retry_delivery(
+        &self,
+        _request: Request<ferroclaw_proto::v1::RetryDeliveryRequest>,
+    ) -> Result<Response<ferroclaw_proto::v1::RetryDeliveryResponse>, Status> {
+        Err(Status::unimplemented("RetryDelivery"))
     }
 }

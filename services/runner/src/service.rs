@@ -107,6 +107,7 @@ impl RunnerService {
             conversation_key: session.conversation_key,
             created_at_ms: session.created_at,
             last_activity_ms: session.last_activity,
+            ..Default::default()
         })
     }
 }
@@ -310,6 +311,7 @@ impl Runner for RunnerService {
         Ok(Response::new(ListSessionsResponse {
             sessions,
             agent_starts_total: self.supervisor.agent_starts_total(),
+            ..Default::default()
         }))
     }
 
@@ -384,6 +386,38 @@ impl Runner for RunnerService {
                 .await
                 .map_err(|e| Status::internal(format!("outbox read: {e}")))??;
         Ok(Response::new(ReadOutboxFileResponse { data, name }))
+    }
+
+    // PLACEHOLDER (being implemented): GetRunnerStatus.
+    async fn get_runner_status(
+        &self,
+        _request: Request<ferroclaw_proto::v1::GetRunnerStatusRequest>,
+    ) -> Result<Response<ferroclaw_proto::v1::RunnerStatus>, Status> {
+        Err(Status::unimplemented("GetRunnerStatus"))
+    }
+
+    // PLACEHOLDER (being implemented): ListAgentUsage.
+    async fn list_agent_usage(
+        &self,
+        _request: Request<ferroclaw_proto::v1::ListAgentUsageRequest>,
+    ) -> Result<Response<ferroclaw_proto::v1::ListAgentUsageResponse>, Status> {
+        Err(Status::unimplemented("ListAgentUsage"))
+    }
+
+    // PLACEHOLDER (being implemented): ListSessionMessages.
+    async fn list_session_messages(
+        &self,
+        _request: Request<ferroclaw_proto::v1::ListSessionMessagesRequest>,
+    ) -> Result<Response<ferroclaw_proto::v1::ListSessionMessagesResponse>, Status> {
+        Err(Status::unimplemented("ListSessionMessages"))
+    }
+
+    // PLACEHOLDER (being implemented): ReopenOutbound.
+    async fn reopen_outbound(
+        &self,
+        _request: Request<ferroclaw_proto::v1::ReopenOutboundRequest>,
+    ) -> Result<Response<ferroclaw_proto::v1::ReopenOutboundResponse>, Status> {
+        Err(Status::unimplemented("ReopenOutbound"))
     }
 }
 

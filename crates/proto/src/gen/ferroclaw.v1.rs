@@ -75,6 +75,133 @@ pub struct Task {
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetRunnerStatusRequest {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RunnerStatus {
+    /// "process" or "docker".
+    #[prost(string, tag = "1")]
+    pub backend: ::prost::alloc::string::String,
+    /// Docker backend: whether the engine answers. Always true for the process backend.
+    #[prost(bool, tag = "2")]
+    pub engine_ok: bool,
+    /// Docker backend: "Docker 20.10.24, API 1.41", or why the engine does not answer.
+    /// Empty for the process backend.
+    #[prost(string, tag = "3")]
+    pub engine: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "4")]
+    pub max_running_agents: u32,
+    #[prost(uint32, tag = "5")]
+    pub running: u32,
+    /// Sessions waiting for a slot.
+    #[prost(uint32, tag = "6")]
+    pub queued: u32,
+    #[prost(uint64, tag = "7")]
+    pub sessions: u64,
+    #[prost(uint64, tag = "8")]
+    pub agent_starts_total: u64,
+    /// The runner's version (its crate version).
+    #[prost(string, tag = "9")]
+    pub version: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListAgentUsageRequest {
+    /// The last `days` UTC days, today included (1..=366; 0 means 30).
+    #[prost(uint32, tag = "1")]
+    pub days: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListAgentUsageResponse {
+    /// Every agent with usage, by name.
+    #[prost(message, repeated, tag = "1")]
+    pub agents: ::prost::alloc::vec::Vec<AgentUsage>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AgentUsage {
+    #[prost(string, tag = "1")]
+    pub agent: ::prost::alloc::string::String,
+    /// All time.
+    #[prost(int64, tag = "2")]
+    pub requests: i64,
+    #[prost(int64, tag = "3")]
+    pub input_tokens: i64,
+    #[prost(int64, tag = "4")]
+    pub output_tokens: i64,
+    /// Only days with usage, oldest first.
+    #[prost(message, repeated, tag = "5")]
+    pub days: ::prost::alloc::vec::Vec<DailyUsage>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DailyUsage {
+    /// "2026-12-01" (UTC).
+    #[prost(string, tag = "1")]
+    pub day: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub requests: i64,
+    #[prost(int64, tag = "3")]
+    pub input_tokens: i64,
+    #[prost(int64, tag = "4")]
+    pub output_tokens: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListSessionMessagesRequest {
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    /// The latest this many (1..=500; 0 means 100).
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListSessionMessagesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub messages: ::prost::alloc::vec::Vec<SessionMessage>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SessionMessage {
+    /// "in" (to the agent) or "out" (from the agent).
+    #[prost(string, tag = "1")]
+    pub direction: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub seq: i64,
+    /// Inbound: "chat", "webhook", "task", "system"; outbound: "chat", "card", "file", ….
+    #[prost(string, tag = "3")]
+    pub kind: ::prost::alloc::string::String,
+    /// The row's content as stored (outbound content was written by the agent: untrusted).
+    #[prost(string, tag = "4")]
+    pub content_json: ::prost::alloc::string::String,
+    #[prost(int64, tag = "5")]
+    pub created_at_ms: i64,
+    /// Inbound: "pending" or "processed". Outbound: "pending", "delivered" or "failed".
+    #[prost(string, tag = "6")]
+    pub state: ::prost::alloc::string::String,
+    /// Inbound: who sent it (Origin.sender); empty when unknown.
+    #[prost(string, tag = "7")]
+    pub sender: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReopenOutboundRequest {
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub out_seq: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReopenOutboundResponse {
+    /// False when the row was already unsettled (a repeated reopen).
+    #[prost(bool, tag = "1")]
+    pub reopened: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WatchActivityRequest {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -258,6 +385,19 @@ pub struct ListSessionsRequest {
     /// Empty: every agent.
     #[prost(string, tag = "1")]
     pub agent: ::prost::alloc::string::String,
+    /// Only sessions whose agent is in this state ("idle", "queued", …); empty: all.
+    #[prost(string, tag = "2")]
+    pub state: ::prost::alloc::string::String,
+    /// "recent" or empty: latest activity first; "oldest": least recent first;
+    /// "created": by creation (the order without a limit).
+    #[prost(string, tag = "3")]
+    pub sort: ::prost::alloc::string::String,
+    /// Sessions skipped (after filtering and sorting).
+    #[prost(uint32, tag = "4")]
+    pub offset: u32,
+    /// At most this many (1..=500). 0: all of them, without message counts.
+    #[prost(uint32, tag = "5")]
+    pub limit: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -267,6 +407,12 @@ pub struct ListSessionsResponse {
     /// Agents started (processes or containers) for all sessions since the runner started.
     #[prost(uint64, tag = "2")]
     pub agent_starts_total: u64,
+    /// Sessions matching the filter, before offset and limit.
+    #[prost(uint64, tag = "3")]
+    pub matched: u64,
+    /// Every session of the runner.
+    #[prost(uint64, tag = "4")]
+    pub total: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -296,6 +442,20 @@ pub struct Session {
     /// Agents started for this session since the runner started.
     #[prost(uint64, tag = "8")]
     pub agent_starts: u64,
+    /// Inbound messages received, and outbound rows the agent wrote. Counted from the
+    /// session's mailbox, so only filled for a limited list (ListSessions with a limit) and
+    /// GetSession.
+    #[prost(int64, optional, tag = "9")]
+    pub messages_in: ::core::option::Option<i64>,
+    #[prost(int64, optional, tag = "10")]
+    pub messages_out: ::core::option::Option<i64>,
+    /// Model requests and tokens through the credential proxy, all time.
+    #[prost(int64, tag = "11")]
+    pub model_requests: i64,
+    #[prost(int64, tag = "12")]
+    pub input_tokens: i64,
+    #[prost(int64, tag = "13")]
+    pub output_tokens: i64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -677,6 +837,106 @@ pub mod runner_client {
                 .insert(GrpcMethod::new("ferroclaw.v1.Runner", "WatchActivity"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// The runner's own state: its agent backend, the Docker engine's state, agents running
+        /// and queued against the cap.
+        pub async fn get_runner_status(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetRunnerStatusRequest>,
+        ) -> std::result::Result<tonic::Response<super::RunnerStatus>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Runner/GetRunnerStatus",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Runner", "GetRunnerStatus"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Model tokens used per agent, all time and per UTC day.
+        pub async fn list_agent_usage(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListAgentUsageRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAgentUsageResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Runner/ListAgentUsage",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Runner", "ListAgentUsage"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A session's latest messages both ways (inbound rows and the agent's outbound rows),
+        /// oldest first: how a Discord channel's session reads as a chat.
+        pub async fn list_session_messages(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListSessionMessagesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListSessionMessagesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Runner/ListSessionMessages",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Runner", "ListSessionMessages"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Makes a failed outbound row unsettled again, so the outbound stream sends it again
+        /// (an operator's retry). Refused for a row that is delivered or not settled.
+        pub async fn reopen_outbound(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReopenOutboundRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReopenOutboundResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Runner/ReopenOutbound",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Runner", "ReopenOutbound"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -775,6 +1035,38 @@ pub mod runner_server {
             request: tonic::Request<super::WatchActivityRequest>,
         ) -> std::result::Result<
             tonic::Response<Self::WatchActivityStream>,
+            tonic::Status,
+        >;
+        /// The runner's own state: its agent backend, the Docker engine's state, agents running
+        /// and queued against the cap.
+        async fn get_runner_status(
+            &self,
+            request: tonic::Request<super::GetRunnerStatusRequest>,
+        ) -> std::result::Result<tonic::Response<super::RunnerStatus>, tonic::Status>;
+        /// Model tokens used per agent, all time and per UTC day.
+        async fn list_agent_usage(
+            &self,
+            request: tonic::Request<super::ListAgentUsageRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAgentUsageResponse>,
+            tonic::Status,
+        >;
+        /// A session's latest messages both ways (inbound rows and the agent's outbound rows),
+        /// oldest first: how a Discord channel's session reads as a chat.
+        async fn list_session_messages(
+            &self,
+            request: tonic::Request<super::ListSessionMessagesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListSessionMessagesResponse>,
+            tonic::Status,
+        >;
+        /// Makes a failed outbound row unsettled again, so the outbound stream sends it again
+        /// (an operator's retry). Refused for a row that is delivered or not settled.
+        async fn reopen_outbound(
+            &self,
+            request: tonic::Request<super::ReopenOutboundRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReopenOutboundResponse>,
             tonic::Status,
         >;
     }
@@ -1299,6 +1591,186 @@ pub mod runner_server {
                     };
                     Box::pin(fut)
                 }
+                "/ferroclaw.v1.Runner/GetRunnerStatus" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetRunnerStatusSvc<T: Runner>(pub Arc<T>);
+                    impl<
+                        T: Runner,
+                    > tonic::server::UnaryService<super::GetRunnerStatusRequest>
+                    for GetRunnerStatusSvc<T> {
+                        type Response = super::RunnerStatus;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetRunnerStatusRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Runner>::get_runner_status(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetRunnerStatusSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Runner/ListAgentUsage" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListAgentUsageSvc<T: Runner>(pub Arc<T>);
+                    impl<
+                        T: Runner,
+                    > tonic::server::UnaryService<super::ListAgentUsageRequest>
+                    for ListAgentUsageSvc<T> {
+                        type Response = super::ListAgentUsageResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListAgentUsageRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Runner>::list_agent_usage(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListAgentUsageSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Runner/ListSessionMessages" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListSessionMessagesSvc<T: Runner>(pub Arc<T>);
+                    impl<
+                        T: Runner,
+                    > tonic::server::UnaryService<super::ListSessionMessagesRequest>
+                    for ListSessionMessagesSvc<T> {
+                        type Response = super::ListSessionMessagesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListSessionMessagesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Runner>::list_session_messages(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListSessionMessagesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Runner/ReopenOutbound" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReopenOutboundSvc<T: Runner>(pub Arc<T>);
+                    impl<
+                        T: Runner,
+                    > tonic::server::UnaryService<super::ReopenOutboundRequest>
+                    for ReopenOutboundSvc<T> {
+                        type Response = super::ReopenOutboundResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReopenOutboundRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Runner>::reopen_outbound(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReopenOutboundSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -1338,6 +1810,21 @@ pub mod runner_server {
     impl<T> tonic::server::NamedService for RunnerServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RetryDeliveryRequest {
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub out_seq: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RetryDeliveryResponse {
+    /// The row's state after the call: "pending" (it will be sent again).
+    #[prost(string, tag = "1")]
+    pub state: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1451,6 +1938,9 @@ pub struct DeliveryRecord {
     /// While a rate-limit wait is in progress: when it ends (ms since the epoch); else 0.
     #[prost(int64, tag = "11")]
     pub waiting_until_ms: i64,
+    /// A failed row whose failure was transient: RetryDelivery may send it again.
+    #[prost(bool, tag = "12")]
+    pub retryable: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1656,6 +2146,32 @@ pub mod delivery_client {
                 .insert(GrpcMethod::new("ferroclaw.v1.Delivery", "AnswerQuestion"));
             self.inner.unary(req, path, codec).await
         }
+        /// Sends a failed delivery again, when its failure was transient (the destination was
+        /// down or kept failing until the row was given up). FAILED_PRECONDITION otherwise.
+        pub async fn retry_delivery(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RetryDeliveryRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RetryDeliveryResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ferroclaw.v1.Delivery/RetryDelivery",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ferroclaw.v1.Delivery", "RetryDelivery"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1711,6 +2227,15 @@ pub mod delivery_server {
             request: tonic::Request<super::AnswerQuestionRequest>,
         ) -> std::result::Result<
             tonic::Response<super::AnswerQuestionResponse>,
+            tonic::Status,
+        >;
+        /// Sends a failed delivery again, when its failure was transient (the destination was
+        /// down or kept failing until the row was given up). FAILED_PRECONDITION otherwise.
+        async fn retry_delivery(
+            &self,
+            request: tonic::Request<super::RetryDeliveryRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RetryDeliveryResponse>,
             tonic::Status,
         >;
     }
@@ -1961,6 +2486,51 @@ pub mod delivery_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = AnswerQuestionSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ferroclaw.v1.Delivery/RetryDelivery" => {
+                    #[allow(non_camel_case_types)]
+                    struct RetryDeliverySvc<T: Delivery>(pub Arc<T>);
+                    impl<
+                        T: Delivery,
+                    > tonic::server::UnaryService<super::RetryDeliveryRequest>
+                    for RetryDeliverySvc<T> {
+                        type Response = super::RetryDeliveryResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RetryDeliveryRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Delivery>::retry_delivery(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RetryDeliverySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

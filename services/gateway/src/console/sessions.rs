@@ -77,6 +77,7 @@ async fn load(
         // The agent filter runs in the runner.
         .list_sessions(ListSessionsRequest {
             agent: query.agent.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -249,6 +250,7 @@ mod tests {
             agent_state: state.into(),
             pending: (i % 3) as i64,
             agent_starts: 1,
+            ..Default::default()
         }
     }
 
