@@ -4,6 +4,8 @@
 mod api;
 mod chat;
 mod sse;
+mod status;
+mod table;
 mod up;
 
 use std::ffi::OsString;
@@ -68,6 +70,14 @@ enum Command {
         #[command(subcommand)]
         action: api::TaskCommand,
     },
+    /// The services, the agents against the cap, the queue and recent delivery failures,
+    /// as tables. Exits 1 when a service does not answer.
+    Status {
+        #[command(flatten)]
+        api: api::ApiArgs,
+    },
+    /// Sessions as a table: state, last activity, messages in and out, tokens and cost.
+    Sessions(status::SessionsArgs),
     /// Exit 0 when a service answers: `grpc://HOST:PORT` (gRPC health), `http://…` (GET),
     /// or `tcp://HOST:PORT` (a connection opens).
     /// For container health checks, where images hold no shell or curl.
@@ -120,6 +130,8 @@ pub async fn main_from(args: impl IntoIterator<Item = OsString>) -> anyhow::Resu
         } => chat::run(&api, &conversation, &sender).await,
         Command::Tasks { api, action } => api::tasks(&api, action).await,
         Command::Probe { target } => probe(&target).await,
+        Command::Status { api } => status::status(&api).await,
+        Command::Sessions(args) => status::sessions(&args).await,
         Command::Hook {
             api,
             source,

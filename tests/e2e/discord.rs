@@ -90,6 +90,35 @@ async fn channel_mention_and_dm_messages_get_one_reply_each() -> anyhow::Result<
         "duplicate and bot messages gave nothing"
     );
     assert_eq!(fake.wait_posted(MENTION_ONLY, 1).await?.len(), 1);
+
+    // The channel's session reads as a chat in the operator console: what Ann wrote and
+    // the reply, delivered (the console is open without an API token, on loopback).
+    let (_, listed) = cluster.get("/v1/sessions?limit=50").await?;
+    let session = listed["sessions"]
+        .as_array()
+        .and_then(|all| {
+            all.iter().find(|s| {
+                s["conversation_key"]
+                    .as_str()
+                    .is_some_and(|k| k.starts_with("discord:") && k.contains(&OPEN.to_string()))
+            })
+        })
+        .ok_or_else(|| anyhow::anyhow!("no session of the open channel in {listed}"))?;
+    assert_eq!(session["messages_in"], json!(1), "{session}");
+    assert_eq!(session["messages_out"], json!(1), "{session}");
+    let id = session["id"].as_str().unwrap_or_default();
+    let html = reqwest::get(format!("{}/ui/sessions/{id}/messages", cluster.api()))
+        .await?
+        .text()
+        .await?;
+    let mine = html.find(r#"class="msg mine""#).unwrap_or(usize::MAX);
+    let agent = html.find(r#"class="msg agent""#).unwrap_or(usize::MAX);
+    assert!(mine < agent && agent < usize::MAX, "{html}");
+    assert!(html[mine..agent].contains("hello bot"), "{html}");
+    assert!(
+        html[agent..].contains("echo: hello bot") && html[agent..].contains("delivered"),
+        "{html}"
+    );
     cluster.stop().await
 }
 

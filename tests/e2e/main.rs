@@ -7,6 +7,7 @@ mod cli_up;
 mod compose;
 mod console;
 mod delivery_lanes;
+mod delivery_retry;
 mod discord;
 mod discord_catch_up;
 mod docker;

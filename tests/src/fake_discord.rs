@@ -420,6 +420,12 @@ impl FakeDiscord {
         }
     }
 
+    /// Forgets the scripted failures not yet answered: the next posts succeed (an outage
+    /// ends).
+    pub fn clear_failures(&self) {
+        self.lock().failures.clear();
+    }
+
     /// Posts to `channel_id` answer Discord's real 429 (body, `Retry-After` and
     /// `X-RateLimit-*` headers) for `duration`, each asking to wait for what is left of it.
     pub fn rate_limit_channel(&self, channel_id: u64, duration: std::time::Duration) {

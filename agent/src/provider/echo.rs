@@ -85,7 +85,15 @@ fn directive<T: serde::de::DeserializeOwned>(
 /// `echo: <what came in>` for one message.
 pub fn quote(content: &InboundContent) -> String {
     match content {
-        InboundContent::Chat(c) => format!("echo: {}", c.text),
+        InboundContent::Chat(c) => {
+            // Files are named, so a test sees they arrived.
+            let files: String = c
+                .attachments
+                .iter()
+                .map(|a| format!(" [file {}, {} bytes]", a.name, a.size))
+                .collect();
+            format!("echo: {}{files}", c.text)
+        }
         InboundContent::Webhook(w) => format!("echo: webhook {}: {}", w.source, w.payload),
         InboundContent::Task(t) => format!("echo: task {}: {}", t.name, t.prompt),
         InboundContent::System(s) => format!("echo: system {}: {}", s.event, s.text),

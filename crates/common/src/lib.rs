@@ -12,6 +12,7 @@ pub mod ready;
 pub mod service_db;
 pub mod shutdown;
 pub mod signing;
+pub mod spend;
 pub mod startup;
 pub mod telemetry;
 

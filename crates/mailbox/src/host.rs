@@ -51,6 +51,19 @@ pub struct Settlement<'a> {
     pub detail: Option<&'a str>,
 }
 
+/// What [`HostMailbox::reopen_failed`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reopen {
+    /// Its failed settlement was removed: the row is unsettled again.
+    Reopened,
+    /// It had no settlement (reopened before, or not settled yet): nothing changed.
+    Unsettled,
+    /// It was delivered: that outcome stands.
+    Delivered,
+    /// The agent wrote no such row.
+    Unknown,
+}
+
 pub struct HostMailbox {
     paths: SessionPaths,
     inbound: SqlitePool,
@@ -304,6 +317,39 @@ impl HostMailbox {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Makes a row settled as failed unsettled again (an operator's retry), so the outbound
+    /// stream sends it again. The settlement lives in `inbound.db`, which only the host
+    /// writes: the agent cannot reopen anything. Idempotent: a second call finds the row
+    /// unsettled and changes nothing.
+    pub async fn reopen_failed(&self, out_seq: i64) -> Result<Reopen> {
+        let exists = match self.outbound().await? {
+            Some(out) => sqlx::query_scalar::<_, i64>("SELECT 1 FROM messages_out WHERE seq = $1")
+                .bind(out_seq)
+                .fetch_optional(&out)
+                .await
+                .at(&self.paths.outbound_db())?
+                .is_some(),
+            None => false,
+        };
+        if !exists {
+            return Ok(Reopen::Unknown);
+        }
+        let path = self.paths.inbound_db();
+        let removed =
+            sqlx::query("DELETE FROM delivered WHERE out_seq = $1 AND outcome = 'failed'")
+                .bind(out_seq)
+                .execute(&self.inbound)
+                .await
+                .at(&path)?;
+        if removed.rows_affected() == 1 {
+            return Ok(Reopen::Reopened);
+        }
+        Ok(match self.outcome(out_seq).await?.as_deref() {
+            None => Reopen::Unsettled,
+            Some(_) => Reopen::Delivered,
+        })
+    }
+
     /// Records several outcomes in one transaction (one commit instead of one each); for
     /// each, whether it was recorded (false: the row was already settled).
     pub async fn settle_many(&self, settlements: &[Settlement<'_>]) -> Result<Vec<bool>> {
@@ -517,6 +563,86 @@ mod tests {
         assert_eq!((first.seq, first.duplicate), (2, false));
         assert_eq!((second.seq, second.duplicate), (4, false));
         assert_eq!((again.seq, again.duplicate), (2, true));
+    }
+
+    #[tokio::test]
+    async fn only_a_failed_row_is_reopened_and_reopening_twice_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = SessionPaths::new(dir.path());
+        let host = HostMailbox::open(paths.clone(), JournalMode::Wal)
+            .await
+            .expect("open");
+        assert_eq!(
+            host.reopen_failed(1).await.expect("reopen"),
+            Reopen::Unknown
+        );
+        let agent = crate::AgentMailbox::open(paths, JournalMode::Wal)
+            .await
+            .expect("agent open");
+        let reply = |text: &str| crate::NewOutbound {
+            in_reply_to: None,
+            destination: crate::Destination::Api {
+                conversation: "c".into(),
+            },
+            content: crate::OutboundContent::Chat(crate::content::ChatOut { text: text.into() }),
+            trace: None,
+        };
+        let failed = agent.send_now(&reply("lost")).await.expect("write");
+        let delivered = agent.send_now(&reply("sent")).await.expect("write");
+        let later = agent.send_now(&reply("later")).await.expect("write");
+        assert!(failed < delivered && delivered < later);
+        host.settle(failed, Outcome::Failed, None, Some("given up"))
+            .await
+            .expect("settle");
+        host.settle(delivered, Outcome::Delivered, Some("pm"), None)
+            .await
+            .expect("settle");
+        let host = &host;
+        let unsettled = |after| async move {
+            host.unsettled_after(after, usize::MAX)
+                .await
+                .expect("unsettled")
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(unsettled(0).await, [later]);
+
+        assert_eq!(
+            host.reopen_failed(failed).await.expect("reopen"),
+            Reopen::Reopened
+        );
+        assert_eq!(unsettled(0).await, [failed, later], "streamed again");
+        assert_eq!(host.outcome(failed).await.expect("outcome"), None);
+        assert_eq!(
+            host.reopen_failed(failed).await.expect("reopen"),
+            Reopen::Unsettled,
+            "a repeated reopen changes nothing"
+        );
+        assert_eq!(
+            host.reopen_failed(delivered).await.expect("reopen"),
+            Reopen::Delivered
+        );
+        assert_eq!(
+            host.outcome(delivered).await.expect("outcome").as_deref(),
+            Some("delivered"),
+            "a delivered row's outcome stands"
+        );
+        assert_eq!(
+            host.reopen_failed(later).await.expect("reopen"),
+            Reopen::Unsettled
+        );
+        assert_eq!(
+            host.reopen_failed(later + 2).await.expect("reopen"),
+            Reopen::Unknown
+        );
+        // Settled again after its retry: the new outcome is recorded.
+        assert!(
+            host.settle(failed, Outcome::Delivered, Some("pm2"), None)
+                .await
+                .expect("settle")
+        );
+        agent.close().await;
     }
 
     #[tokio::test]

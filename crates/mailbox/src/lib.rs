@@ -22,7 +22,7 @@ pub use agent::AgentMailbox;
 pub use content::{Destination, InboundContent, Origin, OutboundContent};
 pub use db::JournalMode;
 pub use error::{Error, Result};
-pub use host::{HostMailbox, Settlement};
+pub use host::{HostMailbox, Reopen, Settlement};
 pub use paths::SessionPaths;
 pub use rows::{InboundRow, NewInbound, NewOutbound, OutboundRow, Outcome};
 

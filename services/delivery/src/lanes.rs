@@ -6,6 +6,10 @@
 //! A lane exists only while it has rows: its task takes them in order and ends with the
 //! last one, so 10,000 quiet destinations cost nothing. The rows held across all lanes are
 //! bounded ([`MAX_BUFFERED_ROWS`]); past that, reading the runner's stream pauses.
+//!
+//! An operator's retry claims its row here while it marks it in the ledger and has the
+//! runner reopen it ([`Lanes::claim`]): no lane reads the row's ledger entry meanwhile, so
+//! the row is neither settled failed under the retry nor sent before it is marked.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -55,6 +59,29 @@ struct State {
     /// (session, seq) of every row in a lane: a row the runner sends again (on a new
     /// stream) while it is still here is not queued twice.
     held: HashSet<(String, i64)>,
+    /// Rows claimed by a retry in progress, with the row if the runner sent it meanwhile:
+    /// it is queued when the claim ends.
+    claimed: HashMap<(String, i64), Option<OutboundMessage>>,
+}
+
+/// A row claimed by [`Lanes::claim`]; dropping it ends the claim and queues the row if the
+/// runner sent it meanwhile (also when the retry's future is dropped half-way).
+pub struct Claim {
+    lanes: Lanes,
+    key: (String, i64),
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let arrived = self.lanes.lock().claimed.remove(&self.key).flatten();
+        if let Some(message) = arrived {
+            let lanes = self.lanes.clone();
+            self.lanes
+                .inner
+                .tasks
+                .spawn(async move { lanes.push(message).await });
+        }
+    }
 }
 
 struct Queued {
@@ -79,17 +106,29 @@ impl Lanes {
     /// hold [`MAX_BUFFERED_ROWS`].
     pub async fn push(&self, message: OutboundMessage) {
         let key = (message.session_id.clone(), message.seq);
-        if self.lock().held.contains(&key) {
-            return;
+        {
+            let mut state = self.lock();
+            if state.held.contains(&key) {
+                return;
+            }
+            if let Some(arrived) = state.claimed.get_mut(&key) {
+                *arrived = Some(message);
+                return;
+            }
         }
         let Ok(slot) = self.inner.buffered.clone().acquire_owned().await else {
             return;
         };
         let lane = lane_of(&message);
         let mut state = self.lock();
-        if !state.held.insert(key) {
+        if state.held.contains(&key) {
             return;
         }
+        if let Some(arrived) = state.claimed.get_mut(&key) {
+            *arrived = Some(message);
+            return;
+        }
+        state.held.insert(key);
         let queued = Queued {
             message,
             _slot: slot,
@@ -102,6 +141,21 @@ impl Lanes {
                 self.inner.tasks.spawn(async move { lanes.run(lane).await });
             }
         }
+    }
+
+    /// Claims a row for a retry: `None` while a lane holds it (it is being sent, or its
+    /// failure reported and settled) or another retry has claimed it.
+    pub fn claim(&self, session_id: &str, out_seq: i64) -> Option<Claim> {
+        let key = (session_id.to_string(), out_seq);
+        let mut state = self.lock();
+        if state.held.contains(&key) || state.claimed.contains_key(&key) {
+            return None;
+        }
+        state.claimed.insert(key.clone(), None);
+        Some(Claim {
+            lanes: self.clone(),
+            key,
+        })
     }
 
     /// Waits for every lane's task to end (after shutdown: each finishes the send in hand).
@@ -191,5 +245,68 @@ mod tests {
             "actions:ses_1"
         );
         assert_eq!(lane_of(&row("chat", "nonsense")), "unknown:ses_1");
+    }
+
+    /// Lanes whose runner never answers: a row's settlement waits until shutdown.
+    async fn lanes_without_a_runner(
+        dir: &std::path::Path,
+        shutdown: &CancellationToken,
+    ) -> (Lanes, crate::ledger::Ledger) {
+        let ledger = crate::ledger::Ledger::open(&dir.join("delivery.db"))
+            .await
+            .unwrap();
+        let auth = ferroclaw_common::grpc_auth::AttachToken::new(None).unwrap();
+        // Nothing listens on port 9 (discard): calls fail, and settling retries.
+        let runner = ferroclaw_common::grpc::channel("http://127.0.0.1:9", auth).unwrap();
+        let settler = crate::settler::Settler::start(runner.clone(), shutdown.clone());
+        let delivery = RowDelivery::new(
+            Arc::new(ferroclaw_common::Config::default()),
+            runner.clone(),
+            runner,
+            ledger.clone(),
+            None,
+            settler,
+        );
+        (Lanes::new(Arc::new(delivery), shutdown.clone()), ledger)
+    }
+
+    #[tokio::test]
+    async fn a_claimed_row_waits_for_its_claim_and_a_held_row_cannot_be_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let (lanes, ledger) = lanes_without_a_runner(dir.path(), &shutdown).await;
+        let mut message = row("chat", r#"{"kind":"api","conversation":"c"}"#);
+        message.content_json = r#"{"text":"hi"}"#.into();
+
+        let claim = lanes.claim("ses_1", 1).expect("nobody holds the row");
+        assert!(lanes.claim("ses_1", 1).is_none(), "one retry at a time");
+        // The runner sends the row while the retry holds it: no lane reads its ledger
+        // entry until the claim ends.
+        lanes.push(message.clone()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(ledger.outcome("ses_1", 1).await.unwrap(), None);
+
+        drop(claim);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ledger.outcome("ses_1", 1).await.unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the row was never sent"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Its lane holds it until the runner takes the settlement (never, here).
+        assert!(lanes.claim("ses_1", 1).is_none());
+        lanes.push(message).await;
+        assert_eq!(
+            ledger
+                .conversation_messages("c", 0, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        shutdown.cancel();
+        lanes.drained().await;
     }
 }

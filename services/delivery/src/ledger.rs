@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS ledger (
     reason              TEXT,               -- a failure in one plain sentence
     waits               INTEGER NOT NULL DEFAULT 0, -- rate-limit waits (not attempts)
     waiting_until       INTEGER,            -- while a rate-limit wait is in progress
+    retryable           INTEGER NOT NULL DEFAULT 0, -- failed after transient errors only
+    retried_at          INTEGER,            -- when an operator last sent it again
     PRIMARY KEY (session_id, out_seq)
 );
 CREATE TABLE IF NOT EXISTS conversation_messages (
@@ -133,6 +135,35 @@ pub struct Entry {
     pub waits: i64,
     /// Set while the row waits out a rate limit.
     pub waiting_until: Option<i64>,
+    /// A failed row whose failure was transient: it may be sent again.
+    pub retryable: bool,
+    /// When an operator last sent it again.
+    pub retried_at: Option<i64>,
+}
+
+/// What the ledger knows of a row before it is (re)sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowState {
+    /// Its final outcome, once it has one.
+    pub settled: Option<Settled>,
+    /// When an operator last sent it again: its maximum age counts from then.
+    pub retried_at: Option<i64>,
+}
+
+/// Why a row cannot be sent again, in a sentence for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RetryRefused {
+    #[error("delivery has no record of message {1} of session {0}")]
+    Unknown(String, i64),
+    #[error("message {1} of session {0} was delivered; there is nothing to send again")]
+    Delivered(String, i64),
+    #[error("message {1} of session {0} is still being delivered")]
+    Pending(String, i64),
+    #[error(
+        "message {1} of session {0} was refused by the destination; sending it again would \
+         fail the same way"
+    )]
+    Refused(String, i64),
 }
 
 /// A message of an API conversation.
@@ -189,7 +220,7 @@ impl Ledger {
                 .execute(&pool)
                 .await?;
         }
-        // Ledgers from before rate limits were waits get the columns for them.
+        // Ledgers from before rate-limit waits and retries get the columns for them.
         let columns: Vec<String> =
             sqlx::query_scalar("SELECT name FROM pragma_table_info('ledger')")
                 .fetch_all(&pool)
@@ -203,6 +234,16 @@ impl Ledger {
             (
                 "waiting_until",
                 "ALTER TABLE ledger ADD COLUMN waiting_until INTEGER",
+            ),
+            // Rows failed before retries existed are not retryable: why they failed is
+            // not known.
+            (
+                "retryable",
+                "ALTER TABLE ledger ADD COLUMN retryable INTEGER NOT NULL DEFAULT 0",
+            ),
+            (
+                "retried_at",
+                "ALTER TABLE ledger ADD COLUMN retried_at INTEGER",
             ),
         ] {
             if !columns.iter().any(|c| c == column) {
@@ -231,20 +272,35 @@ impl Ledger {
 
     /// The final outcome of a row already handled, if any.
     pub async fn outcome(&self, session_id: &str, out_seq: i64) -> Result<Option<Settled>> {
-        type Row = (String, Option<String>, Option<String>, Option<String>);
+        Ok(self.row_state(session_id, out_seq).await?.settled)
+    }
+
+    /// The row's final outcome, if any (a row marked for retry has none), and when it was
+    /// last retried.
+    pub async fn row_state(&self, session_id: &str, out_seq: i64) -> Result<RowState> {
+        type Row = (
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+        );
         let row: Option<Row> = sqlx::query_as(
-            "SELECT state, platform_message_id, detail, reason FROM ledger
+            "SELECT state, platform_message_id, detail, reason, retried_at FROM ledger
              WHERE session_id = $1 AND out_seq = $2",
         )
         .bind(session_id)
         .bind(out_seq)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(match row {
-            Some((state, pmid, _, _)) if state == "delivered" => Some(Settled::Delivered {
+        let Some((state, pmid, detail, reason, retried_at)) = row else {
+            return Ok(RowState::default());
+        };
+        let settled = match state.as_str() {
+            "delivered" => Some(Settled::Delivered {
                 platform_message_id: pmid.unwrap_or_default(),
             }),
-            Some((state, _, detail, reason)) if state == "failed" => {
+            "failed" => {
                 let detail = detail.unwrap_or_default();
                 Some(Settled::Failed {
                     // Rows failed before reasons were kept say what they said then.
@@ -253,7 +309,94 @@ impl Ledger {
                 })
             }
             _ => None,
+        };
+        Ok(RowState {
+            settled,
+            retried_at,
         })
+    }
+
+    /// Marks a failed row for sending again: `pending` (so [`Self::outcome`] has none and
+    /// the row goes out when it comes back), attempts kept, `retried_at` = `now`. Only a
+    /// row whose failure was transient. A row already marked and not settled since (its
+    /// retry was cut short before the runner reopened it) is marked again with `now`.
+    pub async fn mark_for_retry(
+        &self,
+        session_id: &str,
+        out_seq: i64,
+        now: i64,
+    ) -> Result<std::result::Result<(), RetryRefused>> {
+        let marked = sqlx::query(
+            "UPDATE ledger SET state = 'pending', retried_at = $3, waiting_until = NULL,
+                updated_at = $3
+             WHERE session_id = $1 AND out_seq = $2
+               AND ((state = 'failed' AND retryable = 1)
+                    OR (state = 'pending' AND retried_at IS NOT NULL))",
+        )
+        .bind(session_id)
+        .bind(out_seq)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if marked.rows_affected() == 1 {
+            return Ok(Ok(()));
+        }
+        // Nothing else changes the entry while its retry holds the row, so what refused
+        // the mark still does.
+        let refused = self.retry_refusal(session_id, out_seq).await?;
+        Ok(Err(refused.unwrap_or_else(|| {
+            RetryRefused::Pending(session_id.to_string(), out_seq)
+        })))
+    }
+
+    /// Why the row may not be marked for retry; `None` when it may (failed after transient
+    /// errors, or marked before and not settled since).
+    pub async fn retry_refusal(
+        &self,
+        session_id: &str,
+        out_seq: i64,
+    ) -> Result<Option<RetryRefused>> {
+        let found: Option<(String, bool, Option<i64>)> = sqlx::query_as(
+            "SELECT state, retryable, retried_at FROM ledger WHERE session_id = $1 AND out_seq = $2",
+        )
+        .bind(session_id)
+        .bind(out_seq)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (session, seq) = (session_id.to_string(), out_seq);
+        Ok(match found {
+            None => Some(RetryRefused::Unknown(session, seq)),
+            Some((state, _, _)) if state == "delivered" => {
+                Some(RetryRefused::Delivered(session, seq))
+            }
+            Some((state, false, _)) if state == "failed" => {
+                Some(RetryRefused::Refused(session, seq))
+            }
+            Some((state, true, _)) if state == "failed" => None,
+            Some((_, _, Some(_))) => None,
+            Some(_) => Some(RetryRefused::Pending(session, seq)),
+        })
+    }
+
+    /// Undoes [`Self::mark_for_retry`] of `retried_at` when the row cannot be sent again
+    /// after all (the runner no longer has it): failed, as before.
+    pub async fn unmark_retry(
+        &self,
+        session_id: &str,
+        out_seq: i64,
+        retried_at: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE ledger SET state = 'failed', updated_at = $4
+             WHERE session_id = $1 AND out_seq = $2 AND state = 'pending' AND retried_at = $3",
+        )
+        .bind(session_id)
+        .bind(out_seq)
+        .bind(retried_at)
+        .bind(ferroclaw_content::now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Records an attempt at a row (creating its entry); returns the attempt number.
@@ -353,7 +496,7 @@ impl Ledger {
              VALUES ($1, $2, 'delivered', 1, $3, $4, $5, $6)
              ON CONFLICT (session_id, out_seq) DO UPDATE
                SET state = 'delivered', attempts = ledger.attempts + 1,
-                   platform_message_id = $5, updated_at = $6",
+                   platform_message_id = $5, retryable = 0, updated_at = $6",
         )
         .bind(&row.session_id)
         .bind(row.seq)
@@ -462,15 +605,23 @@ impl Ledger {
         Ok(())
     }
 
-    /// Marks a row failed for good: `detail` for operators, `reason` in a plain sentence.
-    pub async fn fail(&self, row: &OutboundMessage, detail: &str, reason: &str) -> Result<()> {
+    /// Marks a row failed: `detail` for operators, `reason` in a plain sentence.
+    /// `retryable`: the failure was transient (given up after server errors or rate
+    /// limits), so an operator may send it again; a refusal is not.
+    pub async fn fail(
+        &self,
+        row: &OutboundMessage,
+        detail: &str,
+        reason: &str,
+        retryable: bool,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO ledger (session_id, out_seq, state, attempts, kind, destination, detail,
-                reason, updated_at)
-             VALUES ($1, $2, 'failed', 1, $3, $4, $5, $6, $7)
+                reason, updated_at, retryable)
+             VALUES ($1, $2, 'failed', 1, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (session_id, out_seq) DO UPDATE
                SET state = 'failed', detail = $5, reason = $6, waiting_until = NULL,
-                   updated_at = $7",
+                   updated_at = $7, retryable = $8",
         )
         .bind(&row.session_id)
         .bind(row.seq)
@@ -479,6 +630,7 @@ impl Ledger {
         .bind(detail)
         .bind(reason)
         .bind(ferroclaw_content::now_ms())
+        .bind(retryable)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -493,7 +645,7 @@ impl Ledger {
              VALUES ($1, $2, 'delivered', 1, $3, $4, $5, $6)
              ON CONFLICT (session_id, out_seq) DO UPDATE
                SET state = 'delivered', platform_message_id = $5, waiting_until = NULL,
-                   updated_at = $6",
+                   retryable = 0, updated_at = $6",
         )
         .bind(&row.session_id)
         .bind(row.seq)
@@ -590,7 +742,8 @@ impl Ledger {
     pub async fn list(&self, limit: u32) -> Result<Vec<Entry>> {
         let rows = sqlx::query(
             "SELECT session_id, out_seq, state, attempts, destination, platform_message_id, detail,
-                updated_at, reason, waits, waiting_until
+                updated_at, reason, waits, waiting_until,
+                (state = 'failed' AND retryable = 1) AS retryable, retried_at
              FROM ledger ORDER BY updated_at DESC LIMIT $1",
         )
         .bind(i64::from(limit))
@@ -610,6 +763,8 @@ impl Ledger {
                     reason: r.try_get("reason")?,
                     waits: r.try_get("waits")?,
                     waiting_until: r.try_get("waiting_until")?,
+                    retryable: r.try_get("retryable")?,
+                    retried_at: r.try_get("retried_at")?,
                 })
             })
             .collect()
@@ -689,5 +844,187 @@ mod tests {
             .await
             .unwrap();
         assert!(none.is_empty());
+    }
+    async fn entry(ledger: &Ledger, seq: i64) -> Entry {
+        ledger
+            .list(100)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|e| e.out_seq == seq)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failure_records_whether_it_was_transient() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("delivery.db")).await.unwrap();
+        ledger.attempt("s", 1, "chat", "{}").await.unwrap();
+        ledger
+            .fail(&row(1), "given up: 502", "Discord kept failing.", true)
+            .await
+            .unwrap();
+        ledger.attempt("s", 3, "chat", "{}").await.unwrap();
+        ledger
+            .fail(&row(3), "403", "Discord refused it.", false)
+            .await
+            .unwrap();
+        ledger.attempt("s", 5, "chat", "{}").await.unwrap();
+        ledger.delivered(&row(5), "pm").await.unwrap();
+
+        let given_up = entry(&ledger, 1).await;
+        assert_eq!(
+            (given_up.state.as_str(), given_up.retryable),
+            ("failed", true)
+        );
+        assert_eq!(given_up.reason.as_deref(), Some("Discord kept failing."));
+        assert!(
+            !entry(&ledger, 3).await.retryable,
+            "a refusal is not retryable"
+        );
+        assert!(!entry(&ledger, 5).await.retryable);
+    }
+
+    #[tokio::test]
+    async fn a_retry_makes_a_transient_failure_pending_again_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("delivery.db")).await.unwrap();
+        ledger.attempt("s", 1, "chat", "{}").await.unwrap();
+        ledger.attempt("s", 1, "chat", "{}").await.unwrap();
+        ledger
+            .fail(&row(1), "given up", "It kept failing.", true)
+            .await
+            .unwrap();
+        assert!(ledger.outcome("s", 1).await.unwrap().is_some());
+
+        assert_eq!(ledger.mark_for_retry("s", 1, 1_000).await.unwrap(), Ok(()));
+        let state = ledger.row_state("s", 1).await.unwrap();
+        assert_eq!(
+            state.settled, None,
+            "no outcome: the row goes out when it comes back"
+        );
+        assert_eq!(state.retried_at, Some(1_000));
+        let marked = entry(&ledger, 1).await;
+        assert_eq!(
+            (marked.state.as_str(), marked.attempts),
+            ("pending", 2),
+            "attempts kept"
+        );
+        assert!(!marked.retryable, "a pending row is not retryable");
+
+        // A retry cut short before the runner reopened the row may be done again; it
+        // counts from the new time.
+        assert_eq!(ledger.retry_refusal("s", 1).await.unwrap(), None);
+        assert_eq!(ledger.mark_for_retry("s", 1, 2_000).await.unwrap(), Ok(()));
+        assert_eq!(
+            ledger.row_state("s", 1).await.unwrap().retried_at,
+            Some(2_000)
+        );
+
+        // The runner could not take it back: failed again, as before.
+        ledger.unmark_retry("s", 1, 1_000).await.unwrap();
+        assert_eq!(entry(&ledger, 1).await.state, "pending", "not our mark");
+        ledger.unmark_retry("s", 1, 2_000).await.unwrap();
+        let failed = entry(&ledger, 1).await;
+        assert_eq!((failed.state.as_str(), failed.retryable), ("failed", true));
+
+        // Sent again and delivered: nothing more to retry.
+        assert_eq!(ledger.mark_for_retry("s", 1, 3_000).await.unwrap(), Ok(()));
+        assert_eq!(ledger.attempt("s", 1, "chat", "{}").await.unwrap(), 3);
+        ledger.delivered(&row(1), "pm").await.unwrap();
+        assert_eq!(
+            ledger.mark_for_retry("s", 1, 4_000).await.unwrap(),
+            Err(RetryRefused::Delivered("s".into(), 1))
+        );
+        assert!(matches!(
+            ledger.outcome("s", 1).await.unwrap(),
+            Some(Settled::Delivered { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_refused_pending_or_unknown_row_is_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("delivery.db")).await.unwrap();
+        ledger.attempt("s", 1, "chat", "{}").await.unwrap();
+        ledger
+            .fail(&row(1), "403", "Discord refused it.", false)
+            .await
+            .unwrap();
+        ledger.attempt("s", 3, "chat", "{}").await.unwrap();
+
+        let refused = ledger.mark_for_retry("s", 1, 1_000).await.unwrap();
+        assert_eq!(refused, Err(RetryRefused::Refused("s".into(), 1)));
+        assert!(
+            refused.unwrap_err().to_string().contains(
+                "was refused by the destination; sending it again would fail the same way"
+            )
+        );
+        assert_eq!(
+            ledger.mark_for_retry("s", 3, 1_000).await.unwrap(),
+            Err(RetryRefused::Pending("s".into(), 3)),
+            "still being delivered for the first time"
+        );
+        assert_eq!(
+            ledger.mark_for_retry("s", 9, 1_000).await.unwrap(),
+            Err(RetryRefused::Unknown("s".into(), 9))
+        );
+        assert!(matches!(
+            ledger.outcome("s", 1).await.unwrap(),
+            Some(Settled::Failed { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_ledger_from_before_retries_gets_the_columns_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("delivery.db");
+        {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.unwrap();
+            // The first ledger's layout: no reasons, waits or retries.
+            sqlx::query(
+                "CREATE TABLE ledger (
+                    session_id TEXT NOT NULL, out_seq INTEGER NOT NULL, state TEXT NOT NULL,
+                    attempts INTEGER NOT NULL, kind TEXT NOT NULL, destination TEXT NOT NULL,
+                    platform_message_id TEXT, detail TEXT, updated_at INTEGER NOT NULL,
+                    PRIMARY KEY (session_id, out_seq))",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO ledger VALUES ('s', 1, 'failed', 3, 'chat', '{}', NULL, '502', 5)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let ledger = Ledger::open(&path).await.unwrap();
+        let old = entry(&ledger, 1).await;
+        assert_eq!((old.state.as_str(), old.attempts), ("failed", 3));
+        assert!(!old.retryable, "why an old row failed is not known");
+        assert_eq!(old.retried_at, None);
+        assert_eq!(
+            ledger.mark_for_retry("s", 1, 1_000).await.unwrap(),
+            Err(RetryRefused::Refused("s".into(), 1))
+        );
+        ledger.attempt("s", 3, "chat", "{}").await.unwrap();
+        ledger
+            .fail(&row(3), "given up", "It kept failing.", true)
+            .await
+            .unwrap();
+        assert!(entry(&ledger, 3).await.retryable);
+        assert_eq!(ledger.mark_for_retry("s", 3, 1_000).await.unwrap(), Ok(()));
+        ledger.close().await;
+        // Opening it again finds every column in place.
+        let again = Ledger::open(&path).await.unwrap();
+        assert_eq!(
+            again.row_state("s", 3).await.unwrap().retried_at,
+            Some(1_000)
+        );
     }
 }

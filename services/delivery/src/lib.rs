@@ -58,7 +58,7 @@ pub async fn run(
         settler::Settler::start(runner.clone(), shutdown.clone()),
     );
     let lanes = Lanes::new(std::sync::Arc::new(rows), shutdown.clone());
-    let consumer = Consumer::new(runner, lanes, "delivery".into());
+    let consumer = Consumer::new(runner, lanes.clone(), "delivery".into());
     let consuming = tokio::spawn(consumer.run(shutdown.clone()));
     if let Some(discord) = discord {
         tokio::spawn(typing::run(runner_for_typing, discord, shutdown.clone()));
@@ -75,6 +75,7 @@ pub async fn run(
             conversation_watch::MAX_WATCHERS,
             shutdown.clone(),
         ),
+        lanes,
     }));
     let metrics_addr =
         ferroclaw_common::metrics::serve_on(config.metrics.delivery, shutdown.clone()).await?;

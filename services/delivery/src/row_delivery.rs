@@ -1,7 +1,7 @@
 //! One outbound row, start to end: delivered at most once (the ledger remembers), retried
 //! through waits and transient failures until it goes out, is refused, or is older than
-//! the maximum age; a failure is told to the agent in a plain sentence; the outcome is
-//! settled back to the runner.
+//! the maximum age (counted from an operator's retry, if there was one); a failure is told
+//! to the agent in a plain sentence; the outcome is settled back to the runner.
 
 use crate::metrics;
 use crate::settler::Settler;
@@ -123,14 +123,19 @@ impl RowDelivery {
         message: &OutboundMessage,
         shutdown: &CancellationToken,
     ) -> Result<Option<Settled>> {
-        if let Some(done) = self
+        let state = self
             .ledger
-            .outcome(&message.session_id, message.seq)
-            .await?
-        {
+            .row_state(&message.session_id, message.seq)
+            .await?;
+        if let Some(done) = state.settled {
             return Ok(Some(done));
         }
-        let age = ferroclaw_content::now_ms().saturating_sub(message.created_at_ms);
+        // A row an operator sent again gets a whole maximum age from the retry: counted
+        // from its creation, it would be given up at once.
+        let since = message
+            .created_at_ms
+            .max(state.retried_at.unwrap_or(i64::MIN));
+        let age = ferroclaw_content::now_ms().saturating_sub(since);
         let left = self
             .max_age()
             .saturating_sub(Duration::from_millis(age.max(0) as u64));
@@ -172,7 +177,9 @@ impl RowDelivery {
                 Err(SendError::Permanent(failure)) => {
                     tracing::warn!(detail = %failure.detail, "delivery refused");
                     metrics::settled(message, "refused");
-                    return self.fail(message, failure.detail, failure.plain).await;
+                    return self
+                        .fail(message, failure.detail, failure.plain, false)
+                        .await;
                 }
                 Err(SendError::Wait {
                     wait,
@@ -215,7 +222,8 @@ impl RowDelivery {
                 let detail = format!("given up after {max_age}: {detail}");
                 tracing::warn!(%detail, "delivery given up");
                 metrics::settled(message, "given_up");
-                return self.fail(message, detail, reason).await;
+                // Only transient failures got here: the destination may take it later.
+                return self.fail(message, detail, reason, true).await;
             }
             if !pause(wait, shutdown).await {
                 return Ok(None);
@@ -228,8 +236,11 @@ impl RowDelivery {
         message: &OutboundMessage,
         detail: String,
         reason: String,
+        retryable: bool,
     ) -> Result<Option<Settled>> {
-        self.ledger.fail(message, &detail, &reason).await?;
+        self.ledger
+            .fail(message, &detail, &reason, retryable)
+            .await?;
         Ok(Some(Settled::Failed { detail, reason }))
     }
 

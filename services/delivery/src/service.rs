@@ -6,12 +6,14 @@ use ferroclaw_proto::v1::delivery_server::Delivery;
 use ferroclaw_proto::v1::{
     AnswerQuestionRequest, AnswerQuestionResponse, DeliveryRecord, EnqueueRequest,
     ListConversationMessagesRequest, ListConversationMessagesResponse, ListDeliveriesRequest,
-    ListDeliveriesResponse, Origin, WatchConversationRequest,
+    ListDeliveriesResponse, Origin, ReopenOutboundRequest, RetryDeliveryRequest,
+    RetryDeliveryResponse, WatchConversationRequest,
 };
 use tonic::{Request, Response, Status};
 
 use crate::conversation_watch::{self, Watchers};
-use crate::ledger::{AnswerRefused, Ledger};
+use crate::lanes::Lanes;
+use crate::ledger::{AnswerRefused, Ledger, RetryRefused};
 
 /// Longest long-poll a caller may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(120);
@@ -29,6 +31,8 @@ pub struct DeliveryService {
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
     /// Live conversation streams (they end on the same shutdown).
     pub(crate) watchers: Watchers,
+    /// The lanes rows are delivered in: a retry claims its row there.
+    pub(crate) lanes: Lanes,
 }
 
 /// Whether `user` may answer a question asked in `conversation`: anyone, unless the
@@ -49,6 +53,16 @@ fn may_answer(
     match agent {
         Some(agent) if agent.answerers == "admins" => config.is_admin(&agent.name, user),
         _ => true,
+    }
+}
+
+fn retry_refused(refused: RetryRefused) -> Status {
+    let message = refused.to_string();
+    match refused {
+        RetryRefused::Unknown(..) => Status::not_found(message),
+        RetryRefused::Delivered(..) | RetryRefused::Pending(..) | RetryRefused::Refused(..) => {
+            Status::failed_precondition(message)
+        }
     }
 }
 
@@ -208,17 +222,92 @@ impl Delivery for DeliveryService {
                 reason: e.reason.unwrap_or_default(),
                 rate_limit_waits: e.waits,
                 waiting_until_ms: e.waiting_until.unwrap_or(0),
-                retryable: false,
+                retryable: e.retryable,
             })
             .collect();
         Ok(Response::new(ListDeliveriesResponse { deliveries }))
     }
 
-    // PLACEHOLDER (being implemented): RetryDelivery.
+    /// Sends a failed row again when its failure was transient. Two steps, with the row
+    /// claimed from the lanes throughout: the ledger entry goes back to `pending` (attempts
+    /// kept, `retried_at` now, from which its maximum age counts), then the runner reopens
+    /// the outbound row, so its stream sends it again and the ledger lets it out once.
+    ///
+    /// A crash between the steps leaves the entry pending and the row settled failed at the
+    /// runner, so nothing sends it; calling again marks it again and reopens it. A call for
+    /// a row already marked (its retry under way) is a harmless no-op that answers
+    /// "pending": the runner reopens only a row settled failed, so nothing goes out twice.
+    /// Refused (FAILED_PRECONDITION) for a row that was delivered, is being delivered for
+    /// the first time, or was refused by its destination; NOT_FOUND for a row delivery has
+    /// no record of.
     async fn retry_delivery(
         &self,
-        _request: Request<ferroclaw_proto::v1::RetryDeliveryRequest>,
-    ) -> Result<Response<ferroclaw_proto::v1::RetryDeliveryResponse>, Status> {
-        Err(Status::unimplemented("RetryDelivery"))
+        request: Request<RetryDeliveryRequest>,
+    ) -> Result<Response<RetryDeliveryResponse>, Status> {
+        let req = request.into_inner();
+        if req.session_id.is_empty() {
+            return Err(Status::invalid_argument("session_id must not be empty"));
+        }
+        let (session_id, out_seq) = (req.session_id.as_str(), req.out_seq);
+        let pending = || {
+            Ok(Response::new(RetryDeliveryResponse {
+                state: "pending".into(),
+            }))
+        };
+        let Some(claim) = self.lanes.claim(session_id, out_seq) else {
+            // A lane (or another retry) has the row in hand right now.
+            if let Some(refused) = self.ledger.retry_refusal(session_id, out_seq).await? {
+                return Err(retry_refused(refused));
+            }
+            let state = self.ledger.row_state(session_id, out_seq).await?;
+            if state.settled.is_none() {
+                // Its retry is under way.
+                return pending();
+            }
+            return Err(Status::failed_precondition(format!(
+                "message {out_seq} of session {session_id} is being handled right now; try \
+                 again in a moment"
+            )));
+        };
+        let now = ferroclaw_content::now_ms();
+        if let Err(refused) = self.ledger.mark_for_retry(session_id, out_seq, now).await? {
+            return Err(retry_refused(refused));
+        }
+        let reopened = self
+            .runner
+            .clone()
+            .reopen_outbound(ReopenOutboundRequest {
+                session_id: session_id.to_string(),
+                out_seq,
+            })
+            .await;
+        match reopened {
+            Ok(answer) => {
+                tracing::info!(session = %session_id, seq = out_seq,
+                    reopened = answer.into_inner().reopened, "delivery retried by an operator");
+            }
+            // The runner will never send it (the session or row is gone, or it holds
+            // another outcome): the entry is failed again, as it was.
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::NotFound
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::InvalidArgument
+                ) =>
+            {
+                self.ledger.unmark_retry(session_id, out_seq, now).await?;
+                return Err(status);
+            }
+            // Marked but not reopened: calling again finishes the retry.
+            Err(status) => {
+                return Err(Status::unavailable(format!(
+                    "the runner could not be reached ({}); try again",
+                    status.message()
+                )));
+            }
+        }
+        drop(claim);
+        pending()
     }
 }

@@ -27,7 +27,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::conversation_message::message_json;
 use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody, ErrorCause, ErrorCode, Result};
 use crate::ingress::{Accepted, Ingress, check_conversation};
-use crate::{openapi, tasks_api};
+use crate::{openapi, operator_api, tasks_api};
 
 /// Longest request target (path and query) the API reads; longer ones get a JSON 414.
 /// hyper itself refuses only from 64 KiB on, with a bare status line.
@@ -67,6 +67,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks", get(tasks_api::list_tasks))
         .route("/v1/tasks/{id}/runs", get(tasks_api::list_runs))
         .route("/v1/tasks/{id}/{action}", post(tasks_api::task_action))
+        .route("/v1/status", get(operator_api::status))
+        .route("/v1/agents", get(operator_api::list_agents))
+        .route("/v1/deliveries", get(operator_api::list_deliveries))
+        .route(
+            "/v1/deliveries/{session_id}/{out_seq}/retry",
+            post(operator_api::retry_delivery),
+        )
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
@@ -584,7 +591,8 @@ pub(crate) async fn get_outbox_file(
 /// A session: one conversation with one agent.
 #[derive(Serialize, ToSchema)]
 #[schema(example = json!({"id": "3f2a9c4e-0b1d-4c55-9a7e-2d6f1e8b7a10", "agent": "main", "conversation_key": "api:support-42",
-    "created_at": 1767225600000i64, "last_activity": 1767225660000i64, "agent_state": "idle", "pending": 0, "agent_starts": 1}))]
+    "created_at": 1767225600000i64, "last_activity": 1767225660000i64, "agent_state": "idle", "pending": 0, "agent_starts": 1,
+    "messages_in": 12, "messages_out": 14, "model_requests": 12, "input_tokens": 48210, "output_tokens": 3120, "cost_usd": 0.19}))]
 pub struct SessionBody {
     id: String,
     agent: String,
@@ -594,17 +602,30 @@ pub struct SessionBody {
     created_at: i64,
     /// Unix milliseconds.
     last_activity: i64,
-    /// `idle`, `queued`, `running` or `backoff`.
+    /// `idle`, `queued`, `running`, `backoff` or `unavailable`.
     agent_state: String,
     /// Inbound messages the agent has not processed yet.
     pending: i64,
     /// Agents started for this session since the runner started.
     agent_starts: u64,
+    /// Messages the session received. Counted from its mailbox: given for one session and
+    /// for a list with a `limit`, null in a list without one.
+    messages_in: Option<i64>,
+    /// Messages its agent wrote (same rule as `messages_in`).
+    messages_out: Option<i64>,
+    /// Model requests and tokens through the credential proxy, all time.
+    model_requests: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    /// Dollars at the agent's `price_per_mtok`; null when the agent has no price.
+    cost_usd: Option<f64>,
 }
 
-impl From<Session> for SessionBody {
-    fn from(s: Session) -> Self {
+impl SessionBody {
+    fn new(s: Session, config: &Config) -> Self {
+        let price = config.agent(&s.agent).and_then(|a| a.price_per_mtok);
         Self {
+            cost_usd: ferroclaw_common::spend::cost_usd(price, s.input_tokens, s.output_tokens),
             id: s.id,
             agent: s.agent,
             conversation_key: s.conversation_key,
@@ -613,6 +634,11 @@ impl From<Session> for SessionBody {
             agent_state: s.agent_state,
             pending: s.pending,
             agent_starts: s.agent_starts,
+            messages_in: s.messages_in,
+            messages_out: s.messages_out,
+            model_requests: s.model_requests,
+            input_tokens: s.input_tokens,
+            output_tokens: s.output_tokens,
         }
     }
 }
@@ -622,23 +648,82 @@ pub struct SessionList {
     sessions: Vec<SessionBody>,
     /// Agents started (processes or containers) for all sessions since the runner started.
     agent_starts_total: u64,
+    /// Sessions matching the filter (before `offset` and `limit`).
+    matched: u64,
+    /// Every session, whatever the filter.
+    total: u64,
 }
 
-/// Every session with its agent's state.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SessionsQuery {
+    /// Only this agent's sessions.
+    #[serde(default)]
+    agent: String,
+    /// Only sessions whose agent is in this state (`idle`, `queued`, `running`, `backoff`,
+    /// `unavailable`).
+    #[serde(default)]
+    state: String,
+    /// `recent` (latest activity first), `oldest` (least recent first) or `created` (the
+    /// default: in the order the sessions were created).
+    #[serde(default)]
+    sort: String,
+    /// Sessions to skip (after filtering and sorting).
+    #[serde(default)]
+    offset: u32,
+    /// At most this many (1–500; with a limit, message counts are included). 0 or absent:
+    /// every session, without message counts.
+    #[serde(default)]
+    #[param(maximum = 500)]
+    limit: u32,
+}
+
+/// Sessions with their agent's state, filtered, sorted and paginated.
 #[utoipa::path(
     get,
     path = "/v1/sessions",
     tag = "sessions",
-    responses((status = 200, description = "All sessions", body = SessionList)),
+    params(SessionsQuery),
+    responses(
+        (status = 200, description = "The sessions", body = SessionList),
+        (status = 400, description = "A bad filter, sort or limit", body = ErrorBody),
+    ),
 )]
-pub(crate) async fn list_sessions(State(state): State<AppState>) -> Result<Json<SessionList>> {
+pub(crate) async fn list_sessions(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<SessionsQuery>,
+) -> Result<Json<SessionList>> {
+    if !matches!(query.sort.as_str(), "" | "recent" | "oldest" | "created") {
+        return Err(ApiError::BadRequest(format!(
+            "sort must be recent, oldest or created, not {:?}",
+            query.sort
+        )));
+    }
+    let sort = if query.sort.is_empty() {
+        "created".to_string()
+    } else {
+        query.sort
+    };
     let response = RunnerClient::new(state.runner.clone())
-        .list_sessions(ListSessionsRequest::default())
+        .list_sessions(ListSessionsRequest {
+            agent: query.agent,
+            state: query.state,
+            sort,
+            offset: query.offset,
+            limit: query.limit,
+        })
         .await?
         .into_inner();
+    let config = &state.config;
     Ok(Json(SessionList {
-        sessions: response.sessions.into_iter().map(Into::into).collect(),
+        sessions: response
+            .sessions
+            .into_iter()
+            .map(|s| SessionBody::new(s, config))
+            .collect(),
         agent_starts_total: response.agent_starts_total,
+        matched: response.matched,
+        total: response.total,
     }))
 }
 
@@ -661,7 +746,7 @@ pub(crate) async fn get_session(
         .get_session(GetSessionRequest { session_id: id })
         .await?
         .into_inner();
-    Ok(Json(session.into()))
+    Ok(Json(SessionBody::new(session, &state.config)))
 }
 
 /// What `/readyz` answers: each peer's reachability, and the error body when one is not.

@@ -90,10 +90,24 @@ impl Ingress {
         sender: String,
         idempotency_key: Option<&str>,
     ) -> Result<Accepted> {
+        self.message_with_files(conversation, text, sender, idempotency_key, Vec::new())
+            .await
+    }
+
+    /// A chat message with files already in the session's inbox ([`Self::put_inbox_file`]);
+    /// with files, the text may be empty.
+    pub async fn message_with_files(
+        &self,
+        conversation: &str,
+        text: String,
+        sender: String,
+        idempotency_key: Option<&str>,
+        attachments: Vec<Attachment>,
+    ) -> Result<Accepted> {
         check_conversation(conversation)?;
         let route = self.conversation_agent(conversation)?;
         let key = check_key(idempotency_key)?;
-        if text.trim().is_empty() {
+        if text.trim().is_empty() && attachments.is_empty() {
             return Err(ApiError::BadRequest("text must not be empty".into()));
         }
         match command_gate::check(&self.config, &route, &sender, &text) {
@@ -114,7 +128,7 @@ impl Ingress {
         let content = InboundContent::Chat(ChatIn {
             text,
             sender: sender.clone(),
-            attachments: Vec::new(),
+            attachments,
         });
         self.enqueue(
             &route,

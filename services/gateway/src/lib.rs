@@ -13,6 +13,7 @@ mod http_metrics;
 mod http_trace;
 pub mod ingress;
 pub mod openapi;
+mod operator_api;
 mod tasks_api;
 #[cfg(test)]
 mod test_router;

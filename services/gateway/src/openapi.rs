@@ -16,7 +16,7 @@ use utoipa::openapi::{Components, ContentBuilder, OpenApi as Document, Ref, RefO
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::error::{ErrorBody, ErrorCode, ErrorDetail};
-use crate::{http, http_metrics, tasks_api};
+use crate::{http, http_metrics, operator_api, tasks_api};
 
 /// The security scheme's name in the document.
 const BEARER: &str = "bearer";
@@ -46,6 +46,10 @@ const BEARER: &str = "bearer";
         tasks_api::list_tasks,
         tasks_api::list_runs,
         tasks_api::task_action,
+        operator_api::status,
+        operator_api::list_agents,
+        operator_api::list_deliveries,
+        operator_api::retry_delivery,
         http::healthz,
         http::readyz,
         http::openapi_json,
@@ -56,6 +60,7 @@ const BEARER: &str = "bearer";
         (name = "messages", description = "Messages in: webhooks and API conversations; replies out"),
         (name = "sessions", description = "Sessions and the files their agents sent"),
         (name = "tasks", description = "Scheduled tasks"),
+        (name = "operations", description = "What an operator watches: status, agents and spend, deliveries"),
         (name = "health", description = "Liveness, readiness and this document (no token needed)"),
     ),
     modifiers(&Shared),

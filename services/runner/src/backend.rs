@@ -82,6 +82,26 @@ impl Backend {
         }
     }
 
+    /// "process" or "docker", as `runner.backend` names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Process(_) => "process",
+            Self::Docker(_) => "docker",
+        }
+    }
+
+    /// For the operator: whether the engine agents run on answers, and what it is
+    /// ("Docker 20.10.24, API 1.41") or why not. Processes need no engine: `(true, "")`.
+    pub async fn describe_engine(&self) -> (bool, String) {
+        match self {
+            Self::Process(_) => (true, String::new()),
+            Self::Docker(d) => match d.engine_version().await {
+                Ok(version) => (true, version),
+                Err(why) => (false, format!("the Docker engine does not answer: {why}")),
+            },
+        }
+    }
+
     /// Whether agents can be started now (the Docker engine answers); `Ok` for processes.
     pub async fn ready(&self) -> Result<()> {
         match self {

@@ -70,6 +70,18 @@ pub struct ContainerRun {
     pub name: String,
 }
 
+/// How long the status probe waits for the engine's version.
+const ENGINE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// "Docker 20.10.24, API 1.41" from what the engine says of itself.
+fn describe_version(version: Option<&str>, api: Option<&str>) -> String {
+    format!(
+        "Docker {}, API {}",
+        version.unwrap_or("(version unknown)"),
+        api.unwrap_or("(unknown)")
+    )
+}
+
 fn docker_error(e: bollard::errors::Error) -> RunnerError {
     RunnerError::Docker(e.to_string())
 }
@@ -182,16 +194,38 @@ impl DockerBackend {
 
     /// The engine connection, negotiated on first use (the engine may come up after us).
     async fn docker(&self) -> Result<Docker> {
+        self.engine()
+            .await
+            .map_err(|e| RunnerError::Docker(format!("Docker engine unreachable: {e}")))
+    }
+
+    /// [`Self::docker`] with bollard's own error, for messages that say it their way.
+    async fn engine(&self) -> std::result::Result<Docker, bollard::errors::Error> {
         self.docker
             .get_or_try_init(|| async {
-                let docker = Docker::connect_with_local_defaults().map_err(docker_error)?;
-                docker
+                Docker::connect_with_local_defaults()?
                     .negotiate_version()
                     .await
-                    .map_err(|e| RunnerError::Docker(format!("Docker engine unreachable: {e}")))
             })
             .await
             .cloned()
+    }
+
+    /// The engine's version, "Docker 20.10.24, API 1.41", asked within
+    /// [`ENGINE_PROBE_TIMEOUT`] (a status page must not hang on a stuck engine); else
+    /// why it does not answer.
+    pub async fn engine_version(&self) -> std::result::Result<String, String> {
+        let ask = async {
+            let docker = self.engine().await.map_err(|e| e.to_string())?;
+            docker.version().await.map_err(|e| e.to_string())
+        };
+        let version = tokio::time::timeout(ENGINE_PROBE_TIMEOUT, ask)
+            .await
+            .map_err(|_| format!("no answer within {} s", ENGINE_PROBE_TIMEOUT.as_secs_f32()))??;
+        Ok(describe_version(
+            version.version.as_deref(),
+            version.api_version.as_deref(),
+        ))
     }
 
     /// Whether the engine answers.
@@ -458,4 +492,21 @@ fn prepare_agent_owned_dir(dir: &Path) -> Result<()> {
     Dir::open(dir)
         .and_then(|d| d.chown(AGENT_UID, AGENT_UID))
         .map_err(|e| RunnerError::Mailbox(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_version;
+
+    #[test]
+    fn the_engine_is_described_by_its_version_and_api() {
+        assert_eq!(
+            describe_version(Some("20.10.24"), Some("1.41")),
+            "Docker 20.10.24, API 1.41"
+        );
+        assert_eq!(
+            describe_version(None, Some("1.41")),
+            "Docker (version unknown), API 1.41"
+        );
+    }
 }

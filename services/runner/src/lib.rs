@@ -2,11 +2,13 @@
 //! It is the only process that touches session directories.
 
 pub mod activity;
+mod agent_usage;
 pub mod backend;
 pub mod credential_proxy;
 pub mod disk_quota;
 pub mod docker_backend;
 pub mod error;
+mod mailbox_view;
 mod mailboxes;
 pub mod metrics;
 pub mod outbound_feed;
@@ -14,9 +16,14 @@ pub mod outbound_policy;
 pub mod process_backend;
 pub mod registry;
 mod service;
+#[cfg(test)]
+mod service_tests;
 pub mod session_files;
+mod session_list;
+mod session_messages;
 pub mod slot_policy;
 pub mod supervisor;
+pub mod utc_day;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -7,6 +7,12 @@
 //! Every row passes the host's [`OutboundPolicy`] first: a refused row (a destination the
 //! session may not use, too big, too many) is settled as failed here, its agent is told
 //! why, and it never enters the stream.
+//!
+//! Each stream keeps, per session, the highest seq it has sent, and reads only above it. A
+//! row an operator reopens ([`OutboundFeed::reopened`]) lies below that mark, so a reopen
+//! moves the mark of every stream back to just below the row: the row is sent again, and
+//! so are the session's later rows still unsettled (in flight at delivery, whose ledger
+//! and lanes keep them from going out twice, as after a reconnect).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +40,9 @@ const FALLBACK_RESCAN: Duration = Duration::from_secs(5);
 pub const RECENT: Duration = Duration::from_secs(30);
 /// Refusal notices remembered (see `OutboundFeed::notices`).
 const REMEMBERED_NOTICES: usize = 100_000;
+/// Reopen notices a stream may fall behind by before it rereads every session from the
+/// start (as a new stream would).
+const REOPENS: usize = 256;
 /// Rows read from one session at a time: an agent that wrote a million rows costs a page
 /// of memory, not all of them.
 const PAGE: usize = 500;
@@ -52,6 +61,8 @@ pub struct OutboundFeed {
     notices: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
     /// Session ids whose `outbound.db` changed.
     changes: broadcast::Sender<String>,
+    /// Rows made unsettled again (session id, seq), to be sent again.
+    reopens: broadcast::Sender<(String, i64)>,
     /// Sessions that may be writing rows: their `out/` is watched while they are here.
     active: Arc<std::sync::Mutex<HashMap<String, Active>>>,
     watch: DirsWatch,
@@ -112,6 +123,7 @@ impl OutboundFeed {
             supervisor,
             notices: Default::default(),
             changes,
+            reopens: broadcast::channel(REOPENS).0,
             active,
             watch,
             rescan: poll.unwrap_or(FALLBACK_RESCAN),
@@ -285,6 +297,12 @@ impl OutboundFeed {
         let _ = self.changes.send(session_id.to_string());
     }
 
+    /// Tells live streams that a row below their marks was made unsettled again (after
+    /// the commit that reopened it): each sends it again.
+    pub fn reopened(&self, session_id: &str, out_seq: i64) {
+        let _ = self.reopens.send((session_id.to_string(), out_seq));
+    }
+
     /// Starts streaming to one consumer; the stream ends when the receiver is dropped or the
     /// runner shuts down.
     pub fn subscribe(
@@ -294,6 +312,8 @@ impl OutboundFeed {
     ) -> mpsc::Receiver<Result<OutboundMessage, tonic::Status>> {
         let (tx, rx) = mpsc::channel(256);
         let changes = self.changes.subscribe();
+        // Before the first scan, like `changes`: a reopen during it is not missed.
+        let reopens = self.reopens.subscribe();
         let feed = self.clone();
         tokio::spawn(async move {
             tracing::info!(%consumer, "outbound consumer connected");
@@ -304,7 +324,7 @@ impl OutboundFeed {
                 sessions: HashMap::new(),
                 held: Default::default(),
             };
-            match stream.run(changes, shutdown).await {
+            match stream.run(changes, reopens, shutdown).await {
                 Ok(()) | Err(StreamEnd::Disconnected) => {}
                 Err(e) => tracing::warn!(%consumer, error = %e, "outbound stream ended"),
             }
@@ -338,6 +358,7 @@ impl Stream {
     async fn run(
         &mut self,
         mut changes: broadcast::Receiver<String>,
+        mut reopens: broadcast::Receiver<(String, i64)>,
         shutdown: CancellationToken,
     ) -> Result<(), StreamEnd> {
         self.scan_all().await?;
@@ -362,6 +383,18 @@ impl Stream {
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => self.scan_all().await?,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                reopen = reopens.recv() => match reopen {
+                    Ok((session, seq)) => {
+                        self.rewind(&session, seq);
+                        self.scan_session(&session).await?;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Which rows were reopened is lost: every unsettled row again.
+                        self.sent_up_to.clear();
+                        self.scan_all().await?;
+                    }
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
                 _ = rescan.tick() => {
@@ -536,5 +569,228 @@ impl Stream {
     fn advance(&mut self, session_id: &str, seq: i64) {
         let at = self.sent_up_to.entry(session_id.to_string()).or_insert(0);
         *at = (*at).max(seq);
+    }
+
+    /// Moves a session's position back to just below a reopened row, so the next read of
+    /// the session starts with it.
+    fn rewind(&mut self, session_id: &str, seq: i64) {
+        if let Some(at) = self.sent_up_to.get_mut(session_id) {
+            *at = (*at).min(seq.saturating_sub(1));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferroclaw_mailbox::content::ChatOut;
+    use ferroclaw_mailbox::{
+        AgentMailbox, Destination, JournalMode, NewOutbound, OutboundContent, Reopen,
+    };
+
+    /// A feed over one session (no agent is ever started), its stream, and the agent's
+    /// side of the session's mailbox.
+    struct Fixture {
+        feed: Arc<OutboundFeed>,
+        session: SessionRecord,
+        mailbox: Arc<HostMailbox>,
+        agent: AgentMailbox,
+        rx: mpsc::Receiver<Result<OutboundMessage, tonic::Status>>,
+        shutdown: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().to_path_buf();
+        let shutdown = CancellationToken::new();
+        let registry = Registry::open(&data.join("runner.db"))
+            .await
+            .expect("registry");
+        let session = registry.get_or_create("main", "c").await.expect("session");
+        let mailboxes = Arc::new(Mailboxes::new(
+            data.clone(),
+            JournalMode::Wal,
+            HashMap::new(),
+        ));
+        let mailbox = mailboxes.get(&session).await.expect("mailbox");
+        // The host names the conversation as where replies go: the policy lets rows there.
+        let home = NewInbound {
+            id: "m1".into(),
+            content: InboundContent::System(SystemIn {
+                event: "test".into(),
+                text: "hi".into(),
+                data: serde_json::Value::Null,
+            }),
+            origin: Origin {
+                channel: "api".into(),
+                conversation: "c".into(),
+                sender: String::new(),
+                reply_to: Destination::Api {
+                    conversation: "c".into(),
+                },
+            },
+            process_after: None,
+            trace: None,
+        };
+        mailbox.enqueue(&home).await.expect("enqueue");
+        let agent = AgentMailbox::open(mailboxes.paths(&session), JournalMode::Wal)
+            .await
+            .expect("agent mailbox");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let access = crate::credential_proxy::start(
+            listener,
+            None,
+            &data,
+            registry.clone(),
+            &[],
+            shutdown.clone(),
+        )
+        .await
+        .expect("proxy");
+        // Never started: no message asks for an agent.
+        let binary = std::env::current_exe().expect("test binary");
+        let backend = crate::backend::Backend::Process(
+            crate::process_backend::ProcessBackend::new(
+                binary,
+                data.clone(),
+                60,
+                "wal".into(),
+                1,
+                access,
+            )
+            .expect("backend"),
+        );
+        let supervisor = Supervisor::new(
+            backend,
+            mailboxes.clone(),
+            &[],
+            crate::supervisor::SupervisorLimits {
+                max_running_agents: 1,
+                stuck_after: Duration::from_secs(60),
+                max_batch: Duration::from_secs(60),
+                disk: crate::disk_quota::DiskQuota {
+                    session_bytes: 0,
+                    agent_bytes: 0,
+                    data_dir: data.clone(),
+                },
+            },
+            shutdown.clone(),
+        );
+        let feed = OutboundFeed::start(
+            data.join("sessions"),
+            registry,
+            mailboxes,
+            OutboundPolicy::new(&ferroclaw_common::Config::default()),
+            supervisor,
+            Some(Duration::from_millis(100)),
+        )
+        .expect("feed");
+        let rx = feed.subscribe("test".into(), shutdown.clone());
+        Fixture {
+            feed,
+            session,
+            mailbox,
+            agent,
+            rx,
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    impl Fixture {
+        async fn write(&self, text: &str) -> i64 {
+            let reply = NewOutbound {
+                in_reply_to: None,
+                destination: Destination::Api {
+                    conversation: "c".into(),
+                },
+                content: OutboundContent::Chat(ChatOut { text: text.into() }),
+                trace: None,
+            };
+            let seq = self.agent.send_now(&reply).await.expect("write");
+            self.feed.poke(&self.session.id);
+            seq
+        }
+
+        /// The seqs streamed within `wait`.
+        async fn streamed(&mut self, wait: Duration) -> Vec<i64> {
+            let mut seqs = Vec::new();
+            let deadline = tokio::time::Instant::now() + wait;
+            while let Ok(Some(row)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                seqs.push(row.expect("row").seq);
+            }
+            seqs
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reopened_row_below_the_streams_mark_is_sent_again_once() {
+        let mut f = fixture().await;
+        let lost = f.write("lost in an outage").await;
+        let delivered = f.write("delivered").await;
+        assert_eq!(
+            f.streamed(Duration::from_millis(500)).await,
+            [lost, delivered]
+        );
+        f.mailbox
+            .settle(lost, Outcome::Failed, None, Some("given up"))
+            .await
+            .expect("settle");
+        f.mailbox
+            .settle(delivered, Outcome::Delivered, Some("pm"), None)
+            .await
+            .expect("settle");
+        let later = f.write("later").await;
+        assert_eq!(f.streamed(Duration::from_millis(500)).await, [later]);
+
+        // Unsettled again, but below what the stream has sent: a change notice alone does
+        // not bring it back.
+        assert_eq!(
+            f.mailbox.reopen_failed(lost).await.expect("reopen"),
+            Reopen::Reopened
+        );
+        f.feed.poke(&f.session.id);
+        assert!(f.streamed(Duration::from_millis(300)).await.is_empty());
+
+        // The reopen notice does; the later row, still unsettled (in flight at delivery),
+        // comes along, and delivery's ledger keeps it from going out twice.
+        f.feed.reopened(&f.session.id, lost);
+        assert_eq!(f.streamed(Duration::from_millis(500)).await, [lost, later]);
+        f.mailbox
+            .settle(lost, Outcome::Delivered, Some("pm2"), None)
+            .await
+            .expect("settle");
+        f.mailbox
+            .settle(later, Outcome::Delivered, Some("pm3"), None)
+            .await
+            .expect("settle");
+        // A repeated reopen changes nothing and sends nothing.
+        assert_eq!(
+            f.mailbox.reopen_failed(lost).await.expect("reopen"),
+            Reopen::Delivered
+        );
+        f.feed.poke(&f.session.id);
+        assert!(f.streamed(Duration::from_millis(300)).await.is_empty());
+
+        // A stream that connects later finds reopened rows from the start.
+        let lost_again = f.write("lost again").await;
+        assert_eq!(f.streamed(Duration::from_millis(500)).await, [lost_again]);
+        f.mailbox
+            .settle(lost_again, Outcome::Failed, None, Some("given up"))
+            .await
+            .expect("settle");
+        f.mailbox.reopen_failed(lost_again).await.expect("reopen");
+        let mut late = f.feed.subscribe("late".into(), f.shutdown.clone());
+        let first = tokio::time::timeout(Duration::from_secs(5), late.recv())
+            .await
+            .expect("a row")
+            .expect("open")
+            .expect("row");
+        assert_eq!(first.seq, lost_again);
+        f.shutdown.cancel();
+        f.agent.close().await;
     }
 }

@@ -71,6 +71,14 @@ CREATE TABLE IF NOT EXISTS model_usage (
     updated_at    INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS model_usage_by_agent ON model_usage (agent);
+CREATE TABLE IF NOT EXISTS model_usage_daily (
+    agent         TEXT NOT NULL,
+    day           TEXT NOT NULL, -- UTC, 'YYYY-MM-DD': sorts as text
+    requests      INTEGER NOT NULL,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    PRIMARY KEY (agent, day)
+);
 ";
 
 /// Model tokens used through the credential proxy.
@@ -79,6 +87,15 @@ pub struct Usage {
     pub requests: i64,
     pub input_tokens: i64,
     pub output_tokens: i64,
+}
+
+/// One agent's usage on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyUsage {
+    pub agent: String,
+    /// "YYYY-MM-DD".
+    pub day: String,
+    pub usage: Usage,
 }
 
 impl Usage {
@@ -198,7 +215,8 @@ impl Registry {
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
-    /// Adds one model request's tokens to its session's account.
+    /// Adds one model request's tokens to its session's account and to its agent's day
+    /// (UTC), in one transaction: the two never disagree.
     pub async fn record_usage(
         &self,
         session_id: &str,
@@ -206,6 +224,8 @@ impl Registry {
         input_tokens: i64,
         output_tokens: i64,
     ) -> Result<()> {
+        let now = ferroclaw_mailbox::now_ms();
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO model_usage (session_id, agent, requests, input_tokens, output_tokens, updated_at)
              VALUES ($1, $2, 1, $3, $4, $5)
@@ -217,10 +237,99 @@ impl Registry {
         .bind(agent)
         .bind(input_tokens)
         .bind(output_tokens)
-        .bind(ferroclaw_mailbox::now_ms())
-        .execute(&self.pool)
+        .bind(now)
+        .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            "INSERT INTO model_usage_daily (agent, day, requests, input_tokens, output_tokens)
+             VALUES ($1, $2, 1, $3, $4)
+             ON CONFLICT (agent, day) DO UPDATE SET requests = requests + 1,
+                 input_tokens = input_tokens + $3, output_tokens = output_tokens + $4",
+        )
+        .bind(agent)
+        .bind(crate::utc_day::utc_day(now))
+        .bind(input_tokens)
+        .bind(output_tokens)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// All-time usage of each session in `ids` that has any (one query for the lot).
+    pub async fn usage_of_sessions(
+        &self,
+        ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, Usage>> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        // The ids travel as one JSON array: one bind however many there are.
+        let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT session_id, requests, input_tokens, output_tokens FROM model_usage
+             WHERE session_id IN (SELECT value FROM json_each($1))",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, requests, input_tokens, output_tokens)| {
+                let usage = Usage {
+                    requests,
+                    input_tokens,
+                    output_tokens,
+                };
+                (id, usage)
+            })
+            .collect())
+    }
+
+    /// All-time usage of every agent that has any, by name.
+    pub async fn usage_by_agent(&self) -> Result<Vec<(String, Usage)>> {
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT agent, sum(requests), sum(input_tokens), sum(output_tokens)
+             FROM model_usage GROUP BY agent ORDER BY agent",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(agent, requests, input_tokens, output_tokens)| {
+                let usage = Usage {
+                    requests,
+                    input_tokens,
+                    output_tokens,
+                };
+                (agent, usage)
+            })
+            .collect())
+    }
+
+    /// Usage per agent and UTC day from `since` ("YYYY-MM-DD") on, by agent then day.
+    pub async fn daily_usage(&self, since: &str) -> Result<Vec<DailyUsage>> {
+        let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT agent, day, requests, input_tokens, output_tokens FROM model_usage_daily
+             WHERE day >= $1 ORDER BY agent, day",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(agent, day, requests, input_tokens, output_tokens)| DailyUsage {
+                    agent,
+                    day,
+                    usage: Usage {
+                        requests,
+                        input_tokens,
+                        output_tokens,
+                    },
+                },
+            )
+            .collect())
     }
 
     /// Tokens used by one session, or by every session of an agent.
@@ -307,5 +416,91 @@ mod tests {
             reg.usage(None, Some("none")).await.unwrap(),
             Usage::default()
         );
+    }
+
+    #[tokio::test]
+    async fn usage_is_also_counted_per_agent_and_utc_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("runner.db")).await.unwrap();
+        reg.record_usage("s1", "main", 100, 10).await.unwrap();
+        reg.record_usage("s2", "main", 50, 5).await.unwrap();
+        reg.record_usage("s3", "other", 7, 7).await.unwrap();
+        let today = crate::utc_day::utc_day(ferroclaw_mailbox::now_ms());
+        // A day from before the window, written as an older runner day would be.
+        sqlx::query(
+            "INSERT INTO model_usage_daily (agent, day, requests, input_tokens, output_tokens)
+             VALUES ('main', '2000-01-01', 9, 9, 9)",
+        )
+        .execute(&reg.pool)
+        .await
+        .unwrap();
+        let days = reg.daily_usage("2001-01-01").await.unwrap();
+        let expected = |agent: &str, requests, input_tokens, output_tokens| DailyUsage {
+            agent: agent.into(),
+            day: today.clone(),
+            usage: Usage {
+                requests,
+                input_tokens,
+                output_tokens,
+            },
+        };
+        // The day in a day's window may have turned between the writes and `today`.
+        if days.iter().all(|d| d.day == today) {
+            assert_eq!(
+                days,
+                vec![expected("main", 2, 150, 15), expected("other", 1, 7, 7)]
+            );
+        }
+        assert_eq!(reg.daily_usage("1999-01-01").await.unwrap().len(), 3);
+        let agents = reg.usage_by_agent().await.unwrap();
+        assert_eq!(
+            agents,
+            vec![
+                (
+                    "main".to_string(),
+                    Usage {
+                        requests: 2,
+                        input_tokens: 150,
+                        output_tokens: 15
+                    }
+                ),
+                (
+                    "other".to_string(),
+                    Usage {
+                        requests: 1,
+                        input_tokens: 7,
+                        output_tokens: 7
+                    }
+                ),
+            ]
+        );
+        let of = reg.usage_of_sessions(&["s1", "s3", "none"]).await.unwrap();
+        assert_eq!(of.len(), 2);
+        assert_eq!(of["s1"].input_tokens, 100);
+        assert_eq!(of["s3"].requests, 1);
+        assert!(reg.usage_of_sessions(&[]).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_existing_registry_gains_the_daily_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runner.db");
+        // A registry as an older runner left it: no model_usage_daily.
+        let old = ferroclaw_common::service_db::open(
+            &path,
+            1,
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY, agent TEXT NOT NULL,
+                 conversation_key TEXT NOT NULL, created_at INTEGER NOT NULL,
+                 last_activity INTEGER NOT NULL, UNIQUE (agent, conversation_key));
+             CREATE TABLE model_usage (session_id TEXT PRIMARY KEY, agent TEXT NOT NULL,
+                 requests INTEGER NOT NULL, input_tokens INTEGER NOT NULL,
+                 output_tokens INTEGER NOT NULL, updated_at INTEGER NOT NULL);",
+        )
+        .await
+        .unwrap();
+        old.close().await;
+        let reg = Registry::open(&path).await.unwrap();
+        reg.record_usage("s1", "main", 1, 2).await.unwrap();
+        assert_eq!(reg.daily_usage("2000-01-01").await.unwrap().len(), 1);
     }
 }

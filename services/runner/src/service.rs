@@ -94,22 +94,6 @@ impl RunnerService {
             .await?
             .ok_or_else(|| RunnerError::NotFound(format!("no session {id:?}")))
     }
-
-    async fn describe(&self, session: SessionRecord) -> Result<Session> {
-        let pending = self.mailboxes.get(&session).await?.pending().await?;
-        let state = self.supervisor.state(&session.id).await;
-        Ok(Session {
-            agent_state: state.map_or("idle", |s| s.as_str()).to_string(),
-            pending: pending.count,
-            agent_starts: self.supervisor.agent_starts(&session.id),
-            id: session.id,
-            agent: session.agent,
-            conversation_key: session.conversation_key,
-            created_at_ms: session.created_at,
-            last_activity_ms: session.last_activity,
-            ..Default::default()
-        })
-    }
 }
 
 /// A task as the agent reads it from its mailbox (`tasks.spec`).
@@ -299,20 +283,10 @@ impl Runner for RunnerService {
         &self,
         request: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
-        let agent = request.into_inner().agent;
-        let records = self
-            .registry
-            .list((!agent.is_empty()).then_some(agent.as_str()))
-            .await?;
-        let mut sessions = Vec::with_capacity(records.len());
-        for record in records {
-            sessions.push(self.describe(record).await?);
-        }
-        Ok(Response::new(ListSessionsResponse {
-            sessions,
-            agent_starts_total: self.supervisor.agent_starts_total(),
-            ..Default::default()
-        }))
+        // See `session_list`: only the page's sessions' files are looked at.
+        Ok(Response::new(
+            self.list_sessions_page(request.into_inner()).await?,
+        ))
     }
 
     async fn get_session(
@@ -320,7 +294,7 @@ impl Runner for RunnerService {
         request: Request<GetSessionRequest>,
     ) -> Result<Response<Session>, Status> {
         let session = self.session(&request.into_inner().session_id).await?;
-        Ok(Response::new(self.describe(session).await?))
+        Ok(Response::new(self.describe_session(session).await?))
     }
 
     async fn put_inbox_file(
@@ -388,36 +362,99 @@ impl Runner for RunnerService {
         Ok(Response::new(ReadOutboxFileResponse { data, name }))
     }
 
-    // PLACEHOLDER (being implemented): GetRunnerStatus.
     async fn get_runner_status(
         &self,
         _request: Request<ferroclaw_proto::v1::GetRunnerStatusRequest>,
     ) -> Result<Response<ferroclaw_proto::v1::RunnerStatus>, Status> {
-        Err(Status::unimplemented("GetRunnerStatus"))
+        // The engine probe is bounded (2 s): a stuck engine shows as not answering.
+        let (engine_ok, engine) = self.supervisor.describe_engine().await;
+        let states = self.supervisor.state_counts().await;
+        let count = |state| {
+            states
+                .iter()
+                .find(|(s, _)| *s == state)
+                .map_or(0, |(_, n)| u32::try_from(*n).unwrap_or(u32::MAX))
+        };
+        Ok(Response::new(ferroclaw_proto::v1::RunnerStatus {
+            backend: self.supervisor.backend_name().to_string(),
+            engine_ok,
+            engine,
+            max_running_agents: u32::try_from(self.supervisor.max_running_agents())
+                .unwrap_or(u32::MAX),
+            running: count(crate::supervisor::AgentState::Running),
+            queued: count(crate::supervisor::AgentState::Queued),
+            sessions: u64::try_from(self.registry.count().await?).unwrap_or(0),
+            agent_starts_total: self.supervisor.agent_starts_total(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
     }
 
-    // PLACEHOLDER (being implemented): ListAgentUsage.
     async fn list_agent_usage(
         &self,
-        _request: Request<ferroclaw_proto::v1::ListAgentUsageRequest>,
+        request: Request<ferroclaw_proto::v1::ListAgentUsageRequest>,
     ) -> Result<Response<ferroclaw_proto::v1::ListAgentUsageResponse>, Status> {
-        Err(Status::unimplemented("ListAgentUsage"))
+        Ok(Response::new(
+            self.agent_usage(request.into_inner().days).await?,
+        ))
     }
 
-    // PLACEHOLDER (being implemented): ListSessionMessages.
     async fn list_session_messages(
         &self,
-        _request: Request<ferroclaw_proto::v1::ListSessionMessagesRequest>,
+        request: Request<ferroclaw_proto::v1::ListSessionMessagesRequest>,
     ) -> Result<Response<ferroclaw_proto::v1::ListSessionMessagesResponse>, Status> {
-        Err(Status::unimplemented("ListSessionMessages"))
+        Ok(Response::new(
+            self.session_messages(request.into_inner()).await?,
+        ))
     }
 
-    // PLACEHOLDER (being implemented): ReopenOutbound.
+    /// An operator's retry (through delivery): a row settled FAILED becomes unsettled and
+    /// every outbound stream sends it again. Idempotent: a row already unsettled answers
+    /// `reopened = false` and changes nothing. A delivered row is refused
+    /// (FAILED_PRECONDITION): its outcome stands. Only callers with the internal secret
+    /// get here, never an agent.
+    #[tracing::instrument(skip_all, fields(session = %request.get_ref().session_id, seq = request.get_ref().out_seq))]
     async fn reopen_outbound(
         &self,
-        _request: Request<ferroclaw_proto::v1::ReopenOutboundRequest>,
+        request: Request<ferroclaw_proto::v1::ReopenOutboundRequest>,
     ) -> Result<Response<ferroclaw_proto::v1::ReopenOutboundResponse>, Status> {
-        Err(Status::unimplemented("ReopenOutbound"))
+        use ferroclaw_mailbox::Reopen;
+        let req = request.into_inner();
+        if !ferroclaw_mailbox::seq::is_agent(req.out_seq) {
+            return Err(Status::invalid_argument(format!(
+                "out_seq {} is not an agent (odd) seq",
+                req.out_seq
+            )));
+        }
+        let session = self.session(&req.session_id).await?;
+        let mailbox = self.mailboxes.get(&session).await?;
+        let reopened = match mailbox
+            .reopen_failed(req.out_seq)
+            .await
+            .map_err(RunnerError::from)?
+        {
+            Reopen::Reopened => true,
+            Reopen::Unsettled => false,
+            Reopen::Delivered => {
+                return Err(Status::failed_precondition(format!(
+                    "message {} of session {} was delivered; its outcome stands",
+                    req.out_seq, session.id
+                )));
+            }
+            Reopen::Unknown => {
+                return Err(Status::not_found(format!(
+                    "session {} has no message {}",
+                    session.id, req.out_seq
+                )));
+            }
+        };
+        if reopened {
+            // After the commit: the streams find the row unsettled.
+            self.feed.reopened(&session.id, req.out_seq);
+            tracing::info!("outbound row reopened");
+        }
+        Ok(Response::new(ferroclaw_proto::v1::ReopenOutboundResponse {
+            reopened,
+        }))
     }
 }
 

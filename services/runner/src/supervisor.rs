@@ -71,6 +71,7 @@ struct Inner {
     slots: Mutex<HashMap<String, AgentState>>,
     /// The `max_running_agents` slots: who holds one, who waits (see `slot_policy`).
     agent_slots: Arc<Slots>,
+    max_running_agents: usize,
     /// Agents started, per session and in all, since this runner started.
     starts: std::sync::Mutex<HashMap<String, u64>>,
     starts_total: AtomicU64,
@@ -119,6 +120,7 @@ impl Supervisor {
                 agents: agents.iter().map(|a| (a.name.clone(), a.clone())).collect(),
                 slots: Mutex::new(HashMap::new()),
                 agent_slots: Arc::new(Slots::new(limits.max_running_agents, min_idle)),
+                max_running_agents: limits.max_running_agents,
                 starts: Default::default(),
                 starts_total: AtomicU64::new(0),
                 stuck_after: limits.stuck_after,
@@ -237,6 +239,27 @@ impl Supervisor {
             (AgentState::Queued, count(AgentState::Queued)),
             (AgentState::Backoff, count(AgentState::Backoff)),
         ]
+    }
+
+    /// The state of every session that has an agent; the others are idle. A copy: one
+    /// entry per agent, so it stays small however many sessions there are.
+    pub async fn states(&self) -> HashMap<String, AgentState> {
+        self.inner.slots.lock().await.clone()
+    }
+
+    /// The cap on agents running at once.
+    pub fn max_running_agents(&self) -> usize {
+        self.inner.max_running_agents
+    }
+
+    /// "process" or "docker".
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// Whether the backend's engine answers, and what it is (see [`Backend::describe_engine`]).
+    pub async fn describe_engine(&self) -> (bool, String) {
+        self.inner.backend.describe_engine().await
     }
 
     /// The sessions that have an agent (queued, running or in backoff).

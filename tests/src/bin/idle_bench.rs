@@ -2,6 +2,10 @@
 //! answer, their agents exit, and then the runner's resident memory, threads, open files
 //! and CPU time over a quiet stretch are read from /proc.
 //!
+//! With `--console-runs N`, each operator console page is then fetched N times from the
+//! quiet installation and its time to the last byte reported (the issue's "every page
+//! under 50 ms with 10,000 sessions on disk").
+//!
 //! `cargo build --release --workspace --bins && target/release/idle-bench --sessions 10000`
 
 use std::sync::Arc;
@@ -22,6 +26,53 @@ struct Args {
     /// How long to watch the quiet runner's CPU time, in seconds.
     #[arg(long, default_value_t = 30)]
     quiet_secs: u64,
+    /// Fetch each console page this many times once quiet, and report the times (0: skip).
+    #[arg(long, default_value_t = 0)]
+    console_runs: usize,
+}
+
+/// Each console page fetched `runs` times: median and slowest time to the last byte.
+async fn time_console_pages(cluster: &Cluster, runs: usize) -> anyhow::Result<()> {
+    let api = cluster.api();
+    let http = reqwest::Client::new();
+    let (_, listed) = cluster.get("/v1/sessions?sort=recent&limit=1").await?;
+    let session = listed["sessions"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let pages = [
+        "/ui/sessions".to_string(),
+        "/ui/sessions?page=100&sort=oldest".into(),
+        "/ui/sessions/rows?state=idle".into(),
+        format!("/ui/sessions/{session}"),
+        "/ui/conversations/idle-5".into(),
+        "/ui/tasks".into(),
+        "/ui/deliveries".into(),
+        "/ui/agents".into(),
+        "/ui/health".into(),
+    ];
+    for page in &pages {
+        let mut times = Vec::with_capacity(runs);
+        let mut bytes = 0;
+        for _ in 0..runs {
+            let started = Instant::now();
+            let response = http.get(format!("{api}{page}")).send().await?;
+            anyhow::ensure!(
+                response.status().is_success(),
+                "{page}: {}",
+                response.status()
+            );
+            bytes = response.bytes().await?.len();
+            times.push(started.elapsed());
+        }
+        times.sort();
+        println!(
+            "console {page}: median {:.2} ms, slowest {:.2} ms ({bytes} bytes, {runs} runs)",
+            times[times.len() / 2].as_secs_f64() * 1000.0,
+            times[times.len() - 1].as_secs_f64() * 1000.0,
+        );
+    }
+    Ok(())
 }
 
 fn show(label: &str, f: &Footprint) {
@@ -105,6 +156,9 @@ async fn main() -> anyhow::Result<()> {
         later.threads,
         later.files
     );
+    if args.console_runs > 0 {
+        time_console_pages(&cluster, args.console_runs).await?;
+    }
     match Arc::try_unwrap(cluster) {
         Ok(cluster) => cluster.stop().await,
         Err(_) => Ok(()),

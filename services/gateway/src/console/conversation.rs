@@ -8,8 +8,9 @@
 use std::collections::VecDeque;
 
 use axum::Form;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::rejection::{FormRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use ferroclaw_proto::v1::delivery_client::DeliveryClient;
@@ -53,6 +54,17 @@ pub async fn page(
             label.grow { "Message " textarea #text name="text" rows="2" required {} }
             button type="submit" { "Send" }
             p.status role="status" {}
+        }
+        form.send method="post" action=(format!("{base}/files")) enctype="multipart/form-data" data-fetch="message" {
+            (csrf_field(&operator))
+            input type="hidden" name="sender" value="operator" data-sender-copy;
+            label.grow { "File " input type="file" name="file" required; }
+            label.grow { "Caption " input type="text" name="text" maxlength="2000"; }
+            button type="submit" { "Send file" }
+            p.status role="status" {}
+        }
+        @if let Some(m) = messages.back() {
+            p.note { a href=(urls::session(&m.session_id)) { "Both sides of this conversation, as the agent saw them" } }
         }
     };
     Ok(respond(layout::page(
@@ -113,7 +125,7 @@ fn message(m: &ConversationMessage, operator: &Operator) -> Markup {
 }
 
 /// The console's link to a session's outbox file (each path segment encoded).
-fn file_link(session_id: &str, path: &str) -> String {
+pub(super) fn file_link(session_id: &str, path: &str) -> String {
     let path: Vec<String> = path.split('/').map(urls::encode).collect();
     format!(
         "/ui/sessions/{}/files/{}",
@@ -123,7 +135,7 @@ fn file_link(session_id: &str, path: &str) -> String {
 }
 
 /// A question card: the question, and one button per option in a form that answers it.
-fn card(content: &Value, operator: &Operator) -> Markup {
+pub(super) fn card(content: &Value, operator: &Operator) -> Markup {
     let question = content["question_id"].as_str().unwrap_or_default();
     let options = content["options"]
         .as_array()
@@ -197,6 +209,108 @@ pub async fn send(
     Ok(Redirect::to(&urls::conversation(&conversation)).into_response())
 }
 
+/// Most bytes one sent file may have (what the runner takes into an inbox).
+pub const MAX_FILE_BYTES: usize = 25 * 1024 * 1024;
+
+/// A multipart send: the fields read, the file kept in memory (bounded by the route's
+/// body limit).
+#[derive(Default)]
+struct FileSend {
+    csrf: String,
+    sender: String,
+    text: String,
+    file: Option<(String, Vec<u8>)>,
+}
+
+async fn read_file_send(mut multipart: Multipart) -> Result<FileSend, ConsoleError> {
+    let bad =
+        |e: MultipartError| ConsoleError::BadRequest(format!("unreadable form: {}", e.body_text()));
+    let mut sent = FileSend::default();
+    while let Some(field) = multipart.next_field().await.map_err(bad)? {
+        match field.name().unwrap_or_default() {
+            "file" => {
+                let name = base_name(field.file_name().unwrap_or_default());
+                let data = field.bytes().await.map_err(bad)?;
+                if !name.is_empty() || !data.is_empty() {
+                    sent.file = Some((name, data.to_vec()));
+                }
+            }
+            "csrf" => sent.csrf = field.text().await.map_err(bad)?,
+            "sender" => sent.sender = field.text().await.map_err(bad)?,
+            "text" => sent.text = field.text().await.map_err(bad)?,
+            // Unknown fields are ignored, as the plain form does.
+            _ => {}
+        }
+    }
+    Ok(sent)
+}
+
+/// The last path segment of a browser-given file name (some send a full Windows path).
+fn base_name(name: &str) -> String {
+    name.rsplit(['/', '\\'])
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// `POST /ui/conversations/{id}/files`: a file (and an optional caption) into the
+/// conversation's session inbox, then a chat message that carries it.
+pub async fn send_file(
+    State(state): Console,
+    operator: Operator,
+    Path(conversation): Path<String>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ConsoleError> {
+    let multipart = multipart.map_err(|e| ConsoleError::BadRequest(e.body_text()))?;
+    let sent = read_file_send(multipart).await?;
+    operator.check_csrf(&state.keys, &sent.csrf)?;
+    check_conversation(&conversation)?;
+    let agent = state.app.ingress.conversation_agent(&conversation)?;
+    let Some((name, data)) = sent.file else {
+        return Err(ConsoleError::BadRequest("choose a file to send".into()));
+    };
+    if name.is_empty() {
+        return Err(ConsoleError::BadRequest("the file has no name".into()));
+    }
+    if data.len() > MAX_FILE_BYTES {
+        return Err(ConsoleError::BadRequest(format!(
+            "the file is {} bytes; at most {MAX_FILE_BYTES} can be sent",
+            data.len()
+        )));
+    }
+    // The folder is named by this message's own id, so two files of one name do not meet.
+    let message_id = ferroclaw_common::ids::new_id("upl");
+    let attachment = state
+        .app
+        .ingress
+        .put_inbox_file(
+            &agent,
+            format!("api:{conversation}"),
+            &message_id,
+            &name,
+            data,
+        )
+        .await?;
+    let accepted = state
+        .app
+        .ingress
+        .message_with_files(
+            &conversation,
+            sent.text,
+            sent.sender,
+            None,
+            vec![attachment],
+        )
+        .await?;
+    if from_script(&headers) {
+        let text = accepted.answer.unwrap_or_else(|| format!("sent {name}"));
+        return Ok((StatusCode::ACCEPTED, text).into_response());
+    }
+    Ok(Redirect::to(&urls::conversation(&conversation)).into_response())
+}
+
 #[derive(Deserialize)]
 pub struct AnswerForm {
     #[serde(default)]
@@ -265,6 +379,14 @@ mod tests {
         assert_eq!(html.matches("<button").count(), 2);
         assert!(html.contains("Deploy &lt;now&gt;?"));
         assert!(html.contains("&lt;i&gt;No&lt;/i&gt;") && html.contains(r#"value="no&quot;""#));
+    }
+
+    #[test]
+    fn browser_file_names_keep_their_last_segment() {
+        assert_eq!(base_name("C:\\Users\\me\\report.pdf"), "report.pdf");
+        assert_eq!(base_name("../../etc/passwd"), "passwd");
+        assert_eq!(base_name(" notes.txt "), "notes.txt");
+        assert_eq!(base_name(""), "");
     }
 
     #[test]

@@ -1,19 +1,21 @@
-//! The deliveries page: recent deliveries by outcome, failures with their plain reason,
-//! rate-limit waits in progress.
+//! The deliveries page: recent deliveries by outcome, failures with their plain reason
+//! and, where the failure was transient, a retry; rate-limit waits in progress.
 
 use std::collections::BTreeMap;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::response::Response;
-use ferroclaw_proto::v1::ListDeliveriesRequest;
+use axum::Form;
+use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
 use ferroclaw_proto::v1::delivery_client::DeliveryClient;
+use ferroclaw_proto::v1::{ListDeliveriesRequest, RetryDeliveryRequest};
 use maud::html;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::layout::{self, respond};
-use super::{Console, ConsoleError, Operator, time, urls};
+use super::layout::{self, csrf_field, respond};
+use super::{Console, ConsoleError, Operator, from_script, time, urls};
 
 /// Deliveries read from the ledger (the most recent).
 const RECENT: u32 = 200;
@@ -75,6 +77,14 @@ pub async fn page(
                                 @if !r.detail.is_empty() {
                                     details { summary { "detail" } pre { (r.detail) } }
                                 }
+                                @if r.retryable && r.state == "failed" {
+                                    form.retry method="post" data-fetch="retry"
+                                        action=(format!("/ui/deliveries/{}/{}/retry", urls::encode(&r.session_id), r.out_seq)) {
+                                        (csrf_field(&operator))
+                                        button type="submit" { "Retry" }
+                                        p.status role="status" {}
+                                    }
+                                }
                             }
                         }
                     }
@@ -90,6 +100,35 @@ pub async fn page(
         Some(&operator),
         body,
     )))
+}
+
+#[derive(Deserialize)]
+pub struct RetryForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /ui/deliveries/{session}/{seq}/retry`: delivery sends the row again when its
+/// failure was transient, and refuses (with the reason shown) otherwise.
+pub async fn retry(
+    State(state): Console,
+    operator: Operator,
+    Path((session_id, out_seq)): Path<(String, i64)>,
+    headers: HeaderMap,
+    form: Result<Form<RetryForm>, FormRejection>,
+) -> Result<Response, ConsoleError> {
+    let Form(form) = form.map_err(|e| ConsoleError::BadRequest(e.body_text()))?;
+    operator.check_csrf(&state.keys, &form.csrf)?;
+    DeliveryClient::new(state.app.delivery.clone())
+        .retry_delivery(RetryDeliveryRequest {
+            session_id,
+            out_seq,
+        })
+        .await?;
+    if from_script(&headers) {
+        return Ok((StatusCode::ACCEPTED, "sending again").into_response());
+    }
+    Ok(Redirect::to("/ui/deliveries").into_response())
 }
 
 /// Where a delivery went, in a few words (`api support-42`, `discord 123…`).

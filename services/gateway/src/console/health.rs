@@ -1,12 +1,13 @@
-//! The health page: the four services' readiness (as `/readyz` computes it), the agents
-//! running and queued, and the version.
+//! The health page: the four services' readiness (as `/readyz` computes it), the agent
+//! backend and the Docker engine's state, the agents running and queued against the cap,
+//! and the version.
 
 use axum::extract::State;
 use axum::response::Response;
 use ferroclaw_common::grpc::is_serving;
-use ferroclaw_proto::v1::ListSessionsRequest;
 use ferroclaw_proto::v1::runner_client::RunnerClient;
-use maud::html;
+use ferroclaw_proto::v1::{GetRunnerStatusRequest, RunnerStatus};
+use maud::{Markup, html};
 
 use super::layout::{self, respond};
 use super::{Console, ConsoleError, Operator};
@@ -19,10 +20,10 @@ pub async fn page(State(state): Console, operator: Operator) -> Result<Response,
         is_serving(app.delivery.clone(), ""),
         is_serving(app.scheduler.clone(), "")
     );
-    // Agent counts when the runner answers; the page still renders when it does not.
-    let sessions = if runner {
+    // The runner's own state when it answers; the page still renders when it does not.
+    let status = if runner {
         RunnerClient::new(app.runner.clone())
-            .list_sessions(ListSessionsRequest::default())
+            .get_runner_status(GetRunnerStatusRequest {})
             .await
             .ok()
             .map(|r| r.into_inner())
@@ -53,17 +54,12 @@ pub async fn page(State(state): Console, operator: Operator) -> Result<Response,
                 }
             }
         }
-        @if let Some(list) = &sessions {
-            h2 { "Agents" }
-            ul.facts {
-                li { "Sessions: " (list.sessions.len()) }
-                li { "Running: " (list.sessions.iter().filter(|s| s.agent_state == "running").count()) }
-                li { "Queued: " (list.sessions.iter().filter(|s| s.agent_state == "queued").count()) }
-                li { "Agents started since the runner started: " (list.agent_starts_total) }
-            }
+        @if let Some(status) = &status {
+            (runner_facts(status))
+        } @else {
+            p.note { "The runner's state is unknown while it does not answer." }
         }
         p.version { "ferroclaw " (env!("CARGO_PKG_VERSION")) }
-        p.note { "The Docker engine's state and the agent cap are not reported to the gateway yet." }
     };
     Ok(respond(layout::page(
         "Health",
@@ -71,4 +67,64 @@ pub async fn page(State(state): Console, operator: Operator) -> Result<Response,
         Some(&operator),
         body,
     )))
+}
+
+/// The agent backend, the engine's state and the agents against the cap.
+fn runner_facts(status: &RunnerStatus) -> Markup {
+    let busy = status.running >= status.max_running_agents && status.max_running_agents > 0;
+    html! {
+        h2 { "Agents" }
+        ul.facts {
+            li data-fact="backend" { "Backend: " (status.backend) }
+            @if status.backend == "docker" {
+                li data-fact="engine" { "Docker engine: "
+                    span class={ "outcome " @if status.engine_ok { "outcome-ok" } @else { "outcome-failed" } } {
+                        @if status.engine_ok { "answers" } @else { "does not answer" }
+                    }
+                    " " (status.engine)
+                }
+            }
+            li data-fact="running" { "Running: " (status.running) " of " (status.max_running_agents)
+                @if busy { " (all slots busy)" } }
+            li data-fact="queued" { "Queued for a slot: " (status.queued) }
+            li { "Sessions: " (status.sessions) }
+            li { "Agents started since the runner started: " (status.agent_starts_total) }
+            @if !status.version.is_empty() && status.version != env!("CARGO_PKG_VERSION") {
+                li { "Runner version: " (status.version) }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_and_the_cap_are_shown() {
+        let html = runner_facts(&RunnerStatus {
+            backend: "docker".into(),
+            engine_ok: false,
+            engine: "the Docker engine does not answer: <refused>".into(),
+            max_running_agents: 8,
+            running: 8,
+            queued: 3,
+            sessions: 40,
+            agent_starts_total: 12,
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .into_string();
+        assert!(html.contains("does not answer"));
+        assert!(html.contains("&lt;refused&gt;"));
+        assert!(html.contains("Running: 8 of 8 (all slots busy)"));
+        assert!(html.contains("Queued for a slot: 3"));
+        let process = runner_facts(&RunnerStatus {
+            backend: "process".into(),
+            engine_ok: true,
+            max_running_agents: 8,
+            ..Default::default()
+        })
+        .into_string();
+        assert!(!process.contains("Docker engine"));
+    }
 }

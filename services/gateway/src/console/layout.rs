@@ -7,10 +7,11 @@ use maud::{DOCTYPE, Markup, html};
 use super::Operator;
 
 /// The pages in the navigation: (path, label).
-const NAV: [(&str, &str); 4] = [
+const NAV: [(&str, &str); 5] = [
     ("/ui/sessions", "Sessions"),
     ("/ui/tasks", "Tasks"),
     ("/ui/deliveries", "Deliveries"),
+    ("/ui/agents", "Agents"),
     ("/ui/health", "Health"),
 ];
 

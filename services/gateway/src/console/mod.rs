@@ -7,6 +7,7 @@
 //! Every response carries a strict CSP (no inline script or style), `X-Frame-Options: DENY`
 //! and `Referrer-Policy: no-referrer`.
 
+mod agents;
 mod assets;
 pub mod auth;
 mod conversation;
@@ -16,6 +17,7 @@ mod layout;
 mod paging;
 mod reply;
 mod schedule_words;
+mod session_view;
 pub mod sessions;
 mod sign_in;
 mod tasks;
@@ -64,15 +66,29 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: AppState) -> Router<S> {
         .route("/ui/assets/{name}", get(assets::serve))
         .route("/ui/sessions", get(sessions::page))
         .route("/ui/sessions/rows", get(sessions::rows))
+        .route("/ui/sessions/{id}", get(session_view::page))
+        .route("/ui/sessions/{id}/messages", get(session_view::messages))
         .route("/ui/sessions/{id}/files/{*path}", get(conversation::file))
         .route("/ui/conversations/{id}", get(conversation::page))
         .route("/ui/conversations/{id}/events", get(conversation::events))
         .route("/ui/conversations/{id}/messages", post(conversation::send))
+        .route(
+            "/ui/conversations/{id}/files",
+            // A file may be bigger than the other forms' limit.
+            post(conversation::send_file).layer(DefaultBodyLimit::max(
+                conversation::MAX_FILE_BYTES + 64 * 1024,
+            )),
+        )
         .route("/ui/questions/{id}/answer", post(conversation::answer))
         .route("/ui/tasks", get(tasks::page))
         .route("/ui/tasks/{id}/runs", get(tasks::runs))
         .route("/ui/tasks/{id}/{action}", post(tasks::action))
         .route("/ui/deliveries", get(deliveries::page))
+        .route(
+            "/ui/deliveries/{session}/{seq}/retry",
+            post(deliveries::retry),
+        )
+        .route("/ui/agents", get(agents::page))
         .route("/ui/health", get(health::page))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(security_headers))

@@ -156,6 +156,7 @@ async fn state_changing_forms_need_the_sessions_csrf_token() {
         ("/ui/tasks/t-1/pause", String::new()),
         ("/ui/conversations/c/messages", "text=hi&sender=op".into()),
         ("/ui/questions/q-1/answer", "option=yes".into()),
+        ("/ui/deliveries/ses-1/4/retry", String::new()),
     ] {
         for bad in [
             form.clone(),
@@ -252,4 +253,68 @@ async fn a_peer_that_is_down_is_a_plain_503_not_json() {
             .starts_with("text/plain")
     );
     assert!(page.body.contains("unavailable"), "{}", page.body);
+}
+
+/// A multipart file form as a browser sends it, with `csrf` when given.
+async fn send_file(router: &axum::Router, cookie: &str, csrf: Option<&str>) -> Answer {
+    let boundary = "XyZ";
+    let mut body = String::new();
+    if let Some(csrf) = csrf {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{csrf}\r\n"
+        ));
+    }
+    body.push_str(&format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\
+         Content-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n"
+    ));
+    let request = Request::builder()
+        .method("POST")
+        .uri("/ui/conversations/c/files")
+        .header(header::COOKIE, cookie)
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Body::from(body))
+        .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn a_file_form_needs_the_csrf_token_too() {
+    let router = router(Some("t0ken"));
+    let (cookie, csrf) = sign_in(&router).await;
+    for bad in [None, Some("nope")] {
+        let answer = send_file(&router, &cookie, bad).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.body);
+        assert!(answer.body.contains("CSRF"));
+    }
+    // With the token it gets past the check (no peers here to take the file).
+    let answer = send_file(&router, &cookie, Some(&csrf)).await;
+    assert_ne!(answer.status, StatusCode::FORBIDDEN, "{}", answer.body);
+    let plain = call(
+        &router,
+        "POST",
+        "/ui/conversations/c/files",
+        Some(&cookie),
+        Some(&format!("csrf={csrf}")),
+    )
+    .await;
+    assert_eq!(
+        plain.status,
+        StatusCode::BAD_REQUEST,
+        "not multipart: {}",
+        plain.body
+    );
 }

@@ -23,6 +23,11 @@ pub fn conversation(id: &str) -> String {
     format!("/ui/conversations/{}", encode(id))
 }
 
+/// The console page of a session (its messages both ways, for any channel).
+pub fn session(id: &str) -> String {
+    format!("/ui/sessions/{}", encode(id))
+}
+
 /// The API conversation a session belongs to, from its conversation key (`api:<id>`).
 pub fn api_conversation(conversation_key: &str) -> Option<&str> {
     conversation_key.strip_prefix("api:")

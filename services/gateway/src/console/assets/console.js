@@ -76,7 +76,6 @@
       options.append(button);
     }
     form.append(options, el("p", "status"));
-    form.addEventListener("submit", postInPlace);
     return form;
   }
 
@@ -113,13 +112,16 @@
   }
 
   // --- Forms posted in place: the answer (or the refusal's reason) shows beside them. ---
+  // Bound once on the document, so forms the refresh swaps in work too.
   async function postInPlace(event) {
     event.preventDefault();
-    const form = event.currentTarget;
+    const form = event.target;
     const kind = form.dataset.fetch;
     const data = new FormData(form, event.submitter);
     const sender = document.getElementById("sender");
     if (kind === "answer" && sender) data.set("user", sender.value);
+    // The file form sends as the sender chosen in the message form.
+    if (form.querySelector("[data-sender-copy]") && sender) data.set("sender", sender.value);
     const status = form.querySelector(".status");
     let response, text;
     try {
@@ -127,7 +129,8 @@
         method: "POST",
         headers: FETCH_HEADERS,
         credentials: "same-origin",
-        body: new URLSearchParams(data),
+        // A form with a file goes as multipart; the rest as a plain form.
+        body: form.enctype === "multipart/form-data" ? data : new URLSearchParams(data),
       });
       text = await response.text();
     } catch (e) {
@@ -140,18 +143,23 @@
     }
     if (response.ok && kind === "message") {
       const chat = document.getElementById("chat");
+      if (!chat) return;
       const mine = el("li", "msg mine");
       mine.append(el("div", "meta", (data.get("sender") || "operator") + " · sent"));
       mine.append(el("div", "text", data.get("text")));
+      const file = data.get("file");
+      if (file && file.name) mine.append(el("div", "attachment", "📎 " + file.name));
       chat.append(mine);
-      form.querySelector("textarea").value = "";
+      form.querySelectorAll("textarea, input[type=file], input[name=text]").forEach((i) => { i.value = ""; });
     }
   }
 
   document.addEventListener("DOMContentLoaded", () => {
     document.querySelectorAll("[data-refresh]").forEach(liveRefresh);
     document.querySelectorAll("#chat[data-events]").forEach(liveChat);
-    document.querySelectorAll("form[data-fetch]").forEach((f) => f.addEventListener("submit", postInPlace));
+    document.addEventListener("submit", (event) => {
+      if (event.target instanceof HTMLFormElement && event.target.matches("form[data-fetch]")) postInPlace(event);
+    });
     // Tests wait for this: the script ran.
     document.documentElement.dataset.js = "ready";
   });

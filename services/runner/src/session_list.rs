@@ -1,0 +1,391 @@
+//! `ListSessions` and `GetSession`: filtered, sorted, paged session lists with counts.
+//!
+//! The filter (agent state) and the sort (last activity, creation) use only the
+//! supervisor's in-memory states and the registry's columns, so a page of 50 out of
+//! 10,000 sessions opens the files of those 50 only: their pending work and message
+//! counts come from short-lived read-only views ([`crate::mailbox_view`]), which leave
+//! the cache of open mailboxes as it was. Tokens come from the registry in one query for
+//! the whole page.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ferroclaw_mailbox::SessionPaths;
+use ferroclaw_proto::v1::{ListSessionsRequest, ListSessionsResponse, Session};
+use tokio::task::JoinSet;
+
+use crate::error::{Result, RunnerError};
+use crate::mailbox_view::{Counts, MailboxView};
+use crate::registry::{SessionRecord, Usage};
+use crate::service::RunnerService;
+
+/// The most sessions one page may hold.
+pub const MAX_PAGE: u32 = 500;
+/// The longest one session's files may take to be looked at; past it, its counts are unset.
+const VIEW_TIMEOUT: Duration = Duration::from_secs(2);
+/// Sessions' files looked at concurrently (each look is a connection and its thread).
+const VIEWS_AT_ONCE: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Latest activity first.
+    Recent,
+    /// Least recent activity first.
+    Oldest,
+    /// By creation, as the registry lists them.
+    Created,
+}
+
+/// What a `ListSessions` request asks for, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only sessions whose agent is in this state; `None`: all.
+    pub state: Option<String>,
+    pub order: Order,
+    pub offset: usize,
+    /// `None`: every session (after `offset`), without message counts.
+    pub limit: Option<usize>,
+}
+
+impl ListQuery {
+    /// An empty sort is "recent" for a page, and creation order for the whole list (what
+    /// it was before lists had pages). A state the runner never reports matches nothing.
+    pub fn parse(req: &ListSessionsRequest) -> Result<Self> {
+        if req.limit > MAX_PAGE {
+            return Err(RunnerError::InvalidArgument(format!(
+                "limit {} is too large: at most {MAX_PAGE} sessions a page (0 for all of them)",
+                req.limit
+            )));
+        }
+        let order = match req.sort.as_str() {
+            "" if req.limit == 0 => Order::Created,
+            "" | "recent" => Order::Recent,
+            "oldest" => Order::Oldest,
+            "created" => Order::Created,
+            other => {
+                return Err(RunnerError::InvalidArgument(format!(
+                    "unknown sort {other:?}: \"recent\", \"oldest\" or \"created\""
+                )));
+            }
+        };
+        Ok(Self {
+            state: (!req.state.is_empty()).then(|| req.state.clone()),
+            order,
+            offset: req.offset as usize,
+            limit: (req.limit > 0).then_some(req.limit as usize),
+        })
+    }
+}
+
+/// Filters `records` (in creation order) by their agent's state, sorts them and cuts the
+/// page: (how many matched before the cut, the page with each one's state).
+pub fn select(
+    records: Vec<SessionRecord>,
+    state_of: impl Fn(&str) -> &'static str,
+    query: &ListQuery,
+) -> (usize, Vec<(SessionRecord, &'static str)>) {
+    let mut matched: Vec<(SessionRecord, &'static str)> = records
+        .into_iter()
+        .map(|r| {
+            let state = state_of(&r.id);
+            (r, state)
+        })
+        .filter(|(_, state)| query.state.as_deref().is_none_or(|s| s == *state))
+        .collect();
+    // Ties broken by id, so pages never overlap or skip a session.
+    match query.order {
+        Order::Recent => matched.sort_by(|(a, _), (b, _)| {
+            b.last_activity
+                .cmp(&a.last_activity)
+                .then_with(|| a.id.cmp(&b.id))
+        }),
+        Order::Oldest => matched.sort_by(|(a, _), (b, _)| {
+            a.last_activity
+                .cmp(&b.last_activity)
+                .then_with(|| a.id.cmp(&b.id))
+        }),
+        Order::Created => matched.sort_by(|(a, _), (b, _)| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        }),
+    }
+    let count = matched.len();
+    let page = matched
+        .into_iter()
+        .skip(query.offset)
+        .take(query.limit.unwrap_or(usize::MAX))
+        .collect();
+    (count, page)
+}
+
+/// Looks at each session's files (at most [`VIEWS_AT_ONCE`] at a time, each within
+/// [`VIEW_TIMEOUT`]); the counts come back in the order of `paths`. A session whose files
+/// cannot be read gets no counts; the others are not held up by it.
+pub async fn read_counts(paths: Vec<SessionPaths>, messages: bool) -> Vec<Counts> {
+    let mut counts = vec![Counts::default(); paths.len()];
+    let mut looking = JoinSet::new();
+    for (i, paths) in paths.into_iter().enumerate() {
+        if looking.len() >= VIEWS_AT_ONCE
+            && let Some(Ok((j, c))) = looking.join_next().await
+        {
+            counts[j] = c;
+        }
+        looking.spawn(async move { (i, count_one(&paths, messages).await) });
+    }
+    while let Some(done) = looking.join_next().await {
+        if let Ok((i, c)) = done {
+            counts[i] = c;
+        }
+    }
+    counts
+}
+
+async fn count_one(paths: &SessionPaths, messages: bool) -> Counts {
+    let look = async {
+        let Some(mut view) = MailboxView::open(paths).await? else {
+            // Nothing was ever enqueued: no files, no messages.
+            return Ok(Counts {
+                pending: Some(0),
+                messages_in: messages.then_some(0),
+                messages_out: messages.then_some(0),
+            });
+        };
+        let counts = view.counts(messages).await;
+        view.close().await;
+        Ok::<_, RunnerError>(counts)
+    };
+    match tokio::time::timeout(VIEW_TIMEOUT, look).await {
+        Ok(Ok(counts)) => counts,
+        Ok(Err(e)) => {
+            tracing::debug!(session = %paths.root().display(), error = %e, "session files not read");
+            Counts::default()
+        }
+        Err(_) => {
+            tracing::debug!(session = %paths.root().display(), "session files not read in time");
+            Counts::default()
+        }
+    }
+}
+
+/// A session as the RPCs report it.
+fn session(
+    record: SessionRecord,
+    state: &str,
+    agent_starts: u64,
+    counts: Counts,
+    usage: Usage,
+) -> Session {
+    Session {
+        id: record.id,
+        agent: record.agent,
+        conversation_key: record.conversation_key,
+        created_at_ms: record.created_at,
+        last_activity_ms: record.last_activity,
+        agent_state: state.to_string(),
+        pending: counts.pending.unwrap_or(0),
+        agent_starts,
+        messages_in: counts.messages_in,
+        messages_out: counts.messages_out,
+        model_requests: usage.requests,
+        input_tokens: usage.input_tokens,
+        output_tokens: usage.output_tokens,
+    }
+}
+
+impl RunnerService {
+    pub(crate) async fn list_sessions_page(
+        &self,
+        req: ListSessionsRequest,
+    ) -> Result<ListSessionsResponse> {
+        let query = ListQuery::parse(&req)?;
+        let agent = (!req.agent.is_empty()).then_some(req.agent.as_str());
+        let records = self.registry.list(agent).await?;
+        let total = match agent {
+            None => records.len() as u64,
+            Some(_) => u64::try_from(self.registry.count().await?).unwrap_or(0),
+        };
+        let states = self.supervisor.states().await;
+        let (matched, page) = select(
+            records,
+            |id| states.get(id).map_or("idle", |s| s.as_str()),
+            &query,
+        );
+        let ids: Vec<&str> = page.iter().map(|(r, _)| r.id.as_str()).collect();
+        let mut usage = self.registry.usage_of_sessions(&ids).await?;
+        // Message counts only for a page: the whole list is for callers that want pending.
+        let paths = page.iter().map(|(r, _)| self.mailboxes.paths(r)).collect();
+        let counts = read_counts(paths, query.limit.is_some()).await;
+        let sessions = page
+            .into_iter()
+            .zip(counts)
+            .map(|((record, state), counts)| {
+                let starts = self.supervisor.agent_starts(&record.id);
+                let used = usage.remove(&record.id).unwrap_or_default();
+                session(record, state, starts, counts, used)
+            })
+            .collect();
+        Ok(ListSessionsResponse {
+            sessions,
+            agent_starts_total: self.supervisor.agent_starts_total(),
+            matched: matched as u64,
+            total,
+        })
+    }
+
+    /// One session with its message counts and tokens.
+    pub(crate) async fn describe_session(&self, record: SessionRecord) -> Result<Session> {
+        let state = self
+            .supervisor
+            .state(&record.id)
+            .await
+            .map_or("idle", |s| s.as_str());
+        let mut usage: HashMap<String, Usage> = self
+            .registry
+            .usage_of_sessions(&[record.id.as_str()])
+            .await?;
+        let counts = read_counts(vec![self.mailboxes.paths(&record)], true).await;
+        let counts = counts.into_iter().next().unwrap_or_default();
+        let used = usage.remove(&record.id).unwrap_or_default();
+        let starts = self.supervisor.agent_starts(&record.id);
+        Ok(session(record, state, starts, counts, used))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, created_at: i64, last_activity: i64) -> SessionRecord {
+        SessionRecord {
+            id: id.into(),
+            agent: "main".into(),
+            conversation_key: format!("api:{id}"),
+            created_at,
+            last_activity,
+        }
+    }
+
+    fn request(state: &str, sort: &str, offset: u32, limit: u32) -> ListSessionsRequest {
+        ListSessionsRequest {
+            agent: String::new(),
+            state: state.into(),
+            sort: sort.into(),
+            offset,
+            limit,
+        }
+    }
+
+    fn ids(page: &[(SessionRecord, &str)]) -> Vec<String> {
+        page.iter().map(|(r, _)| r.id.clone()).collect()
+    }
+
+    /// a: created first, active last; b and c tie on activity; d is running.
+    fn records() -> Vec<SessionRecord> {
+        vec![
+            record("a", 1, 40),
+            record("b", 2, 20),
+            record("c", 3, 20),
+            record("d", 4, 10),
+        ]
+    }
+
+    fn state_of(id: &str) -> &'static str {
+        if id == "d" { "running" } else { "idle" }
+    }
+
+    #[test]
+    fn a_request_is_checked() {
+        let q = ListQuery::parse(&request("", "", 0, 0)).unwrap();
+        assert_eq!(
+            (q.order, q.limit),
+            (Order::Created, None),
+            "the old whole list"
+        );
+        let q = ListQuery::parse(&request("idle", "", 5, 50)).unwrap();
+        assert_eq!(
+            q,
+            ListQuery {
+                state: Some("idle".into()),
+                order: Order::Recent,
+                offset: 5,
+                limit: Some(50)
+            }
+        );
+        assert_eq!(
+            ListQuery::parse(&request("", "oldest", 0, 0))
+                .unwrap()
+                .order,
+            Order::Oldest
+        );
+        assert!(ListQuery::parse(&request("", "", 0, MAX_PAGE)).is_ok());
+        let too_many = ListQuery::parse(&request("", "", 0, MAX_PAGE + 1)).unwrap_err();
+        assert!(matches!(too_many, RunnerError::InvalidArgument(m) if m.contains("at most 500")));
+        assert!(matches!(
+            ListQuery::parse(&request("", "sideways", 0, 10)),
+            Err(RunnerError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn sessions_sort_by_activity_or_creation_with_ties_by_id() {
+        let q = |sort| ListQuery::parse(&request("", sort, 0, 10)).unwrap();
+        let (n, page) = select(records(), state_of, &q("recent"));
+        assert_eq!(
+            (n, ids(&page)),
+            (4, vec!["a".into(), "b".into(), "c".into(), "d".into()])
+        );
+        let (_, page) = select(records(), state_of, &q("oldest"));
+        assert_eq!(ids(&page), ["d", "b", "c", "a"]);
+        let mut shuffled = records();
+        shuffled.reverse();
+        let (_, page) = select(shuffled, state_of, &q("created"));
+        assert_eq!(ids(&page), ["a", "b", "c", "d"]);
+        assert_eq!(page[3].1, "running");
+    }
+
+    #[test]
+    fn the_filter_counts_before_the_page_is_cut() {
+        let (n, page) = select(
+            records(),
+            state_of,
+            &ListQuery::parse(&request("idle", "oldest", 1, 1)).unwrap(),
+        );
+        assert_eq!((n, ids(&page)), (3, vec!["c".to_string()]));
+        let (n, page) = select(
+            records(),
+            state_of,
+            &ListQuery::parse(&request("running", "", 0, 0)).unwrap(),
+        );
+        assert_eq!((n, ids(&page)), (1, vec!["d".to_string()]));
+        // Past the end: nothing, still the count.
+        let (n, page) = select(
+            records(),
+            state_of,
+            &ListQuery::parse(&request("", "", 10, 5)).unwrap(),
+        );
+        assert_eq!((n, page.len()), (4, 0));
+        // A state the runner never reports.
+        let (n, _) = select(
+            records(),
+            state_of,
+            &ListQuery::parse(&request("sleeping", "", 0, 0)).unwrap(),
+        );
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn pages_cover_every_session_once() {
+        let many: Vec<SessionRecord> = (0..23)
+            .map(|i| record(&format!("s{i:02}"), i, i % 4))
+            .collect();
+        let mut seen = Vec::new();
+        for page in 0..5 {
+            let q = ListQuery::parse(&request("", "recent", page * 5, 5)).unwrap();
+            seen.extend(ids(&select(many.clone(), |_| "idle", &q).1));
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 23);
+    }
+}
