@@ -53,8 +53,16 @@ impl Table {
         self
     }
 
+    /// Adds a row. Control characters are shown as `�`: cells carry text agents can
+    /// influence (a delivery failure's reason), and an escape sequence must not reach the
+    /// operator's terminal.
     pub fn row(&mut self, cells: Vec<(String, Tone)>) {
-        self.rows.push(cells);
+        self.rows.push(
+            cells
+                .into_iter()
+                .map(|(text, tone)| (inert(&text), tone))
+                .collect(),
+        );
     }
 
     pub fn is_empty(&self) -> bool {
@@ -113,6 +121,13 @@ impl Table {
     }
 }
 
+/// `text` with every control character (C0, DEL, C1) replaced by `�`.
+pub fn inert(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect()
+}
+
 /// `5 s ago`, `3 min ago`, `2 h ago`, `4 d ago`; `never` for 0.
 pub fn ago(ms: i64, now_ms: i64) -> String {
     if ms <= 0 {
@@ -162,6 +177,21 @@ mod tests {
         assert!(text.contains("\x1b[32mready\x1b[0m"));
         assert!(text.contains("\x1b[31munreachable\x1b[0m"));
         assert!(!text.contains("\x1b[0mrunner"), "plain cells stay plain");
+    }
+
+    #[test]
+    fn escape_sequences_never_reach_the_terminal() {
+        let mut t = Table::new(vec!["REASON"]);
+        t.row(vec![(
+            "bad \x1b]0;owned\x07 \u{9b}31m\r\n".into(),
+            Tone::Bad,
+        )]);
+        let text = t.render(0, false);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert_eq!(text.lines().count(), 2, "{text:?}");
     }
 
     #[test]

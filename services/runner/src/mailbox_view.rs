@@ -436,7 +436,7 @@ fn json_list(seqs: &[i64]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use ferroclaw_mailbox::agent::BatchStatus;
     use ferroclaw_mailbox::content::{ChatIn, ChatOut, InboundContent, OutboundContent};
     use ferroclaw_mailbox::{
@@ -467,7 +467,7 @@ mod tests {
         }
     }
 
-    fn chat_out(text: &str) -> NewOutbound {
+    pub(crate) fn chat_out(text: &str) -> NewOutbound {
         NewOutbound {
             in_reply_to: None,
             destination: Destination::Api {

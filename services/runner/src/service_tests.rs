@@ -7,10 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferroclaw_mailbox::agent::BatchStatus;
-use ferroclaw_mailbox::content::{ChatIn, ChatOut, InboundContent, OutboundContent};
-use ferroclaw_mailbox::{
-    AgentMailbox, Destination, HostMailbox, JournalMode, NewInbound, NewOutbound, Origin,
-};
+use ferroclaw_mailbox::{AgentMailbox, HostMailbox, JournalMode, NewInbound};
 use ferroclaw_proto::v1::runner_server::Runner;
 use ferroclaw_proto::v1::{
     GetRunnerStatusRequest, GetSessionRequest, ListAgentUsageRequest, ListSessionMessagesRequest,
@@ -18,6 +15,8 @@ use ferroclaw_proto::v1::{
 };
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
+
+use crate::mailbox_view::tests::chat_out;
 use tonic::{Code, Request};
 
 use crate::backend::Backend;
@@ -112,36 +111,9 @@ async fn runner() -> Harness {
     }
 }
 
+/// A chat message `message <id>` from `sender`.
 fn chat_in(id: &str, sender: &str) -> NewInbound {
-    NewInbound {
-        id: id.into(),
-        content: InboundContent::Chat(ChatIn {
-            text: format!("message {id}"),
-            sender: sender.into(),
-            attachments: Vec::new(),
-        }),
-        origin: Origin {
-            channel: "api".into(),
-            conversation: "c".into(),
-            sender: sender.into(),
-            reply_to: Destination::Api {
-                conversation: "c".into(),
-            },
-        },
-        process_after: None,
-        trace: None,
-    }
-}
-
-fn chat_out(text: &str) -> NewOutbound {
-    NewOutbound {
-        in_reply_to: None,
-        destination: Destination::Api {
-            conversation: "c".into(),
-        },
-        content: OutboundContent::Chat(ChatOut { text: text.into() }),
-        trace: None,
-    }
+    crate::mailbox_view::tests::chat_in(id, &format!("message {id}"), sender)
 }
 
 impl Harness {

@@ -33,6 +33,11 @@ async fn call(
     let request = request
         .body(Body::from(form.unwrap_or_default().to_string()))
         .unwrap();
+    answer(router, request).await
+}
+
+/// What the router answers to `request`.
+async fn answer(router: &axum::Router, request: Request<Body>) -> Answer {
     let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
@@ -278,17 +283,7 @@ async fn send_file(router: &axum::Router, cookie: &str, csrf: Option<&str>) -> A
         )
         .body(Body::from(body))
         .unwrap();
-    let response = router.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    Answer {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    answer(router, request).await
 }
 
 #[tokio::test]
