@@ -20,6 +20,7 @@ mod models;
 mod openapi;
 mod outbound_policy;
 mod pipeline;
+mod postgres;
 mod questions;
 mod runner_restart;
 mod scheduler;

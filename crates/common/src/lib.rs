@@ -15,5 +15,7 @@ pub mod signing;
 pub mod spend;
 pub mod startup;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-postgres"))]
+pub mod test_postgres;
 
 pub use config::{Config, ConfigError};

@@ -6,6 +6,8 @@ pub enum DeliveryError {
     #[error("delivery ledger: {0}")]
     Ledger(#[from] sqlx::Error),
     #[error(transparent)]
+    Database(#[from] ferroclaw_common::service_db::DbError),
+    #[error(transparent)]
     Grpc(#[from] ferroclaw_common::grpc::GrpcError),
     #[error("I/O error on {path}: {source}")]
     Io {

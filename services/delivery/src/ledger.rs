@@ -1,61 +1,65 @@
 //! Delivery's own database: the ledger of every outbound row it has seen (keyed by session
 //! and out seq, so a row is sent at most once) and the messages of API conversations.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferroclaw_common::service_db::{LegacyColumn, Location, Schema, Step};
 use ferroclaw_proto::v1::OutboundMessage;
-use sqlx::{Row, SqlitePool};
+use sqlx::{AnyPool, Row};
 use tokio::sync::broadcast;
 
 use crate::error::Result;
 
-const DDL: &str = "
-CREATE TABLE IF NOT EXISTS ledger (
-    session_id          TEXT NOT NULL,
-    out_seq             INTEGER NOT NULL,
-    state               TEXT NOT NULL,      -- pending | delivered | failed
-    attempts            INTEGER NOT NULL,
-    kind                TEXT NOT NULL,
-    destination         TEXT NOT NULL,
-    platform_message_id TEXT,
-    detail              TEXT,
-    updated_at          INTEGER NOT NULL,
-    reason              TEXT,               -- a failure in one plain sentence
-    waits               INTEGER NOT NULL DEFAULT 0, -- rate-limit waits (not attempts)
-    waiting_until       INTEGER,            -- while a rate-limit wait is in progress
-    retryable           INTEGER NOT NULL DEFAULT 0, -- failed after transient errors only
-    retried_at          INTEGER,            -- when an operator last sent it again
-    PRIMARY KEY (session_id, out_seq)
-);
-CREATE TABLE IF NOT EXISTS conversation_messages (
-    cursor       INTEGER PRIMARY KEY AUTOINCREMENT,
-    conversation TEXT NOT NULL,
-    session_id   TEXT NOT NULL,
-    out_seq      INTEGER NOT NULL,
-    in_reply_to  INTEGER,
-    kind         TEXT NOT NULL,
-    text         TEXT NOT NULL,
-    content      TEXT NOT NULL,
-    created_at   INTEGER NOT NULL,
-    UNIQUE (session_id, out_seq)
-);
-CREATE INDEX IF NOT EXISTS conversation_messages_by_conversation
-    ON conversation_messages (conversation, cursor);
-CREATE TABLE IF NOT EXISTS questions (
-    question_id  TEXT PRIMARY KEY,
-    session_id   TEXT NOT NULL,
-    out_seq      INTEGER NOT NULL,
-    conversation TEXT NOT NULL,
-    options      TEXT NOT NULL,           -- JSON [{id, label}]
-    expires_at   INTEGER NOT NULL,
-    answer       TEXT,
-    answered_by  TEXT,
-    answered_at  INTEGER,
-    agent        TEXT                     -- the asking agent (set for Discord questions)
-);
-";
+/// The ledger's migrations (services/delivery/migrations/<engine>/).
+static SCHEMA: Schema = Schema {
+    service: "delivery",
+    sqlite: &[Step::new(
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+    )],
+    postgres: &[Step::new(
+        1,
+        "init",
+        include_str!("../migrations/postgres/0001_init.sql"),
+    )],
+    // Files from before questions had an agent, and before rate-limit waits and retries.
+    sqlite_legacy_columns: &[
+        LegacyColumn {
+            table: "questions",
+            column: "agent",
+            add: "ALTER TABLE questions ADD COLUMN agent TEXT",
+        },
+        LegacyColumn {
+            table: "ledger",
+            column: "reason",
+            add: "ALTER TABLE ledger ADD COLUMN reason TEXT",
+        },
+        LegacyColumn {
+            table: "ledger",
+            column: "waits",
+            add: "ALTER TABLE ledger ADD COLUMN waits INTEGER NOT NULL DEFAULT 0",
+        },
+        LegacyColumn {
+            table: "ledger",
+            column: "waiting_until",
+            add: "ALTER TABLE ledger ADD COLUMN waiting_until INTEGER",
+        },
+        // Rows failed before retries existed are not retryable: why they failed is not
+        // known.
+        LegacyColumn {
+            table: "ledger",
+            column: "retryable",
+            add: "ALTER TABLE ledger ADD COLUMN retryable INTEGER NOT NULL DEFAULT 0",
+        },
+        LegacyColumn {
+            table: "ledger",
+            column: "retried_at",
+            add: "ALTER TABLE ledger ADD COLUMN retried_at INTEGER",
+        },
+    ],
+};
 
 /// A Discord question's `conversation`: the channel, marked so answers go back there.
 pub const DISCORD_PREFIX: &str = "discord:";
@@ -202,54 +206,17 @@ const APPENDED_CAPACITY: usize = 1024;
 
 #[derive(Clone)]
 pub struct Ledger {
-    pool: SqlitePool,
+    pool: AnyPool,
     /// Every stored conversation message, sent after its commit.
     appended: broadcast::Sender<Appended>,
 }
 
 impl Ledger {
-    pub async fn open(path: &Path) -> Result<Self> {
-        let pool = ferroclaw_common::service_db::open(path, 4, DDL).await?;
-        // Files from before questions had an agent column get it.
-        let columns: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM pragma_table_info('questions')")
-                .fetch_all(&pool)
-                .await?;
-        if !columns.iter().any(|c| c == "agent") {
-            sqlx::query("ALTER TABLE questions ADD COLUMN agent TEXT")
-                .execute(&pool)
-                .await?;
-        }
-        // Ledgers from before rate-limit waits and retries get the columns for them.
-        let columns: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM pragma_table_info('ledger')")
-                .fetch_all(&pool)
-                .await?;
-        for (column, ddl) in [
-            ("reason", "ALTER TABLE ledger ADD COLUMN reason TEXT"),
-            (
-                "waits",
-                "ALTER TABLE ledger ADD COLUMN waits INTEGER NOT NULL DEFAULT 0",
-            ),
-            (
-                "waiting_until",
-                "ALTER TABLE ledger ADD COLUMN waiting_until INTEGER",
-            ),
-            // Rows failed before retries existed are not retryable: why they failed is
-            // not known.
-            (
-                "retryable",
-                "ALTER TABLE ledger ADD COLUMN retryable INTEGER NOT NULL DEFAULT 0",
-            ),
-            (
-                "retried_at",
-                "ALTER TABLE ledger ADD COLUMN retried_at INTEGER",
-            ),
-        ] {
-            if !columns.iter().any(|c| c == column) {
-                sqlx::query(ddl).execute(&pool).await?;
-            }
-        }
+    /// Opens the ledger at `at` (a SQLite file by default, or PostgreSQL).
+    pub async fn open(at: impl Into<Location>) -> Result<Self> {
+        let pool = ferroclaw_common::service_db::open(&at.into(), 4, &SCHEMA)
+            .await?
+            .pool;
         Ok(Self {
             pool,
             appended: broadcast::channel(APPENDED_CAPACITY).0,
@@ -356,7 +323,7 @@ impl Ledger {
         session_id: &str,
         out_seq: i64,
     ) -> Result<Option<RetryRefused>> {
-        let found: Option<(String, bool, Option<i64>)> = sqlx::query_as(
+        let found: Option<(String, i64, Option<i64>)> = sqlx::query_as(
             "SELECT state, retryable, retried_at FROM ledger WHERE session_id = $1 AND out_seq = $2",
         )
         .bind(session_id)
@@ -364,6 +331,7 @@ impl Ledger {
         .fetch_optional(&self.pool)
         .await?;
         let (session, seq) = (session_id.to_string(), out_seq);
+        let found = found.map(|(state, retryable, retried_at)| (state, retryable != 0, retried_at));
         Ok(match found {
             None => Some(RetryRefused::Unknown(session, seq)),
             Some((state, _, _)) if state == "delivered" => {
@@ -476,7 +444,8 @@ impl Ledger {
             "INSERT INTO conversation_messages
                (conversation, session_id, out_seq, in_reply_to, kind, text, content, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (session_id, out_seq) DO UPDATE SET conversation = conversation
+             ON CONFLICT (session_id, out_seq)
+               DO UPDATE SET conversation = conversation_messages.conversation
              RETURNING cursor",
         )
         .bind(message.conversation)
@@ -630,7 +599,7 @@ impl Ledger {
         .bind(detail)
         .bind(reason)
         .bind(ferroclaw_content::now_ms())
-        .bind(retryable)
+        .bind(i64::from(retryable))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -662,7 +631,8 @@ impl Ledger {
     /// does not count as an attempt.
     pub async fn waiting(&self, row: &OutboundMessage, until_ms: i64, detail: &str) -> Result<()> {
         sqlx::query(
-            "UPDATE ledger SET attempts = MAX(attempts - 1, 0), waits = waits + 1,
+            "UPDATE ledger SET attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
+                waits = waits + 1,
                 waiting_until = $3, detail = $4, updated_at = $5
              WHERE session_id = $1 AND out_seq = $2 AND state = 'pending'",
         )
@@ -743,7 +713,8 @@ impl Ledger {
         let rows = sqlx::query(
             "SELECT session_id, out_seq, state, attempts, destination, platform_message_id, detail,
                 updated_at, reason, waits, waiting_until,
-                (state = 'failed' AND retryable = 1) AS retryable, retried_at
+                CASE WHEN state = 'failed' AND retryable = 1 THEN 1 ELSE 0 END AS retryable,
+                retried_at
              FROM ledger ORDER BY updated_at DESC LIMIT $1",
         )
         .bind(i64::from(limit))
@@ -763,7 +734,7 @@ impl Ledger {
                     reason: r.try_get("reason")?,
                     waits: r.try_get("waits")?,
                     waiting_until: r.try_get("waiting_until")?,
-                    retryable: r.try_get("retryable")?,
+                    retryable: r.try_get::<i64, _>("retryable")? != 0,
                     retried_at: r.try_get("retried_at")?,
                 })
             })
@@ -778,6 +749,15 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh ledger on each engine: SQLite, and PostgreSQL when available.
+    async fn ledgers(dir: &std::path::Path) -> Vec<Ledger> {
+        let mut ledgers = Vec::new();
+        for at in ferroclaw_common::test_postgres::locations(dir, "delivery").await {
+            ledgers.push(Ledger::open(&at).await.unwrap());
+        }
+        ledgers
+    }
 
     fn row(seq: i64) -> OutboundMessage {
         OutboundMessage {
@@ -802,48 +782,49 @@ mod tests {
     #[tokio::test]
     async fn a_row_is_stored_once_and_long_poll_wakes() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(&dir.path().join("delivery.db")).await.unwrap();
-        assert_eq!(ledger.attempt("s", 1, "chat", "{}").await.unwrap(), 1);
-        assert_eq!(ledger.attempt("s", 1, "chat", "{}").await.unwrap(), 2);
-        let waiter = {
-            let ledger = ledger.clone();
-            tokio::spawn(async move {
+        for ledger in ledgers(dir.path()).await {
+            assert_eq!(ledger.attempt("s", 1, "chat", "{}").await.unwrap(), 1);
+            assert_eq!(ledger.attempt("s", 1, "chat", "{}").await.unwrap(), 2);
+            let waiter = {
+                let ledger = ledger.clone();
+                tokio::spawn(async move {
+                    ledger
+                        .wait_conversation_messages("c", 0, 10, Duration::from_secs(10))
+                        .await
+                        .unwrap()
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let first = ledger
+                .deliver_to_conversation(&row(1), msg("c", "hi"), None)
+                .await
+                .unwrap();
+            let again = ledger
+                .deliver_to_conversation(&row(1), msg("c", "hi"), None)
+                .await
+                .unwrap();
+            assert_eq!(first, again);
+            let got = waiter.await.unwrap();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].text, "hi");
+            assert_eq!(
                 ledger
-                    .wait_conversation_messages("c", 0, 10, Duration::from_secs(10))
+                    .conversation_messages("c", 0, 10)
                     .await
                     .unwrap()
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let first = ledger
-            .deliver_to_conversation(&row(1), msg("c", "hi"), None)
-            .await
-            .unwrap();
-        let again = ledger
-            .deliver_to_conversation(&row(1), msg("c", "hi"), None)
-            .await
-            .unwrap();
-        assert_eq!(first, again);
-        let got = waiter.await.unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].text, "hi");
-        assert_eq!(
-            ledger
-                .conversation_messages("c", 0, 10)
+                    .len(),
+                1
+            );
+            assert!(matches!(
+                ledger.outcome("s", 1).await.unwrap(),
+                Some(Settled::Delivered { .. })
+            ));
+            let none = ledger
+                .wait_conversation_messages("c", got[0].cursor, 10, Duration::from_millis(50))
                 .await
-                .unwrap()
-                .len(),
-            1
-        );
-        assert!(matches!(
-            ledger.outcome("s", 1).await.unwrap(),
-            Some(Settled::Delivered { .. })
-        ));
-        let none = ledger
-            .wait_conversation_messages("c", got[0].cursor, 10, Duration::from_millis(50))
-            .await
-            .unwrap();
-        assert!(none.is_empty());
+                .unwrap();
+            assert!(none.is_empty());
+        }
     }
     async fn entry(ledger: &Ledger, seq: i64) -> Entry {
         ledger
@@ -858,121 +839,122 @@ mod tests {
     #[tokio::test]
     async fn a_failure_records_whether_it_was_transient() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(&dir.path().join("delivery.db")).await.unwrap();
-        ledger.attempt("s", 1, "chat", "{}").await.unwrap();
-        ledger
-            .fail(&row(1), "given up: 502", "Discord kept failing.", true)
-            .await
-            .unwrap();
-        ledger.attempt("s", 3, "chat", "{}").await.unwrap();
-        ledger
-            .fail(&row(3), "403", "Discord refused it.", false)
-            .await
-            .unwrap();
-        ledger.attempt("s", 5, "chat", "{}").await.unwrap();
-        ledger.delivered(&row(5), "pm").await.unwrap();
+        for ledger in ledgers(dir.path()).await {
+            ledger.attempt("s", 1, "chat", "{}").await.unwrap();
+            ledger
+                .fail(&row(1), "given up: 502", "Discord kept failing.", true)
+                .await
+                .unwrap();
+            ledger.attempt("s", 3, "chat", "{}").await.unwrap();
+            ledger
+                .fail(&row(3), "403", "Discord refused it.", false)
+                .await
+                .unwrap();
+            ledger.attempt("s", 5, "chat", "{}").await.unwrap();
+            ledger.delivered(&row(5), "pm").await.unwrap();
 
-        let given_up = entry(&ledger, 1).await;
-        assert_eq!(
-            (given_up.state.as_str(), given_up.retryable),
-            ("failed", true)
-        );
-        assert_eq!(given_up.reason.as_deref(), Some("Discord kept failing."));
-        assert!(
-            !entry(&ledger, 3).await.retryable,
-            "a refusal is not retryable"
-        );
-        assert!(!entry(&ledger, 5).await.retryable);
+            let given_up = entry(&ledger, 1).await;
+            assert_eq!(
+                (given_up.state.as_str(), given_up.retryable),
+                ("failed", true)
+            );
+            assert_eq!(given_up.reason.as_deref(), Some("Discord kept failing."));
+            assert!(
+                !entry(&ledger, 3).await.retryable,
+                "a refusal is not retryable"
+            );
+            assert!(!entry(&ledger, 5).await.retryable);
+        }
     }
 
     #[tokio::test]
     async fn a_retry_makes_a_transient_failure_pending_again_once() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(&dir.path().join("delivery.db")).await.unwrap();
-        ledger.attempt("s", 1, "chat", "{}").await.unwrap();
-        ledger.attempt("s", 1, "chat", "{}").await.unwrap();
-        ledger
-            .fail(&row(1), "given up", "It kept failing.", true)
-            .await
-            .unwrap();
-        assert!(ledger.outcome("s", 1).await.unwrap().is_some());
+        for ledger in ledgers(dir.path()).await {
+            ledger.attempt("s", 1, "chat", "{}").await.unwrap();
+            ledger.attempt("s", 1, "chat", "{}").await.unwrap();
+            ledger
+                .fail(&row(1), "given up", "It kept failing.", true)
+                .await
+                .unwrap();
+            assert!(ledger.outcome("s", 1).await.unwrap().is_some());
 
-        assert_eq!(ledger.mark_for_retry("s", 1, 1_000).await.unwrap(), Ok(()));
-        let state = ledger.row_state("s", 1).await.unwrap();
-        assert_eq!(
-            state.settled, None,
-            "no outcome: the row goes out when it comes back"
-        );
-        assert_eq!(state.retried_at, Some(1_000));
-        let marked = entry(&ledger, 1).await;
-        assert_eq!(
-            (marked.state.as_str(), marked.attempts),
-            ("pending", 2),
-            "attempts kept"
-        );
-        assert!(!marked.retryable, "a pending row is not retryable");
+            assert_eq!(ledger.mark_for_retry("s", 1, 1_000).await.unwrap(), Ok(()));
+            let state = ledger.row_state("s", 1).await.unwrap();
+            assert_eq!(
+                state.settled, None,
+                "no outcome: the row goes out when it comes back"
+            );
+            assert_eq!(state.retried_at, Some(1_000));
+            let marked = entry(&ledger, 1).await;
+            assert_eq!(
+                (marked.state.as_str(), marked.attempts),
+                ("pending", 2),
+                "attempts kept"
+            );
+            assert!(!marked.retryable, "a pending row is not retryable");
 
-        // A retry cut short before the runner reopened the row may be done again; it
-        // counts from the new time.
-        assert_eq!(ledger.retry_refusal("s", 1).await.unwrap(), None);
-        assert_eq!(ledger.mark_for_retry("s", 1, 2_000).await.unwrap(), Ok(()));
-        assert_eq!(
-            ledger.row_state("s", 1).await.unwrap().retried_at,
-            Some(2_000)
-        );
+            // A retry cut short before the runner reopened the row may be done again; it
+            // counts from the new time.
+            assert_eq!(ledger.retry_refusal("s", 1).await.unwrap(), None);
+            assert_eq!(ledger.mark_for_retry("s", 1, 2_000).await.unwrap(), Ok(()));
+            assert_eq!(
+                ledger.row_state("s", 1).await.unwrap().retried_at,
+                Some(2_000)
+            );
 
-        // The runner could not take it back: failed again, as before.
-        ledger.unmark_retry("s", 1, 1_000).await.unwrap();
-        assert_eq!(entry(&ledger, 1).await.state, "pending", "not our mark");
-        ledger.unmark_retry("s", 1, 2_000).await.unwrap();
-        let failed = entry(&ledger, 1).await;
-        assert_eq!((failed.state.as_str(), failed.retryable), ("failed", true));
+            // The runner could not take it back: failed again, as before.
+            ledger.unmark_retry("s", 1, 1_000).await.unwrap();
+            assert_eq!(entry(&ledger, 1).await.state, "pending", "not our mark");
+            ledger.unmark_retry("s", 1, 2_000).await.unwrap();
+            let failed = entry(&ledger, 1).await;
+            assert_eq!((failed.state.as_str(), failed.retryable), ("failed", true));
 
-        // Sent again and delivered: nothing more to retry.
-        assert_eq!(ledger.mark_for_retry("s", 1, 3_000).await.unwrap(), Ok(()));
-        assert_eq!(ledger.attempt("s", 1, "chat", "{}").await.unwrap(), 3);
-        ledger.delivered(&row(1), "pm").await.unwrap();
-        assert_eq!(
-            ledger.mark_for_retry("s", 1, 4_000).await.unwrap(),
-            Err(RetryRefused::Delivered("s".into(), 1))
-        );
-        assert!(matches!(
-            ledger.outcome("s", 1).await.unwrap(),
-            Some(Settled::Delivered { .. })
-        ));
+            // Sent again and delivered: nothing more to retry.
+            assert_eq!(ledger.mark_for_retry("s", 1, 3_000).await.unwrap(), Ok(()));
+            assert_eq!(ledger.attempt("s", 1, "chat", "{}").await.unwrap(), 3);
+            ledger.delivered(&row(1), "pm").await.unwrap();
+            assert_eq!(
+                ledger.mark_for_retry("s", 1, 4_000).await.unwrap(),
+                Err(RetryRefused::Delivered("s".into(), 1))
+            );
+            assert!(matches!(
+                ledger.outcome("s", 1).await.unwrap(),
+                Some(Settled::Delivered { .. })
+            ));
+        }
     }
 
     #[tokio::test]
     async fn a_refused_pending_or_unknown_row_is_not_retried() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(&dir.path().join("delivery.db")).await.unwrap();
-        ledger.attempt("s", 1, "chat", "{}").await.unwrap();
-        ledger
-            .fail(&row(1), "403", "Discord refused it.", false)
-            .await
-            .unwrap();
-        ledger.attempt("s", 3, "chat", "{}").await.unwrap();
+        for ledger in ledgers(dir.path()).await {
+            ledger.attempt("s", 1, "chat", "{}").await.unwrap();
+            ledger
+                .fail(&row(1), "403", "Discord refused it.", false)
+                .await
+                .unwrap();
+            ledger.attempt("s", 3, "chat", "{}").await.unwrap();
 
-        let refused = ledger.mark_for_retry("s", 1, 1_000).await.unwrap();
-        assert_eq!(refused, Err(RetryRefused::Refused("s".into(), 1)));
-        assert!(
-            refused.unwrap_err().to_string().contains(
+            let refused = ledger.mark_for_retry("s", 1, 1_000).await.unwrap();
+            assert_eq!(refused, Err(RetryRefused::Refused("s".into(), 1)));
+            assert!(refused.unwrap_err().to_string().contains(
                 "was refused by the destination; sending it again would fail the same way"
-            )
-        );
-        assert_eq!(
-            ledger.mark_for_retry("s", 3, 1_000).await.unwrap(),
-            Err(RetryRefused::Pending("s".into(), 3)),
-            "still being delivered for the first time"
-        );
-        assert_eq!(
-            ledger.mark_for_retry("s", 9, 1_000).await.unwrap(),
-            Err(RetryRefused::Unknown("s".into(), 9))
-        );
-        assert!(matches!(
-            ledger.outcome("s", 1).await.unwrap(),
-            Some(Settled::Failed { .. })
-        ));
+            ));
+            assert_eq!(
+                ledger.mark_for_retry("s", 3, 1_000).await.unwrap(),
+                Err(RetryRefused::Pending("s".into(), 3)),
+                "still being delivered for the first time"
+            );
+            assert_eq!(
+                ledger.mark_for_retry("s", 9, 1_000).await.unwrap(),
+                Err(RetryRefused::Unknown("s".into(), 9))
+            );
+            assert!(matches!(
+                ledger.outcome("s", 1).await.unwrap(),
+                Some(Settled::Failed { .. })
+            ));
+        }
     }
 
     #[tokio::test]
@@ -983,7 +965,7 @@ mod tests {
             let options = sqlx::sqlite::SqliteConnectOptions::new()
                 .filename(&path)
                 .create_if_missing(true);
-            let pool = SqlitePool::connect_with(options).await.unwrap();
+            let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
             // The first ledger's layout: no reasons, waits or retries.
             sqlx::query(
                 "CREATE TABLE ledger (
@@ -1026,5 +1008,134 @@ mod tests {
             again.row_state("s", 3).await.unwrap().retried_at,
             Some(1_000)
         );
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_wait_is_not_an_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        for ledger in ledgers(dir.path()).await {
+            ledger.attempt("s", 1, "chat", "{}").await.unwrap();
+            ledger.waiting(&row(1), 5_000, "429").await.unwrap();
+            let waiting = entry(&ledger, 1).await;
+            assert_eq!(
+                (waiting.attempts, waiting.waits, waiting.waiting_until),
+                (0, 1, Some(5_000))
+            );
+            assert_eq!(waiting.detail.as_deref(), Some("429"));
+            // The next try is attempt 1 again, and no longer waiting.
+            assert_eq!(ledger.attempt("s", 1, "chat", "{}").await.unwrap(), 1);
+            assert_eq!(entry(&ledger, 1).await.waiting_until, None);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_question_is_answered_once_and_may_be_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        for ledger in ledgers(dir.path()).await {
+            let options = r#"[{"id":"yes","label":"Yes"},{"id":"no","label":"No"}]"#;
+            let question = |id: &str| NewQuestion {
+                question_id: id.into(),
+                options_json: options.into(),
+                expires_at: 10_000,
+            };
+            let mut asking = row(1);
+            asking.agent = "main".into();
+            ledger
+                .record_discord_question(&asking, "chan", &question("q1"))
+                .await
+                .unwrap();
+            ledger
+                .deliver_to_conversation(&row(2), msg("c", "?"), Some(&question("q2")))
+                .await
+                .unwrap();
+            let anyone = |_: &str, _: Option<&str>| true;
+            let claimed = ledger
+                .claim_answer("q1", "#1", "u1", 1_000, &anyone)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (claimed.label.as_str(), claimed.option.as_str()),
+                ("No", "no")
+            );
+            assert_eq!(
+                claimed.reply_to(),
+                ferroclaw_content::Destination::Discord {
+                    channel_id: "chan".into()
+                }
+            );
+            assert_eq!(
+                ledger
+                    .claim_answer("q1", "yes", "u2", 1_000, &anyone)
+                    .await
+                    .unwrap()
+                    .unwrap_err(),
+                AnswerRefused::Answered {
+                    option: "no".into(),
+                    by: "<@u1>".into()
+                }
+            );
+            ledger.release_answer("q1").await.unwrap();
+            let again = ledger.claim_answer("q1", "yes", "u2", 1_000, &anyone).await;
+            assert_eq!(again.unwrap().unwrap().option, "yes");
+
+            let claim = |id: &'static str, option: &'static str, now| {
+                let ledger = ledger.clone();
+                async move {
+                    ledger
+                        .claim_answer(id, option, "u", now, &|c: &str, agent: Option<&str>| {
+                            c == "c" && agent.is_none()
+                        })
+                        .await
+                        .unwrap()
+                }
+            };
+            assert_eq!(claim("q2", "maybe", 1).await.unwrap_err(), {
+                AnswerRefused::NoSuchOption("maybe".into())
+            });
+            assert_eq!(claim("q2", "yes", 20_000).await.unwrap_err(), {
+                AnswerRefused::Expired
+            });
+            assert_eq!(claim("q9", "yes", 1).await.unwrap_err(), {
+                AnswerRefused::Unknown("q9".into())
+            });
+            assert_eq!(claim("q2", "yes", 1).await.unwrap().conversation, "c");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fresh_ledger_gets_every_migration_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "delivery").await {
+            let ledger = Ledger::open(&at).await.unwrap();
+            let versions: Vec<i64> =
+                sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                    .fetch_all(&ledger.pool)
+                    .await
+                    .unwrap();
+            let known: Vec<i64> = SCHEMA
+                .steps(at.engine())
+                .iter()
+                .map(|s| s.version)
+                .collect();
+            assert_eq!(versions, known, "{at:?}");
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum,
+                    execution_time) VALUES (9999, 'from the future', TRUE, $1, 0)",
+            )
+            .bind(vec![0u8; 48])
+            .execute(&ledger.pool)
+            .await
+            .unwrap();
+            ledger.close().await;
+            let Err(err) = Ledger::open(&at).await else {
+                panic!("{at:?}: a database newer than the binary was opened");
+            };
+            let message = err.to_string();
+            assert!(
+                message.contains("delivery database") && message.contains("[9999]"),
+                "{message}"
+            );
+        }
     }
 }

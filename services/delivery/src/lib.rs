@@ -41,7 +41,11 @@ pub async fn run(
         path: config.data_dir.clone(),
         source,
     })?;
-    let ledger = Ledger::open(&config.data_dir.join("delivery.db")).await?;
+    let ledger = Ledger::open(ferroclaw_common::service_db::Location::new(
+        config.data_dir.join("delivery.db"),
+        config.delivery.database_url.as_deref(),
+    )?)
+    .await?;
     let (internal, required) =
         grpc_auth::internal_auth(&config.data_dir).map_err(grpc::GrpcError::from)?;
     let runner = grpc::channel(&config.runner.addr().url(), internal.clone())?;

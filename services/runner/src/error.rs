@@ -9,6 +9,8 @@ pub enum RunnerError {
     Mailbox(#[from] ferroclaw_mailbox::Error),
     #[error("session registry: {0}")]
     Registry(#[from] sqlx::Error),
+    #[error(transparent)]
+    Database(#[from] ferroclaw_common::service_db::DbError),
     #[error("{0}")]
     Config(String),
     #[error("docker: {0}")]

@@ -4,6 +4,7 @@
 pub mod activity;
 mod agent_usage;
 pub mod backend;
+mod count_cache;
 pub mod credential_proxy;
 pub mod disk_quota;
 pub mod docker_backend;
@@ -72,7 +73,11 @@ pub async fn run(
             .parse()
             .map_err(RunnerError::Config)?
     };
-    let registry = Registry::open(&data_dir.join("runner.db")).await?;
+    let registry = Registry::open(ferroclaw_common::service_db::Location::new(
+        data_dir.join("runner.db"),
+        config.runner.database_url.as_deref(),
+    )?)
+    .await?;
     let meta: HashMap<String, Vec<(String, String)>> = config
         .agents
         .iter()
@@ -190,6 +195,7 @@ pub async fn run(
             .map(|a| (a.name.clone(), a.clone()))
             .collect(),
         shutdown: shutdown.clone(),
+        counts: Default::default(),
     };
     let (_, required) = ferroclaw_common::grpc_auth::internal_auth(&config.data_dir)
         .map_err(grpc::GrpcError::from)?;

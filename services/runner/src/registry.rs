@@ -1,8 +1,7 @@
 //! The runner's own database: which sessions exist, for which agent and conversation.
 
-use std::path::Path;
-
-use sqlx::SqlitePool;
+use ferroclaw_common::service_db::{Engine, Location, Schema, Step};
+use sqlx::AnyPool;
 
 use crate::error::Result;
 
@@ -47,39 +46,80 @@ impl From<Columns> for SessionRecord {
 
 #[derive(Clone)]
 pub struct Registry {
-    pool: SqlitePool,
+    pool: AnyPool,
+    /// The few statements the engines spell differently branch on it.
+    engine: Engine,
     /// Sessions looked up recently: a session's id, agent and key never change, so every
     /// message need not read them again.
     known: std::sync::Arc<std::sync::Mutex<Known>>,
+    /// Session counts, per agent and in all (see [`Registry::count_of`]).
+    counted: std::sync::Arc<std::sync::Mutex<Counted>>,
 }
 
-const DDL: &str = "
-CREATE TABLE IF NOT EXISTS sessions (
-    id               TEXT PRIMARY KEY,
-    agent            TEXT NOT NULL,
-    conversation_key TEXT NOT NULL,
-    created_at       INTEGER NOT NULL,
-    last_activity    INTEGER NOT NULL,
-    UNIQUE (agent, conversation_key)
-);
-CREATE TABLE IF NOT EXISTS model_usage (
-    session_id    TEXT PRIMARY KEY,
-    agent         TEXT NOT NULL,
-    requests      INTEGER NOT NULL,
-    input_tokens  INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    updated_at    INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS model_usage_by_agent ON model_usage (agent);
-CREATE TABLE IF NOT EXISTS model_usage_daily (
-    agent         TEXT NOT NULL,
-    day           TEXT NOT NULL, -- UTC, 'YYYY-MM-DD': sorts as text
-    requests      INTEGER NOT NULL,
-    input_tokens  INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    PRIMARY KEY (agent, day)
-);
-";
+/// How a page of sessions is ordered. Ties are broken by id, so consecutive pages never
+/// overlap or skip a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Latest activity first.
+    Recent,
+    /// Least recent activity first.
+    Oldest,
+    /// By creation, as [`Registry::list`] lists them.
+    Created,
+}
+
+impl Order {
+    /// Each has its index (migration 2): a page is read in index order, never sorted.
+    fn sql(self) -> &'static str {
+        match self {
+            Self::Recent => "last_activity DESC, id",
+            Self::Oldest => "last_activity, id",
+            Self::Created => "created_at, id",
+        }
+    }
+}
+
+/// A count is taken again after this long even without a session created here: rows
+/// written behind the runner's back (a restored file, a hand edit) show within seconds.
+const COUNT_FRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Session counts by agent (`None`: all), each valid while no session was created since.
+#[derive(Default)]
+struct Counted {
+    /// Sessions this registry created; a count taken under another number is stale.
+    created: u64,
+    by_agent: std::collections::HashMap<Option<String>, (u64, std::time::Instant, i64)>,
+}
+
+/// The registry's migrations (services/runner/migrations/<engine>/).
+static SCHEMA: Schema = Schema {
+    service: "runner",
+    sqlite: &[
+        Step::new(
+            1,
+            "init",
+            include_str!("../migrations/sqlite/0001_init.sql"),
+        ),
+        Step::new(
+            2,
+            "session_order",
+            include_str!("../migrations/sqlite/0002_session_order.sql"),
+        ),
+    ],
+    postgres: &[
+        Step::new(
+            1,
+            "init",
+            include_str!("../migrations/postgres/0001_init.sql"),
+        ),
+        Step::new(
+            2,
+            "session_order",
+            include_str!("../migrations/postgres/0002_session_order.sql"),
+        ),
+    ],
+    sqlite_legacy_columns: &[],
+};
 
 /// Model tokens used through the credential proxy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -105,11 +145,14 @@ impl Usage {
 }
 
 impl Registry {
-    pub async fn open(path: &Path) -> Result<Self> {
-        let pool = ferroclaw_common::service_db::open(path, 4, DDL).await?;
+    /// Opens the registry at `at` (a SQLite file by default, or PostgreSQL).
+    pub async fn open(at: impl Into<Location>) -> Result<Self> {
+        let db = ferroclaw_common::service_db::open(&at.into(), 4, &SCHEMA).await?;
         Ok(Self {
-            pool,
+            pool: db.pool,
+            engine: db.engine,
             known: Default::default(),
+            counted: Default::default(),
         })
     }
 
@@ -132,7 +175,7 @@ impl Registry {
             return Ok(found);
         }
         let now = ferroclaw_mailbox::now_ms();
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO sessions (id, agent, conversation_key, created_at, last_activity)
              VALUES ($1, $2, $3, $4, $4) ON CONFLICT (agent, conversation_key) DO NOTHING",
         )
@@ -142,6 +185,12 @@ impl Registry {
         .bind(now)
         .execute(&self.pool)
         .await?;
+        if inserted.rows_affected() > 0
+            && let Ok(mut counted) = self.counted.lock()
+        {
+            counted.created += 1;
+            counted.by_agent.clear();
+        }
         // A concurrent enqueue may have won the insert: read back whichever row stands.
         let found = self
             .find(agent, conversation_key)
@@ -199,9 +248,95 @@ impl Registry {
 
     /// Sessions on disk.
     pub async fn count(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM sessions")
-            .fetch_one(&self.pool)
-            .await?)
+        self.count_of(None).await
+    }
+
+    /// Sessions of `agent` (`None`: of every agent). Remembered until this registry creates
+    /// a session (or for [`COUNT_FRESH`]): every page of the console asks for it.
+    pub async fn count_of(&self, agent: Option<&str>) -> Result<i64> {
+        let key = agent.map(str::to_string);
+        let created = match self.counted.lock() {
+            Ok(counted) => {
+                if let Some((at, when, n)) = counted.by_agent.get(&key)
+                    && *at == counted.created
+                    && when.elapsed() < COUNT_FRESH
+                {
+                    return Ok(*n);
+                }
+                Some(counted.created)
+            }
+            Err(_) => None,
+        };
+        let when = std::time::Instant::now();
+        // Without a filter SQLite counts the smallest index's entries, never the rows.
+        let n: i64 = match agent {
+            None => sqlx::query_scalar("SELECT count(*) FROM sessions"),
+            Some(agent) => {
+                sqlx::query_scalar("SELECT count(*) FROM sessions WHERE agent = $1").bind(agent)
+            }
+        }
+        .fetch_one(&self.pool)
+        .await?;
+        // Kept only if no session was created while it was counted.
+        if let Some(at) = created
+            && let Ok(mut counted) = self.counted.lock()
+            && counted.created == at
+        {
+            counted.by_agent.insert(key, (at, when, n));
+        }
+        Ok(n)
+    }
+
+    /// `limit` sessions from `offset` in `order`: of `agent` only when given, and never one
+    /// of `except` (the sessions whose agent runs, when the page is of idle ones).
+    pub async fn page(
+        &self,
+        agent: Option<&str>,
+        except: &[&str],
+        order: Order,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<SessionRecord>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sessions
+             WHERE ($1 IS NULL OR agent = $1) AND id NOT IN {}
+             ORDER BY {} LIMIT $3 OFFSET $4",
+            self.ids_of_json(2),
+            order.sql()
+        );
+        let rows: Vec<Columns> = sqlx::query_as(&sql)
+            .bind(agent)
+            .bind(serde_json::to_string(except).unwrap_or_else(|_| "[]".into()))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    /// The sessions of `ids` that exist (of `agent` only, when given), in no given order.
+    pub async fn get_many(&self, ids: &[&str], agent: Option<&str>) -> Result<Vec<SessionRecord>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sessions WHERE ($1 IS NULL OR agent = $1) AND id IN {}",
+            self.ids_of_json(2)
+        );
+        let rows: Vec<Columns> = sqlx::query_as(&sql)
+            .bind(agent)
+            .bind(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    /// A subquery of the ids in the JSON array bound to `$n`: one bind however many.
+    fn ids_of_json(&self, n: u8) -> String {
+        match self.engine {
+            Engine::Sqlite => format!("(SELECT value FROM json_each(${n}))"),
+            Engine::Postgres => format!("(SELECT json_array_elements_text(CAST(${n} AS json)))"),
+        }
     }
 
     pub async fn list(&self, agent: Option<&str>) -> Result<Vec<SessionRecord>> {
@@ -216,7 +351,8 @@ impl Registry {
     }
 
     /// Adds one model request's tokens to its session's account and to its agent's day
-    /// (UTC), in one transaction: the two never disagree.
+    /// (UTC), in one transaction: the two never disagree. (The upserts name the table's
+    /// columns: unqualified, PostgreSQL finds them ambiguous with `excluded`'s.)
     pub async fn record_usage(
         &self,
         session_id: &str,
@@ -229,9 +365,9 @@ impl Registry {
         sqlx::query(
             "INSERT INTO model_usage (session_id, agent, requests, input_tokens, output_tokens, updated_at)
              VALUES ($1, $2, 1, $3, $4, $5)
-             ON CONFLICT (session_id) DO UPDATE SET requests = requests + 1,
-                 input_tokens = input_tokens + $3, output_tokens = output_tokens + $4,
-                 updated_at = $5",
+             ON CONFLICT (session_id) DO UPDATE SET requests = model_usage.requests + 1,
+                 input_tokens = model_usage.input_tokens + $3,
+                 output_tokens = model_usage.output_tokens + $4, updated_at = $5",
         )
         .bind(session_id)
         .bind(agent)
@@ -243,8 +379,9 @@ impl Registry {
         sqlx::query(
             "INSERT INTO model_usage_daily (agent, day, requests, input_tokens, output_tokens)
              VALUES ($1, $2, 1, $3, $4)
-             ON CONFLICT (agent, day) DO UPDATE SET requests = requests + 1,
-                 input_tokens = input_tokens + $3, output_tokens = output_tokens + $4",
+             ON CONFLICT (agent, day) DO UPDATE SET requests = model_usage_daily.requests + 1,
+                 input_tokens = model_usage_daily.input_tokens + $3,
+                 output_tokens = model_usage_daily.output_tokens + $4",
         )
         .bind(agent)
         .bind(crate::utc_day::utc_day(now))
@@ -266,13 +403,18 @@ impl Registry {
         }
         // The ids travel as one JSON array: one bind however many there are.
         let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
-        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT session_id, requests, input_tokens, output_tokens FROM model_usage
-             WHERE session_id IN (SELECT value FROM json_each($1))",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = match self.engine {
+            Engine::Sqlite => {
+                "SELECT session_id, requests, input_tokens, output_tokens FROM model_usage
+                 WHERE session_id IN (SELECT value FROM json_each($1))"
+            }
+            Engine::Postgres => {
+                "SELECT session_id, requests, input_tokens, output_tokens FROM model_usage
+                 WHERE session_id IN (SELECT json_array_elements_text(CAST($1 AS json)))"
+            }
+        };
+        let rows: Vec<(String, i64, i64, i64)> =
+            sqlx::query_as(sql).bind(ids).fetch_all(&self.pool).await?;
         Ok(rows
             .into_iter()
             .map(|(id, requests, input_tokens, output_tokens)| {
@@ -289,7 +431,9 @@ impl Registry {
     /// All-time usage of every agent that has any, by name.
     pub async fn usage_by_agent(&self) -> Result<Vec<(String, Usage)>> {
         let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT agent, sum(requests), sum(input_tokens), sum(output_tokens)
+            // PostgreSQL sums BIGINT as NUMERIC: cast back.
+            "SELECT agent, CAST(sum(requests) AS BIGINT), CAST(sum(input_tokens) AS BIGINT),
+                    CAST(sum(output_tokens) AS BIGINT)
              FROM model_usage GROUP BY agent ORDER BY agent",
         )
         .fetch_all(&self.pool)
@@ -335,8 +479,9 @@ impl Registry {
     /// Tokens used by one session, or by every session of an agent.
     pub async fn usage(&self, session_id: Option<&str>, agent: Option<&str>) -> Result<Usage> {
         let (requests, input_tokens, output_tokens): (i64, i64, i64) = sqlx::query_as(
-            "SELECT coalesce(sum(requests), 0), coalesce(sum(input_tokens), 0),
-                    coalesce(sum(output_tokens), 0)
+            "SELECT CAST(coalesce(sum(requests), 0) AS BIGINT),
+                    CAST(coalesce(sum(input_tokens), 0) AS BIGINT),
+                    CAST(coalesce(sum(output_tokens), 0) AS BIGINT)
              FROM model_usage WHERE ($1 IS NULL OR session_id = $1) AND ($2 IS NULL OR agent = $2)",
         )
         .bind(session_id)
@@ -384,101 +529,111 @@ mod tests {
     #[tokio::test]
     async fn one_session_per_agent_and_key() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::open(&dir.path().join("runner.db")).await.unwrap();
-        let a = reg.get_or_create("main", "api:c1").await.unwrap();
-        let b = reg.get_or_create("main", "api:c1").await.unwrap();
-        let c = reg.get_or_create("main", "api:c2").await.unwrap();
-        assert_eq!(a, b);
-        assert_ne!(a.id, c.id);
-        assert_eq!(reg.list(Some("main")).await.unwrap().len(), 2);
-        assert_eq!(reg.list(Some("other")).await.unwrap().len(), 0);
-        assert_eq!(reg.get(&a.id).await.unwrap().unwrap().agent, "main");
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "runner").await {
+            let reg = Registry::open(&at).await.unwrap();
+            let a = reg.get_or_create("main", "api:c1").await.unwrap();
+            let b = reg.get_or_create("main", "api:c1").await.unwrap();
+            let c = reg.get_or_create("main", "api:c2").await.unwrap();
+            assert_eq!(a, b);
+            assert_ne!(a.id, c.id);
+            assert_eq!(reg.list(Some("main")).await.unwrap().len(), 2);
+            assert_eq!(reg.list(Some("other")).await.unwrap().len(), 0);
+            assert_eq!(reg.get(&a.id).await.unwrap().unwrap().agent, "main");
+            assert_eq!(reg.count().await.unwrap(), 2);
+            reg.touch(&a.id).await.unwrap();
+            let listed = reg.list(None).await.unwrap();
+            assert!(listed[0].last_activity >= a.last_activity, "{at:?}");
+        }
     }
 
     #[tokio::test]
     async fn usage_adds_up_per_session_and_agent() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::open(&dir.path().join("runner.db")).await.unwrap();
-        reg.record_usage("s1", "main", 100, 10).await.unwrap();
-        reg.record_usage("s1", "main", 50, 5).await.unwrap();
-        reg.record_usage("s2", "main", 1, 1).await.unwrap();
-        reg.record_usage("s3", "other", 7, 7).await.unwrap();
-        let s1 = reg.usage(Some("s1"), None).await.unwrap();
-        assert_eq!(
-            (s1.requests, s1.input_tokens, s1.output_tokens),
-            (2, 150, 15)
-        );
-        assert_eq!(
-            reg.usage(None, Some("main")).await.unwrap().total_tokens(),
-            167
-        );
-        assert_eq!(
-            reg.usage(None, Some("none")).await.unwrap(),
-            Usage::default()
-        );
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "runner").await {
+            let reg = Registry::open(&at).await.unwrap();
+            reg.record_usage("s1", "main", 100, 10).await.unwrap();
+            reg.record_usage("s1", "main", 50, 5).await.unwrap();
+            reg.record_usage("s2", "main", 1, 1).await.unwrap();
+            reg.record_usage("s3", "other", 7, 7).await.unwrap();
+            let s1 = reg.usage(Some("s1"), None).await.unwrap();
+            assert_eq!(
+                (s1.requests, s1.input_tokens, s1.output_tokens),
+                (2, 150, 15)
+            );
+            assert_eq!(
+                reg.usage(None, Some("main")).await.unwrap().total_tokens(),
+                167
+            );
+            assert_eq!(
+                reg.usage(None, Some("none")).await.unwrap(),
+                Usage::default()
+            );
+        }
     }
 
     #[tokio::test]
     async fn usage_is_also_counted_per_agent_and_utc_day() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::open(&dir.path().join("runner.db")).await.unwrap();
-        reg.record_usage("s1", "main", 100, 10).await.unwrap();
-        reg.record_usage("s2", "main", 50, 5).await.unwrap();
-        reg.record_usage("s3", "other", 7, 7).await.unwrap();
-        let today = crate::utc_day::utc_day(ferroclaw_mailbox::now_ms());
-        // A day from before the window, written as an older runner day would be.
-        sqlx::query(
-            "INSERT INTO model_usage_daily (agent, day, requests, input_tokens, output_tokens)
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "runner").await {
+            let reg = Registry::open(&at).await.unwrap();
+            reg.record_usage("s1", "main", 100, 10).await.unwrap();
+            reg.record_usage("s2", "main", 50, 5).await.unwrap();
+            reg.record_usage("s3", "other", 7, 7).await.unwrap();
+            let today = crate::utc_day::utc_day(ferroclaw_mailbox::now_ms());
+            // A day from before the window, written as an older runner day would be.
+            sqlx::query(
+                "INSERT INTO model_usage_daily (agent, day, requests, input_tokens, output_tokens)
              VALUES ('main', '2000-01-01', 9, 9, 9)",
-        )
-        .execute(&reg.pool)
-        .await
-        .unwrap();
-        let days = reg.daily_usage("2001-01-01").await.unwrap();
-        let expected = |agent: &str, requests, input_tokens, output_tokens| DailyUsage {
-            agent: agent.into(),
-            day: today.clone(),
-            usage: Usage {
-                requests,
-                input_tokens,
-                output_tokens,
-            },
-        };
-        // The day in a day's window may have turned between the writes and `today`.
-        if days.iter().all(|d| d.day == today) {
+            )
+            .execute(&reg.pool)
+            .await
+            .unwrap();
+            let days = reg.daily_usage("2001-01-01").await.unwrap();
+            let expected = |agent: &str, requests, input_tokens, output_tokens| DailyUsage {
+                agent: agent.into(),
+                day: today.clone(),
+                usage: Usage {
+                    requests,
+                    input_tokens,
+                    output_tokens,
+                },
+            };
+            // The day in a day's window may have turned between the writes and `today`.
+            if days.iter().all(|d| d.day == today) {
+                assert_eq!(
+                    days,
+                    vec![expected("main", 2, 150, 15), expected("other", 1, 7, 7)]
+                );
+            }
+            assert_eq!(reg.daily_usage("1999-01-01").await.unwrap().len(), 3);
+            let agents = reg.usage_by_agent().await.unwrap();
             assert_eq!(
-                days,
-                vec![expected("main", 2, 150, 15), expected("other", 1, 7, 7)]
+                agents,
+                vec![
+                    (
+                        "main".to_string(),
+                        Usage {
+                            requests: 2,
+                            input_tokens: 150,
+                            output_tokens: 15
+                        }
+                    ),
+                    (
+                        "other".to_string(),
+                        Usage {
+                            requests: 1,
+                            input_tokens: 7,
+                            output_tokens: 7
+                        }
+                    ),
+                ]
             );
+            let of = reg.usage_of_sessions(&["s1", "s3", "none"]).await.unwrap();
+            assert_eq!(of.len(), 2);
+            assert_eq!(of["s1"].input_tokens, 100);
+            assert_eq!(of["s3"].requests, 1);
+            assert!(reg.usage_of_sessions(&[]).await.unwrap().is_empty());
         }
-        assert_eq!(reg.daily_usage("1999-01-01").await.unwrap().len(), 3);
-        let agents = reg.usage_by_agent().await.unwrap();
-        assert_eq!(
-            agents,
-            vec![
-                (
-                    "main".to_string(),
-                    Usage {
-                        requests: 2,
-                        input_tokens: 150,
-                        output_tokens: 15
-                    }
-                ),
-                (
-                    "other".to_string(),
-                    Usage {
-                        requests: 1,
-                        input_tokens: 7,
-                        output_tokens: 7
-                    }
-                ),
-            ]
-        );
-        let of = reg.usage_of_sessions(&["s1", "s3", "none"]).await.unwrap();
-        assert_eq!(of.len(), 2);
-        assert_eq!(of["s1"].input_tokens, 100);
-        assert_eq!(of["s3"].requests, 1);
-        assert!(reg.usage_of_sessions(&[]).await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -486,21 +641,156 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("runner.db");
         // A registry as an older runner left it: no model_usage_daily.
-        let old = ferroclaw_common::service_db::open(
-            &path,
-            1,
-            "CREATE TABLE sessions (id TEXT PRIMARY KEY, agent TEXT NOT NULL,
-                 conversation_key TEXT NOT NULL, created_at INTEGER NOT NULL,
-                 last_activity INTEGER NOT NULL, UNIQUE (agent, conversation_key));
-             CREATE TABLE model_usage (session_id TEXT PRIMARY KEY, agent TEXT NOT NULL,
-                 requests INTEGER NOT NULL, input_tokens INTEGER NOT NULL,
-                 output_tokens INTEGER NOT NULL, updated_at INTEGER NOT NULL);",
-        )
-        .await
-        .unwrap();
-        old.close().await;
+        {
+            use sqlx::{ConnectOptions, Executor};
+            let mut old = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .connect()
+                .await
+                .unwrap();
+            old.execute(
+                "CREATE TABLE sessions (id TEXT PRIMARY KEY, agent TEXT NOT NULL,
+                     conversation_key TEXT NOT NULL, created_at INTEGER NOT NULL,
+                     last_activity INTEGER NOT NULL, UNIQUE (agent, conversation_key));
+                 CREATE TABLE model_usage (session_id TEXT PRIMARY KEY, agent TEXT NOT NULL,
+                     requests INTEGER NOT NULL, input_tokens INTEGER NOT NULL,
+                     output_tokens INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+                 INSERT INTO sessions VALUES ('ses-old', 'main', 'api:c1', 1, 2);
+                 INSERT INTO model_usage VALUES ('ses-old', 'main', 3, 30, 3, 2);",
+            )
+            .await
+            .unwrap();
+        }
         let reg = Registry::open(&path).await.unwrap();
         reg.record_usage("s1", "main", 1, 2).await.unwrap();
         assert_eq!(reg.daily_usage("2000-01-01").await.unwrap().len(), 1);
+        // Its sessions and usage are kept.
+        let old = reg.get_or_create("main", "api:c1").await.unwrap();
+        assert_eq!((old.id.as_str(), old.created_at), ("ses-old", 1));
+        assert_eq!(
+            reg.usage(Some("ses-old"), None).await.unwrap().input_tokens,
+            30
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fresh_registry_gets_every_migration_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "runner").await {
+            let reg = Registry::open(&at).await.unwrap();
+            let versions: Vec<i64> =
+                sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                    .fetch_all(&reg.pool)
+                    .await
+                    .unwrap();
+            let known: Vec<i64> = SCHEMA
+                .steps(at.engine())
+                .iter()
+                .map(|s| s.version)
+                .collect();
+            assert_eq!(versions, known, "{at:?}");
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum,
+                    execution_time) VALUES (9999, 'from the future', TRUE, $1, 0)",
+            )
+            .bind(vec![0u8; 48])
+            .execute(&reg.pool)
+            .await
+            .unwrap();
+            reg.pool.close().await;
+            let Err(err) = Registry::open(&at).await else {
+                panic!("{at:?}: a database newer than the binary was opened");
+            };
+            let message = err.to_string();
+            assert!(
+                message.contains("runner database") && message.contains("[9999]"),
+                "{message}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn pages_cover_every_session_once_in_order_with_ties() {
+        let dir = tempfile::tempdir().unwrap();
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "runner").await {
+            let reg = Registry::open(&at).await.unwrap();
+            for i in 0..23_i64 {
+                let agent = if i % 3 == 0 { "other" } else { "main" };
+                let s = reg.get_or_create(agent, &format!("k{i}")).await.unwrap();
+                // Four activity times and five creation times for 23 sessions: ties everywhere.
+                sqlx::query(
+                    "UPDATE sessions SET last_activity = $1, created_at = $2 WHERE id = $3",
+                )
+                .bind(i % 4)
+                .bind(i % 5)
+                .bind(&s.id)
+                .execute(&reg.pool)
+                .await
+                .unwrap();
+            }
+            let all = reg.list(None).await.unwrap();
+            let ids = |rs: &[SessionRecord]| rs.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+            for order in [Order::Recent, Order::Oldest, Order::Created] {
+                let mut sorted = all.clone();
+                sorted.sort_by(|a, b| {
+                    let by = match order {
+                        Order::Recent => b.last_activity.cmp(&a.last_activity),
+                        Order::Oldest => a.last_activity.cmp(&b.last_activity),
+                        Order::Created => a.created_at.cmp(&b.created_at),
+                    };
+                    by.then_with(|| a.id.cmp(&b.id))
+                });
+                for agent in [None, Some("main")] {
+                    let expected: Vec<SessionRecord> = sorted
+                        .iter()
+                        .filter(|r| agent.is_none_or(|a| r.agent == a))
+                        .cloned()
+                        .collect();
+                    let mut paged = Vec::new();
+                    for offset in (0..30).step_by(7) {
+                        paged.extend(reg.page(agent, &[], order, offset, 7).await.unwrap());
+                    }
+                    assert_eq!(paged, expected, "{at:?} {order:?} {agent:?}");
+                }
+            }
+            // The sessions whose agents run are left out of a page of idle ones.
+            let running = [all[0].id.as_str(), all[5].id.as_str(), "ses_gone"];
+            let idle = reg
+                .page(None, &running, Order::Oldest, 0, 100)
+                .await
+                .unwrap();
+            assert_eq!(idle.len(), 21, "{at:?}");
+            assert!(idle.iter().all(|r| !running.contains(&r.id.as_str())));
+            let mut found = ids(&reg.get_many(&running, None).await.unwrap());
+            found.sort();
+            let mut expected = vec![all[0].id.clone(), all[5].id.clone()];
+            expected.sort();
+            assert_eq!(found, expected, "{at:?}");
+            let of_main = reg.get_many(&running, Some("main")).await.unwrap();
+            assert!(of_main.iter().all(|r| r.agent == "main"));
+            assert!(reg.get_many(&[], None).await.unwrap().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_are_remembered_until_a_session_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "runner").await {
+            let reg = Registry::open(&at).await.unwrap();
+            assert_eq!(reg.count_of(None).await.unwrap(), 0);
+            reg.get_or_create("main", "a").await.unwrap();
+            reg.get_or_create("main", "b").await.unwrap();
+            reg.get_or_create("other", "a").await.unwrap();
+            assert_eq!(reg.count().await.unwrap(), 3, "{at:?}");
+            assert_eq!(reg.count_of(Some("main")).await.unwrap(), 2);
+            assert_eq!(reg.count_of(Some("none")).await.unwrap(), 0);
+            // Found again, not created: the counts stand.
+            reg.get_or_create("main", "a").await.unwrap();
+            assert_eq!(reg.count_of(Some("main")).await.unwrap(), 2);
+            reg.get_or_create("main", "c").await.unwrap();
+            assert_eq!(reg.count_of(Some("main")).await.unwrap(), 3, "{at:?}");
+            assert_eq!(reg.count().await.unwrap(), 4);
+        }
     }
 }

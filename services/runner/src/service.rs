@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::count_cache::CountCache;
 use crate::error::{Result, RunnerError};
 use crate::mailboxes::Mailboxes;
 use crate::outbound_feed::OutboundFeed;
@@ -34,6 +35,8 @@ pub struct RunnerService {
     pub(crate) feed: Arc<OutboundFeed>,
     pub(crate) agents: HashMap<String, AgentConfig>,
     pub(crate) shutdown: CancellationToken,
+    /// Message counts of sessions whose files did not change (the console's pages).
+    pub(crate) counts: CountCache,
 }
 
 impl RunnerService {

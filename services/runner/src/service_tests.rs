@@ -25,7 +25,7 @@ use crate::outbound_feed::OutboundFeed;
 use crate::process_backend::ProcessBackend;
 use crate::registry::{Registry, SessionRecord};
 use crate::service::RunnerService;
-use crate::supervisor::{Supervisor, SupervisorLimits};
+use crate::supervisor::{AgentState, Supervisor, SupervisorLimits};
 
 struct Harness {
     service: RunnerService,
@@ -105,6 +105,7 @@ async fn runner() -> Harness {
             feed,
             agents: HashMap::new(),
             shutdown: shutdown.clone(),
+            counts: Default::default(),
         },
         dir,
         shutdown,
@@ -252,6 +253,86 @@ async fn list_sessions_pages_with_counts_and_tokens() {
         .unwrap()
         .into_inner();
     assert_eq!((none.matched, none.total, none.sessions.len()), (0, 4, 0));
+}
+
+#[tokio::test]
+async fn pages_filtered_by_state_cover_their_sessions_once() {
+    let h = runner().await;
+    let mut ids = Vec::new();
+    for (i, key) in ["a", "b", "c", "d", "e", "f", "g"].iter().enumerate() {
+        let s = h.session(key, 1, 0).await;
+        // Two sessions share each activity time, f and g too: ties.
+        h.active_at(&s.id, 1_000 * (i as i64 / 2).min(2)).await;
+        ids.push(s.id);
+    }
+    let other = h
+        .service
+        .registry
+        .get_or_create("other", "x")
+        .await
+        .unwrap();
+    let supervisor = &h.service.supervisor;
+    supervisor.pretend(&ids[1], AgentState::Running).await;
+    supervisor.pretend(&ids[4], AgentState::Running).await;
+    supervisor.pretend(&ids[2], AgentState::Queued).await;
+    supervisor.pretend(&other.id, AgentState::Backoff).await;
+    // Gone from the registry, still known to the supervisor: in no list.
+    supervisor.pretend("ses_gone", AgentState::Running).await;
+    let pages = |agent: &'static str, state: &'static str, sort: &'static str| {
+        let service = &h.service;
+        async move {
+            let (mut seen, mut matched) = (Vec::new(), Vec::new());
+            for offset in (0..10).step_by(2) {
+                let page = service
+                    .list_sessions(Request::new(list(agent, state, sort, offset, 2)))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                matched.push((page.matched, page.total));
+                seen.extend(page.sessions.into_iter().map(|s| (s.id, s.agent_state)));
+            }
+            matched.dedup();
+            assert_eq!(matched.len(), 1, "every page counts the same");
+            (matched[0].0, seen)
+        }
+    };
+    let idle = |i: usize| (ids[i].clone(), "idle".to_string());
+    // Idle: a, d, then f and g tied (by id).
+    let mut tied = vec![idle(5), idle(6)];
+    tied.sort();
+    let (matched, seen) = pages("main", "idle", "oldest").await;
+    let mut expected = vec![idle(0), idle(3)];
+    expected.extend(tied.clone());
+    assert_eq!((matched, seen), (4, expected));
+    let (matched, seen) = pages("", "idle", "recent").await;
+    assert_eq!(matched, 4, "the other agent's session is in backoff");
+    let mut expected = tied;
+    expected.extend([idle(3), idle(0)]);
+    assert_eq!(seen, expected);
+    let (matched, seen) = pages("", "running", "").await;
+    assert_eq!(matched, 2);
+    assert_eq!(
+        seen.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        [ids[4].clone(), ids[1].clone()],
+        "most recent first"
+    );
+    assert!(seen.iter().all(|(_, state)| state == "running"));
+    assert_eq!(pages("other", "running", "").await.0, 0);
+    assert_eq!(
+        pages("other", "backoff", "").await,
+        (1, vec![(other.id.clone(), "backoff".into())])
+    );
+    assert_eq!(
+        pages("", "queued", "").await.1,
+        vec![(ids[2].clone(), "queued".into())]
+    );
+    // Unfiltered: every session once, each with its state.
+    let (matched, seen) = pages("", "", "recent").await;
+    assert_eq!((matched, seen.len()), (8, 8));
+    let states: HashMap<String, String> = seen.into_iter().collect();
+    assert_eq!(states.len(), 8);
+    assert_eq!(states[&ids[2]], "queued");
+    assert_eq!(states[&ids[0]], "idle");
 }
 
 #[tokio::test]
@@ -425,4 +506,64 @@ async fn runner_status_reports_the_process_backend() {
     assert_eq!(status.sessions, 2);
     assert_eq!(status.agent_starts_total, 0);
     assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+}
+
+/// What a console page costs at 10,000 sessions, first (files never counted) and again
+/// (`cargo test --release -p ferroclaw-runner --lib list_timing -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn list_timing_at_10k_sessions() {
+    use std::time::Instant;
+    let h = runner().await;
+    let template = h.session("template", 1, 1).await;
+    let from = h.service.mailboxes.paths(&template);
+    let n = 10_000;
+    let mut db = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(h.dir.path().join("runner.db"))
+        .connect()
+        .await
+        .unwrap();
+    let mut tx = db.begin().await.unwrap();
+    for i in 0..n {
+        sqlx::query(
+            "INSERT INTO sessions (id, agent, conversation_key, created_at, last_activity)
+             VALUES ($1, 'main', $2, $3, $4)",
+        )
+        .bind(format!("ses_{i:05}"))
+        .bind(format!("k{i}"))
+        .bind(i as i64)
+        .bind(((i * 7919) % n) as i64 + 1_000_000)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    db.close().await.unwrap();
+    for i in 0..n {
+        let to = h.dir.path().join(format!("sessions/main/ses_{i:05}"));
+        std::fs::create_dir_all(to.join("in")).unwrap();
+        std::fs::create_dir_all(to.join("out")).unwrap();
+        std::fs::copy(from.inbound_db(), to.join("in/inbound.db")).unwrap();
+        std::fs::copy(from.outbound_db(), to.join("out/outbound.db")).unwrap();
+    }
+    // Files written just now are not counted from memory.
+    tokio::time::sleep(crate::count_cache::SETTLE + Duration::from_millis(100)).await;
+    for (state, sort, offset) in [("", "recent", 0), ("", "oldest", 4950), ("idle", "", 0)] {
+        let req = list("", state, sort, offset, 50);
+        for run in ["first", "again", "again"] {
+            let started = Instant::now();
+            let page = h
+                .service
+                .list_sessions(Request::new(req.clone()))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!((page.sessions.len(), page.matched), (50, n as u64 + 1));
+            assert!(page.sessions.iter().all(|s| s.messages_out == Some(1)));
+            println!(
+                "ListSessions state={state:?} sort={sort:?} offset={offset}, {run}: {:.2} ms",
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
 }

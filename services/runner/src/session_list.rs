@@ -1,11 +1,14 @@
 //! `ListSessions` and `GetSession`: filtered, sorted, paged session lists with counts.
 //!
 //! The filter (agent state) and the sort (last activity, creation) use only the
-//! supervisor's in-memory states and the registry's columns, so a page of 50 out of
-//! 10,000 sessions opens the files of those 50 only: their pending work and message
-//! counts come from short-lived read-only views ([`crate::mailbox_view`]), which leave
-//! the cache of open mailboxes as it was. Tokens come from the registry in one query for
-//! the whole page.
+//! supervisor's in-memory states and the registry's columns. A page is cut by the
+//! registry (in index order, so a page of 50 out of 10,000 sessions reads 50 rows): the
+//! sessions whose agent is not idle are few and in memory, so a page of them reads those
+//! rows only, and a page of idle ones leaves them out. Only the page's files are looked
+//! at: their pending work and message counts come from short-lived read-only views
+//! ([`crate::mailbox_view`]), which leave the cache of open mailboxes as it was, or from
+//! the counts kept for files that did not change since ([`crate::count_cache`]). Tokens
+//! come from the registry in one query for the whole page.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,10 +17,13 @@ use ferroclaw_mailbox::SessionPaths;
 use ferroclaw_proto::v1::{ListSessionsRequest, ListSessionsResponse, Session};
 use tokio::task::JoinSet;
 
+use crate::count_cache::{self, CountCache, Stamp};
 use crate::error::{Result, RunnerError};
 use crate::mailbox_view::{Counts, MailboxView};
+pub use crate::registry::Order;
 use crate::registry::{SessionRecord, Usage};
 use crate::service::RunnerService;
+use crate::supervisor::AgentState;
 
 /// The most sessions one page may hold.
 pub const MAX_PAGE: u32 = 500;
@@ -25,16 +31,6 @@ pub const MAX_PAGE: u32 = 500;
 const VIEW_TIMEOUT: Duration = Duration::from_secs(2);
 /// Sessions' files looked at concurrently (each look is a connection and its thread).
 const VIEWS_AT_ONCE: usize = 8;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
-    /// Latest activity first.
-    Recent,
-    /// Least recent activity first.
-    Oldest,
-    /// By creation, as the registry lists them.
-    Created,
-}
 
 /// What a `ListSessions` request asks for, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,8 +73,10 @@ impl ListQuery {
     }
 }
 
-/// Filters `records` (in creation order) by their agent's state, sorts them and cuts the
-/// page: (how many matched before the cut, the page with each one's state).
+/// Filters `records` (in any order) by their agent's state, sorts them and cuts the page
+/// in memory: (how many matched before the cut, the page with each one's state). For the
+/// whole list and for the few sessions with an agent; pages of the others are cut by the
+/// registry in the same order.
 pub fn select(
     records: Vec<SessionRecord>,
     state_of: impl Fn(&str) -> &'static str,
@@ -119,26 +117,64 @@ pub fn select(
     (count, page)
 }
 
-/// Looks at each session's files (at most [`VIEWS_AT_ONCE`] at a time, each within
-/// [`VIEW_TIMEOUT`]); the counts come back in the order of `paths`. A session whose files
-/// cannot be read gets no counts; the others are not held up by it.
-pub async fn read_counts(paths: Vec<SessionPaths>, messages: bool) -> Vec<Counts> {
+/// Each session's counts: kept ones for files that did not change since they were
+/// counted, else read through a view (at most [`VIEWS_AT_ONCE`] at a time, each within
+/// [`VIEW_TIMEOUT`]); they come back in the order of `paths`. A session whose files cannot
+/// be read gets no counts; the others are not held up by it.
+pub async fn read_counts(
+    paths: Vec<SessionPaths>,
+    messages: bool,
+    cache: &CountCache,
+) -> Vec<Counts> {
     let mut counts = vec![Counts::default(); paths.len()];
+    let stamps = stamps(cache, &paths).await;
     let mut looking = JoinSet::new();
-    for (i, paths) in paths.into_iter().enumerate() {
-        if looking.len() >= VIEWS_AT_ONCE
-            && let Some(Ok((j, c))) = looking.join_next().await
-        {
-            counts[j] = c;
+    // A view's counts are kept under the stamp taken before it looked.
+    let mut found = |i: usize, c: Counts, stamp: Option<Stamp>| {
+        // Only counts with messages are kept: they serve the whole list's pending too.
+        if messages && let Some(stamp) = stamp {
+            cache.keep(&paths[i], stamp, c);
         }
-        looking.spawn(async move { (i, count_one(&paths, messages).await) });
+        counts[i] = c;
+    };
+    for (i, stamp) in stamps.into_iter().enumerate() {
+        if let Some(kept) = stamp.as_ref().and_then(|s| cache.get(&paths[i], s)) {
+            let kept = if messages {
+                kept
+            } else {
+                Counts {
+                    pending: kept.pending,
+                    ..Counts::default()
+                }
+            };
+            found(i, kept, None);
+            continue;
+        }
+        if looking.len() >= VIEWS_AT_ONCE
+            && let Some(Ok((j, c, s))) = looking.join_next().await
+        {
+            found(j, c, s);
+        }
+        let session = paths[i].clone();
+        looking.spawn(async move { (i, count_one(&session, messages).await, stamp) });
     }
     while let Some(done) = looking.join_next().await {
-        if let Ok((i, c)) = done {
-            counts[i] = c;
+        if let Ok((i, c, s)) = done {
+            found(i, c, s);
         }
     }
     counts
+}
+
+/// The stamps of the sessions' files, taken before any is read (a write after that then
+/// shows as another stamp next time); `None` where they could not be taken.
+async fn stamps(cache: &CountCache, paths: &[SessionPaths]) -> Vec<Option<Stamp>> {
+    let settle = cache.settle();
+    let owned = paths.to_vec();
+    // A few lstat calls per session, on the blocking pool like every file access.
+    tokio::task::spawn_blocking(move || count_cache::stamps(&owned, settle))
+        .await
+        .unwrap_or_else(|_| vec![None; paths.len()])
 }
 
 async fn count_one(paths: &SessionPaths, messages: bool) -> Counts {
@@ -193,6 +229,15 @@ fn session(
     }
 }
 
+/// A session's state: the supervisor's for the few with an agent, else idle.
+fn state_in(states: &HashMap<String, AgentState>, id: &str) -> &'static str {
+    states.get(id).map_or("idle", |s| s.as_str())
+}
+
+fn as_count(n: i64) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
 impl RunnerService {
     pub(crate) async fn list_sessions_page(
         &self,
@@ -200,22 +245,22 @@ impl RunnerService {
     ) -> Result<ListSessionsResponse> {
         let query = ListQuery::parse(&req)?;
         let agent = (!req.agent.is_empty()).then_some(req.agent.as_str());
-        let records = self.registry.list(agent).await?;
-        let total = match agent {
-            None => records.len() as u64,
-            Some(_) => u64::try_from(self.registry.count().await?).unwrap_or(0),
-        };
+        let total = u64::try_from(self.registry.count().await?).unwrap_or(0);
         let states = self.supervisor.states().await;
-        let (matched, page) = select(
-            records,
-            |id| states.get(id).map_or("idle", |s| s.as_str()),
-            &query,
-        );
+        let (matched, page) = match query.limit {
+            Some(limit) => self.page_of(agent, &states, &query, limit).await?,
+            // The whole list: every session is in it anyway.
+            None => select(
+                self.registry.list(agent).await?,
+                |id| state_in(&states, id),
+                &query,
+            ),
+        };
         let ids: Vec<&str> = page.iter().map(|(r, _)| r.id.as_str()).collect();
         let mut usage = self.registry.usage_of_sessions(&ids).await?;
         // Message counts only for a page: the whole list is for callers that want pending.
         let paths = page.iter().map(|(r, _)| self.mailboxes.paths(r)).collect();
-        let counts = read_counts(paths, query.limit.is_some()).await;
+        let counts = read_counts(paths, query.limit.is_some(), &self.counts).await;
         let sessions = page
             .into_iter()
             .zip(counts)
@@ -233,6 +278,54 @@ impl RunnerService {
         })
     }
 
+    /// A page cut by the registry: (how many sessions matched, the page with each one's
+    /// state). Sessions with an agent (queued, running, backoff) are at most one per agent
+    /// and known by id: a page of them reads their rows only, a page of idle sessions is
+    /// every other row.
+    async fn page_of(
+        &self,
+        agent: Option<&str>,
+        states: &HashMap<String, AgentState>,
+        query: &ListQuery,
+        limit: usize,
+    ) -> Result<(usize, Vec<(SessionRecord, &'static str)>)> {
+        let registry = &self.registry;
+        match query.state.as_deref() {
+            None => {
+                let matched = as_count(registry.count_of(agent).await?);
+                let page = registry
+                    .page(agent, &[], query.order, query.offset, limit)
+                    .await?;
+                let page = page
+                    .into_iter()
+                    .map(|r| {
+                        let state = state_in(states, &r.id);
+                        (r, state)
+                    })
+                    .collect();
+                Ok((matched, page))
+            }
+            Some("idle") => {
+                let busy: Vec<&str> = states.keys().map(String::as_str).collect();
+                let busy_here = registry.get_many(&busy, agent).await?.len();
+                let matched = as_count(registry.count_of(agent).await?).saturating_sub(busy_here);
+                let page = registry
+                    .page(agent, &busy, query.order, query.offset, limit)
+                    .await?;
+                Ok((matched, page.into_iter().map(|r| (r, "idle")).collect()))
+            }
+            Some(state) => {
+                let ids: Vec<&str> = states
+                    .iter()
+                    .filter(|(_, s)| s.as_str() == state)
+                    .map(|(id, _)| id.as_str())
+                    .collect();
+                let records = registry.get_many(&ids, agent).await?;
+                Ok(select(records, |id| state_in(states, id), query))
+            }
+        }
+    }
+
     /// One session with its message counts and tokens.
     pub(crate) async fn describe_session(&self, record: SessionRecord) -> Result<Session> {
         let state = self
@@ -244,7 +337,7 @@ impl RunnerService {
             .registry
             .usage_of_sessions(&[record.id.as_str()])
             .await?;
-        let counts = read_counts(vec![self.mailboxes.paths(&record)], true).await;
+        let counts = read_counts(vec![self.mailboxes.paths(&record)], true, &self.counts).await;
         let counts = counts.into_iter().next().unwrap_or_default();
         let used = usage.remove(&record.id).unwrap_or_default();
         let starts = self.supervisor.agent_starts(&record.id);

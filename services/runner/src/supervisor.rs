@@ -247,6 +247,13 @@ impl Supervisor {
         self.inner.slots.lock().await.clone()
     }
 
+    /// Puts a session in a state without an agent behind it (for lists in tests).
+    #[cfg(test)]
+    pub(crate) async fn pretend(&self, session_id: &str, state: AgentState) {
+        let mut slots = self.inner.slots.lock().await;
+        slots.insert(session_id.to_string(), state);
+    }
+
     /// The cap on agents running at once.
     pub fn max_running_agents(&self) -> usize {
         self.inner.max_running_agents

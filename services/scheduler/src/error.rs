@@ -15,6 +15,8 @@ pub enum SchedulerError {
     Schedule(#[from] crate::schedule::ScheduleError),
     #[error("task store: {0}")]
     Store(#[from] sqlx::Error),
+    #[error(transparent)]
+    Database(#[from] ferroclaw_common::service_db::DbError),
     #[error("runner: {0}")]
     Runner(#[from] tonic::Status),
     #[error(transparent)]

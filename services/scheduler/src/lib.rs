@@ -12,6 +12,7 @@ pub mod sync;
 use std::sync::Arc;
 
 use ferroclaw_common::ready::Ready;
+use ferroclaw_common::service_db::Location;
 use ferroclaw_common::{Config, grpc, grpc_auth};
 use ferroclaw_proto::v1::scheduler_server::SchedulerServer;
 use tokio::net::TcpListener;
@@ -46,7 +47,11 @@ pub async fn run_with_clock(
         path: config.data_dir.clone(),
         source,
     })?;
-    let store = TaskStore::open(&config.data_dir.join("scheduler.db")).await?;
+    let store = TaskStore::open(Location::new(
+        config.data_dir.join("scheduler.db"),
+        config.scheduler.database_url.as_deref(),
+    )?)
+    .await?;
     let (internal, required) =
         grpc_auth::internal_auth(&config.data_dir).map_err(grpc::GrpcError::from)?;
     let runner = grpc::channel(&config.runner.addr().url(), internal)?;

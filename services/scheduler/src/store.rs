@@ -1,47 +1,27 @@
 //! The scheduler's own database: tasks and their run history.
 
-use std::path::Path;
-
+use ferroclaw_common::service_db::{Location, Schema, Step};
 use ferroclaw_proto::v1;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqlitePool};
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, Row};
 
 use crate::error::Result;
 
-const DDL: &str = "
-CREATE TABLE IF NOT EXISTS tasks (
-    id            TEXT PRIMARY KEY,
-    series_id     TEXT NOT NULL,
-    session_id    TEXT NOT NULL,
-    agent         TEXT NOT NULL,
-    name          TEXT NOT NULL,
-    prompt        TEXT NOT NULL,
-    schedule_kind TEXT NOT NULL,          -- cron | interval | once
-    cron          TEXT NOT NULL DEFAULT '',
-    interval_secs INTEGER NOT NULL DEFAULT 0,
-    at            TEXT NOT NULL DEFAULT '',
-    timezone      TEXT NOT NULL,
-    catch_up      TEXT NOT NULL,          -- catch_up | skip
-    reply_to      TEXT NOT NULL,          -- destination JSON
-    state         TEXT NOT NULL,          -- active | paused | cancelled | completed
-    next_run      INTEGER,
-    last_run      INTEGER,
-    created_at    INTEGER NOT NULL,
-    updated_at    INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS tasks_by_session ON tasks (session_id);
-CREATE INDEX IF NOT EXISTS tasks_due ON tasks (next_run) WHERE state = 'active';
-CREATE TABLE IF NOT EXISTS runs (
-    task_id      TEXT NOT NULL,
-    series_id    TEXT NOT NULL,
-    scheduled_at INTEGER NOT NULL,
-    fired_at     INTEGER NOT NULL,
-    outcome      TEXT NOT NULL,           -- enqueued | skipped | failed
-    detail       TEXT,
-    message_id   TEXT,
-    PRIMARY KEY (task_id, series_id, scheduled_at)
-);
-";
+/// The task store's migrations (services/scheduler/migrations/<engine>/).
+static SCHEMA: Schema = Schema {
+    service: "scheduler",
+    sqlite: &[Step::new(
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+    )],
+    postgres: &[Step::new(
+        1,
+        "init",
+        include_str!("../migrations/postgres/0001_init.sql"),
+    )],
+    sqlite_legacy_columns: &[],
+};
 
 /// A task as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +61,7 @@ impl TaskRow {
         }
     }
 
-    fn from_row(r: &SqliteRow) -> Result<Self> {
+    fn from_row(r: &AnyRow) -> Result<Self> {
         Ok(Self {
             id: r.try_get("id")?,
             series_id: r.try_get("series_id")?,
@@ -119,13 +99,14 @@ pub struct RunRecord {
 
 #[derive(Clone)]
 pub struct TaskStore {
-    pool: SqlitePool,
+    pool: AnyPool,
 }
 
 impl TaskStore {
-    pub async fn open(path: &Path) -> Result<Self> {
-        let pool = ferroclaw_common::service_db::open(path, 2, DDL).await?;
-        Ok(Self { pool })
+    /// Opens the store at `at` (a SQLite file by default, or PostgreSQL).
+    pub async fn open(at: impl Into<Location>) -> Result<Self> {
+        let db = ferroclaw_common::service_db::open(&at.into(), 2, &SCHEMA).await?;
+        Ok(Self { pool: db.pool })
     }
 
     /// Inserts a new task; `false` when its id exists already.
@@ -296,5 +277,163 @@ impl TaskStore {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, session: &str, next_run: Option<i64>, created_at: i64) -> TaskRow {
+        TaskRow {
+            id: id.into(),
+            series_id: format!("{id}-s1"),
+            session_id: session.into(),
+            agent: "main".into(),
+            name: format!("task {id}"),
+            prompt: "p".into(),
+            schedule: v1::Schedule {
+                kind: "interval".into(),
+                cron: String::new(),
+                interval_secs: 60,
+                at: String::new(),
+                timezone: "UTC".into(),
+            },
+            catch_up: "skip".into(),
+            reply_to: "{}".into(),
+            state: "active".into(),
+            next_run,
+            last_run: None,
+            created_at,
+            updated_at: created_at,
+        }
+    }
+
+    #[tokio::test]
+    async fn tasks_and_runs_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "scheduler").await {
+            let store = TaskStore::open(&at).await.unwrap();
+            let a = task("a", "s1", Some(2_000), 1);
+            let b = task("b", "s2", Some(1_000), 2);
+            let c = task("c", "s1", None, 3);
+            for t in [&a, &b, &c] {
+                assert!(store.insert(t).await.unwrap(), "{at:?}");
+            }
+            assert!(!store.insert(&a).await.unwrap(), "an id is inserted once");
+            assert_eq!(store.get("a").await.unwrap(), Some(a.clone()), "{at:?}");
+            assert_eq!(store.get("none").await.unwrap(), None);
+            let ids = |rows: Vec<TaskRow>| rows.into_iter().map(|t| t.id).collect::<Vec<_>>();
+            assert_eq!(ids(store.list(None).await.unwrap()), ["a", "b", "c"]);
+            assert_eq!(ids(store.list(Some("s1")).await.unwrap()), ["a", "c"]);
+            assert_eq!(ids(store.due(1_500, 10).await.unwrap()), ["b"]);
+            assert_eq!(ids(store.due(5_000, 1).await.unwrap()), ["b"]);
+            assert_eq!(store.earliest_next_run().await.unwrap(), Some(1_000));
+
+            let mut paused = b.clone();
+            paused.state = "paused".into();
+            paused.name = "renamed".into();
+            paused.updated_at = 9;
+            store.update(&paused).await.unwrap();
+            assert_eq!(store.get("b").await.unwrap(), Some(paused));
+            assert_eq!(store.earliest_next_run().await.unwrap(), Some(2_000));
+
+            let mut fired = a.clone();
+            fired.next_run = Some(62_000);
+            fired.last_run = Some(2_000);
+            let run = |outcome: &str, fired_at| RunRecord {
+                scheduled_at: 2_000,
+                fired_at,
+                outcome: outcome.into(),
+                detail: None,
+                message_id: Some("m1".into()),
+            };
+            store
+                .record_run(&fired, &run("failed", 2_010))
+                .await
+                .unwrap();
+            // The same scheduled run again (a restart) replaces its record.
+            store
+                .record_run(&fired, &run("enqueued", 2_020))
+                .await
+                .unwrap();
+            assert_eq!(
+                store.runs("a", 10).await.unwrap(),
+                vec![("a-s1".to_string(), run("enqueued", 2_020))]
+            );
+            assert_eq!(store.get("a").await.unwrap(), Some(fired));
+            let mut sessions = store.sessions().await.unwrap();
+            sessions.sort();
+            assert_eq!(sessions, ["s1", "s2"]);
+            store.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fresh_store_gets_every_migration_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "scheduler").await {
+            let store = TaskStore::open(&at).await.unwrap();
+            let versions: Vec<i64> =
+                sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                    .fetch_all(&store.pool)
+                    .await
+                    .unwrap();
+            let known: Vec<i64> = SCHEMA
+                .steps(at.engine())
+                .iter()
+                .map(|s| s.version)
+                .collect();
+            assert_eq!(versions, known, "{at:?}");
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum,
+                    execution_time) VALUES (9999, 'from the future', TRUE, $1, 0)",
+            )
+            .bind(vec![0u8; 48])
+            .execute(&store.pool)
+            .await
+            .unwrap();
+            store.close().await;
+            let Err(err) = TaskStore::open(&at).await else {
+                panic!("{at:?}: a database newer than the binary was opened");
+            };
+            let message = err.to_string();
+            assert!(
+                message.contains("scheduler database") && message.contains("[9999]"),
+                "{message}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_made_before_migrations_keeps_its_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scheduler.db");
+        {
+            use sqlx::{ConnectOptions, Executor};
+            let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .connect()
+                .await
+                .unwrap();
+            // The schema as the scheduler made it before migrations, with a task in it.
+            conn.execute(include_str!("../migrations/sqlite/0001_init.sql"))
+                .await
+                .unwrap();
+            conn.execute(
+                "INSERT INTO tasks (id, series_id, session_id, agent, name, prompt,
+                    schedule_kind, interval_secs, timezone, catch_up, reply_to, state,
+                    next_run, created_at, updated_at)
+                 VALUES ('old', 'old-s1', 's', 'main', 'n', 'p', 'interval', 60, 'UTC',
+                    'skip', '{}', 'active', 5, 1, 1)",
+            )
+            .await
+            .unwrap();
+        }
+        let store = TaskStore::open(&path).await.unwrap();
+        let old = store.get("old").await.unwrap().unwrap();
+        assert_eq!((old.next_run, old.schedule.interval_secs), (Some(5), 60));
+        assert!(store.insert(&task("new", "s", Some(1), 2)).await.unwrap());
     }
 }

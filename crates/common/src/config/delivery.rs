@@ -19,6 +19,9 @@ pub struct DeliveryConfig {
     pub max_reply_age_secs: u64,
     /// Sends in flight at once across all destinations (waiting lanes hold none).
     pub max_concurrent_sends: usize,
+    /// The ledger and API conversations: `postgres://…` or `sqlite:…`; unset,
+    /// `<data_dir>/delivery.db`.
+    pub database_url: Option<String>,
 }
 
 impl Default for DeliveryConfig {
@@ -28,6 +31,7 @@ impl Default for DeliveryConfig {
             url: None,
             max_reply_age_secs: 15 * 60,
             max_concurrent_sends: 32,
+            database_url: None,
         }
     }
 }
@@ -54,6 +58,9 @@ impl DeliveryConfig {
         if let Some(v) = get("FERROCLAW_MAX_REPLY_AGE_SECS") {
             self.max_reply_age_secs = parse("FERROCLAW_MAX_REPLY_AGE_SECS", &v)?;
         }
+        if let Some(url) = super::database::from_env(get, "delivery") {
+            self.database_url = Some(url);
+        }
         Ok(())
     }
 
@@ -64,7 +71,7 @@ impl DeliveryConfig {
                 "must be at least 1",
             ));
         }
-        Ok(())
+        super::database::validate("delivery", self.database_url.as_deref())
     }
 }
 

@@ -10,12 +10,14 @@
 
 mod agents;
 mod conversations;
+mod database;
 mod delivery;
 mod discord;
 mod env;
 mod gateway;
 mod roles;
 mod runner;
+mod scheduler;
 mod service_addr;
 mod telemetry;
 mod webhooks;
@@ -31,6 +33,7 @@ pub use discord::{DiscordConfig, DiscordRoute};
 pub use gateway::GatewayConfig;
 pub use roles::Roles;
 pub use runner::RunnerConfig;
+pub use scheduler::SchedulerConfig;
 pub use service_addr::ServiceAddr;
 pub use telemetry::MetricsConfig;
 pub use webhooks::WebhookRoute;
@@ -66,7 +69,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub runner: RunnerConfig,
     pub delivery: DeliveryConfig,
-    pub scheduler: ServiceAddr,
+    pub scheduler: SchedulerConfig,
     pub agents: Vec<AgentConfig>,
     pub webhooks: Vec<WebhookRoute>,
     pub conversations: Vec<ConversationRoute>,
@@ -83,7 +86,7 @@ impl Default for Config {
             gateway: GatewayConfig::default(),
             runner: RunnerConfig::default(),
             delivery: DeliveryConfig::default(),
-            scheduler: ServiceAddr::on(50053),
+            scheduler: SchedulerConfig::default(),
             metrics: MetricsConfig::default(),
             agents: vec![AgentConfig::echo("main")],
             webhooks: vec![WebhookRoute::unsigned("default", "main")],
@@ -132,7 +135,7 @@ impl Config {
             self.data_dir = PathBuf::from(v);
         }
         self.gateway.apply_env(&get)?;
-        self.scheduler.apply_env("FERROCLAW_SCHEDULER", &get)?;
+        self.scheduler.apply_env(&get)?;
         self.metrics.apply_env(&get)?;
         self.delivery.apply_env(&get)?;
         self.runner.apply_env(&get)?;
@@ -148,7 +151,12 @@ impl Config {
         self.runner.validate()?;
         self.delivery.validate()?;
         self.gateway.validate()?;
-        Ok(())
+        self.scheduler.validate()?;
+        database::validate_distinct(&[
+            ("runner", self.runner.database_url.as_deref()),
+            ("delivery", self.delivery.database_url.as_deref()),
+            ("scheduler", self.scheduler.database_url.as_deref()),
+        ])
     }
 
     pub fn agent(&self, name: &str) -> Option<&AgentConfig> {

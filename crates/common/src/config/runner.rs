@@ -73,6 +73,9 @@ pub struct RunnerConfig {
     /// ignores agents' doorbells and reads active sessions' outbound rows every this many
     /// milliseconds, as NanoClaw's host does (1,000). 0, the default: doorbells.
     pub outbound_poll_ms: u64,
+    /// The session registry and model usage: `postgres://…` or `sqlite:…`; unset,
+    /// `<data_dir>/runner.db`.
+    pub database_url: Option<String>,
 }
 
 impl Default for RunnerConfig {
@@ -103,6 +106,7 @@ impl Default for RunnerConfig {
             max_rows_per_batch: 100,
             max_rows_per_minute: 6_000,
             outbound_poll_ms: 0,
+            database_url: None,
         }
     }
 }
@@ -171,6 +175,9 @@ impl RunnerConfig {
         if let Some(v) = get("FERROCLAW_AGENT_OTLP_ENDPOINT").filter(|v| !v.is_empty()) {
             self.agent_otlp_endpoint = Some(v);
         }
+        if let Some(url) = super::database::from_env(get, "runner") {
+            self.database_url = Some(url);
+        }
         Ok(())
     }
 
@@ -219,7 +226,7 @@ impl RunnerConfig {
                 format!("{url:?} is not an http(s) URL (such as http://collector:4317)"),
             ));
         }
-        Ok(())
+        super::database::validate("runner", self.database_url.as_deref())
     }
 }
 
