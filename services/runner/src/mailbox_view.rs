@@ -12,14 +12,8 @@
 //! makes (a regular file in `out/`, and SQLite opened that very file, not one a link led
 //! to), its tables must be tables (a view could make a count run forever), and what is
 //! read from it is bounded and decoded leniently.
-//!
-//! A quiet database (in WAL mode, nothing in its WAL) is read as immutable: no lock, and
-//! no `-wal` or `-shm` created beside it. A session's writers close their databases when
-//! it goes quiet, which removes those files; reading them the usual way would create four
-//! files per session, most of what the first look at a page of quiet sessions costs.
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -33,8 +27,6 @@ use crate::error::{Result, RunnerError};
 
 /// The agent's database, directly in `out/`.
 const OUTBOUND_DB: &str = "outbound.db";
-/// Its write-ahead log.
-const OUTBOUND_WAL: &str = "outbound.db-wal";
 /// A view waits at most this long for a lock the writer (runner or agent) holds.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(500);
 /// Content longer than this (bytes) is not loaded: a placeholder says how long it was.
@@ -98,7 +90,6 @@ impl MailboxView {
         let mut conn = SqliteConnectOptions::new()
             .filename(&inbound_path)
             .read_only(true)
-            .immutable(inbound_is_quiet(&inbound_path))
             .busy_timeout(BUSY_TIMEOUT)
             // Views and triggers of an attached file may call only harmless functions.
             .pragma("trusted_schema", "OFF")
@@ -359,10 +350,6 @@ async fn attach_outbound(conn: &mut SqliteConnection, paths: &SessionPaths) -> R
     let name = real
         .to_str()
         .ok_or_else(|| refused(&path, "the path is not UTF-8".into()))?;
-    let name = match outbound_is_quiet(&out) {
-        true => format!("file:{}?immutable=1", uri_path(name)),
-        false => name.to_string(),
-    };
     // The connection is read-only: an attached file is opened read-only too.
     sqlx::query("ATTACH DATABASE $1 AS out")
         .bind(name)
@@ -374,70 +361,6 @@ async fn attach_outbound(conn: &mut SqliteConnection, paths: &SessionPaths) -> R
         let _ = sqlx::query("DETACH DATABASE out").execute(&mut *conn).await;
     }
     checked
-}
-
-/// Whether a database may be read as immutable: in WAL mode (its header says so) with
-/// nothing in its WAL, everything committed is in the file itself, and a writer starting
-/// now adds to the WAL without touching the file (only a checkpoint writes it, after
-/// frames and, short of a huge transaction, their writer closing). A database in rollback
-/// mode is written in place: it is read with locks, as ever.
-fn is_quiet(header: &[u8; 20], wal_len: Option<u64>) -> bool {
-    header.starts_with(b"SQLite format 3\0")
-        && header[18] == 2
-        && header[19] == 2
-        && wal_len.is_none_or(|len| len == 0)
-}
-
-/// [`is_quiet`] for the runner's `inbound.db` (in/ is its own: plain file access).
-fn inbound_is_quiet(path: &Path) -> bool {
-    let mut header = [0; 20];
-    if std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut header))
-        .is_err()
-    {
-        return false;
-    }
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    let wal_len = match std::fs::symlink_metadata(&wal) {
-        Ok(meta) if meta.file_type().is_file() => Some(meta.len()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        // Anything else there: read the usual way.
-        _ => return false,
-    };
-    is_quiet(&header, wal_len)
-}
-
-/// [`is_quiet`] for the agent's `outbound.db`, looked at through `out/` without following
-/// a link (a file swapped in after this is still checked after the attach).
-fn outbound_is_quiet(out: &session_fs::Dir) -> bool {
-    let mut header = [0; 20];
-    let Ok((file, _)) = out.open_file(OUTBOUND_DB) else {
-        return false;
-    };
-    if file.take(20).read_exact(&mut header).is_err() {
-        return false;
-    }
-    let wal_len = match out.entry(OUTBOUND_WAL) {
-        Ok(None) => None,
-        Ok(Some(entry)) if entry.kind == FileType::RegularFile => Some(entry.len),
-        _ => return false,
-    };
-    is_quiet(&header, wal_len)
-}
-
-/// A path as the path of a `file:` URI: every byte but unreserved ones and `/` escaped.
-fn uri_path(path: &str) -> String {
-    use std::fmt::Write;
-    let mut uri = String::with_capacity(path.len());
-    for byte in path.bytes() {
-        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
-            uri.push(char::from(byte));
-        } else {
-            let _ = write!(uri, "%{byte:02X}");
-        }
-    }
-    uri
 }
 
 /// After the attach: SQLite resolves every link in a name before it opens it, so a link
@@ -733,86 +656,5 @@ pub(crate) mod tests {
         assert!(view.latest_outbound(10).await.is_err());
         view.close().await;
         host.close().await;
-    }
-
-    /// The files beside both databases.
-    fn beside(paths: &SessionPaths) -> Vec<PathBuf> {
-        ["in/inbound.db-wal", "in/inbound.db-shm"]
-            .iter()
-            .chain(&["out/outbound.db-wal", "out/outbound.db-shm"])
-            .map(|f| paths.root().join(f))
-            .filter(|f| f.exists())
-            .collect()
-    }
-
-    #[tokio::test]
-    async fn a_quiet_session_is_read_without_creating_files() {
-        // Odd characters in the path: the agent's file is attached through a URI.
-        let dir = tempfile::tempdir().unwrap();
-        let paths = SessionPaths::new(dir.path().join("a ?b#c%20d"));
-        let host = HostMailbox::open(paths.clone(), JournalMode::Wal)
-            .await
-            .unwrap();
-        let first = host.enqueue(&chat_in("a", "one", "ann")).await.unwrap();
-        host.enqueue(&chat_in("b", "two", "ann")).await.unwrap();
-        let mut agent = AgentMailbox::open(paths.clone(), JournalMode::Wal)
-            .await
-            .unwrap();
-        agent
-            .finish(&[first.seq], &[chat_out("hi")], BatchStatus::Completed)
-            .await
-            .unwrap();
-        agent.close().await;
-        host.close().await;
-        assert_eq!(beside(&paths), Vec::<PathBuf>::new(), "closed: no WAL left");
-        let expected = Counts {
-            pending: Some(1),
-            messages_in: Some(2),
-            messages_out: Some(1),
-        };
-        let mut view = MailboxView::open(&paths).await.unwrap().unwrap();
-        assert_eq!(view.counts(true).await, expected);
-        assert_eq!(view.latest_outbound(10).await.unwrap().len(), 1);
-        view.close().await;
-        assert_eq!(beside(&paths), Vec::<PathBuf>::new());
-
-        // Writers with rows in their WALs: read the usual way, their rows counted.
-        let host = HostMailbox::open(paths.clone(), JournalMode::Wal)
-            .await
-            .unwrap();
-        host.enqueue(&chat_in("c", "three", "ann")).await.unwrap();
-        let agent = AgentMailbox::open(paths.clone(), JournalMode::Wal)
-            .await
-            .unwrap();
-        agent.send_now(&chat_out("more")).await.unwrap();
-        let mut view = MailboxView::open(&paths).await.unwrap().unwrap();
-        assert_eq!(
-            view.counts(true).await,
-            Counts {
-                pending: Some(2),
-                messages_in: Some(3),
-                messages_out: Some(2),
-            }
-        );
-        view.close().await;
-        agent.close().await;
-        host.close().await;
-    }
-
-    #[test]
-    fn only_a_wal_database_with_an_empty_wal_is_quiet() {
-        let mut header = [0; 20];
-        header[..16].copy_from_slice(b"SQLite format 3\0");
-        header[18] = 2;
-        header[19] = 2;
-        assert!(is_quiet(&header, None));
-        assert!(is_quiet(&header, Some(0)));
-        assert!(!is_quiet(&header, Some(32)), "frames in the WAL");
-        let mut rollback = header;
-        rollback[18] = 1;
-        rollback[19] = 1;
-        assert!(!is_quiet(&rollback, None), "written in place");
-        assert!(!is_quiet(&[2; 20], None), "not SQLite");
-        assert_eq!(uri_path("/a b/c?d#e%f"), "/a%20b/c%3Fd%23e%25f");
     }
 }
