@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 
-use crate::service_db::Location;
+use crate::service_db::{Location, Schema};
 
 /// Where this process's cluster's directories start.
 const DIR_PREFIX: &str = "ferroclaw-pg-";
@@ -338,4 +338,33 @@ fn remove_stale_clusters() {
             }
         }
     }
+}
+
+/// Checks a freshly opened service database holds exactly `schema`'s migrations, then
+/// records one from the future in it, so that the caller, after closing its pool, can
+/// check that opening it again is refused.
+pub async fn check_migrations_then_add_a_future_one(
+    pool: &sqlx::AnyPool,
+    schema: &Schema,
+    at: &Location,
+) {
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(pool)
+            .await
+            .expect("the migrations table");
+    let known: Vec<i64> = schema
+        .steps(at.engine())
+        .iter()
+        .map(|s| s.version)
+        .collect();
+    assert_eq!(versions, known, "{at:?}");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum,
+            execution_time) VALUES (9999, 'from the future', TRUE, $1, 0)",
+    )
+    .bind(vec![0u8; 48])
+    .execute(pool)
+    .await
+    .expect("a future migration recorded");
 }

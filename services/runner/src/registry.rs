@@ -679,25 +679,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for at in ferroclaw_common::test_postgres::locations(dir.path(), "runner").await {
             let reg = Registry::open(&at).await.unwrap();
-            let versions: Vec<i64> =
-                sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
-                    .fetch_all(&reg.pool)
-                    .await
-                    .unwrap();
-            let known: Vec<i64> = SCHEMA
-                .steps(at.engine())
-                .iter()
-                .map(|s| s.version)
-                .collect();
-            assert_eq!(versions, known, "{at:?}");
-            sqlx::query(
-                "INSERT INTO _sqlx_migrations (version, description, success, checksum,
-                    execution_time) VALUES (9999, 'from the future', TRUE, $1, 0)",
+            ferroclaw_common::test_postgres::check_migrations_then_add_a_future_one(
+                &reg.pool, &SCHEMA, &at,
             )
-            .bind(vec![0u8; 48])
-            .execute(&reg.pool)
-            .await
-            .unwrap();
+            .await;
             reg.pool.close().await;
             let Err(err) = Registry::open(&at).await else {
                 panic!("{at:?}: a database newer than the binary was opened");

@@ -374,25 +374,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for at in ferroclaw_common::test_postgres::locations(dir.path(), "scheduler").await {
             let store = TaskStore::open(&at).await.unwrap();
-            let versions: Vec<i64> =
-                sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
-                    .fetch_all(&store.pool)
-                    .await
-                    .unwrap();
-            let known: Vec<i64> = SCHEMA
-                .steps(at.engine())
-                .iter()
-                .map(|s| s.version)
-                .collect();
-            assert_eq!(versions, known, "{at:?}");
-            sqlx::query(
-                "INSERT INTO _sqlx_migrations (version, description, success, checksum,
-                    execution_time) VALUES (9999, 'from the future', TRUE, $1, 0)",
+            ferroclaw_common::test_postgres::check_migrations_then_add_a_future_one(
+                &store.pool,
+                &SCHEMA,
+                &at,
             )
-            .bind(vec![0u8; 48])
-            .execute(&store.pool)
-            .await
-            .unwrap();
+            .await;
             store.close().await;
             let Err(err) = TaskStore::open(&at).await else {
                 panic!("{at:?}: a database newer than the binary was opened");

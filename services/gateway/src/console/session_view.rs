@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use super::conversation::{card, file_link};
 use super::layout::{self, respond};
+use super::sessions::maybe;
 use super::{Console, ConsoleError, Operator, time, urls};
 
 /// Messages shown (the latest).
@@ -80,7 +81,6 @@ async fn latest(
 }
 
 fn facts(s: &Session, price: Option<(f64, f64)>) -> Markup {
-    let count = |n: Option<i64>| n.map_or_else(|| "—".into(), spend::count);
     html! {
         ul.facts {
             li { "Agent: " (s.agent) }
@@ -90,7 +90,7 @@ fn facts(s: &Session, price: Option<(f64, f64)>) -> Markup {
                 } @else { (s.conversation_key) }
             }
             li { "State: " (s.agent_state) }
-            li { "Messages: " (count(s.messages_in)) " in, " (count(s.messages_out)) " out, " (s.pending) " pending" }
+            li { "Messages: " (maybe(s.messages_in)) " in, " (maybe(s.messages_out)) " out, " (s.pending) " pending" }
             li { "Tokens: " (spend::count(s.input_tokens)) " in, " (spend::count(s.output_tokens)) " out ("
                 (spend::dollars(spend::cost_usd(price, s.input_tokens, s.output_tokens))) ")" }
             li { "Last activity: " (time::utc(s.last_activity_ms)) }

@@ -176,7 +176,7 @@ pub async fn rows(
 }
 
 /// A count the runner may leave out (message counts of unlimited lists).
-fn maybe(n: Option<i64>) -> String {
+pub(super) fn maybe(n: Option<i64>) -> String {
     n.map_or_else(|| "—".into(), spend::count)
 }
 
