@@ -264,6 +264,17 @@ impl Cluster {
         Ok(response.into_inner().deliveries)
     }
 
+    /// Starts one more instance of `service` ("delivery", "scheduler", …) beside the
+    /// cluster's, on addresses of its own, with the cluster's environment and `overrides`
+    /// (a standby, or a second worker sharing a PostgreSQL database). The caller stops it.
+    pub async fn start_another(
+        &self,
+        service: &str,
+        overrides: &[(&'static str, String)],
+    ) -> anyhow::Result<ServiceProcess> {
+        start(service, &self.envs, overrides).await
+    }
+
     /// Sets an environment variable for services started from now on (e.g. a restart).
     pub fn envs_set(&mut self, key: &'static str, value: &str) {
         self.envs.retain(|(k, _)| *k != key);

@@ -7,6 +7,10 @@
 //! last one, so 10,000 quiet destinations cost nothing. The rows held across all lanes are
 //! bounded ([`MAX_BUFFERED_ROWS`]); past that, reading the runner's stream pauses.
 //!
+//! With deliveries sharing a PostgreSQL ledger, a lane's rows are sent only while this
+//! delivery holds the lane's lease ([`LaneLeases`]); meanwhile rows a peer finished are
+//! settled here from the ledger, unsent.
+//!
 //! An operator's retry claims its row here while it marks it in the ledger and has the
 //! runner reopen it ([`Lanes::claim`]): no lane reads the row's ledger entry meanwhile, so
 //! the row is neither settled failed under the retry nor sent before it is marked.
@@ -20,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::lane_leases::{self, Held, LaneLeases};
 use crate::row_delivery::RowDelivery;
 
 /// Rows held in lanes at once, across all of them.
@@ -46,6 +51,7 @@ pub struct Lanes {
 
 struct Inner {
     delivery: Arc<RowDelivery>,
+    leases: LaneLeases,
     state: Mutex<State>,
     buffered: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -90,10 +96,15 @@ struct Queued {
 }
 
 impl Lanes {
-    pub fn new(delivery: Arc<RowDelivery>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        delivery: Arc<RowDelivery>,
+        leases: LaneLeases,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 delivery,
+                leases,
                 state: Mutex::default(),
                 buffered: Arc::new(Semaphore::new(MAX_BUFFERED_ROWS)),
                 tasks: TaskTracker::new(),
@@ -171,8 +182,9 @@ impl Lanes {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// One lane's task: its rows in order, then it ends.
+    /// One lane's task: its rows in order, then it ends (giving its lease up).
     async fn run(self, lane: String) {
+        let mut lease: Option<Held> = None;
         loop {
             let next = self
                 .lock()
@@ -181,34 +193,66 @@ impl Lanes {
                 .and_then(|q| q.front())
                 .map(|q| q.message.clone());
             let Some(message) = next else {
+                // Given up while the lane still stands (empty), so rows pushed meanwhile
+                // join it and are seen on the next turn, which takes the lane again.
+                if let Some(held) = lease.take() {
+                    held.release().await;
+                    continue;
+                }
                 self.lock().lanes.remove(&lane);
                 return;
             };
-            let done = self
+            if lease.as_ref().is_some_and(Held::lost) {
+                lease = None;
+            }
+            if lease.is_none() {
+                lease = match self.inner.leases.take(&lane).await {
+                    Ok(held) => held,
+                    Err(e) => {
+                        tracing::warn!(%lane, error = %e, "cannot take a lane's lease");
+                        None
+                    }
+                };
+            }
+            let shutdown = &self.inner.shutdown;
+            let done = if lease.is_some() {
+                self.inner.delivery.handle(&message, shutdown).await
+            } else if let Some(done) = self
                 .inner
                 .delivery
-                .handle(&message, &self.inner.shutdown)
-                .await;
-            let mut state = self.lock();
+                .finish_if_settled(&message, shutdown)
+                .await
+            {
+                done
+            } else {
+                // A peer sends this lane: ask again in a moment.
+                tokio::select! {
+                    _ = tokio::time::sleep(lane_leases::ASK_AGAIN) => continue,
+                    _ = shutdown.cancelled() => false,
+                }
+            };
             if !done {
-                // Shutdown: the lane's rows stay unsettled at the runner and come back.
-                if let Some(queue) = state.lanes.remove(&lane) {
-                    for q in queue {
-                        state.held.remove(&(q.message.session_id, q.message.seq));
+                // Shutdown: the lane's rows stay unsettled at the runner and come back (to
+                // this delivery's successor, or to a peer, which may take the lane at once).
+                {
+                    let mut state = self.lock();
+                    if let Some(queue) = state.lanes.remove(&lane) {
+                        for q in queue {
+                            state.held.remove(&(q.message.session_id, q.message.seq));
+                        }
                     }
+                }
+                if let Some(held) = lease.take() {
+                    held.release().await;
                 }
                 return;
             }
+            let mut state = self.lock();
             state
                 .held
                 .remove(&(message.session_id.clone(), message.seq));
-            let Some(queue) = state.lanes.get_mut(&lane) else {
-                return;
-            };
-            queue.pop_front();
-            if queue.is_empty() {
-                state.lanes.remove(&lane);
-                return;
+            if let Some(queue) = state.lanes.get_mut(&lane) {
+                queue.pop_front();
             }
         }
     }
@@ -267,7 +311,10 @@ mod tests {
             None,
             settler,
         );
-        (Lanes::new(Arc::new(delivery), shutdown.clone()), ledger)
+        (
+            Lanes::new(Arc::new(delivery), LaneLeases::sole(), shutdown.clone()),
+            ledger,
+        )
     }
 
     #[tokio::test]

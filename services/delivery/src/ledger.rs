@@ -4,26 +4,41 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferroclaw_common::service_db::{LegacyColumn, Location, Schema, Step};
+use ferroclaw_common::service_db::{Engine, LegacyColumn, Location, Schema, Step};
 use ferroclaw_proto::v1::OutboundMessage;
 use sqlx::{AnyPool, Row};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
 
 /// The ledger's migrations (services/delivery/migrations/<engine>/).
 static SCHEMA: Schema = Schema {
     service: "delivery",
-    sqlite: &[Step::new(
-        1,
-        "init",
-        include_str!("../migrations/sqlite/0001_init.sql"),
-    )],
-    postgres: &[Step::new(
-        1,
-        "init",
-        include_str!("../migrations/postgres/0001_init.sql"),
-    )],
+    sqlite: &[
+        Step::new(
+            1,
+            "init",
+            include_str!("../migrations/sqlite/0001_init.sql"),
+        ),
+        Step::new(
+            2,
+            "lane leases",
+            include_str!("../migrations/sqlite/0002_lane_leases.sql"),
+        ),
+    ],
+    postgres: &[
+        Step::new(
+            1,
+            "init",
+            include_str!("../migrations/postgres/0001_init.sql"),
+        ),
+        Step::new(
+            2,
+            "lane leases",
+            include_str!("../migrations/postgres/0002_lane_leases.sql"),
+        ),
+    ],
     // Files from before questions had an agent, and before rate-limit waits and retries.
     sqlite_legacy_columns: &[
         LegacyColumn {
@@ -207,20 +222,43 @@ const APPENDED_CAPACITY: usize = 1024;
 #[derive(Clone)]
 pub struct Ledger {
     pool: AnyPool,
-    /// Every stored conversation message, sent after its commit.
+    engine: Engine,
+    /// Every stored conversation message, sent after its commit (by this delivery, and on
+    /// PostgreSQL by its peers too: see `peer_appends`).
     appended: broadcast::Sender<Appended>,
+    /// Stops listening for peers' doorbells.
+    listening: CancellationToken,
 }
 
 impl Ledger {
     /// Opens the ledger at `at` (a SQLite file by default, or PostgreSQL).
     pub async fn open(at: impl Into<Location>) -> Result<Self> {
-        let pool = ferroclaw_common::service_db::open(&at.into(), 4, &SCHEMA)
-            .await?
-            .pool;
-        Ok(Self {
-            pool,
+        let at = at.into();
+        let db = ferroclaw_common::service_db::open(&at, 4, &SCHEMA).await?;
+        let ledger = Self {
+            pool: db.pool,
+            engine: db.engine,
             appended: broadcast::channel(APPENDED_CAPACITY).0,
-        })
+            listening: CancellationToken::new(),
+        };
+        if let Location::Postgres(url) = &at {
+            tokio::spawn(crate::peer_appends::listen(
+                url.clone(),
+                ledger.appended.clone(),
+                ledger.listening.clone(),
+            ));
+        }
+        Ok(ledger)
+    }
+
+    /// Whether other deliveries may share this ledger (PostgreSQL), so that lanes are
+    /// taken with leases.
+    pub fn shared(&self) -> bool {
+        self.engine == Engine::Postgres
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     /// Notifications of conversation messages stored from now on. Subscribe BEFORE reading
@@ -475,6 +513,15 @@ impl Ledger {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        if self.engine == Engine::Postgres {
+            // Rung at commit, to the readers of every delivery sharing the database.
+            // (Wrapped: the `any` driver cannot read pg_notify's `void` result.)
+            sqlx::query("SELECT count(*) FROM (SELECT pg_notify($1, $2)) AS rung")
+                .bind(crate::peer_appends::CHANNEL)
+                .bind(crate::peer_appends::payload(message.conversation, cursor))
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         // After the commit: whoever is woken finds the message in the store.
         let _ = self.appended.send(Appended {
@@ -742,6 +789,7 @@ impl Ledger {
     }
 
     pub async fn close(&self) {
+        self.listening.cancel();
         self.pool.close().await;
     }
 }
@@ -826,6 +874,45 @@ mod tests {
             assert!(none.is_empty());
         }
     }
+    /// Two deliveries on one PostgreSQL ledger: a long-poll waiting on one is woken by a
+    /// message the other stores (PostgreSQL's NOTIFY), not only when its wait ends.
+    #[tokio::test]
+    async fn a_long_poll_is_woken_by_a_message_a_peer_delivery_stores() {
+        let Some(postgres) = ferroclaw_common::test_postgres::cluster() else {
+            return;
+        };
+        let url = postgres.create_database("peer_doorbell").await.unwrap();
+        let here = Ledger::open(Location::Postgres(url.clone())).await.unwrap();
+        let peer = Ledger::open(Location::Postgres(url)).await.unwrap();
+        assert!(here.shared() && peer.shared());
+        let waiter = {
+            let here = here.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let got = here
+                    .wait_conversation_messages("c", 0, 10, Duration::from_secs(20))
+                    .await
+                    .unwrap();
+                (got, started.elapsed())
+            })
+        };
+        // The listener connects in the background; a doorbell before it listens is missed
+        // (the wait would then end only at its deadline), so give it a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peer.deliver_to_conversation(&row(1), msg("c", "from the peer"), None)
+            .await
+            .unwrap();
+        let (got, took) = waiter.await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].text, "from the peer");
+        assert!(
+            took < Duration::from_secs(10),
+            "woken by the doorbell, not the deadline: {took:?}"
+        );
+        here.close().await;
+        peer.close().await;
+    }
+
     async fn entry(ledger: &Ledger, seq: i64) -> Entry {
         ledger
             .list(100)

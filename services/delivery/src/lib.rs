@@ -7,9 +7,11 @@ mod conversation_watch;
 pub mod discord;
 mod discord_limits;
 pub mod error;
+mod lane_leases;
 mod lanes;
 pub mod ledger;
 pub mod metrics;
+mod peer_appends;
 mod row_delivery;
 mod send_error;
 mod service;
@@ -61,7 +63,13 @@ pub async fn run(
         discord.clone(),
         settler::Settler::start(runner.clone(), shutdown.clone()),
     );
-    let lanes = Lanes::new(std::sync::Arc::new(rows), shutdown.clone());
+    // Deliveries sharing a PostgreSQL ledger split the lanes between them.
+    let leases = if ledger.shared() {
+        lane_leases::LaneLeases::shared(ledger.pool().clone())
+    } else {
+        lane_leases::LaneLeases::sole()
+    };
+    let lanes = Lanes::new(std::sync::Arc::new(rows), leases, shutdown.clone());
     let consumer = Consumer::new(runner, lanes.clone(), "delivery".into());
     let consuming = tokio::spawn(consumer.run(shutdown.clone()));
     if let Some(discord) = discord {

@@ -100,14 +100,42 @@ impl RowDelivery {
                 }
             }
         };
-        if let Settled::Failed { reason, .. } = &settled
+        self.finish(message, &settled, shutdown).await
+    }
+
+    /// Finishes a row the ledger already has an outcome for (a peer delivery sent it) without
+    /// sending anything: `None` when it has none yet (or the ledger cannot say), else what
+    /// [`Self::handle`] would return.
+    pub async fn finish_if_settled(
+        &self,
+        message: &OutboundMessage,
+        shutdown: &CancellationToken,
+    ) -> Option<bool> {
+        let state = self
+            .ledger
+            .row_state(&message.session_id, message.seq)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "delivery ledger unavailable"))
+            .ok()?;
+        let settled = state.settled?;
+        Some(self.finish(message, &settled, shutdown).await)
+    }
+
+    /// Tells the agent of a failure where that is due, then settles the row at the runner.
+    async fn finish(
+        &self,
+        message: &OutboundMessage,
+        settled: &Settled,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        if let Settled::Failed { reason, .. } = settled
             && (message.kind == "action" || to_discord(message))
             && !self.answers_a_notice(message)
             && !self.tell_agent_it_failed(message, reason, shutdown).await
         {
             return false;
         }
-        self.settle(message, &settled).await
+        self.settle(message, settled).await
     }
 
     fn answers_a_notice(&self, message: &OutboundMessage) -> bool {
