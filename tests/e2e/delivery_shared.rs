@@ -24,8 +24,7 @@ async fn a_delivery_killed_mid_lane_is_replaced_by_its_peer_with_nothing_lost_or
     let fake = FakeDiscord::start().await?;
     let routes = format!("[[discord.routes]]\nchannel = \"{OTHER}\"\nagent = \"main\"\n");
     let mut cluster =
-        discord_cluster_with(dir.path(), &fake, &[("DATABASE_URL", url.clone())], &routes)
-            .await?;
+        discord_cluster_with(dir.path(), &fake, &[("DATABASE_URL", url.clone())], &routes).await?;
     let mut peer = cluster.start_another("delivery", &[]).await?;
     fake.user_message(OPEN, ANN, "warm", true);
     fake.user_message(OTHER, ANN, "warm", true);
@@ -72,7 +71,10 @@ async fn a_delivery_killed_mid_lane_is_replaced_by_its_peer_with_nothing_lost_or
         .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(fake.lines(OPEN), ["echo: warm", "echo: one", "echo: two"]);
-    assert_eq!(fake.lines(OTHER), ["echo: warm", "echo: during the takeover"]);
+    assert_eq!(
+        fake.lines(OTHER),
+        ["echo: warm", "echo: during the takeover"]
+    );
     assert_eq!(
         fake.repeated_nonces(),
         0,
@@ -86,5 +88,32 @@ async fn a_delivery_killed_mid_lane_is_replaced_by_its_peer_with_nothing_lost_or
     println!("the survivor finished the dead delivery's lane {took_over:?} after the kill");
     // Within the lease (10 s) plus a retry and the rest of the rate-limit wait.
     assert!(took_over < Duration::from_secs(30), "{took_over:?}");
+    cluster.stop().await
+}
+
+/// On SQLite a second delivery would send every row again: it refuses to start, and says
+/// why, while the first goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_delivery_on_one_sqlite_ledger_refuses_to_start() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = ferroclaw_e2e::Cluster::start(dir.path(), &[]).await?;
+    let second = cluster.start_another("delivery", &[]).await;
+    let error = match second {
+        Ok(_) => anyhow::bail!("a second delivery started on the same SQLite ledger"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains("exited") || error.contains("ready"),
+        "it did not become ready: {error}"
+    );
+    let (status, body) = cluster.post_message("still-one", "hello", None).await?;
+    assert_eq!(status, 202, "{body}");
+    cluster
+        .wait_for_lines(
+            "still-one",
+            &["echo: hello".into()],
+            Duration::from_secs(30),
+        )
+        .await?;
     cluster.stop().await
 }

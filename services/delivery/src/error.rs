@@ -3,6 +3,8 @@
 pub enum DeliveryError {
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("{0}")]
+    AlreadyRunning(String),
     #[error("delivery ledger: {0}")]
     Ledger(#[from] sqlx::Error),
     #[error(transparent)]

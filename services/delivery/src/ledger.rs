@@ -513,12 +513,15 @@ impl Ledger {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        if self.engine == Engine::Postgres {
+        let doorbell = crate::peer_appends::payload(message.conversation, cursor);
+        // PostgreSQL refuses payloads of 8,000 bytes and more; such a conversation's
+        // readers on peers are woken by their deadline instead.
+        if self.engine == Engine::Postgres && doorbell.len() < crate::peer_appends::MAX_PAYLOAD {
             // Rung at commit, to the readers of every delivery sharing the database.
             // (Wrapped: the `any` driver cannot read pg_notify's `void` result.)
             sqlx::query("SELECT count(*) FROM (SELECT pg_notify($1, $2)) AS rung")
                 .bind(crate::peer_appends::CHANNEL)
-                .bind(crate::peer_appends::payload(message.conversation, cursor))
+                .bind(&doorbell)
                 .execute(&mut *tx)
                 .await?;
         }

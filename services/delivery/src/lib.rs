@@ -43,11 +43,17 @@ pub async fn run(
         path: config.data_dir.clone(),
         source,
     })?;
-    let ledger = Ledger::open(ferroclaw_common::service_db::Location::new(
+    let at = ferroclaw_common::service_db::Location::new(
         config.data_dir.join("delivery.db"),
         config.delivery.database_url.as_deref(),
-    )?)
-    .await?;
+    )?;
+    // Deliveries share a ledger only on PostgreSQL (by lane leases); two on one SQLite
+    // file would both send every row.
+    let _sole = match &at {
+        ferroclaw_common::service_db::Location::Sqlite(path) => Some(sole_on(path)?),
+        ferroclaw_common::service_db::Location::Postgres(_) => None,
+    };
+    let ledger = Ledger::open(at).await?;
     let (internal, required) =
         grpc_auth::internal_auth(&config.data_dir).map_err(grpc::GrpcError::from)?;
     let runner = grpc::channel(&config.runner.addr().url(), internal.clone())?;
@@ -98,6 +104,32 @@ pub async fn run(
     ledger.close().await;
     tracing::info!("delivery stopped");
     Ok(())
+}
+
+/// Locks `<ledger>.lock` beside a SQLite ledger for as long as the returned file is open
+/// (the kernel frees it when the process ends); refuses when another delivery holds it.
+fn sole_on(ledger: &std::path::Path) -> Result<std::fs::File> {
+    let path = ledger.with_extension("lock");
+    let io = |source| DeliveryError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DeliveryError::AlreadyRunning(format!(
+            "another delivery is running on the ledger {} (it holds {}); deliveries share \
+             work only on PostgreSQL: set database_url to run more than one",
+            ledger.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
 }
 
 /// The delivery as its binary runs it: the config read (`config`, else `$FERROCLAW_CONFIG`,

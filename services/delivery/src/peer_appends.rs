@@ -18,6 +18,9 @@ use crate::ledger::Appended;
 /// The notification channel (PostgreSQL's, shared by every delivery on the database).
 pub const CHANNEL: &str = "ferroclaw_conversation_appended";
 
+/// Longest payload PostgreSQL carries (it refuses 8,000 bytes and more).
+pub const MAX_PAYLOAD: usize = 7_999;
+
 /// The payload of one doorbell: "<cursor> <conversation>".
 pub fn payload(conversation: &str, cursor: i64) -> String {
     format!("{cursor} {conversation}")

@@ -1,7 +1,8 @@
-//! Firing: sleep until the earliest next run (no fixed polling), enqueue each due run into its
-//! session with the idempotency key "series id + scheduled time", then record it. A crash
-//! between the two fires the run again after the restart under the same key, and the runner
-//! answers "duplicate": a run is never delivered twice.
+//! Firing: sleep until the earliest next run, enqueue each due run into its session with the
+//! idempotency key "series id + scheduled time", then record it. A crash between the two fires
+//! the run again after the restart under the same key, and the runner answers "duplicate": a
+//! run is never delivered twice. The same holds when two schedulers fire one run around a
+//! handover (see `leadership`): only the active one fires, and the first record stands.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, SchedulerError};
+use crate::leadership::Leadership;
 use crate::schedule::Schedule;
 use crate::store::{RunRecord, TaskRow, TaskStore};
 use crate::sync::Syncer;
@@ -24,6 +26,10 @@ pub const GRACE_MS: i64 = 60_000;
 /// Longest walk over missed cron runs before jumping to the present.
 const MAX_WALK: usize = 100_000;
 const BATCH: u32 = 500;
+/// Longest sleep between looks at the store. Tasks created or changed through another
+/// scheduler's API (a standby serves it too) wake only that one's loop, so the active one
+/// looks again at least this often to fire them on time: two index lookups a second.
+const PEER_CHANGES: Duration = Duration::from_secs(1);
 
 /// The time source; tests drive firing with explicit times instead.
 pub trait Clock: Send + Sync + 'static {
@@ -155,13 +161,16 @@ impl Firer {
                 return Ok(handled);
             }
             for task in due {
-                self.fire_one(task, now).await?;
+                self.fire_task(task, now).await?;
                 handled += 1;
             }
         }
     }
 
-    async fn fire_one(&self, mut task: TaskRow, now: i64) -> Result<()> {
+    /// Fires `task` as read from [`TaskStore::due`] at `now`. A second scheduler that read
+    /// the same row fires the same run under the same key (the runner answers "duplicate"),
+    /// and its record gives way to the first.
+    pub async fn fire_task(&self, mut task: TaskRow, now: i64) -> Result<()> {
         let schedule = match Schedule::parse(&task.schedule) {
             Ok(s) => s,
             Err(e) => {
@@ -176,6 +185,7 @@ impl Firer {
             }
         };
         let plan = plan(&task, &schedule, now);
+        let due_at = task.next_run.unwrap_or(now);
         let run = match (plan.fire, plan.skipped) {
             (Some(at), _) => {
                 let key = run_key(&task, at);
@@ -215,29 +225,45 @@ impl Firer {
             task.state = "completed".into();
         }
         task.updated_at = now;
-        self.store.record_run(&task, &run).await?;
+        if !self.store.record_run(&task, due_at, &run).await? {
+            tracing::info!(task = %task.id, scheduled = run.scheduled_at, "run was recorded by another scheduler");
+            return Ok(());
+        }
         crate::metrics::run(&run.outcome, run.scheduled_at, run.fired_at);
         tracing::info!(task = %task.id, scheduled = run.scheduled_at, lateness_ms = now - run.scheduled_at, outcome = %run.outcome, "task run");
         self.syncer.mark(&task.session_id);
         Ok(())
     }
 
-    /// Sleeps until the earliest next run or a change, fires what is due, repeats.
-    pub async fn run(self, changed: Arc<Notify>, shutdown: CancellationToken) {
+    /// While this instance is the active scheduler: sleeps until the earliest next run or a
+    /// change, fires what is due, repeats. A standby waits here until it takes over.
+    pub async fn run(
+        self,
+        changed: Arc<Notify>,
+        leadership: Arc<Leadership>,
+        shutdown: CancellationToken,
+    ) {
         let clock = self.clock.clone();
+        let mut active = leadership.subscribe();
         let mut failures: u32 = 0;
         while !shutdown.is_cancelled() {
+            // Checked before every round: a lock lost while asleep fires nothing.
+            if !leadership.confirm().await {
+                tokio::select! {
+                    _ = active.wait_for(|active| *active) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
             let pause = match self.fire_due(clock.now_ms()).await {
                 Ok(_) => {
                     failures = 0;
                     match self.store.earliest_next_run().await {
-                        Ok(Some(at)) => {
-                            Some(Duration::from_millis((at - clock.now_ms()).max(0) as u64))
-                        }
-                        Ok(None) => None,
+                        Ok(Some(at)) => Duration::from_millis((at - clock.now_ms()).max(0) as u64),
+                        Ok(None) => Duration::MAX,
                         Err(e) => {
                             tracing::warn!(error = %e, "task store unavailable");
-                            Some(Duration::from_secs(1))
+                            Duration::from_secs(1)
                         }
                     }
                 }
@@ -245,11 +271,11 @@ impl Firer {
                     failures += 1;
                     let delay = Duration::from_millis((250u64 << failures.min(5)).min(5_000));
                     tracing::warn!(error = %e, ?delay, "firing interrupted; retrying");
-                    Some(delay)
+                    delay
                 }
             };
             tokio::select! {
-                _ = tokio::time::sleep(pause.unwrap_or(Duration::MAX)), if pause.is_some() => {}
+                _ = tokio::time::sleep(pause.min(PEER_CHANGES)) => {}
                 _ = changed.notified() => {}
                 _ = shutdown.cancelled() => {}
             }

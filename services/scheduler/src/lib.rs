@@ -1,8 +1,10 @@
 //! The scheduler: tasks (cron with time zones, intervals, one-off moments) that fire into
-//! sessions on time and never twice (ARCHITECTURE.md §6.4).
+//! sessions on time and never twice (ARCHITECTURE.md §6.4). Several may share a task store:
+//! one fires, the others serve the API and stand by (`leadership`).
 
 pub mod error;
 pub mod firing;
+pub mod leadership;
 pub mod metrics;
 pub mod schedule;
 mod service;
@@ -22,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::{Result, SchedulerError};
 
 use crate::firing::{Clock, Firer, SystemClock};
+use crate::leadership::Leadership;
 use crate::service::SchedulerService;
 use crate::store::TaskStore;
 use crate::sync::Syncer;
@@ -47,11 +50,12 @@ pub async fn run_with_clock(
         path: config.data_dir.clone(),
         source,
     })?;
-    let store = TaskStore::open(Location::new(
+    let at = Location::new(
         config.data_dir.join("scheduler.db"),
         config.scheduler.database_url.as_deref(),
-    )?)
-    .await?;
+    )?;
+    let store = TaskStore::open(&at).await?;
+    let leadership = Arc::new(Leadership::new(&store, &at));
     let (internal, required) =
         grpc_auth::internal_auth(&config.data_dir).map_err(grpc::GrpcError::from)?;
     let runner = grpc::channel(&config.runner.addr().url(), internal)?;
@@ -62,7 +66,12 @@ pub async fn run_with_clock(
     }
     let firer = Firer::new(store.clone(), runner.clone(), syncer.clone(), clock.clone());
     let changed = Arc::new(Notify::new());
-    let firing = tokio::spawn(firer.clone().run(changed.clone(), shutdown.clone()));
+    let leading = tokio::spawn(leadership.clone().run(shutdown.clone()));
+    let firing = tokio::spawn(firer.clone().run(
+        changed.clone(),
+        leadership.clone(),
+        shutdown.clone(),
+    ));
     let syncing = tokio::spawn(syncer.clone().run(store.clone(), runner, shutdown.clone()));
 
     let (router, _health) = grpc::server_for::<SchedulerServer<SchedulerService>>(required).await?;
@@ -79,7 +88,9 @@ pub async fn run_with_clock(
     ready.with_metrics(metrics_addr).announce();
     tracing::info!(addr = ?listener.local_addr().ok(), "scheduler listening");
     grpc::serve(router, listener, shutdown).await?;
-    let _ = tokio::join!(firing, syncing);
+    let _ = tokio::join!(firing, syncing, leading);
+    // Only once firing has stopped: a standby takes over from here.
+    leadership.release().await;
     store.close().await;
     tracing::info!("scheduler stopped");
     Ok(())

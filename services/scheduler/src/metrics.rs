@@ -1,14 +1,17 @@
-//! The scheduler's Prometheus metrics: runs by outcome, and how late each fired.
+//! The scheduler's Prometheus metrics: runs by outcome, how late each fired, and whether
+//! this instance is the one that fires.
 
 use std::sync::LazyLock;
 
 use ferroclaw_common::metrics::{
-    HistogramVec, IntCounterVec, counter_vec, histogram_vec, seconds_between_ms,
+    HistogramVec, IntCounterVec, IntGaugeVec, counter_vec, gauge_vec, histogram_vec,
+    seconds_between_ms,
 };
 
 pub struct SchedulerMetrics {
     pub runs: IntCounterVec,
     pub lag: HistogramVec,
+    pub active: IntGaugeVec,
 }
 
 /// Lateness buckets: a run fires within milliseconds; a restart or a missed round is seconds.
@@ -28,7 +31,20 @@ pub static METRICS: LazyLock<SchedulerMetrics> = LazyLock::new(|| SchedulerMetri
         &[],
         LAG_BUCKETS,
     ),
+    active: gauge_vec(
+        "ferroclaw_scheduler_active",
+        "1 when this scheduler is the active one (it fires runs), 0 when it stands by.",
+        &[],
+    ),
 });
+
+/// Whether this instance is the active scheduler.
+pub fn active(active: bool) {
+    METRICS
+        .active
+        .with_label_values(&[] as &[&str])
+        .set(i64::from(active));
+}
 
 /// Counts one run; an enqueued one also records its lateness.
 pub fn run(outcome: &str, scheduled_at_ms: i64, fired_at_ms: i64) {
@@ -60,5 +76,9 @@ mod tests {
             text.contains("ferroclaw_scheduler_lag_seconds_bucket{le=\"0.025\"} 1"),
             "{text}"
         );
+        // Other tests of this process move the gauge too: only its presence is certain.
+        super::active(true);
+        let text = ferroclaw_common::metrics::render();
+        assert!(text.contains("\nferroclaw_scheduler_active "), "{text}");
     }
 }

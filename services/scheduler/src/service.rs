@@ -230,7 +230,7 @@ impl SchedulerService {
             detail: Some("run now".into()),
             message_id: Some(message_id),
         };
-        self.store.record_run(&task, &run).await?;
+        self.store.add_run(&task, &run).await?;
         Ok(task.to_proto())
     }
 }

@@ -3,7 +3,7 @@
 use ferroclaw_common::service_db::{Location, Schema, Step};
 use ferroclaw_proto::v1;
 use sqlx::any::AnyRow;
-use sqlx::{AnyPool, Row};
+use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
 
 use crate::error::Result;
 
@@ -209,37 +209,44 @@ impl TaskStore {
         .await?)
     }
 
-    /// Records a run and the task's state after it in one transaction, so a restart sees
-    /// either both or neither (and then fires again under the same idempotency key).
-    pub async fn record_run(&self, task: &TaskRow, run: &RunRecord) -> Result<()> {
+    /// Records a fired run and its task's state after it in one transaction, so a restart
+    /// sees either both or neither (and then fires again under the same idempotency key).
+    ///
+    /// `due_at` is the task's next run as the firing read it. Two schedulers may fire the
+    /// same run around a handover (harmless: same key); the first record stands, and the task
+    /// moves on only from the state the firing read, never back from where another scheduler,
+    /// a pause or an edit has moved it meanwhile. Returns whether this call recorded the run.
+    pub async fn record_run(&self, task: &TaskRow, due_at: i64, run: &RunRecord) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
+        let recorded = insert_run(&mut tx, task, run).await?;
         sqlx::query(
-            "INSERT INTO runs (task_id, series_id, scheduled_at, fired_at, outcome, detail, message_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (task_id, series_id, scheduled_at) DO UPDATE
-               SET fired_at = $4, outcome = $5, detail = $6, message_id = $7",
-        )
-        .bind(&task.id)
-        .bind(&task.series_id)
-        .bind(run.scheduled_at)
-        .bind(run.fired_at)
-        .bind(&run.outcome)
-        .bind(&run.detail)
-        .bind(&run.message_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE tasks SET state = $2, next_run = $3, last_run = $4, updated_at = $5 WHERE id = $1",
+            "UPDATE tasks SET state = $2, next_run = $3, last_run = $4, updated_at = $5
+             WHERE id = $1 AND state = 'active' AND next_run = $6",
         )
         .bind(&task.id)
         .bind(&task.state)
         .bind(task.next_run)
         .bind(task.last_run)
         .bind(task.updated_at)
+        .bind(due_at)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(recorded)
+    }
+
+    /// Records a run outside the schedule ("run now"); the task itself does not change.
+    pub async fn add_run(&self, task: &TaskRow, run: &RunRecord) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let recorded = insert_run(&mut tx, task, run).await?;
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    /// A connection of its own, outside the pool: a session-level lock held on it lives
+    /// exactly as long as the connection (see `leadership`).
+    pub async fn dedicated_connection(&self) -> Result<AnyConnection> {
+        Ok(self.pool.acquire().await?.detach())
     }
 
     /// A task's runs, newest first.
@@ -278,6 +285,30 @@ impl TaskStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Inserts a run unless one with its key (task, series, scheduled time) is recorded already;
+/// returns whether it was inserted.
+async fn insert_run(
+    tx: &mut Transaction<'_, Any>,
+    task: &TaskRow,
+    run: &RunRecord,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO runs (task_id, series_id, scheduled_at, fired_at, outcome, detail, message_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (task_id, series_id, scheduled_at) DO NOTHING",
+    )
+    .bind(&task.id)
+    .bind(&task.series_id)
+    .bind(run.scheduled_at)
+    .bind(run.fired_at)
+    .bind(&run.outcome)
+    .bind(&run.detail)
+    .bind(&run.message_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 #[cfg(test)]
@@ -335,7 +366,7 @@ mod tests {
             paused.name = "renamed".into();
             paused.updated_at = 9;
             store.update(&paused).await.unwrap();
-            assert_eq!(store.get("b").await.unwrap(), Some(paused));
+            assert_eq!(store.get("b").await.unwrap(), Some(paused.clone()));
             assert_eq!(store.earliest_next_run().await.unwrap(), Some(2_000));
 
             let mut fired = a.clone();
@@ -348,24 +379,91 @@ mod tests {
                 detail: None,
                 message_id: Some("m1".into()),
             };
-            store
-                .record_run(&fired, &run("failed", 2_010))
-                .await
-                .unwrap();
-            // The same scheduled run again (a restart) replaces its record.
-            store
-                .record_run(&fired, &run("enqueued", 2_020))
-                .await
-                .unwrap();
+            assert!(
+                store
+                    .record_run(&fired, 2_000, &run("enqueued", 2_010))
+                    .await
+                    .unwrap()
+            );
+            // Another scheduler fired the same run from the task as it had read it (around a
+            // handover): the first record stands, and the task is not moved again.
+            let mut other = fired.clone();
+            other.next_run = Some(99_000);
+            assert!(
+                !store
+                    .record_run(&other, 2_000, &run("failed", 2_020))
+                    .await
+                    .unwrap(),
+                "{at:?}"
+            );
             assert_eq!(
                 store.runs("a", 10).await.unwrap(),
-                vec![("a-s1".to_string(), run("enqueued", 2_020))]
+                vec![("a-s1".to_string(), run("enqueued", 2_010))]
             );
+            assert_eq!(store.get("a").await.unwrap(), Some(fired.clone()));
+            // A run of a task paused while it fired is recorded; the task stays paused.
+            let mut b_fired = paused.clone();
+            b_fired.state = "active".into();
+            b_fired.next_run = Some(61_000);
+            assert!(
+                store
+                    .record_run(&b_fired, 1_000, &run("enqueued", 1_010))
+                    .await
+                    .unwrap()
+            );
+            assert_eq!(store.get("b").await.unwrap(), Some(paused));
+            // "Run now" adds a run and leaves the task as it is.
+            let manual = RunRecord {
+                scheduled_at: 3_000,
+                fired_at: 3_000,
+                outcome: "enqueued".into(),
+                detail: Some("run now".into()),
+                message_id: Some("m2".into()),
+            };
+            assert!(store.add_run(&fired, &manual).await.unwrap());
+            assert!(!store.add_run(&fired, &manual).await.unwrap());
+            assert_eq!(store.runs("a", 10).await.unwrap().len(), 2);
             assert_eq!(store.get("a").await.unwrap(), Some(fired));
             let mut sessions = store.sessions().await.unwrap();
             sessions.sort();
             assert_eq!(sessions, ["s1", "s2"]);
             store.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn two_schedulers_recording_one_run_at_once_record_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "scheduler").await {
+            // Two stores on one database: two scheduler processes.
+            let (one, two) = (
+                TaskStore::open(&at).await.unwrap(),
+                TaskStore::open(&at).await.unwrap(),
+            );
+            let due = task("d", "s", Some(5_000), 1);
+            one.insert(&due).await.unwrap();
+            let mut fired = due.clone();
+            fired.next_run = Some(65_000);
+            fired.last_run = Some(5_000);
+            let run = |fired_at| RunRecord {
+                scheduled_at: 5_000,
+                fired_at,
+                outcome: "enqueued".into(),
+                detail: None,
+                message_id: Some("m".into()),
+            };
+            let (first, second) = (run(5_010), run(5_020));
+            let (a, b) = tokio::join!(
+                one.record_run(&fired, 5_000, &first),
+                two.record_run(&fired, 5_000, &second),
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert!(a ^ b, "{at:?}: exactly one records the run ({a}, {b})");
+            let runs = one.runs("d", 10).await.unwrap();
+            assert_eq!(runs.len(), 1, "{at:?}: {runs:?}");
+            assert_eq!(one.get("d").await.unwrap(), Some(fired));
+            one.close().await;
+            two.close().await;
         }
     }
 

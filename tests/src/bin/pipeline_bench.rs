@@ -34,6 +34,10 @@ struct Options {
     /// poll every 500 ms, the host reads replies every 1 s), and print both and their ratio.
     #[arg(long)]
     poll_baseline: bool,
+    /// Deliveries sharing the work (more than one needs a PostgreSQL `DATABASE_URL` in the
+    /// environment: they split the lanes by lease).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    deliveries: u32,
     /// Export every process's spans over OTLP to a collector started by the bench (to
     /// measure what tracing costs).
     #[arg(long)]
@@ -62,6 +66,16 @@ fn options() -> Options {
             .error(
                 clap::error::ErrorKind::ValueValidation,
                 "--messages must be at least --conversations (one message per conversation)",
+            )
+            .exit();
+    }
+    let on_postgres = std::env::var("DATABASE_URL").is_ok_and(|u| u.starts_with("postgres"));
+    if options.deliveries > 1 && !on_postgres {
+        Options::command()
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                "--deliveries above 1 needs DATABASE_URL=postgres://… (deliveries share lanes \
+                 only on PostgreSQL)",
             )
             .exit();
     }
@@ -144,6 +158,10 @@ async fn run(options: &Options, env: &[(&'static str, &'static str)]) -> anyhow:
         cluster_env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint()));
     }
     let cluster = Cluster::start(dir.path(), &cluster_env).await?;
+    let mut peers = Vec::new();
+    for _ in 1..options.deliveries {
+        peers.push(cluster.start_another("delivery", &[]).await?);
+    }
     let conversations: Vec<String> = (0..options.conversations)
         .map(|i| format!("bench-{i}"))
         .collect();
@@ -175,8 +193,9 @@ async fn run(options: &Options, env: &[(&'static str, &'static str)]) -> anyhow:
     all.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "journal {}  messages {}  conversations {}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  throughput {:.1} msg/s  agent starts {}  agent starts per message {:.3}",
+        "journal {}  deliveries {}  messages {}  conversations {}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  throughput {:.1} msg/s  agent starts {}  agent starts per message {:.3}",
         options.journal_mode,
+        options.deliveries,
         all.len(),
         options.conversations,
         ms(percentile(&all, 0.50)),
@@ -211,6 +230,9 @@ async fn run(options: &Options, env: &[(&'static str, &'static str)]) -> anyhow:
         p99: percentile(&all, 0.99),
         throughput: all.len() as f64 / elapsed.as_secs_f64(),
     };
+    for mut peer in peers {
+        peer.stop(Duration::from_secs(15)).await?;
+    }
     cluster.stop().await?;
     Ok(figures)
 }

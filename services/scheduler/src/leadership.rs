@@ -1,0 +1,317 @@
+//! Who fires. Schedulers sharing one task store (a PostgreSQL database, or one data
+//! directory) elect one active instance, which runs the firing loop; the others serve the
+//! API as well and stand by, trying to take over every second, so one does within about a
+//! second of the active one's death. A run fired by both around a handover is harmless: the
+//! same idempotency key, and only the first record stands (see `firing` and `store`).
+//!
+//! On PostgreSQL the active one holds a session-level advisory lock on a connection of its
+//! own. The server frees it when that connection ends, and a killed process's socket closes
+//! at once. The active one checks the connection before each firing round and every second,
+//! and stands by when it is lost. (A session lock needs a direct connection to the server,
+//! not one through a transaction-pooling proxy.) On SQLite it holds an exclusive `flock` on a
+//! file beside the database, which the kernel frees when the process ends.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferroclaw_common::service_db::Location;
+use sqlx::{AnyConnection, Connection};
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Result, SchedulerError};
+use crate::store::TaskStore;
+
+/// How often a standby tries to take over, and the active one checks it still holds the lock.
+pub const RETRY: Duration = Duration::from_secs(1);
+/// Longest wait for the database in one try or check. A lock connection that does not answer
+/// is given up: closing it frees the lock on the server's side too.
+const DB_TIMEOUT: Duration = Duration::from_secs(2);
+/// The advisory lock's key, the same in every ferroclaw scheduler.
+pub const LOCK_KEY: i64 = fnv1a(b"ferroclaw-scheduler");
+
+/// 64-bit FNV-1a: a fixed key from a readable name, computed at compile time.
+const fn fnv1a(bytes: &[u8]) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    hash as i64
+}
+
+/// This instance's claim to be the active scheduler.
+pub struct Leadership {
+    lock: Mutex<Lock>,
+    active: watch::Sender<bool>,
+}
+
+enum Lock {
+    Postgres {
+        store: TaskStore,
+        /// The connection that tries for the lock, and holds it once `held`.
+        conn: Option<AnyConnection>,
+        held: bool,
+    },
+    File {
+        path: PathBuf,
+        /// Open while the lock is held: closing the file unlocks it.
+        file: Option<File>,
+    },
+}
+
+impl Leadership {
+    /// Standing by, among the schedulers on the task store at `at` (opened as `store`).
+    pub fn new(store: &TaskStore, at: &Location) -> Self {
+        let lock = match at {
+            Location::Postgres(_) => Lock::Postgres {
+                store: store.clone(),
+                conn: None,
+                held: false,
+            },
+            // Beside the database, so schedulers on one file contend for one lock.
+            Location::Sqlite(path) => Lock::File {
+                path: path.with_extension("lock"),
+                file: None,
+            },
+        };
+        crate::metrics::active(false);
+        Self {
+            lock: Mutex::new(lock),
+            active: watch::channel(false).0,
+        }
+    }
+
+    /// Whether this instance was the active one at the last check.
+    pub fn is_active(&self) -> bool {
+        *self.active.borrow()
+    }
+
+    /// Follows [`Self::is_active`].
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.active.subscribe()
+    }
+
+    /// Whether this instance may fire now. The active one checks its lock first, so that no
+    /// round starts on a lock lost since the last check.
+    pub async fn confirm(&self) -> bool {
+        self.is_active() && self.step().await
+    }
+
+    /// One round: a standby tries to take the lock, the active one checks it still holds it.
+    /// Returns whether this instance is the active one.
+    pub async fn step(&self) -> bool {
+        let held = self.lock.lock().await.hold().await;
+        let active = match held {
+            Ok(active) => active,
+            Err(e) if self.is_active() => {
+                tracing::warn!(error = %e, "scheduler lock connection lost");
+                false
+            }
+            Err(e) => {
+                // A standby keeps trying; the firing loop reports an unreachable store.
+                tracing::debug!(error = %e, "cannot try the scheduler lock");
+                false
+            }
+        };
+        if self.active.send_replace(active) != active {
+            crate::metrics::active(active);
+            if active {
+                tracing::info!("scheduler is active: this instance fires the runs");
+            } else {
+                tracing::warn!("scheduler is standby: it lost its lock and fires nothing");
+            }
+        }
+        active
+    }
+
+    /// Tries to take over every [`RETRY`] while standing by, and checks the lock as often
+    /// while active, until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        if !self.step().await {
+            tracing::info!("scheduler is standby: another instance fires the runs");
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            self.step().await;
+        }
+    }
+
+    /// Gives the lock up (once firing has stopped), so a standby takes over at its next try.
+    pub async fn release(&self) {
+        self.active.send_replace(false);
+        crate::metrics::active(false);
+        self.lock.lock().await.release().await;
+    }
+}
+
+impl Lock {
+    /// Takes the lock when it is free, or checks that it is still held; whether it is held.
+    async fn hold(&mut self) -> Result<bool> {
+        match self {
+            Self::File { path, file } => {
+                if file.is_none() {
+                    *file = try_lock_file(path)?;
+                }
+                Ok(file.is_some())
+            }
+            Self::Postgres { store, conn, held } => {
+                // Out of its slot while in use: one whose query was cut short is dropped.
+                let mut c = match conn.take() {
+                    Some(c) => c,
+                    None => {
+                        *held = false;
+                        timed(store.dedicated_connection()).await?
+                    }
+                };
+                let answer = if *held {
+                    // A session lock lives as long as its session: a live connection holds it.
+                    timed(sqlx::query_scalar::<_, bool>("SELECT true").fetch_one(&mut c)).await
+                } else {
+                    timed(
+                        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+                            .bind(LOCK_KEY)
+                            .fetch_one(&mut c),
+                    )
+                    .await
+                };
+                *held = answer.as_ref().is_ok_and(|h| *h);
+                if answer.is_ok() {
+                    *conn = Some(c);
+                }
+                answer
+            }
+        }
+    }
+
+    async fn release(&mut self) {
+        match self {
+            Self::File { file, .. } => *file = None,
+            Self::Postgres { conn, held, .. } => {
+                *held = false;
+                if let Some(c) = conn.take() {
+                    // Ending the session frees the lock at once.
+                    let _ = tokio::time::timeout(DB_TIMEOUT, c.close()).await;
+                }
+            }
+        }
+    }
+}
+
+/// The open lock file when this process got its exclusive lock, `None` when another holds it.
+fn try_lock_file(path: &Path) -> Result<Option<File>> {
+    let io = |source| SchedulerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(source)) => Err(io(source)),
+    }
+}
+
+/// `work` on the lock's database, given up after [`DB_TIMEOUT`].
+async fn timed<T, E: Into<SchedulerError>>(
+    work: impl Future<Output = std::result::Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(DB_TIMEOUT, work).await {
+        Ok(done) => done.map_err(Into::into),
+        Err(_) => Err(SchedulerError::Timeout {
+            what: "the scheduler lock's database",
+            after: DB_TIMEOUT,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two schedulers on one store: one active, the other standing by; when the active one
+    /// goes, the other takes over at its next try.
+    #[tokio::test]
+    async fn one_of_two_is_active_and_the_other_takes_over() {
+        let dir = tempfile::tempdir().unwrap();
+        for at in ferroclaw_common::test_postgres::locations(dir.path(), "leadership").await {
+            let (one_store, two_store) = (
+                TaskStore::open(&at).await.unwrap(),
+                TaskStore::open(&at).await.unwrap(),
+            );
+            let one = Leadership::new(&one_store, &at);
+            let two = Leadership::new(&two_store, &at);
+            assert!(!one.is_active(), "{at:?}: everyone starts standing by");
+            assert!(one.step().await, "{at:?}: the first to try takes the lock");
+            assert!(!two.step().await, "{at:?}: the second stands by");
+            assert!(one.confirm().await && one.step().await, "{at:?}: and stays");
+            assert!(!two.confirm().await, "{at:?}: a standby never confirms");
+            one.release().await;
+            assert!(!one.is_active());
+            assert!(two.step().await, "{at:?}: the standby takes over");
+            assert!(!one.step().await, "{at:?}: and the first now stands by");
+            two.release().await;
+            for store in [one_store, two_store] {
+                store.close().await;
+            }
+        }
+    }
+
+    /// On PostgreSQL the lock goes with its connection: the holder notices the loss at its
+    /// next check and stands by, and the standby takes over.
+    #[tokio::test]
+    async fn a_lost_lock_connection_hands_over() {
+        let Some(postgres) = ferroclaw_common::test_postgres::cluster() else {
+            return;
+        };
+        let url = postgres.create_database("lost_lock").await.unwrap();
+        let at = Location::Postgres(url.clone());
+        let (one_store, two_store) = (
+            TaskStore::open(&at).await.unwrap(),
+            TaskStore::open(&at).await.unwrap(),
+        );
+        let one = Leadership::new(&one_store, &at);
+        let two = Leadership::new(&two_store, &at);
+        assert!(one.step().await);
+        assert!(!two.step().await);
+        // The server ends the holder's session, as when its process dies.
+        let mut admin = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks
+             WHERE locktype = 'advisory' AND granted
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(ended, [true], "one session held the lock");
+        assert!(!one.confirm().await, "the holder notices before firing");
+        assert!(!one.is_active());
+        // The ended session lets its lock go as it exits: a moment later.
+        let mut tries = 0;
+        while !two.step().await {
+            tries += 1;
+            assert!(tries < 50, "the standby never took over");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!one.step().await, "the first tries again and stands by");
+        two.release().await;
+        one.release().await;
+        admin.close().await.unwrap();
+        for store in [one_store, two_store] {
+            store.close().await;
+        }
+    }
+}
