@@ -12,6 +12,7 @@ mod delivery_shared;
 mod discord;
 mod discord_catch_up;
 mod docker;
+mod docker_remote;
 mod grpc_ingress;
 mod grpc_reflection;
 mod idle_sessions;

@@ -99,3 +99,122 @@ async fn the_services_keep_their_state_in_postgres() -> anyhow::Result<()> {
     db.close().await?;
     cluster.stop().await
 }
+
+/// `sslmode=verify-full` with the server's CA: every service's connection is encrypted and
+/// the server's certificate checked, and a service given another CA refuses to start rather
+/// than talk to a server it cannot verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_reach_postgres_over_verified_tls() -> anyhow::Result<()> {
+    let Some(postgres) = ferroclaw_common::test_postgres::cluster() else {
+        return Ok(());
+    };
+    let Some(ca) = postgres.ca_file() else {
+        anyhow::ensure!(
+            std::env::var("FERROCLAW_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+            "FERROCLAW_REQUIRE_POSTGRES=1, but the test PostgreSQL has no TLS (no openssl?)"
+        );
+        eprintln!("skipped: the test PostgreSQL has no TLS (no openssl command)");
+        return Ok(());
+    };
+    let plain = postgres.create_database("tls").await?;
+    let url = format!("{plain}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), &[("DATABASE_URL", url.clone())]).await?;
+    let (status, body) = cluster.post_message("pg-tls", "over tls", None).await?;
+    assert_eq!(status, 202, "{body}");
+    cluster
+        .wait_for_lines("pg-tls", &["echo: over tls".into()], WAIT)
+        .await?;
+
+    // Every connection to this database but the test's own (plain) one is encrypted.
+    let mut db = sqlx::postgres::PgConnection::connect(&plain).await?;
+    let (encrypted, unencrypted): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut db)
+    .await?;
+    assert!(encrypted >= 3, "{encrypted} encrypted connections");
+    assert_eq!(unencrypted, 0, "plain connections besides the test's");
+    db.close().await?;
+
+    // Another CA: the server cannot be verified, so delivery will not start.
+    let other = tempfile::tempdir()?;
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=another CA",
+            "-nodes",
+        ])
+        .args(["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args(["-keyout", "ca.key", "-out", "ca.pem"])
+        .current_dir(other.path())
+        .output()?;
+    anyhow::ensure!(made.status.success(), "openssl: {made:?}");
+    let wrong = format!(
+        "{plain}?sslmode=verify-full&sslrootcert={}",
+        other.path().join("ca.pem").display()
+    );
+    let refused = cluster
+        .start_another("delivery", &[("DATABASE_URL", wrong)])
+        .await;
+    assert!(
+        refused.is_err(),
+        "a delivery that cannot verify the server started"
+    );
+    cluster.stop().await
+}
+
+/// A service started before PostgreSQL answers waits for it (here: nothing listens at the
+/// database's address for 2 s, then a forwarder to the real server does) and then starts,
+/// instead of exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_started_before_postgres_waits_for_it() -> anyhow::Result<()> {
+    let Some(postgres) = ferroclaw_common::test_postgres::cluster() else {
+        return Ok(());
+    };
+    let url = postgres.create_database("late").await?;
+    let server: std::net::SocketAddr = {
+        let rest = url.rsplit_once('@').map(|(_, r)| r).unwrap_or_default();
+        rest.split('/').next().unwrap_or_default().parse()?
+    };
+    // A free port, closed again: connections to it are refused until the forwarder binds it.
+    let late = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let late_url = url.replace(&server.to_string(), &late.to_string());
+    let forwarder = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let listener = tokio::net::TcpListener::bind(late).await?;
+        loop {
+            let (mut client, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = tokio::net::TcpStream::connect(server).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), std::io::Error>(())
+    });
+
+    let dir = tempfile::tempdir()?;
+    let started = std::time::Instant::now();
+    let cluster = Cluster::start(dir.path(), &[("DATABASE_URL", late_url)]).await?;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "ready before PostgreSQL could be reached: {waited:?}"
+    );
+    let (status, body) = cluster.post_message("pg-late", "waited", None).await?;
+    assert_eq!(status, 202, "{body}");
+    cluster
+        .wait_for_lines("pg-late", &["echo: waited".into()], WAIT)
+        .await?;
+    cluster.stop().await?;
+    forwarder.abort();
+    Ok(())
+}

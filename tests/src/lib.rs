@@ -5,6 +5,7 @@
 //! The binaries must be built first: `cargo build --workspace --bins`.
 
 pub mod browser;
+pub mod docker_tls_proxy;
 pub mod fake_discord;
 pub mod fake_model;
 pub mod otlp_receiver;

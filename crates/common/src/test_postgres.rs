@@ -7,6 +7,10 @@
 //! process (parent-death signal) and removed when it exits; directories left by a killed
 //! run are removed by the next one. Each test asks for a database of its own.
 //!
+//! It also accepts TLS when the `openssl` command is there to make it a certificate: a
+//! throwaway CA signs one for 127.0.0.1, and [`Cluster::ca_file`] names the CA, so a test
+//! can connect with `sslmode=verify-full`.
+//!
 //! Without PostgreSQL the tests that want it skip with a message, unless
 //! `FERROCLAW_REQUIRE_POSTGRES=1` (CI), where they fail.
 
@@ -30,6 +34,8 @@ pub struct Cluster {
     port: u16,
     password: String,
     pid: u32,
+    /// The CA that signed the server's certificate, when TLS is on.
+    ca: Option<PathBuf>,
 }
 
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
@@ -74,6 +80,12 @@ impl Cluster {
             "postgres://postgres:{}@127.0.0.1:{}/{database}",
             self.password, self.port
         )
+    }
+
+    /// The CA file that verifies the server (`sslrootcert`), when the cluster has TLS
+    /// (it needs the `openssl` command to make its certificate).
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca.as_deref()
     }
 
     /// A new empty database named after `name` (and a counter); its URL.
@@ -144,6 +156,16 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        let tls = match server_certificate(&dir.join("tls")) {
+            Ok(tls) => Some(tls),
+            Err(why) => {
+                eprintln!("the test PostgreSQL runs without TLS: {why}");
+                None
+            }
+        };
+        if let (Some((uid, gid)), Some(_)) = (as_postgres, &tls) {
+            chown_tree(&dir.join("tls"), uid, gid)?;
+        }
         let port = free_port()?;
         let log = std::fs::File::create(dir.join("postgres.log"))
             .map_err(|e| format!("postgres.log: {e}"))?;
@@ -157,7 +179,16 @@ impl Cluster {
             .arg(dir.join("sock"))
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=300"]);
+        if let Some(tls) = &tls {
+            postgres
+                .args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!("ssl_cert_file={}", tls.cert.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", tls.key.display()));
+        }
+        postgres
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);
@@ -167,6 +198,7 @@ impl Cluster {
             port,
             password,
             pid,
+            ca: tls.map(|t| t.ca),
         };
         // From here the cluster is removed at exit, started or not.
         register_cleanup(cluster.pid, cluster.dir.clone());
@@ -192,6 +224,91 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// The server's TLS files.
+struct ServerTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// Makes a throwaway CA in `dir` and a certificate it signs for 127.0.0.1 (P-256 keys,
+/// valid two days), with the `openssl` command.
+fn server_certificate(dir: &Path) -> Result<ServerTls, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let openssl = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| format!("cannot run openssl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    let p256 = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ferroclaw test CA",
+    ];
+    ca.extend(p256);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(&ca)?;
+    let mut request = vec!["req", "-subj", "/CN=127.0.0.1"];
+    request.extend(p256);
+    request.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    openssl(&request)?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\nextendedKeyUsage = serverAuth\n",
+    )
+    .map_err(|e| e.to_string())?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.crt",
+    ])?;
+    // PostgreSQL refuses a key others may read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(ServerTls {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+    })
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin`, else the directory of `initdb` on PATH.

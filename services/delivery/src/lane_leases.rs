@@ -21,8 +21,10 @@ use crate::error::Result;
 pub const LEASE: Duration = Duration::from_secs(10);
 /// How often a holder renews (a few renewals fit in one lease).
 const RENEW_EVERY: Duration = Duration::from_secs(3);
-/// How often a delivery asks again for a lane a peer holds.
-pub const ASK_AGAIN: Duration = Duration::from_millis(500);
+/// How soon a delivery asks again for a lane a peer holds; it asks less often (down to
+/// [`ASK_AGAIN_AT_MOST`]) while the peer keeps it.
+pub const ASK_AGAIN: Duration = Duration::from_millis(250);
+pub const ASK_AGAIN_AT_MOST: Duration = Duration::from_secs(4);
 
 /// This delivery's side of the leases.
 #[derive(Clone)]

@@ -185,6 +185,7 @@ impl Lanes {
     /// One lane's task: its rows in order, then it ends (giving its lease up).
     async fn run(self, lane: String) {
         let mut lease: Option<Held> = None;
+        let mut ask_again = lane_leases::ASK_AGAIN;
         loop {
             let next = self
                 .lock()
@@ -225,12 +226,16 @@ impl Lanes {
             {
                 done
             } else {
-                // A peer sends this lane: ask again in a moment.
+                // A peer sends this lane: ask again in a moment, less often the longer it
+                // keeps it (a peer waiting out rate limits on many lanes costs few queries).
+                let wait = ask_again;
+                ask_again = (ask_again * 2).min(lane_leases::ASK_AGAIN_AT_MOST);
                 tokio::select! {
-                    _ = tokio::time::sleep(lane_leases::ASK_AGAIN) => continue,
+                    _ = tokio::time::sleep(wait) => continue,
                     _ = shutdown.cancelled() => false,
                 }
             };
+            ask_again = lane_leases::ASK_AGAIN;
             if !done {
                 // Shutdown: the lane's rows stay unsettled at the runner and come back (to
                 // this delivery's successor, or to a peer, which may take the lane at once).

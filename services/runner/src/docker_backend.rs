@@ -82,8 +82,48 @@ fn describe_version(version: Option<&str>, api: Option<&str>) -> String {
     )
 }
 
+/// The engine `DOCKER_HOST` names, read as the docker CLI reads it: the local Unix socket
+/// by default; `tcp://host:2376` with mutual TLS when `DOCKER_TLS_VERIFY` is set (the client
+/// key, certificate and CA as `key.pem`, `cert.pem` and `ca.pem` in `DOCKER_CERT_PATH`); plain
+/// `tcp://` otherwise, for a private network only, since whoever reaches an engine owns its
+/// host.
+fn connect() -> std::result::Result<Docker, bollard::errors::Error> {
+    match std::env::var("DOCKER_HOST") {
+        // Empty counts as unset, as for the docker CLI.
+        Ok(host) if !host.is_empty() => Docker::connect_with_host(&host),
+        _ => Docker::connect_with_local_defaults(),
+    }
+}
+
+/// An engine error with its causes ("… (SendRequest): invalid peer certificate: …"): the
+/// top one alone rarely says what is wrong.
+fn with_causes(e: &bollard::errors::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Where the engine is, for status pages: `None` for the local socket.
+fn engine_host() -> Option<String> {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .filter(|h| !h.is_empty() && !h.starts_with("unix://"))
+        .map(|h| {
+            let tls = std::env::var_os("DOCKER_TLS_VERIFY").is_some();
+            format!("{h}{}", if tls { " (TLS)" } else { "" })
+        })
+}
+
 fn docker_error(e: bollard::errors::Error) -> RunnerError {
-    RunnerError::Docker(e.to_string())
+    RunnerError::Docker(with_causes(&e))
 }
 
 /// The installation label: a stable hash of the data directory's absolute path.
@@ -194,19 +234,15 @@ impl DockerBackend {
 
     /// The engine connection, negotiated on first use (the engine may come up after us).
     async fn docker(&self) -> Result<Docker> {
-        self.engine()
-            .await
-            .map_err(|e| RunnerError::Docker(format!("Docker engine unreachable: {e}")))
+        self.engine().await.map_err(|e| {
+            RunnerError::Docker(format!("Docker engine unreachable: {}", with_causes(&e)))
+        })
     }
 
     /// [`Self::docker`] with bollard's own error, for messages that say it their way.
     async fn engine(&self) -> std::result::Result<Docker, bollard::errors::Error> {
         self.docker
-            .get_or_try_init(|| async {
-                Docker::connect_with_local_defaults()?
-                    .negotiate_version()
-                    .await
-            })
+            .get_or_try_init(|| async { connect()?.negotiate_version().await })
             .await
             .cloned()
     }
@@ -216,26 +252,26 @@ impl DockerBackend {
     /// why it does not answer.
     pub async fn engine_version(&self) -> std::result::Result<String, String> {
         let ask = async {
-            let docker = self.engine().await.map_err(|e| e.to_string())?;
-            docker.version().await.map_err(|e| e.to_string())
+            let docker = self.engine().await.map_err(|e| with_causes(&e))?;
+            docker.version().await.map_err(|e| with_causes(&e))
         };
         let version = tokio::time::timeout(ENGINE_PROBE_TIMEOUT, ask)
             .await
             .map_err(|_| format!("no answer within {} s", ENGINE_PROBE_TIMEOUT.as_secs_f32()))??;
-        Ok(describe_version(
-            version.version.as_deref(),
-            version.api_version.as_deref(),
-        ))
+        let described =
+            describe_version(version.version.as_deref(), version.api_version.as_deref());
+        Ok(match engine_host() {
+            Some(host) => format!("{described} at {host}"),
+            None => described,
+        })
     }
 
     /// Whether the engine answers.
     pub async fn ping(&self) -> Result<()> {
         let docker = self.docker().await?;
-        docker
-            .ping()
-            .await
-            .map(|_| ())
-            .map_err(|e| RunnerError::Docker(format!("Docker engine unreachable: {e}")))
+        docker.ping().await.map(|_| ()).map_err(|e| {
+            RunnerError::Docker(format!("Docker engine unreachable: {}", with_causes(&e)))
+        })
     }
 
     /// Containers this runner family created earlier: (name, session id, running).

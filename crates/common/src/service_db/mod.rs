@@ -155,6 +155,37 @@ pub struct Db {
     pub engine: Engine,
 }
 
+/// How long a service waits at start for a PostgreSQL server that does not answer yet.
+const WAIT_FOR_SERVER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a failed connection may work in a moment: the server is not listening or not
+/// reachable yet, its name does not resolve yet (a container starting beside us), or it
+/// is starting up. Not: a refused password, a missing database, a certificate that does
+/// not verify.
+fn not_up_yet(e: &sqlx::Error) -> bool {
+    use std::io::ErrorKind::*;
+    match e {
+        sqlx::Error::Io(io) => {
+            matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | TimedOut
+                    | NotConnected
+                    | AddrNotAvailable
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | NetworkDown
+            ) || io.to_string().contains("failed to lookup address")
+        }
+        sqlx::Error::PoolTimedOut => true,
+        // cannot_connect_now: the server is starting up or shutting down.
+        sqlx::Error::Database(db) => db.code().as_deref() == Some("57P03"),
+        _ => false,
+    }
+}
+
 /// Opens (creating) the database at `at` and brings its schema to the newest migration.
 ///
 /// SQLite runs with WAL and NORMAL sync (one process owns the file, on a local disk) and
@@ -173,7 +204,7 @@ pub async fn open(
         at: shown.clone(),
         source,
     };
-    let pool = AnyPoolOptions::new()
+    let options = AnyPoolOptions::new()
         .max_connections(max_connections)
         .after_connect(move |conn, _| {
             Box::pin(async move {
@@ -192,10 +223,28 @@ pub async fn open(
                 }
                 Ok(())
             })
-        })
-        .connect(&at.connect_url()?)
-        .await
-        .map_err(opened)?;
+        });
+    let url = at.connect_url()?;
+    // A PostgreSQL that is not up yet (started beside us, restarting) is waited for a
+    // while; a wrong password, database or certificate fails at once.
+    let started = std::time::Instant::now();
+    let mut delay = std::time::Duration::from_millis(250);
+    let pool = loop {
+        match options.clone().connect(&url).await {
+            Ok(pool) => break pool,
+            Err(e)
+                if engine == Engine::Postgres
+                    && not_up_yet(&e)
+                    && started.elapsed() + delay < WAIT_FOR_SERVER =>
+            {
+                tracing::warn!(service = schema.service, database = %shown, error = %e, retry_in = ?delay,
+                    "PostgreSQL is not reachable yet; waiting for it");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(opened(e)),
+        }
+    };
     migrations::migrate(&pool, engine, schema, &shown).await?;
     tracing::info!(service = schema.service, database = %shown, %engine, "database open");
     Ok(Db { pool, engine })
