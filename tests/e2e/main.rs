@@ -28,6 +28,7 @@ mod runner_restart;
 mod scheduler;
 mod scheduler_clock;
 mod scheduler_standby;
+mod service_instances;
 mod slots;
 mod traces;
 mod webhooks;

@@ -102,7 +102,9 @@ pub async fn serve(
 }
 
 /// A channel that connects on first use, reconnects by itself after a peer restarts, and
-/// presents `auth` on every call, within the default [`CallLimits`].
+/// presents `auth` on every call, within the default [`CallLimits`]. `url` may list several
+/// instances of the service, comma-separated: calls then go to those that serve
+/// ([`crate::grpc_instances`]).
 pub fn channel(url: &str, auth: AttachToken) -> Result<GrpcChannel, GrpcError> {
     channel_with_limits(url, auth, CallLimits::default())
 }
@@ -113,20 +115,38 @@ pub fn channel_with_limits(
     auth: AttachToken,
     limits: CallLimits,
 ) -> Result<GrpcChannel, GrpcError> {
+    let instances = crate::grpc_instances::instances(url);
+    let endpoints = instances
+        .iter()
+        .map(|u| Ok((u.to_string(), endpoint(u)?)))
+        .collect::<Result<Vec<_>, GrpcError>>()?;
+    let channel = match endpoints.as_slice() {
+        [] => {
+            return Err(GrpcError::Url {
+                url: url.to_string(),
+                message: "no URL in it".into(),
+            });
+        }
+        [(_, one)] => one.connect_lazy(),
+        _ => crate::grpc_instances::balanced(endpoints)?,
+    };
+    Ok(GrpcChannel::new(LimitedChannel::new(channel, limits), auth))
+}
+
+/// How every internal client connects to one peer instance.
+fn endpoint(url: &str) -> Result<Endpoint, GrpcError> {
     let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| GrpcError::Url {
         url: url.to_string(),
         message: e.to_string(),
     })?;
-    let channel = endpoint
+    Ok(endpoint
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         // A peer that stops answering pings (hung, or its host gone) fails its open calls
         // and streams within interval + timeout.
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
-    Ok(GrpcChannel::new(LimitedChannel::new(channel, limits), auth))
+        .keep_alive_while_idle(true))
 }
 
 /// Bounds on an internal client, so a hung peer cannot pile up requests: at most

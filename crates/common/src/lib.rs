@@ -5,6 +5,7 @@ pub mod atomic_file;
 pub mod config;
 pub mod grpc;
 pub mod grpc_auth;
+pub mod grpc_instances;
 pub mod ids;
 pub mod launch;
 pub mod metrics;
