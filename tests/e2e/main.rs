@@ -25,6 +25,7 @@ mod pipeline;
 mod postgres;
 mod questions;
 mod runner_restart;
+mod runner_standby;
 mod scheduler;
 mod scheduler_clock;
 mod scheduler_standby;

@@ -11,6 +11,7 @@ pub mod launch;
 pub mod metrics;
 pub mod ready;
 pub mod service_db;
+pub mod service_lock;
 pub mod shutdown;
 pub mod signing;
 pub mod spend;

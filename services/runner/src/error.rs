@@ -17,6 +17,12 @@ pub enum RunnerError {
     Docker(String),
     #[error(transparent)]
     Grpc(#[from] ferroclaw_common::grpc::GrpcError),
+    #[error(transparent)]
+    Lock(#[from] ferroclaw_common::service_lock::ServiceLockError),
+    #[error(
+        "the runner lost its lock on the session store, so it stopped; restarted, it stands by"
+    )]
+    LostLock,
     #[error("I/O error on {path}: {source}")]
     Io {
         path: std::path::PathBuf,

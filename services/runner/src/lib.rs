@@ -23,6 +23,7 @@ pub mod session_files;
 mod session_list;
 mod session_messages;
 pub mod slot_policy;
+pub mod standby;
 pub mod supervisor;
 pub mod utc_day;
 
@@ -73,11 +74,20 @@ pub async fn run(
             .parse()
             .map_err(RunnerError::Config)?
     };
-    let registry = Registry::open(ferroclaw_common::service_db::Location::new(
+    let at = ferroclaw_common::service_db::Location::new(
         data_dir.join("runner.db"),
         config.runner.database_url.as_deref(),
-    )?)
-    .await?;
+    )?;
+    let registry = Registry::open(at.clone()).await?;
+    // One runner serves a session store; others stand by until it goes.
+    let mut lock =
+        ferroclaw_common::service_lock::ServiceLock::new(standby::LOCK, &at, registry.pool());
+    let Some(standby::Active { listener, ready }) =
+        standby::take_lock(&mut lock, listener, ready, &shutdown).await?
+    else {
+        return Ok(());
+    };
+    let held_lock = tokio::spawn(standby::keep_lock(lock, shutdown.clone()));
     let meta: HashMap<String, Vec<(String, String)>> = config
         .agents
         .iter()
@@ -220,13 +230,22 @@ pub async fn run(
     );
     let metrics_addr =
         ferroclaw_common::metrics::serve_on(config.metrics.runner, shutdown.clone()).await?;
-    ready.with_metrics(metrics_addr).announce();
+    if let Some(ready) = ready {
+        ready.with_metrics(metrics_addr).announce();
+    }
     tracing::info!(addr = ?listener.local_addr().ok(), "runner listening");
     grpc::serve(router, listener, shutdown.clone()).await?;
     supervisor.wait_stopped().await;
     mailboxes.close_all().await;
     tracing::info!("runner stopped");
-    Ok(())
+    // Given up only now that no agent of this runner runs: a standby may take over.
+    match held_lock.await {
+        Ok(Some(mut lock)) => {
+            lock.release().await;
+            Ok(())
+        }
+        _ => Err(RunnerError::LostLock),
+    }
 }
 
 /// How often the gauges of agents and sessions are refreshed (a scrape is every 15 s or so).

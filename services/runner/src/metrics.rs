@@ -19,6 +19,7 @@ pub struct RunnerMetrics {
     pub model_tokens: IntCounterVec,
     pub model_cost: CounterVec,
     pub rows_refused: IntCounterVec,
+    pub active: IntGaugeVec,
 }
 
 pub static METRICS: LazyLock<RunnerMetrics> = LazyLock::new(|| RunnerMetrics {
@@ -62,6 +63,11 @@ pub static METRICS: LazyLock<RunnerMetrics> = LazyLock::new(|| RunnerMetrics {
         "ferroclaw_runner_outbound_rows_refused_total",
         "Outbound rows an agent wrote that the runner refused (destination, size or rate).",
         &["agent"],
+    ),
+    active: gauge_vec(
+        "ferroclaw_runner_active",
+        "1 when this runner holds the session store (it serves), 0 when it stands by.",
+        &[],
     ),
 });
 

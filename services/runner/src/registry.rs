@@ -146,6 +146,11 @@ impl Usage {
 
 impl Registry {
     /// Opens the registry at `at` (a SQLite file by default, or PostgreSQL).
+    /// The pool, for the runner lock's connection.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     pub async fn open(at: impl Into<Location>) -> Result<Self> {
         let db = ferroclaw_common::service_db::open(&at.into(), 4, &SCHEMA).await?;
         Ok(Self {

@@ -21,11 +21,6 @@ pub enum SchedulerError {
     Runner(#[from] tonic::Status),
     #[error(transparent)]
     Grpc(#[from] ferroclaw_common::grpc::GrpcError),
-    #[error("{what} did not answer within {after:?}")]
-    Timeout {
-        what: &'static str,
-        after: std::time::Duration,
-    },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: std::path::PathBuf,

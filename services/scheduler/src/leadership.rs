@@ -4,81 +4,36 @@
 //! second of the active one's death. A run fired by both around a handover is harmless: the
 //! same idempotency key, and only the first record stands (see `firing` and `store`).
 //!
-//! On PostgreSQL the active one holds a session-level advisory lock on a connection of its
-//! own. The server frees it when that connection ends, and a killed process's socket closes
-//! at once. The active one checks the connection before each firing round and every second,
-//! and stands by when it is lost. (A session lock needs a direct connection to the server,
-//! not one through a transaction-pooling proxy.) On SQLite it holds an exclusive `flock` on a
-//! file beside the database, which the kernel frees when the process ends.
+//! The active one holds the schedulers' [`ServiceLock`]: on PostgreSQL a session-level advisory
+//! lock, on SQLite an exclusive `flock` on a file beside the database (see
+//! [`ferroclaw_common::service_lock`] for how it works and what it needs). The active one
+//! checks its lock before each firing round and every second, and stands by when it is lost.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferroclaw_common::service_db::Location;
-use sqlx::{AnyConnection, Connection};
+use ferroclaw_common::service_lock::ServiceLock;
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Result, SchedulerError};
 use crate::store::TaskStore;
 
 /// How often a standby tries to take over, and the active one checks it still holds the lock.
 pub const RETRY: Duration = Duration::from_secs(1);
-/// Longest wait for the database in one try or check. A lock connection that does not answer
-/// is given up: closing it frees the lock on the server's side too.
-const DB_TIMEOUT: Duration = Duration::from_secs(2);
-/// The advisory lock's key, the same in every ferroclaw scheduler.
-pub const LOCK_KEY: i64 = fnv1a(b"ferroclaw-scheduler");
-
-/// 64-bit FNV-1a: a fixed key from a readable name, computed at compile time.
-const fn fnv1a(bytes: &[u8]) -> i64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut i = 0;
-    while i < bytes.len() {
-        hash ^= bytes[i] as u64;
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-        i += 1;
-    }
-    hash as i64
-}
+/// The lock's name, the same in every ferroclaw scheduler.
+const LOCK_NAME: &str = "ferroclaw-scheduler";
 
 /// This instance's claim to be the active scheduler.
 pub struct Leadership {
-    lock: Mutex<Lock>,
+    lock: Mutex<ServiceLock>,
     active: watch::Sender<bool>,
-}
-
-enum Lock {
-    Postgres {
-        store: TaskStore,
-        /// The connection that tries for the lock, and holds it once `held`.
-        conn: Option<AnyConnection>,
-        held: bool,
-    },
-    File {
-        path: PathBuf,
-        /// Open while the lock is held: closing the file unlocks it.
-        file: Option<File>,
-    },
 }
 
 impl Leadership {
     /// Standing by, among the schedulers on the task store at `at` (opened as `store`).
     pub fn new(store: &TaskStore, at: &Location) -> Self {
-        let lock = match at {
-            Location::Postgres(_) => Lock::Postgres {
-                store: store.clone(),
-                conn: None,
-                held: false,
-            },
-            // Beside the database, so schedulers on one file contend for one lock.
-            Location::Sqlite(path) => Lock::File {
-                path: path.with_extension("lock"),
-                file: None,
-            },
-        };
+        let lock = ServiceLock::new(LOCK_NAME, at, store.pool());
         crate::metrics::active(false);
         Self {
             lock: Mutex::new(lock),
@@ -152,94 +107,19 @@ impl Leadership {
     }
 }
 
-impl Lock {
-    /// Takes the lock when it is free, or checks that it is still held; whether it is held.
-    async fn hold(&mut self) -> Result<bool> {
-        match self {
-            Self::File { path, file } => {
-                if file.is_none() {
-                    *file = try_lock_file(path)?;
-                }
-                Ok(file.is_some())
-            }
-            Self::Postgres { store, conn, held } => {
-                // Out of its slot while in use: one whose query was cut short is dropped.
-                let mut c = match conn.take() {
-                    Some(c) => c,
-                    None => {
-                        *held = false;
-                        timed(store.dedicated_connection()).await?
-                    }
-                };
-                let answer = if *held {
-                    // A session lock lives as long as its session: a live connection holds it.
-                    timed(sqlx::query_scalar::<_, bool>("SELECT true").fetch_one(&mut c)).await
-                } else {
-                    timed(
-                        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-                            .bind(LOCK_KEY)
-                            .fetch_one(&mut c),
-                    )
-                    .await
-                };
-                *held = answer.as_ref().is_ok_and(|h| *h);
-                if answer.is_ok() {
-                    *conn = Some(c);
-                }
-                answer
-            }
-        }
-    }
-
-    async fn release(&mut self) {
-        match self {
-            Self::File { file, .. } => *file = None,
-            Self::Postgres { conn, held, .. } => {
-                *held = false;
-                if let Some(c) = conn.take() {
-                    // Ending the session frees the lock at once.
-                    let _ = tokio::time::timeout(DB_TIMEOUT, c.close()).await;
-                }
-            }
-        }
-    }
-}
-
-/// The open lock file when this process got its exclusive lock, `None` when another holds it.
-fn try_lock_file(path: &Path) -> Result<Option<File>> {
-    let io = |source| SchedulerError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(TryLockError::WouldBlock) => Ok(None),
-        Err(TryLockError::Error(source)) => Err(io(source)),
-    }
-}
-
-/// `work` on the lock's database, given up after [`DB_TIMEOUT`].
-async fn timed<T, E: Into<SchedulerError>>(
-    work: impl Future<Output = std::result::Result<T, E>>,
-) -> Result<T> {
-    match tokio::time::timeout(DB_TIMEOUT, work).await {
-        Ok(done) => done.map_err(Into::into),
-        Err(_) => Err(SchedulerError::Timeout {
-            what: "the scheduler lock's database",
-            after: DB_TIMEOUT,
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use ferroclaw_common::service_lock::key_of;
+    use sqlx::Connection;
+
     use super::*;
+
+    /// The advisory lock's key is the one every scheduler has used: schedulers of different
+    /// versions on one database, as during a rolling upgrade, contend for the same lock.
+    #[test]
+    fn the_lock_key_is_unchanged() {
+        assert_eq!(key_of(LOCK_NAME), -7_832_652_187_230_931_110);
+    }
 
     /// Two schedulers on one store: one active, the other standing by; when the active one
     /// goes, the other takes over at its next try.

@@ -3,7 +3,7 @@
 use ferroclaw_common::service_db::{Location, Schema, Step};
 use ferroclaw_proto::v1;
 use sqlx::any::AnyRow;
-use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
+use sqlx::{Any, AnyPool, Row, Transaction};
 
 use crate::error::Result;
 
@@ -243,10 +243,9 @@ impl TaskStore {
         Ok(recorded)
     }
 
-    /// A connection of its own, outside the pool: a session-level lock held on it lives
-    /// exactly as long as the connection (see `leadership`).
-    pub async fn dedicated_connection(&self) -> Result<AnyConnection> {
-        Ok(self.pool.acquire().await?.detach())
+    /// The store's pool, on which `leadership` opens its lock's connection.
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     /// A task's runs, newest first.
