@@ -3,6 +3,7 @@
 
 mod agent_lifecycle;
 mod bad_input;
+mod chaos_scaled;
 mod cli_up;
 mod compose;
 mod console;
