@@ -184,3 +184,62 @@ async fn compose_up_then_a_webhook_gets_its_reply() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `--profile scale` adds PostgreSQL and a second runner, delivery and scheduler, and every
+/// service lists every instance of its peers (without the profile, the second names never
+/// serve and are never called: `compose_up_then_a_webhook_gets_its_reply` runs that way).
+#[test]
+fn the_scale_profile_adds_a_second_instance_of_each_service() -> anyhow::Result<()> {
+    let Some(command) = compose_command() else {
+        anyhow::ensure!(
+            std::env::var("FERROCLAW_REQUIRE_DOCKER").as_deref() != Ok("1"),
+            "FERROCLAW_REQUIRE_DOCKER=1 but neither `docker compose` nor `docker-compose` is here"
+        );
+        eprintln!("skipped: no compose");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let compose = Compose {
+        command,
+        project: format!("fcscale{}", std::process::id()),
+        dir: dir.path().to_path_buf(),
+        envs: vec![("FERROCLAW_API_TOKEN", "t".into())],
+    };
+    let services = |profile: &[&str]| -> anyhow::Result<Vec<String>> {
+        let mut args = profile.to_vec();
+        args.extend(["config", "--services"]);
+        let mut names: Vec<String> = compose
+            .run(&args)?
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        names.sort();
+        Ok(names)
+    };
+    // (docker-compose 1.x lists every service whatever the profile: only the profile's
+    // own listing is checked, and that the second ones belong to the profile.)
+    let scaled = services(&["--profile", "scale"])?;
+    for second in ["delivery-2", "postgres", "runner-2", "scheduler-2"] {
+        assert!(scaled.contains(&second.to_string()), "{scaled:?}");
+    }
+    let config = compose.run(&["--profile", "scale", "config"])?;
+    // The lines after `profiles:` name them ("- scale" in either compose's layout).
+    let lines: Vec<&str> = config.lines().map(str::trim).collect();
+    let in_profile = lines
+        .windows(2)
+        .filter(|w| w[0] == "profiles:" && w[1] == "- scale")
+        .count();
+    assert_eq!(
+        in_profile, 4,
+        "four services in the scale profile:\n{config}"
+    );
+    for list in [
+        "http://runner:50051,http://runner-2:50051",
+        "http://delivery:50052,http://delivery-2:50052",
+        "http://scheduler:50053,http://scheduler-2:50053",
+    ] {
+        assert!(config.contains(list), "{list} missing from:\n{config}");
+    }
+    Ok(())
+}
