@@ -154,8 +154,9 @@ pub const fn key_of(name: &str) -> i64 {
     hash as i64
 }
 
-/// The open lock file when this process got its exclusive lock, `None` when another holds it.
-fn try_lock_file(path: &Path) -> Result<Option<File>, ServiceLockError> {
+/// The open lock file when this process got its exclusive lock, `None` when another holds it
+/// (the lock lasts while the file is open, and the kernel frees it when the process ends).
+pub fn try_lock_file(path: &Path) -> Result<Option<File>, ServiceLockError> {
     let io = |source| ServiceLockError::Io {
         path: path.to_path_buf(),
         source,

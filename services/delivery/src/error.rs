@@ -5,6 +5,8 @@ pub enum DeliveryError {
     InvalidArgument(String),
     #[error("{0}")]
     AlreadyRunning(String),
+    #[error(transparent)]
+    Lock(#[from] ferroclaw_common::service_lock::ServiceLockError),
     #[error("delivery ledger: {0}")]
     Ledger(#[from] sqlx::Error),
     #[error(transparent)]

@@ -106,30 +106,18 @@ pub async fn run(
     Ok(())
 }
 
-/// Locks `<ledger>.lock` beside a SQLite ledger for as long as the returned file is open
-/// (the kernel frees it when the process ends); refuses when another delivery holds it.
+/// Locks `<ledger>.lock` beside a SQLite ledger for as long as the returned file is open;
+/// refuses when another delivery holds it.
 fn sole_on(ledger: &std::path::Path) -> Result<std::fs::File> {
     let path = ledger.with_extension("lock");
-    let io = |source| DeliveryError::Io {
-        path: path.clone(),
-        source,
-    };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(DeliveryError::AlreadyRunning(format!(
+    ferroclaw_common::service_lock::try_lock_file(&path)?.ok_or_else(|| {
+        DeliveryError::AlreadyRunning(format!(
             "another delivery is running on the ledger {} (it holds {}); deliveries share \
              work only on PostgreSQL: set database_url to run more than one",
             ledger.display(),
             path.display()
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
-    }
+        ))
+    })
 }
 
 /// The delivery as its binary runs it: the config read (`config`, else `$FERROCLAW_CONFIG`,
