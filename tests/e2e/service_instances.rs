@@ -75,6 +75,31 @@ async fn the_gateway_goes_on_through_the_surviving_delivery_and_scheduler() -> a
     );
     let (status, ready) = cluster.get("/readyz").await?;
     assert_eq!(status, 200, "{ready}");
+    // The status names every instance and says which serve.
+    let (_, summary) = cluster.get("/v1/status").await?;
+    let serving = |url: &str| {
+        summary["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["url"] == url)
+            .map(|i| i["serving"].clone())
+    };
+    assert_eq!(
+        serving(&delivery.grpc_url()),
+        Some(serde_json::json!(false)),
+        "{summary}"
+    );
+    assert_eq!(
+        serving(&scheduler.grpc_url()),
+        Some(serde_json::json!(false)),
+        "{summary}"
+    );
+    assert_eq!(
+        serving(&cluster.delivery.grpc_url()),
+        Some(serde_json::json!(true)),
+        "{summary}"
+    );
     println!(
         "answered through the survivors {:?} after the kills",
         killed.elapsed()

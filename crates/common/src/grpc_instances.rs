@@ -6,6 +6,7 @@
 //! that dies fail as with a single one, and the callers' retries land on the others.
 
 use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc::Sender;
@@ -21,6 +22,26 @@ use crate::grpc::GrpcError;
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// An instance that does not answer within this is left out.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the probes found last, by instance URL, for status pages.
+static LAST_SEEN: LazyLock<Mutex<HashMap<String, bool>>> = LazyLock::new(Mutex::default);
+
+/// Whether the instance at `url` served at its last probe; `None` when it is not watched
+/// (a peer given one URL is called without probes).
+pub fn serving(url: &str) -> Option<bool> {
+    LAST_SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(url)
+        .copied()
+}
+
+fn record(url: &str, up: bool) {
+    LAST_SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(url.to_string(), up);
+}
 
 /// The instances a peer URL lists, in order; one for a plain URL.
 pub fn instances(url: &str) -> Vec<&str> {
@@ -60,6 +81,7 @@ async fn watch(endpoints: Vec<(String, Endpoint)>, changes: Sender<Change<String
     loop {
         for (url, endpoint, client) in &probes {
             let up = serves(client.clone()).await;
+            record(url, up);
             let was = serving.get(url).copied().unwrap_or(false);
             let change = match (was, up) {
                 (false, true) => Change::Insert(url.clone(), endpoint.clone()),

@@ -30,7 +30,9 @@ const FAILURES_LISTED: usize = 5;
 #[schema(example = json!({"version": "0.1.0", "services": {"gateway": true, "runner": true, "delivery": true, "scheduler": true},
     "agents": {"backend": "docker", "engine_ok": true, "engine": "Docker 20.10.24, API 1.41", "max_running_agents": 8,
         "running": 2, "queued": 0, "sessions": 41, "agent_starts_total": 17},
-    "deliveries": {"recent": 200, "pending": 1, "delivered": 197, "failed": 2, "failures": []}}))]
+    "deliveries": {"recent": 200, "pending": 1, "delivered": 197, "failed": 2, "failures": []},
+    "instances": [{"service": "delivery", "url": "http://delivery-a:50052", "serving": true},
+        {"service": "delivery", "url": "http://delivery-b:50052", "serving": false}]}))]
 pub struct Status {
     /// The gateway's version.
     version: String,
@@ -39,6 +41,42 @@ pub struct Status {
     agents: Option<AgentsStatus>,
     /// Null while delivery does not answer.
     deliveries: Option<DeliveriesStatus>,
+    /// Each instance of the services the gateway was given several of (a comma-separated
+    /// URL), and whether it served at the last probe; empty with one of each.
+    instances: Vec<InstanceStatus>,
+}
+
+/// One instance of a service given as several.
+#[derive(Serialize, ToSchema)]
+pub struct InstanceStatus {
+    /// `runner`, `delivery` or `scheduler`.
+    service: String,
+    url: String,
+    /// Whether it answered its health check as SERVING (a standby runner does not).
+    serving: bool,
+}
+
+/// The instances of every peer listed with more than one URL.
+fn instances(state: &AppState) -> Vec<InstanceStatus> {
+    let peers = [
+        ("runner", state.config.runner.addr().url()),
+        ("delivery", state.config.delivery.url()),
+        ("scheduler", state.config.scheduler.url()),
+    ];
+    peers
+        .iter()
+        .flat_map(|(service, list)| {
+            let urls = ferroclaw_common::grpc_instances::instances(list);
+            let several = urls.len() > 1;
+            urls.into_iter()
+                .filter(move |_| several)
+                .map(move |url| InstanceStatus {
+                    service: service.to_string(),
+                    url: url.to_string(),
+                    serving: ferroclaw_common::grpc_instances::serving(url).unwrap_or(false),
+                })
+        })
+        .collect()
 }
 
 /// Whether each service answers.
@@ -134,6 +172,7 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Status> {
         },
         agents,
         deliveries,
+        instances: instances(&state),
     })
 }
 
