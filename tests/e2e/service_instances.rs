@@ -100,6 +100,17 @@ async fn the_gateway_goes_on_through_the_surviving_delivery_and_scheduler() -> a
         Some(serde_json::json!(true)),
         "{summary}"
     );
+    // The console's health page shows the same.
+    let page = reqwest::get(format!("{}/ui/health", cluster.api()))
+        .await?
+        .text()
+        .await?;
+    let dead_row = page
+        .split("<tr ")
+        .find(|row| row.contains(&format!("data-instance=\"{}\"", delivery.grpc_url())))
+        .unwrap_or_default()
+        .to_string();
+    assert!(dead_row.contains("not serving"), "{page}");
     println!(
         "answered through the survivors {:?} after the kills",
         killed.elapsed()

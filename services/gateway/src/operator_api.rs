@@ -50,14 +50,15 @@ pub struct Status {
 #[derive(Serialize, ToSchema)]
 pub struct InstanceStatus {
     /// `runner`, `delivery` or `scheduler`.
-    service: String,
-    url: String,
+    pub(crate) service: String,
+    pub(crate) url: String,
     /// Whether it answered its health check as SERVING (a standby runner does not).
-    serving: bool,
+    pub(crate) serving: bool,
 }
 
-/// The instances of every peer listed with more than one URL.
-fn instances(state: &AppState) -> Vec<InstanceStatus> {
+/// The instances of every peer listed with more than one URL (also on the console's
+/// health page).
+pub(crate) fn instances(state: &AppState) -> Vec<InstanceStatus> {
     let peers = [
         ("runner", state.config.runner.addr().url()),
         ("delivery", state.config.delivery.url()),

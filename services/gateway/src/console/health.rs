@@ -1,6 +1,6 @@
 //! The health page: the four services' readiness (as `/readyz` computes it), the agent
 //! backend and the Docker engine's state, the agents running and queued against the cap,
-//! and the version.
+//! each instance of a peer given as several, and the version.
 
 use axum::extract::State;
 use axum::response::Response;
@@ -38,6 +38,8 @@ pub async fn page(State(state): Console, operator: Operator) -> Result<Response,
         ("scheduler", scheduler),
     ];
     let all_ready = services.iter().all(|(_, ok)| *ok);
+    // Peers given as several instances (a comma-separated URL), as the probes last saw them.
+    let instances = crate::operator_api::instances(app);
     let body = html! {
         h1 { "Health" }
         p.overall { @if all_ready { "All services ready." } @else { "Not ready: a service does not answer." } }
@@ -50,6 +52,23 @@ pub async fn page(State(state): Console, operator: Operator) -> Result<Response,
                         td { span class={ "outcome " @if ok { "outcome-ok" } @else { "outcome-failed" } } {
                             @if ok { "ready" } @else { "unreachable" }
                         } }
+                    }
+                }
+            }
+        }
+        @if !instances.is_empty() {
+            h2 { "Instances" }
+            table.health.instances {
+                thead { tr { th { "Service" } th { "Instance" } th { "State" } } }
+                tbody {
+                    @for i in &instances {
+                        tr data-instance=(i.url) {
+                            td { (i.service) }
+                            td { code { (i.url) } }
+                            td { span class={ "outcome " @if i.serving { "outcome-ok" } @else { "outcome-failed" } } {
+                                @if i.serving { "serving" } @else { "not serving (standby, or down)" }
+                            } }
+                        }
                     }
                 }
             }
