@@ -285,7 +285,7 @@ async fn main() -> anyhow::Result<()> {
                     })));
                 }
             }
-            mailbox
+            let written = mailbox
                 .finish(&seqs, &replies, BatchStatus::Completed)
                 .await?;
             if told == "forge" {
@@ -311,6 +311,17 @@ async fn main() -> anyhow::Result<()> {
                 // Its own outbound.db becomes a link to another session's: a runner that
                 // followed it would serve that session's rows as this one's.
                 let other = std::env::var("FERROCLAW_ECHO_OTHER_SESSION_OUTBOUND")?;
+                // Only once its answer went out: the test waits for that answer, and a runner
+                // reading after the swap rightly refuses the file (and the answer with it).
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while let Some(seq) = written.first() {
+                    if mailbox.delivery_outcome(*seq).await?.is_some()
+                        || std::time::Instant::now() > deadline
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
                 drop(mailbox);
                 let out = session_dir.join("out");
                 std::fs::rename(out.join("outbound.db"), out.join("outbound.real"))?;
