@@ -236,25 +236,10 @@ fn method_of<B>(request: &http::Request<B>) -> String {
     request.uri().path().trim_start_matches('/').to_string()
 }
 
-/// The whole chain of an error, which tonic's own `Display` leaves at "transport error".
-fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = e.source();
-    }
-    text
-}
-
 fn lost(method: &str, error: &(dyn std::error::Error + 'static)) -> tonic::Status {
     tonic::Status::unavailable(format!(
         "{method}: peer unreachable or connection lost: {}",
-        cause_chain(error)
+        crate::error_text::with_causes(error)
     ))
 }
 

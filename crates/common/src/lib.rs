@@ -3,6 +3,7 @@
 
 pub mod atomic_file;
 pub mod config;
+pub mod error_text;
 pub mod grpc;
 pub mod grpc_auth;
 pub mod grpc_instances;

@@ -21,6 +21,7 @@ use bollard::query_parameters::{
     WaitContainerOptions,
 };
 use ferroclaw_common::config::AgentConfig;
+use ferroclaw_common::error_text::with_causes;
 use ferroclaw_mailbox::SessionPaths;
 use ferroclaw_mailbox::session_fs::Dir;
 use tokio::sync::OnceCell;
@@ -93,22 +94,6 @@ fn connect() -> std::result::Result<Docker, bollard::errors::Error> {
         Ok(host) if !host.is_empty() => Docker::connect_with_host(&host),
         _ => Docker::connect_with_local_defaults(),
     }
-}
-
-/// An engine error with its causes ("… (SendRequest): invalid peer certificate: …"): the
-/// top one alone rarely says what is wrong.
-fn with_causes(e: &bollard::errors::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Where the engine is, for status pages: `None` for the local socket.

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use super::env::{Get, listen_addr, parse};
+use super::env::{Get, parse};
 use super::service_addr::ServiceAddr;
 use super::{ConfigError, invalid};
 
@@ -49,12 +49,9 @@ impl DeliveryConfig {
     }
 
     pub(super) fn apply_env(&mut self, get: Get<'_>) -> Result<(), ConfigError> {
-        if let Some(v) = get("FERROCLAW_DELIVERY_ADDR") {
-            self.listen = listen_addr("FERROCLAW_DELIVERY_ADDR", &v)?;
-        }
-        if let Some(v) = get("FERROCLAW_DELIVERY_URL") {
-            self.url = Some(v);
-        }
+        let mut addr = self.addr();
+        addr.apply_env("FERROCLAW_DELIVERY", get)?;
+        (self.listen, self.url) = (addr.listen, addr.url);
         if let Some(v) = get("FERROCLAW_MAX_REPLY_AGE_SECS") {
             self.max_reply_age_secs = parse("FERROCLAW_MAX_REPLY_AGE_SECS", &v)?;
         }

@@ -120,12 +120,9 @@ impl RunnerConfig {
     }
 
     pub(super) fn apply_env(&mut self, get: Get<'_>) -> Result<(), ConfigError> {
-        if let Some(v) = get("FERROCLAW_RUNNER_ADDR") {
-            self.listen = listen_addr("FERROCLAW_RUNNER_ADDR", &v)?;
-        }
-        if let Some(v) = get("FERROCLAW_RUNNER_URL") {
-            self.url = Some(v);
-        }
+        let mut addr = self.addr();
+        addr.apply_env("FERROCLAW_RUNNER", get)?;
+        (self.listen, self.url) = (addr.listen, addr.url);
         if let Some(v) = get("FERROCLAW_AGENT_BINARY") {
             self.agent_binary = Some(PathBuf::from(v));
         }
