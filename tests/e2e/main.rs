@@ -31,6 +31,7 @@ mod scheduler;
 mod scheduler_clock;
 mod scheduler_standby;
 mod service_instances;
+mod several_runners;
 mod slots;
 mod traces;
 mod webhooks;

@@ -32,6 +32,17 @@ pub enum Error {
     File(#[from] crate::session_fs::FsError),
     #[error("file watch failed: {0}")]
     Watch(#[from] notify::Error),
+    /// Another runner took the session over (several runners on shared storage): this
+    /// one's placement is stale, and it writes nothing more there.
+    #[error(
+        "{path}: the session was taken over by another runner (fencing token {current}, this \
+         runner holds {held}); nothing was written"
+    )]
+    Fenced {
+        path: PathBuf,
+        held: i64,
+        current: i64,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -2,6 +2,8 @@
 
 use std::collections::HashSet;
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use sqlx::{Row, SqlitePool};
 use tokio::sync::Mutex;
 
@@ -69,6 +71,17 @@ pub struct HostMailbox {
     inbound: SqlitePool,
     /// Opened once the agent has created and initialised `outbound.db`.
     outbound: Mutex<Option<SqlitePool>>,
+    /// The fencing token this runner holds on the session (0: none, a single runner).
+    fence: AtomicI64,
+}
+
+/// A write's guard: true unless the session's fencing token (meta `fence`) is greater than
+/// the one bound to `$F` (0: not fencing). Checked in the writing statement itself, so a
+/// takeover that commits first wins, whatever the order the two runners started in.
+fn fence_ok(param: u8) -> String {
+    format!(
+        "(${param} = 0 OR coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fence'), 0) <= ${param})"
+    )
 }
 
 impl HostMailbox {
@@ -82,7 +95,70 @@ impl HostMailbox {
             paths,
             inbound,
             outbound: Mutex::new(None),
+            fence: AtomicI64::new(0),
         })
+    }
+
+    /// Takes the session with fencing token `fence` (several runners): recorded in the
+    /// mailbox unless a greater one is there, and checked by every write from now on.
+    /// Fails with [`Error::Fenced`] when another runner holds a greater one.
+    pub async fn hold_fence(&self, fence: i64) -> Result<()> {
+        let path = self.paths.inbound_db();
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ('fence', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value
+             WHERE CAST(meta.value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+        )
+        .bind(fence.to_string())
+        .execute(&self.inbound)
+        .await
+        .at(&path)?;
+        self.fence.store(fence, Ordering::SeqCst);
+        self.check_fence().await
+    }
+
+    /// [`Error::Fenced`] when a greater fencing token than this runner's is recorded.
+    async fn check_fence(&self) -> Result<()> {
+        if self.held_fence() == 0 {
+            return Ok(());
+        }
+        let path = self.paths.inbound_db();
+        let mut conn = self.inbound.acquire().await.at(&path)?;
+        self.check_fence_in(&mut conn).await
+    }
+
+    /// [`HostMailbox::check_fence`] as the first read of a transaction: a takeover that
+    /// commits after it makes the transaction's first write fail (SQLite will not let a
+    /// reader whose snapshot is stale write), so the check holds until the commit.
+    async fn check_fence_in(&self, tx: &mut sqlx::SqliteConnection) -> Result<()> {
+        let held = self.held_fence();
+        if held == 0 {
+            return Ok(());
+        }
+        let path = self.paths.inbound_db();
+        let current: Option<i64> = sqlx::query_scalar(
+            "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fence'",
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .at(&path)?;
+        match current {
+            Some(current) if current > held => Err(crate::Error::Fenced {
+                path,
+                held,
+                current,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The fencing token this runner holds on the session (0: none).
+    pub fn fence(&self) -> i64 {
+        self.held_fence()
+    }
+
+    fn held_fence(&self) -> i64 {
+        self.fence.load(Ordering::SeqCst)
     }
 
     pub fn paths(&self) -> &SessionPaths {
@@ -141,14 +217,16 @@ impl HostMailbox {
         // One statement, one commit: the seq (the smallest even number above every seq of
         // both files, see `seq::next_host`) is taken inside the insert, and a repeated id
         // inserts nothing. The runner is the only writer of this file.
-        let inserted: Option<i64> = sqlx::query_scalar(
+        let insert = format!(
             "INSERT INTO messages_in (seq, id, kind, created_at, process_after, state, origin, content, trace)
              SELECT (max(coalesce((SELECT max(seq) FROM messages_in), 0), $1, 0) + 2) / 2 * 2,
                     $2, $3, $4, $5, 'active', $6, $7, $8
-             WHERE true
+             WHERE {}
              ON CONFLICT (id) DO NOTHING
              RETURNING seq",
-        )
+            fence_ok(9)
+        );
+        let inserted: Option<i64> = sqlx::query_scalar(&insert)
         .bind(max_out)
         .bind(&msg.id)
         .bind(msg.content.kind())
@@ -157,10 +235,12 @@ impl HostMailbox {
         .bind(origin)
         .bind(msg.content.to_json())
         .bind(&msg.trace)
+        .bind(self.held_fence())
         .fetch_optional(&self.inbound)
         .await
         .at(&path)?;
         let Some(seq) = inserted else {
+            self.check_fence().await?;
             let seq: i64 = sqlx::query_scalar("SELECT seq FROM messages_in WHERE id = $1")
                 .bind(&msg.id)
                 .fetch_one(&self.inbound)
@@ -300,18 +380,24 @@ impl HostMailbox {
         platform_message_id: Option<&str>,
         detail: Option<&str>,
     ) -> Result<bool> {
-        let done = sqlx::query(
+        let insert = format!(
             "INSERT INTO delivered (out_seq, outcome, platform_message_id, detail, at)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (out_seq) DO NOTHING",
-        )
-        .bind(out_seq)
-        .bind(outcome.as_str())
-        .bind(platform_message_id)
-        .bind(detail)
-        .bind(crate::now_ms())
-        .execute(&self.inbound)
-        .await
-        .at(&self.paths.inbound_db())?;
+             SELECT $1, $2, $3, $4, $5 WHERE {} ON CONFLICT (out_seq) DO NOTHING",
+            fence_ok(6)
+        );
+        let done = sqlx::query(&insert)
+            .bind(out_seq)
+            .bind(outcome.as_str())
+            .bind(platform_message_id)
+            .bind(detail)
+            .bind(crate::now_ms())
+            .bind(self.held_fence())
+            .execute(&self.inbound)
+            .await
+            .at(&self.paths.inbound_db())?;
+        if done.rows_affected() == 0 {
+            self.check_fence().await?;
+        }
         // No doorbell: an outcome is nothing for the agent to act on, and ringing woke it
         // for every reply it wrote.
         Ok(done.rows_affected() == 1)
@@ -335,15 +421,20 @@ impl HostMailbox {
             return Ok(Reopen::Unknown);
         }
         let path = self.paths.inbound_db();
-        let removed =
-            sqlx::query("DELETE FROM delivered WHERE out_seq = $1 AND outcome = 'failed'")
-                .bind(out_seq)
-                .execute(&self.inbound)
-                .await
-                .at(&path)?;
+        let delete = format!(
+            "DELETE FROM delivered WHERE out_seq = $1 AND outcome = 'failed' AND {}",
+            fence_ok(2)
+        );
+        let removed = sqlx::query(&delete)
+            .bind(out_seq)
+            .bind(self.held_fence())
+            .execute(&self.inbound)
+            .await
+            .at(&path)?;
         if removed.rows_affected() == 1 {
             return Ok(Reopen::Reopened);
         }
+        self.check_fence().await?;
         Ok(match self.outcome(out_seq).await?.as_deref() {
             None => Reopen::Unsettled,
             Some(_) => Reopen::Delivered,
@@ -355,6 +446,7 @@ impl HostMailbox {
     pub async fn settle_many(&self, settlements: &[Settlement<'_>]) -> Result<Vec<bool>> {
         let path = self.paths.inbound_db();
         let mut tx = self.inbound.begin().await.at(&path)?;
+        self.check_fence_in(&mut tx).await?;
         let mut recorded = Vec::with_capacity(settlements.len());
         let now = crate::now_ms();
         for s in settlements {
@@ -480,15 +572,21 @@ impl HostMailbox {
 
     /// Sets a session fact (`meta` table): agent name, time zone, default reply origin.
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO meta (key, value) VALUES ($1, $2)
+        let upsert = format!(
+            "INSERT INTO meta (key, value) SELECT $1, $2 WHERE {}
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(key)
-        .bind(value)
-        .execute(&self.inbound)
-        .await
-        .at(&self.paths.inbound_db())?;
+            fence_ok(3)
+        );
+        let set = sqlx::query(&upsert)
+            .bind(key)
+            .bind(value)
+            .bind(self.held_fence())
+            .execute(&self.inbound)
+            .await
+            .at(&self.paths.inbound_db())?;
+        if set.rows_affected() == 0 {
+            self.check_fence().await?;
+        }
         Ok(())
     }
 
@@ -498,6 +596,7 @@ impl HostMailbox {
         let path = self.paths.inbound_db();
         let now = crate::now_ms();
         let mut tx = self.inbound.begin().await.at(&path)?;
+        self.check_fence_in(&mut tx).await?;
         sqlx::query("DELETE FROM tasks")
             .execute(&mut *tx)
             .await
@@ -563,6 +662,67 @@ mod tests {
         assert_eq!((first.seq, first.duplicate), (2, false));
         assert_eq!((second.seq, second.duplicate), (4, false));
         assert_eq!((again.seq, again.duplicate), (2, true));
+    }
+
+    #[tokio::test]
+    async fn a_runner_whose_fence_was_passed_writes_nothing_more() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = SessionPaths::new(dir.path());
+        // Two runners on one session's files (shared storage): the old one holds fence 3.
+        let old = HostMailbox::open(paths.clone(), JournalMode::Wal)
+            .await
+            .expect("open");
+        old.hold_fence(3).await.expect("fence 3");
+        let chat = |id: &str| NewInbound {
+            id: id.into(),
+            content: InboundContent::Chat(crate::content::ChatIn {
+                text: id.into(),
+                sender: String::new(),
+                attachments: Vec::new(),
+            }),
+            origin: crate::Origin {
+                channel: "api".into(),
+                conversation: "c".into(),
+                sender: String::new(),
+                reply_to: crate::Destination::Api {
+                    conversation: "c".into(),
+                },
+            },
+            process_after: None,
+            trace: None,
+        };
+        assert!(!old.enqueue(&chat("before")).await.expect("enqueue").duplicate);
+
+        // The session is taken over with fence 7.
+        let new = HostMailbox::open(paths.clone(), JournalMode::Wal)
+            .await
+            .expect("open");
+        new.hold_fence(7).await.expect("fence 7");
+        let fenced = |r: Result<()>| matches!(r, Err(crate::Error::Fenced { held: 3, current: 7, .. }));
+        assert!(fenced(old.enqueue(&chat("late")).await.map(drop)), "enqueue");
+        assert!(fenced(old.enqueue(&chat("before")).await.map(drop)), "even a repeat");
+        assert!(fenced(old.settle(1, Outcome::Delivered, None, None).await.map(drop)));
+        let batch = [Settlement {
+            out_seq: 1,
+            outcome: Outcome::Delivered,
+            platform_message_id: None,
+            detail: None,
+        }];
+        assert!(fenced(old.settle_many(&batch).await.map(drop)));
+        assert!(fenced(old.replace_tasks(&[]).await));
+        assert!(fenced(old.set_meta("agent", "x").await));
+        assert!(fenced(old.hold_fence(3).await), "nor can it take the session back");
+        assert!(!new.enqueue(&chat("late")).await.expect("enqueue").duplicate);
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM messages_in ORDER BY seq")
+            .fetch_all(&new.inbound)
+            .await
+            .expect("read");
+        assert_eq!(ids, ["before", "late"], "only the new holder's write landed");
+        // A single runner (fence 0) is never fenced.
+        let plain = HostMailbox::open(SessionPaths::new(&dir.path().join("other")), JournalMode::Wal)
+            .await
+            .expect("open");
+        plain.enqueue(&chat("x")).await.expect("enqueue");
     }
 
     #[tokio::test]

@@ -36,10 +36,16 @@ impl Consumer {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
-                    tracing::warn!(error = %e, failures, "outbound stream interrupted");
+                    // Once, not every retry: a standby runner refuses the stream for hours.
+                    if failures == 1 {
+                        tracing::warn!(error = %e, "outbound stream interrupted; reconnecting");
+                    } else {
+                        tracing::debug!(error = %e, failures, "outbound stream still down");
+                    }
                 }
             }
-            let delay = Duration::from_millis((100u64 << failures.min(6)).min(5_000));
+            // At most 2 s: a standby runner that took over is streamed from soon after.
+            let delay = Duration::from_millis((100u64 << failures.min(6)).min(2_000));
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => {}

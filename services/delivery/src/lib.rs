@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod metrics;
 mod peer_appends;
 mod row_delivery;
+mod runner_streams;
 mod send_error;
 mod service;
 pub mod settler;
@@ -25,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::{DeliveryError, Result};
 
-use crate::consumer::Consumer;
 use crate::lanes::Lanes;
 use crate::ledger::Ledger;
 use crate::row_delivery::RowDelivery;
@@ -56,10 +56,10 @@ pub async fn run(
     let ledger = Ledger::open(at).await?;
     let (internal, required) =
         grpc_auth::internal_auth(&config.data_dir).map_err(grpc::GrpcError::from)?;
-    let runner = grpc::channel(&config.runner.addr().url(), internal.clone())?;
-    let runner_for_typing = runner.clone();
+    let runner_url = config.runner.addr().url();
+    let runner = grpc::channel(&runner_url, internal.clone())?;
     let runner_for_service = runner.clone();
-    let scheduler = grpc::channel(&config.scheduler.url(), internal)?;
+    let scheduler = grpc::channel(&config.scheduler.url(), internal.clone())?;
     let discord = discord::DiscordOut::from_config(&config.discord);
     let rows = RowDelivery::new(
         std::sync::Arc::new(config.clone()),
@@ -76,11 +76,14 @@ pub async fn run(
         lane_leases::LaneLeases::sole()
     };
     let lanes = Lanes::new(std::sync::Arc::new(rows), leases, shutdown.clone());
-    let consumer = Consumer::new(runner, lanes.clone(), "delivery".into());
-    let consuming = tokio::spawn(consumer.run(shutdown.clone()));
-    if let Some(discord) = discord {
-        tokio::spawn(typing::run(runner_for_typing, discord, shutdown.clone()));
-    }
+    let streams = runner_streams::RunnerStreams::start(
+        &runner_url,
+        lanes.clone(),
+        discord,
+        internal,
+        shutdown.clone(),
+    )?;
+    let consuming = tokio::spawn(streams.run(runner.clone()));
 
     let (router, _health) = grpc::server_for::<DeliveryServer<DeliveryService>>(required).await?;
     let router = router.add_service(DeliveryServer::new(DeliveryService {

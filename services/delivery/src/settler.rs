@@ -101,7 +101,18 @@ async fn send(
         }
     };
     for (i, waiting) in batch.drain(..).enumerate() {
-        if let Some(refused) = results.get(i).map(|r| &r.refused).filter(|r| !r.is_empty()) {
+        if let Some(runner) = results
+            .get(i)
+            .map(|r| &r.waiting_for_runner)
+            .filter(|r| !r.is_empty())
+        {
+            tracing::info!(
+                session = %waiting.request.session_id,
+                seq = waiting.request.out_seq,
+                %runner,
+                "settlement waits: the session's runner is missing (the row comes again when it is back)"
+            );
+        } else if let Some(refused) = results.get(i).map(|r| &r.refused).filter(|r| !r.is_empty()) {
             tracing::error!(
                 session = %waiting.request.session_id,
                 seq = waiting.request.out_seq,

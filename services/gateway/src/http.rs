@@ -619,6 +619,10 @@ pub struct SessionBody {
     output_tokens: i64,
     /// Dollars at the agent's `price_per_mtok`; null when the agent has no price.
     cost_usd: Option<f64>,
+    /// Several runners: the runner serving the session. While that runner is missing,
+    /// `agent_state` is `unavailable` and its messages wait for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runner: Option<String>,
 }
 
 impl SessionBody {
@@ -639,6 +643,7 @@ impl SessionBody {
             model_requests: s.model_requests,
             input_tokens: s.input_tokens,
             output_tokens: s.output_tokens,
+            runner: (!s.runner.is_empty()).then_some(s.runner),
         }
     }
 }
@@ -749,6 +754,25 @@ pub(crate) async fn get_session(
     Ok(Json(SessionBody::new(session, &state.config)))
 }
 
+/// Several runners: those registered whose lease ran out (none when the runner does not
+/// answer in time, which the health check reports).
+async fn missing_runners(state: &AppState) -> Vec<String> {
+    let mut runner = RunnerClient::new(state.runner.clone());
+    let asked = runner.get_runner_status(ferroclaw_proto::v1::GetRunnerStatusRequest {
+        runners_only: true,
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(2), asked).await {
+        Ok(Ok(status)) => status
+            .into_inner()
+            .runners
+            .into_iter()
+            .filter(|r| !r.live)
+            .map(|r| r.id)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// What `/readyz` answers: each peer's reachability, and the error body when one is not.
 #[derive(Serialize, ToSchema)]
 #[schema(example = json!({"runner": "ok", "delivery": "ok", "scheduler": "ok"}))]
@@ -756,6 +780,10 @@ pub struct Readiness {
     runner: PeerState,
     delivery: PeerState,
     scheduler: PeerState,
+    /// Several runners: those whose lease ran out. Their sessions' messages are accepted
+    /// and wait for them (the installation is ready, but not all of it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    missing_runners: Vec<String>,
     /// Present with `503`.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<crate::error::ErrorDetail>,
@@ -782,10 +810,11 @@ pub enum PeerState {
     ),
 )]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
-    let (runner, delivery, scheduler) = tokio::join!(
+    let (runner, delivery, scheduler, missing_runners) = tokio::join!(
         is_serving(state.runner.clone(), ""),
         is_serving(state.delivery.clone(), ""),
-        is_serving(state.scheduler.clone(), "")
+        is_serving(state.scheduler.clone(), ""),
+        missing_runners(&state)
     );
     let word = |ok: bool| {
         if ok {
@@ -806,6 +835,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
         runner: word(runner),
         delivery: word(delivery),
         scheduler: word(scheduler),
+        missing_runners,
         error: None,
     };
     if down.is_empty() {

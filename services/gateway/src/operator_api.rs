@@ -104,6 +104,27 @@ pub struct AgentsStatus {
     sessions: u64,
     /// Agents started since the runner started.
     agent_starts_total: u64,
+    /// Several runners: each one registered (the figures above are the answering one's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    runners: Vec<RunnerStatusBody>,
+}
+
+/// One runner among several.
+#[derive(Serialize, ToSchema)]
+pub struct RunnerStatusBody {
+    id: String,
+    /// Where the other runners call it.
+    url: String,
+    /// The Docker engine its agents run on.
+    docker_host: String,
+    /// Its `max_running_agents`: its share of new sessions follows it.
+    capacity: i64,
+    shared_storage: bool,
+    /// False once its lease ran out: it is missing, and its sessions wait (or move to
+    /// another runner, with shared storage).
+    live: bool,
+    /// Sessions placed on it.
+    sessions: u64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -133,7 +154,7 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Status> {
     );
     let agents = if runner {
         RunnerClient::new(state.runner.clone())
-            .get_runner_status(GetRunnerStatusRequest {})
+            .get_runner_status(GetRunnerStatusRequest::default())
             .await
             .ok()
             .map(|r| {
@@ -147,6 +168,19 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Status> {
                     queued: r.queued,
                     sessions: r.sessions,
                     agent_starts_total: r.agent_starts_total,
+                    runners: r
+                        .runners
+                        .into_iter()
+                        .map(|i| RunnerStatusBody {
+                            id: i.id,
+                            url: i.url,
+                            docker_host: i.docker_host,
+                            capacity: i.capacity,
+                            shared_storage: i.shared_storage,
+                            live: i.live,
+                            sessions: i.sessions,
+                        })
+                        .collect(),
                 }
             })
     } else {

@@ -80,7 +80,7 @@ impl Watcher {
     }
 
     async fn check_all(&mut self) -> Result<(), String> {
-        let sessions = self.registry.list(None).await.map_err(|e| e.to_string())?;
+        let sessions = self.registry.list_here().await.map_err(|e| e.to_string())?;
         for session in sessions {
             let id = session.id.clone();
             self.sessions.insert(id.clone(), session);

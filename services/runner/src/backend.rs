@@ -119,7 +119,9 @@ impl Backend {
         };
         let mut adopt = Vec::new();
         for (name, session_id, running) in docker.managed().await? {
-            match registry.get(&session_id).await? {
+            match registry.get_fresh(&session_id).await? {
+                // Another runner's agent on a shared engine: not ours to adopt or remove.
+                Some(session) if !registry.is_here(&session) => {}
                 Some(session) if running => adopt.push(session),
                 _ => {
                     tracing::info!(container = %name, "removing a leftover agent container");

@@ -23,6 +23,14 @@ pub enum RunnerError {
         "the runner lost its lock on the session store, so it stopped; restarted, it stands by"
     )]
     LostLock,
+    #[error(
+        "the runner could not renew its lease in time, so it stopped: its sessions may be \
+         another runner's now"
+    )]
+    LostLease,
+    /// Another runner serves the session (or will): the caller tries again.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -37,6 +45,10 @@ impl From<RunnerError> for tonic::Status {
         match &e {
             RunnerError::InvalidArgument(m) => tonic::Status::invalid_argument(m.clone()),
             RunnerError::NotFound(m) => tonic::Status::not_found(m.clone()),
+            RunnerError::Unavailable(m) => tonic::Status::unavailable(m.clone()),
+            RunnerError::Mailbox(ferroclaw_mailbox::Error::Fenced { .. }) => {
+                tonic::Status::unavailable(e.to_string())
+            }
             RunnerError::Mailbox(ferroclaw_mailbox::Error::File(f)) if f.is_tampering() => {
                 tonic::Status::failed_precondition(format!(
                     "the session is stopped: its files were tampered with ({f})"

@@ -9,13 +9,16 @@ pub mod credential_proxy;
 pub mod disk_quota;
 pub mod docker_backend;
 pub mod error;
+pub mod handoff;
 mod mailbox_view;
 mod mailboxes;
 pub mod metrics;
 pub mod outbound_feed;
 pub mod outbound_policy;
+pub mod placement;
 pub mod process_backend;
 pub mod registry;
+mod routing;
 mod service;
 #[cfg(test)]
 mod service_tests;
@@ -25,6 +28,7 @@ mod session_messages;
 pub mod slot_policy;
 pub mod standby;
 pub mod supervisor;
+mod upkeep;
 pub mod utc_day;
 
 use std::collections::HashMap;
@@ -78,16 +82,34 @@ pub async fn run(
         data_dir.join("runner.db"),
         config.runner.database_url.as_deref(),
     )?;
-    let registry = Registry::open(at.clone()).await?;
-    // One runner serves a session store; others stand by until it goes.
-    let mut lock =
-        ferroclaw_common::service_lock::ServiceLock::new(standby::LOCK, &at, registry.pool());
-    let Some(standby::Active { listener, ready }) =
-        standby::take_lock(&mut lock, listener, ready, &shutdown).await?
-    else {
-        return Ok(());
+    let mut registry = Registry::open(at.clone()).await?;
+    let (listener, ready, held_lock, placement) = match &config.runner.id {
+        // One runner serves a session store; others stand by until it goes.
+        None => {
+            let mut lock = ferroclaw_common::service_lock::ServiceLock::new(
+                standby::LOCK,
+                &at,
+                registry.pool(),
+            );
+            let Some(standby::Active { listener, ready }) =
+                standby::take_lock(&mut lock, listener, ready, &shutdown).await?
+            else {
+                return Ok(());
+            };
+            let held = tokio::spawn(standby::keep_lock(lock, shutdown.clone()));
+            (listener, ready, Some(held), None)
+        }
+        // Several runners, each serving the sessions placed on it.
+        Some(id) => {
+            let Some(placement) =
+                register(&config, id, &listener, registry.pool(), &shutdown).await?
+            else {
+                return Ok(());
+            };
+            registry = registry.placed_as(id);
+            (listener, Some(ready), None, Some(placement))
+        }
     };
-    let held_lock = tokio::spawn(standby::keep_lock(lock, shutdown.clone()));
     let meta: HashMap<String, Vec<(String, String)>> = config
         .agents
         .iter()
@@ -183,6 +205,9 @@ pub async fn run(
     )?;
     // An agent's idle time counts from its last reply (see `slot_policy`).
     supervisor.watch_output(feed.changes());
+    if let Some(placement) = &placement {
+        upkeep::claim_unplaced(&registry, &mailboxes, placement).await?;
+    }
     // With the engine down, recovery waits: messages stay queued in their mailboxes.
     if let Err(e) = supervisor.recover(&registry).await {
         tracing::error!(error = %e, "cannot recover agents yet; their messages wait");
@@ -206,7 +231,18 @@ pub async fn run(
             .collect(),
         shutdown: shutdown.clone(),
         counts: Default::default(),
+        placement: placement.clone(),
+        moving: Default::default(),
+        taken: Default::default(),
     };
+    let service = Arc::new(service);
+    let upkeep = placement.clone().map(|placement| {
+        tokio::spawn(upkeep::keep_placed(
+            service.clone(),
+            placement,
+            shutdown.clone(),
+        ))
+    });
     let (_, required) = ferroclaw_common::grpc_auth::internal_auth(&config.data_dir)
         .map_err(grpc::GrpcError::from)?;
     let (router, health) = grpc::server_for::<RunnerServer<RunnerService>>(required).await?;
@@ -224,7 +260,7 @@ pub async fn run(
     // Files travel in single messages: room for the largest plus its envelope.
     let file_room = session_files::MAX_FILE_BYTES + 1024 * 1024;
     let router = router.add_service(
-        RunnerServer::new(service)
+        RunnerServer::from_arc(service)
             .max_decoding_message_size(file_room)
             .max_encoding_message_size(file_room),
     );
@@ -238,14 +274,61 @@ pub async fn run(
     supervisor.wait_stopped().await;
     mailboxes.close_all().await;
     tracing::info!("runner stopped");
-    // Given up only now that no agent of this runner runs: a standby may take over.
-    match held_lock.await {
-        Ok(Some(mut lock)) => {
-            lock.release().await;
-            Ok(())
-        }
-        _ => Err(RunnerError::LostLock),
+    // Given up only now that no agent of this runner runs: a standby may take over, or
+    // the others see this runner missing at once.
+    if let (Some(placement), Some(upkeep)) = (placement, upkeep) {
+        return match upkeep.await {
+            Ok(true) => {
+                placement.release().await;
+                Ok(())
+            }
+            _ => Err(RunnerError::LostLease),
+        };
     }
+    match held_lock {
+        Some(held) => match held.await {
+            Ok(Some(mut lock)) => {
+                lock.release().await;
+                Ok(())
+            }
+            _ => Err(RunnerError::LostLock),
+        },
+        None => Ok(()),
+    }
+}
+
+/// Registers this runner among several (`runner.id`): its row, reachable at its
+/// advertised URL. `None` when shutdown came first.
+async fn register(
+    config: &Config,
+    id: &str,
+    listener: &TcpListener,
+    pool: &sqlx::AnyPool,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<placement::Placement>>> {
+    let bound = listener.local_addr().map_err(|source| RunnerError::Io {
+        path: "runner gRPC listener".into(),
+        source,
+    })?;
+    let url = config
+        .runner
+        .own_url(bound)
+        .map_err(|e| RunnerError::Config(e.to_string()))?;
+    let (auth, _) = ferroclaw_common::grpc_auth::internal_auth(&config.data_dir)
+        .map_err(grpc::GrpcError::from)?;
+    let docker_host = if config.runner.backend == "docker" {
+        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "local".into())
+    } else {
+        "none (process backend)".into()
+    };
+    let me = placement::Registration {
+        id: id.to_string(),
+        url,
+        docker_host,
+        capacity: i64::try_from(config.runner.max_running_agents).unwrap_or(i64::MAX),
+        shared_storage: config.runner.shared_storage,
+    };
+    placement::Placement::register(pool.clone(), me, auth, shutdown).await
 }
 
 /// How often the gauges of agents and sessions are refreshed (a scrape is every 15 s or so).

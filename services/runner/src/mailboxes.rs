@@ -57,9 +57,21 @@ impl Mailboxes {
         let mut open = self.open.lock().await;
         if let Some(entry) = open.get_mut(&session.id) {
             entry.last_used = Instant::now();
-            return Ok(entry.mailbox.clone());
+            let mailbox = entry.mailbox.clone();
+            if session.fence > mailbox.fence() {
+                // Placed here again since it was opened (a takeover): the new token holds.
+                mailbox.hold_fence(session.fence).await?;
+            }
+            return Ok(mailbox);
         }
         let mailbox = HostMailbox::open(self.paths(session), self.mode).await?;
+        if session.fence > 0 {
+            // Several runners: every write from now on checks this runner still holds it.
+            if let Err(e) = mailbox.hold_fence(session.fence).await {
+                mailbox.close().await;
+                return Err(e.into());
+            }
+        }
         mailbox.set_meta("session_id", &session.id).await?;
         mailbox.set_meta("agent", &session.agent).await?;
         for (key, value) in self.meta.get(&session.agent).into_iter().flatten() {

@@ -414,7 +414,7 @@ impl Stream {
         let sessions = self
             .feed
             .registry
-            .list(None)
+            .list_here()
             .await
             .map_err(StreamEnd::Runner)?;
         // Oldest first across sessions by the time the agent claims, but never out of seq
@@ -607,7 +607,7 @@ mod tests {
         let registry = Registry::open(&data.join("runner.db"))
             .await
             .expect("registry");
-        let session = registry.get_or_create("main", "c").await.expect("session");
+        let session = registry.get_or_create("main", "c", None).await.expect("session");
         let mailboxes = Arc::new(Mailboxes::new(
             data.clone(),
             JournalMode::Wal,

@@ -314,6 +314,8 @@ mod tests {
             conversation_key: "api:mine".into(),
             created_at: 0,
             last_activity: 0,
+            runner: None,
+            fence: 0,
         }
     }
 

@@ -12,6 +12,10 @@ pub struct SessionRecord {
     pub conversation_key: String,
     pub created_at: i64,
     pub last_activity: i64,
+    /// The runner the session is placed on, when several serve (`None`: the only one).
+    pub runner: Option<String>,
+    /// The placement's fencing token (0 when never placed).
+    pub fence: i64,
 }
 
 /// Sessions kept in memory at most (forgotten all at once past that: they are read again).
@@ -29,17 +33,21 @@ struct Known {
 }
 
 /// Column order of every `SELECT` below (sqlx's derive needs its macros, which we do not build).
-type Columns = (String, String, String, i64, i64);
-const COLUMNS: &str = "id, agent, conversation_key, created_at, last_activity";
+type Columns = (String, String, String, i64, i64, Option<String>, i64);
+const COLUMNS: &str = "id, agent, conversation_key, created_at, last_activity, runner, fence";
 
 impl From<Columns> for SessionRecord {
-    fn from((id, agent, conversation_key, created_at, last_activity): Columns) -> Self {
+    fn from(
+        (id, agent, conversation_key, created_at, last_activity, runner, fence): Columns,
+    ) -> Self {
         Self {
             id,
             agent,
             conversation_key,
             created_at,
             last_activity,
+            runner,
+            fence,
         }
     }
 }
@@ -54,6 +62,8 @@ pub struct Registry {
     known: std::sync::Arc<std::sync::Mutex<Known>>,
     /// Session counts, per agent and in all (see [`Registry::count_of`]).
     counted: std::sync::Arc<std::sync::Mutex<Counted>>,
+    /// This runner's id when several serve: [`Registry::list_here`] lists its sessions only.
+    here: Option<String>,
 }
 
 /// How a page of sessions is ordered. Ties are broken by id, so consecutive pages never
@@ -105,6 +115,11 @@ static SCHEMA: Schema = Schema {
             "session_order",
             include_str!("../migrations/sqlite/0002_session_order.sql"),
         ),
+        Step::new(
+            3,
+            "placement",
+            include_str!("../migrations/sqlite/0003_placement.sql"),
+        ),
     ],
     postgres: &[
         Step::new(
@@ -116,6 +131,11 @@ static SCHEMA: Schema = Schema {
             2,
             "session_order",
             include_str!("../migrations/postgres/0002_session_order.sql"),
+        ),
+        Step::new(
+            3,
+            "placement",
+            include_str!("../migrations/postgres/0003_placement.sql"),
         ),
     ],
     sqlite_legacy_columns: &[],
@@ -158,14 +178,28 @@ impl Registry {
             engine: db.engine,
             known: Default::default(),
             counted: Default::default(),
+            here: None,
         })
     }
 
-    /// The session of (agent, conversation key), created with a new id when absent.
+    /// The registry as runner `id` among several sees it (see [`Registry::list_here`]).
+    pub fn placed_as(mut self, id: &str) -> Self {
+        self.here = Some(id.to_string());
+        self
+    }
+
+    /// The engine the registry is on.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The session of (agent, conversation key), created with a new id when absent. A new
+    /// session is placed on `runner` (several runners) with a fresh fencing token.
     pub async fn get_or_create(
         &self,
         agent: &str,
         conversation_key: &str,
+        runner: Option<&str>,
     ) -> Result<SessionRecord> {
         if let Some(found) = self.cached(|k| {
             k.by_key
@@ -180,16 +214,19 @@ impl Registry {
             return Ok(found);
         }
         let now = ferroclaw_mailbox::now_ms();
-        let inserted = sqlx::query(
-            "INSERT INTO sessions (id, agent, conversation_key, created_at, last_activity)
-             VALUES ($1, $2, $3, $4, $4) ON CONFLICT (agent, conversation_key) DO NOTHING",
-        )
-        .bind(ferroclaw_common::ids::new_id("ses"))
-        .bind(agent)
-        .bind(conversation_key)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+        let insert = format!(
+            "INSERT INTO sessions (id, agent, conversation_key, created_at, last_activity, runner, fence)
+             VALUES ($1, $2, $3, $4, $4, $5, {}) ON CONFLICT (agent, conversation_key) DO NOTHING",
+            self.new_fence(runner.is_some())
+        );
+        let inserted = sqlx::query(&insert)
+            .bind(ferroclaw_common::ids::new_id("ses"))
+            .bind(agent)
+            .bind(conversation_key)
+            .bind(now)
+            .bind(runner)
+            .execute(&self.pool)
+            .await?;
         if inserted.rows_affected() > 0
             && let Ok(mut counted) = self.counted.lock()
         {
@@ -203,6 +240,103 @@ impl Registry {
             .ok_or(sqlx::Error::RowNotFound)?;
         self.remember(&found);
         Ok(found)
+    }
+
+    /// SQL for a new fencing token: the next of the sequence when placing on PostgreSQL.
+    fn new_fence(&self, placing: bool) -> &'static str {
+        match self.engine {
+            Engine::Postgres if placing => "nextval('session_fences')",
+            _ => "0",
+        }
+    }
+
+    /// Forgets what is remembered of session `id`: its placement changed.
+    pub fn forget(&self, id: &str) {
+        if let Ok(mut known) = self.known.lock()
+            && let Some(gone) = known.by_id.remove(id)
+        {
+            known.by_key.remove(&(gone.agent, gone.conversation_key));
+        }
+    }
+
+    /// Session `id` read from the database, never from memory.
+    pub async fn get_fresh(&self, id: &str) -> Result<Option<SessionRecord>> {
+        self.forget(id);
+        self.get(id).await
+    }
+
+    /// Places session `id` on `runner` with a new fencing token, if it is still where it
+    /// was found (`from`; `None`: never placed). The new record, or `None` when another
+    /// runner moved it first.
+    pub async fn place(
+        &self,
+        id: &str,
+        from: Option<&str>,
+        runner: &str,
+    ) -> Result<Option<SessionRecord>> {
+        let sql = format!(
+            "UPDATE sessions SET runner = $2, fence = {}
+             WHERE id = $1 AND (runner = $3 OR ($3 IS NULL AND runner IS NULL))
+             RETURNING {COLUMNS}",
+            self.new_fence(true)
+        );
+        let row: Option<Columns> = sqlx::query_as(&sql)
+            .bind(id)
+            .bind(runner)
+            .bind(from)
+            .fetch_optional(&self.pool)
+            .await?;
+        self.forget(id);
+        let placed: Option<SessionRecord> = row.map(Into::into);
+        if let Some(session) = &placed {
+            self.remember(session);
+        }
+        Ok(placed)
+    }
+
+    /// The sessions placed on `runner` (`None`: never placed), in creation order.
+    pub async fn placed_on(&self, runner: Option<&str>) -> Result<Vec<SessionRecord>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sessions
+             WHERE runner = $1 OR ($1 IS NULL AND runner IS NULL) ORDER BY created_at, id"
+        );
+        let rows: Vec<Columns> = sqlx::query_as(&sql)
+            .bind(runner)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    /// Whether this runner serves `session`: the only runner serves all.
+    pub fn is_here(&self, session: &SessionRecord) -> bool {
+        self.here.is_none() || session.runner == self.here
+    }
+
+    /// This runner's id among several.
+    pub fn here(&self) -> Option<&str> {
+        self.here.as_deref()
+    }
+
+    /// Sessions placed on each runner.
+    pub async fn placed_counts(&self) -> Result<std::collections::HashMap<String, u64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT runner, count(*) FROM sessions WHERE runner IS NOT NULL GROUP BY runner",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(runner, n)| (runner, u64::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
+    /// The sessions this runner serves: all of them, or with several runners those placed
+    /// on this one.
+    pub async fn list_here(&self) -> Result<Vec<SessionRecord>> {
+        match &self.here {
+            None => self.list(None).await,
+            Some(me) => self.placed_on(Some(me)).await,
+        }
     }
 
     fn cached(&self, look: impl FnOnce(&Known) -> Option<SessionRecord>) -> Option<SessionRecord> {
@@ -536,9 +670,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for at in ferroclaw_common::test_postgres::locations(dir.path(), "runner").await {
             let reg = Registry::open(&at).await.unwrap();
-            let a = reg.get_or_create("main", "api:c1").await.unwrap();
-            let b = reg.get_or_create("main", "api:c1").await.unwrap();
-            let c = reg.get_or_create("main", "api:c2").await.unwrap();
+            let a = reg.get_or_create("main", "api:c1", None).await.unwrap();
+            let b = reg.get_or_create("main", "api:c1", None).await.unwrap();
+            let c = reg.get_or_create("main", "api:c2", None).await.unwrap();
             assert_eq!(a, b);
             assert_ne!(a.id, c.id);
             assert_eq!(reg.list(Some("main")).await.unwrap().len(), 2);
@@ -671,7 +805,7 @@ mod tests {
         reg.record_usage("s1", "main", 1, 2).await.unwrap();
         assert_eq!(reg.daily_usage("2000-01-01").await.unwrap().len(), 1);
         // Its sessions and usage are kept.
-        let old = reg.get_or_create("main", "api:c1").await.unwrap();
+        let old = reg.get_or_create("main", "api:c1", None).await.unwrap();
         assert_eq!((old.id.as_str(), old.created_at), ("ses-old", 1));
         assert_eq!(
             reg.usage(Some("ses-old"), None).await.unwrap().input_tokens,
@@ -707,7 +841,7 @@ mod tests {
             let reg = Registry::open(&at).await.unwrap();
             for i in 0..23_i64 {
                 let agent = if i % 3 == 0 { "other" } else { "main" };
-                let s = reg.get_or_create(agent, &format!("k{i}")).await.unwrap();
+                let s = reg.get_or_create(agent, &format!("k{i}"), None).await.unwrap();
                 // Four activity times and five creation times for 23 sessions: ties everywhere.
                 sqlx::query(
                     "UPDATE sessions SET last_activity = $1, created_at = $2 WHERE id = $3",
@@ -769,16 +903,16 @@ mod tests {
         for at in ferroclaw_common::test_postgres::locations(dir.path(), "runner").await {
             let reg = Registry::open(&at).await.unwrap();
             assert_eq!(reg.count_of(None).await.unwrap(), 0);
-            reg.get_or_create("main", "a").await.unwrap();
-            reg.get_or_create("main", "b").await.unwrap();
-            reg.get_or_create("other", "a").await.unwrap();
+            reg.get_or_create("main", "a", None).await.unwrap();
+            reg.get_or_create("main", "b", None).await.unwrap();
+            reg.get_or_create("other", "a", None).await.unwrap();
             assert_eq!(reg.count().await.unwrap(), 3, "{at:?}");
             assert_eq!(reg.count_of(Some("main")).await.unwrap(), 2);
             assert_eq!(reg.count_of(Some("none")).await.unwrap(), 0);
             // Found again, not created: the counts stand.
-            reg.get_or_create("main", "a").await.unwrap();
+            reg.get_or_create("main", "a", None).await.unwrap();
             assert_eq!(reg.count_of(Some("main")).await.unwrap(), 2);
-            reg.get_or_create("main", "c").await.unwrap();
+            reg.get_or_create("main", "c", None).await.unwrap();
             assert_eq!(reg.count_of(Some("main")).await.unwrap(), 3, "{at:?}");
             assert_eq!(reg.count().await.unwrap(), 4);
         }

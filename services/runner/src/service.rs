@@ -15,6 +15,8 @@ use ferroclaw_proto::v1::{
     ReadOutboxFileResponse, Session, SettleBatchRequest, SettleBatchResponse, SettleRequest,
     SettleResponse, SettleResult, SyncTasksRequest, SyncTasksResponse, WatchOutboundRequest,
 };
+use ferroclaw_common::grpc_auth::GrpcChannel;
+use ferroclaw_proto::v1::runner_client::RunnerClient;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,7 @@ use crate::count_cache::CountCache;
 use crate::error::{Result, RunnerError};
 use crate::mailboxes::Mailboxes;
 use crate::outbound_feed::OutboundFeed;
+use crate::placement::{Placement, Route, was_forwarded};
 use crate::registry::{Registry, SessionRecord};
 use crate::session_files;
 use crate::supervisor::Supervisor;
@@ -37,11 +40,17 @@ pub struct RunnerService {
     pub(crate) shutdown: CancellationToken,
     /// Message counts of sessions whose files did not change (the console's pages).
     pub(crate) counts: CountCache,
+    /// Several runners: where sessions are placed (`None`: this runner serves all).
+    pub(crate) placement: Option<Arc<Placement>>,
+    /// Held while kept messages are moved into mailboxes (`routing::move_waiting`).
+    pub(crate) moving: tokio::sync::Mutex<()>,
+    /// Sessions this runner took over lately, and when (`routing::may_have_waiting`).
+    pub(crate) taken: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl RunnerService {
     /// Validates everything before anything is written: a rejected request leaves no trace.
-    fn parse_enqueue(&self, req: &EnqueueRequest) -> Result<NewInbound> {
+    pub(crate) fn parse_enqueue(&self, req: &EnqueueRequest) -> Result<NewInbound> {
         // With a session id, the session names its agent and conversation.
         let by_session = !req.session_id.is_empty();
         if !by_session && !self.agents.contains_key(&req.agent) {
@@ -97,6 +106,115 @@ impl RunnerService {
             .await?
             .ok_or_else(|| RunnerError::NotFound(format!("no session {id:?}")))
     }
+
+    /// The session of (agent, conversation key), a new one placed where it belongs.
+    async fn session_of(&self, agent: &str, conversation_key: &str) -> Result<SessionRecord> {
+        let runner = self
+            .placement
+            .as_ref()
+            .map(|p| p.choose(agent, conversation_key));
+        self.registry
+            .get_or_create(agent, conversation_key, runner.as_deref())
+            .await
+    }
+
+    /// Several runners: each registered one, with its sessions when `counted` (empty for a
+    /// single one).
+    async fn runner_instances(
+        &self,
+        counted: bool,
+    ) -> Result<Vec<ferroclaw_proto::v1::RunnerInstance>> {
+        let Some(placement) = &self.placement else {
+            return Ok(Vec::new());
+        };
+        let peers = placement.read_peers().await?;
+        let placed = if counted {
+            self.registry.placed_counts().await?
+        } else {
+            HashMap::new()
+        };
+        Ok(peers
+            .into_iter()
+            .map(|p| ferroclaw_proto::v1::RunnerInstance {
+                sessions: placed.get(&p.id).copied().unwrap_or(0),
+                id: p.id,
+                url: p.url,
+                docker_host: p.docker_host,
+                capacity: p.capacity,
+                shared_storage: p.shared_storage,
+                live: p.live,
+            })
+            .collect())
+    }
+
+    /// `message` as a call forwarded to the session's runner.
+    fn onward<T>(&self, message: T) -> Result<Request<T>, Status> {
+        self.placement
+            .as_ref()
+            .map(|p| p.forwarded(message))
+            .ok_or_else(|| Status::internal("forwarding without several runners"))
+    }
+
+    /// Session `id` and where its calls go.
+    async fn routed(&self, id: &str, forwarded: bool) -> Result<(SessionRecord, Route)> {
+        let session = self.session(id).await?;
+        self.route_of(session, forwarded).await
+    }
+
+    /// Appends `message` to the mailbox of `session`, served here.
+    pub(crate) async fn enqueue_here(
+        &self,
+        session: &SessionRecord,
+        message: &NewInbound,
+    ) -> Result<EnqueueResponse, Status> {
+        if let Some(why) = self.supervisor.over_quota(session).await {
+            return Err(Status::failed_precondition(why));
+        }
+        if self.may_have_waiting(&session.id)
+            && let Some(p) = &self.placement
+            && crate::handoff::any_for(p.pool(), &session.id).await?
+        {
+            // Messages kept while this runner was missing go first.
+            self.move_waiting().await?;
+        }
+        self.append(session, message).await
+    }
+
+    /// [`RunnerService::enqueue_here`] without looking for kept messages first.
+    pub(crate) async fn append(
+        &self,
+        session: &SessionRecord,
+        message: &NewInbound,
+    ) -> Result<EnqueueResponse, Status> {
+        let mailbox = self.mailboxes.get(session).await?;
+        let enqueued = mailbox.enqueue(message).await.map_err(RunnerError::from)?;
+        // Its agent may write rows from now on.
+        self.feed.note_active(session);
+        crate::metrics::METRICS
+            .enqueued
+            .with_label_values(&[
+                session.agent.as_str(),
+                if enqueued.duplicate { "true" } else { "false" },
+            ])
+            .inc();
+        if !enqueued.duplicate {
+            self.feed.pending_replies.enqueued(
+                &session.id,
+                enqueued.seq,
+                ferroclaw_mailbox::now_ms(),
+            );
+            self.registry.touch(&session.id).await?;
+            self.supervisor.ensure(session).await;
+        }
+        tracing::debug!(session = %session.id, seq = enqueued.seq, duplicate = enqueued.duplicate, "enqueued");
+        Ok(EnqueueResponse {
+            session_id: session.id.clone(),
+            seq: enqueued.seq,
+            message_id: enqueued.id,
+            duplicate: enqueued.duplicate,
+            waiting_for_runner: String::new(),
+        })
+    }
 }
 
 /// A task as the agent reads it from its mailbox (`tasks.spec`).
@@ -129,45 +247,44 @@ impl Runner for RunnerService {
         &self,
         request: Request<EnqueueRequest>,
     ) -> Result<Response<EnqueueResponse>, Status> {
+        let forwarded = was_forwarded(&request);
         let req = request.into_inner();
         let message = self.parse_enqueue(&req)?;
         let session = if req.session_id.is_empty() {
-            self.registry
-                .get_or_create(&req.agent, &req.conversation_key)
-                .await?
+            self.session_of(&req.agent, &req.conversation_key).await?
         } else {
             self.session(&req.session_id).await?
         };
-        if let Some(why) = self.supervisor.over_quota(&session).await {
-            return Err(Status::failed_precondition(why));
+        let (session, route) = self.route_of(session, forwarded).await?;
+        // Elsewhere the message goes under its id: a repeat through any runner is one.
+        let onward = || EnqueueRequest {
+            session_id: session.id.clone(),
+            idempotency_key: message.id.clone(),
+            ..req.clone()
+        };
+        match route {
+            Route::Here => Ok(Response::new(self.enqueue_here(&session, &message).await?)),
+            Route::There { runner, mut client } => {
+                let placement = self.placement.as_ref().ok_or(Status::internal("no placement"))?;
+                tracing::debug!(session = %session.id, %runner, "enqueue forwarded");
+                client.enqueue(placement.forwarded(onward())).await.inspect_err(|_| {
+                    self.registry.forget(&session.id);
+                })
+            }
+            Route::Missing { runner } => {
+                let placement = self.placement.as_ref().ok_or(Status::internal("no placement"))?;
+                let kept = crate::handoff::keep(placement.pool(), &session.id, &onward()).await?;
+                tracing::info!(session = %session.id, %runner, duplicate = !kept,
+                    "enqueue kept until the session's runner is back");
+                Ok(Response::new(EnqueueResponse {
+                    session_id: session.id.clone(),
+                    seq: 0,
+                    message_id: message.id,
+                    duplicate: !kept,
+                    waiting_for_runner: runner,
+                }))
+            }
         }
-        let mailbox = self.mailboxes.get(&session).await?;
-        let enqueued = mailbox.enqueue(&message).await.map_err(RunnerError::from)?;
-        // Its agent may write rows from now on.
-        self.feed.note_active(&session);
-        crate::metrics::METRICS
-            .enqueued
-            .with_label_values(&[
-                session.agent.as_str(),
-                if enqueued.duplicate { "true" } else { "false" },
-            ])
-            .inc();
-        if !enqueued.duplicate {
-            self.feed.pending_replies.enqueued(
-                &session.id,
-                enqueued.seq,
-                ferroclaw_mailbox::now_ms(),
-            );
-            self.registry.touch(&session.id).await?;
-            self.supervisor.ensure(&session).await;
-        }
-        tracing::debug!(session = %session.id, seq = enqueued.seq, duplicate = enqueued.duplicate, "enqueued");
-        Ok(Response::new(EnqueueResponse {
-            session_id: session.id,
-            seq: enqueued.seq,
-            message_id: enqueued.id,
-            duplicate: enqueued.duplicate,
-        }))
     }
 
     type WatchOutboundStream = OutboundStream;
@@ -186,9 +303,17 @@ impl Runner for RunnerService {
         &self,
         request: Request<SettleRequest>,
     ) -> Result<Response<SettleResponse>, Status> {
+        let forwarded = was_forwarded(&request);
         let req = request.into_inner();
         let outcome = settlement_outcome(&req)?;
-        let session = self.session(&req.session_id).await?;
+        let (session, route) = self.routed(&req.session_id, forwarded).await?;
+        match route {
+            Route::Here => {}
+            Route::There { mut client, .. } => {
+                return client.settle(self.onward(req)?).await;
+            }
+            Route::Missing { runner } => return Err(Self::missing(&session, &runner).into()),
+        }
         let mailbox = self.mailboxes.get(&session).await?;
         let none_if_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
         let recorded = mailbox
@@ -207,6 +332,7 @@ impl Runner for RunnerService {
         &self,
         request: Request<SettleBatchRequest>,
     ) -> Result<Response<SettleBatchResponse>, Status> {
+        let forwarded = was_forwarded(&request);
         let settlements = request.into_inner().settlements;
         if settlements.len() > MAX_SETTLE_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -229,9 +355,25 @@ impl Runner for RunnerService {
                 Err(status) => results[i].refused = status.message().to_string(),
             }
         }
+        // Several runners: settlements of sessions served elsewhere, by runner.
+        let mut elsewhere: HashMap<String, (RunnerClient<GrpcChannel>, Vec<usize>)> =
+            HashMap::new();
         for (session_id, items) in by_session {
-            let session = match self.session(&session_id).await {
-                Ok(session) => session,
+            let session = match self.routed(&session_id, forwarded).await {
+                Ok((session, Route::Here)) => session,
+                Ok((_, Route::There { runner, client })) => {
+                    let (_, indices) = elsewhere.entry(runner).or_insert((client, Vec::new()));
+                    indices.extend(items.iter().map(|(i, _)| *i));
+                    continue;
+                }
+                Ok((_, Route::Missing { runner })) => {
+                    // Its row comes again on that runner's stream once it is back, and the
+                    // ledger settles it then without sending it again.
+                    for (i, _) in &items {
+                        results[*i].waiting_for_runner = runner.clone();
+                    }
+                    continue;
+                }
                 Err(RunnerError::NotFound(why)) => {
                     for (i, _) in &items {
                         results[*i].refused = why.clone();
@@ -259,6 +401,19 @@ impl Runner for RunnerService {
                 results[*i].recorded = recorded;
             }
         }
+        for (runner, (mut client, indices)) in elsewhere {
+            let request = SettleBatchRequest {
+                settlements: indices.iter().map(|i| settlements[*i].clone()).collect(),
+            };
+            // A failure fails the whole call: the caller sends it again, and what was
+            // recorded already is recorded once.
+            let answer = client.settle_batch(self.onward(request)?).await.map_err(|e| {
+                Status::unavailable(format!("settling on runner {runner}: {}", e.message()))
+            })?;
+            for (i, result) in indices.iter().zip(answer.into_inner().results) {
+                results[*i] = result;
+            }
+        }
         Ok(Response::new(SettleBatchResponse { results }))
     }
 
@@ -266,8 +421,16 @@ impl Runner for RunnerService {
         &self,
         request: Request<SyncTasksRequest>,
     ) -> Result<Response<SyncTasksResponse>, Status> {
+        let forwarded = was_forwarded(&request);
         let req = request.into_inner();
-        let session = self.session(&req.session_id).await?;
+        let (session, route) = self.routed(&req.session_id, forwarded).await?;
+        match route {
+            Route::Here => {}
+            Route::There { mut client, .. } => {
+                return client.sync_tasks(self.onward(req)?).await;
+            }
+            Route::Missing { runner } => return Err(Self::missing(&session, &runner).into()),
+        }
         let tasks: Vec<(String, String)> = req
             .tasks
             .iter()
@@ -287,8 +450,10 @@ impl Runner for RunnerService {
         request: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
         // See `session_list`: only the page's sessions' files are looked at.
+        let everywhere = !was_forwarded(&request);
         Ok(Response::new(
-            self.list_sessions_page(request.into_inner()).await?,
+            self.list_sessions_page(request.into_inner(), everywhere)
+                .await?,
         ))
     }
 
@@ -296,14 +461,23 @@ impl Runner for RunnerService {
         &self,
         request: Request<GetSessionRequest>,
     ) -> Result<Response<Session>, Status> {
-        let session = self.session(&request.into_inner().session_id).await?;
-        Ok(Response::new(self.describe_session(session).await?))
+        let forwarded = was_forwarded(&request);
+        let req = request.into_inner();
+        let (session, route) = self.routed(&req.session_id, forwarded).await?;
+        match route {
+            Route::Here => Ok(Response::new(self.describe_session(session).await?)),
+            Route::There { mut client, .. } => client.get_session(self.onward(req)?).await,
+            Route::Missing { runner } => {
+                Ok(Response::new(self.describe_unavailable(session, &runner).await?))
+            }
+        }
     }
 
     async fn put_inbox_file(
         &self,
         request: Request<PutInboxFileRequest>,
     ) -> Result<Response<PutInboxFileResponse>, Status> {
+        let forwarded = was_forwarded(&request);
         let req = request.into_inner();
         let session = if req.session_id.is_empty() {
             if !self.agents.contains_key(&req.agent) {
@@ -312,12 +486,22 @@ impl Runner for RunnerService {
                     req.agent
                 )));
             }
-            self.registry
-                .get_or_create(&req.agent, &req.conversation_key)
-                .await?
+            self.session_of(&req.agent, &req.conversation_key).await?
         } else {
             self.session(&req.session_id).await?
         };
+        let (session, route) = self.route_of(session, forwarded).await?;
+        match route {
+            Route::Here => {}
+            Route::There { mut client, .. } => {
+                let req = PutInboxFileRequest {
+                    session_id: session.id.clone(),
+                    ..req
+                };
+                return client.put_inbox_file(self.onward(req)?).await;
+            }
+            Route::Missing { runner } => return Err(Self::missing(&session, &runner).into()),
+        }
         // The mailbox makes the session directory (and its in/) exist.
         self.mailboxes.get(&session).await?;
         let paths = self.mailboxes.paths(&session);
@@ -355,8 +539,16 @@ impl Runner for RunnerService {
         &self,
         request: Request<ReadOutboxFileRequest>,
     ) -> Result<Response<ReadOutboxFileResponse>, Status> {
+        let forwarded = was_forwarded(&request);
         let req = request.into_inner();
-        let session = self.session(&req.session_id).await?;
+        let (session, route) = self.routed(&req.session_id, forwarded).await?;
+        match route {
+            Route::Here => {}
+            Route::There { mut client, .. } => {
+                return client.read_outbox_file(self.onward(req)?).await;
+            }
+            Route::Missing { runner } => return Err(Self::missing(&session, &runner).into()),
+        }
         let paths = self.mailboxes.paths(&session);
         let (data, name) =
             tokio::task::spawn_blocking(move || session_files::read_outbox_file(&paths, &req.path))
@@ -367,8 +559,19 @@ impl Runner for RunnerService {
 
     async fn get_runner_status(
         &self,
-        _request: Request<ferroclaw_proto::v1::GetRunnerStatusRequest>,
+        request: Request<ferroclaw_proto::v1::GetRunnerStatusRequest>,
     ) -> Result<Response<ferroclaw_proto::v1::RunnerStatus>, Status> {
+        if request.get_ref().runners_only {
+            return Ok(Response::new(ferroclaw_proto::v1::RunnerStatus {
+                runner_id: self
+                    .placement
+                    .as_ref()
+                    .map(|p| p.id().to_string())
+                    .unwrap_or_default(),
+                runners: self.runner_instances(false).await?,
+                ..Default::default()
+            }));
+        }
         // The engine probe is bounded (2 s): a stuck engine shows as not answering.
         let (engine_ok, engine) = self.supervisor.describe_engine().await;
         let states = self.supervisor.state_counts().await;
@@ -389,6 +592,12 @@ impl Runner for RunnerService {
             sessions: u64::try_from(self.registry.count().await?).unwrap_or(0),
             agent_starts_total: self.supervisor.agent_starts_total(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            runner_id: self
+                .placement
+                .as_ref()
+                .map(|p| p.id().to_string())
+                .unwrap_or_default(),
+            runners: self.runner_instances(true).await?,
         }))
     }
 
@@ -405,9 +614,16 @@ impl Runner for RunnerService {
         &self,
         request: Request<ferroclaw_proto::v1::ListSessionMessagesRequest>,
     ) -> Result<Response<ferroclaw_proto::v1::ListSessionMessagesResponse>, Status> {
-        Ok(Response::new(
-            self.session_messages(request.into_inner()).await?,
-        ))
+        let forwarded = was_forwarded(&request);
+        let req = request.into_inner();
+        let (session, route) = self.routed(&req.session_id, forwarded).await?;
+        match route {
+            Route::Here => Ok(Response::new(self.session_messages(req).await?)),
+            Route::There { mut client, .. } => {
+                client.list_session_messages(self.onward(req)?).await
+            }
+            Route::Missing { runner } => Err(Self::missing(&session, &runner).into()),
+        }
     }
 
     /// An operator's retry (through delivery): a row settled FAILED becomes unsettled and
@@ -421,6 +637,7 @@ impl Runner for RunnerService {
         request: Request<ferroclaw_proto::v1::ReopenOutboundRequest>,
     ) -> Result<Response<ferroclaw_proto::v1::ReopenOutboundResponse>, Status> {
         use ferroclaw_mailbox::Reopen;
+        let forwarded = was_forwarded(&request);
         let req = request.into_inner();
         if !ferroclaw_mailbox::seq::is_agent(req.out_seq) {
             return Err(Status::invalid_argument(format!(
@@ -428,7 +645,14 @@ impl Runner for RunnerService {
                 req.out_seq
             )));
         }
-        let session = self.session(&req.session_id).await?;
+        let (session, route) = self.routed(&req.session_id, forwarded).await?;
+        match route {
+            Route::Here => {}
+            Route::There { mut client, .. } => {
+                return client.reopen_outbound(self.onward(req)?).await;
+            }
+            Route::Missing { runner } => return Err(Self::missing(&session, &runner).into()),
+        }
         let mailbox = self.mailboxes.get(&session).await?;
         let reopened = match mailbox
             .reopen_failed(req.out_seq)

@@ -106,6 +106,9 @@ async fn runner() -> Harness {
             agents: HashMap::new(),
             shutdown: shutdown.clone(),
             counts: Default::default(),
+            placement: None,
+            moving: Default::default(),
+            taken: Default::default(),
         },
         dir,
         shutdown,
@@ -124,7 +127,7 @@ impl Harness {
         let record = self
             .service
             .registry
-            .get_or_create("main", key)
+            .get_or_create("main", key, None)
             .await
             .unwrap();
         let paths = self.service.mailboxes.paths(&record);
@@ -186,7 +189,7 @@ async fn list_sessions_pages_with_counts_and_tokens() {
     let other = h
         .service
         .registry
-        .get_or_create("other", "x")
+        .get_or_create("other", "x", None)
         .await
         .unwrap();
     h.active_at(&a.id, 3_000).await;
@@ -268,7 +271,7 @@ async fn pages_filtered_by_state_cover_their_sessions_once() {
     let other = h
         .service
         .registry
-        .get_or_create("other", "x")
+        .get_or_create("other", "x", None)
         .await
         .unwrap();
     let supervisor = &h.service.supervisor;
@@ -494,7 +497,7 @@ async fn runner_status_reports_the_process_backend() {
     h.session("b", 0, 0).await;
     let status = h
         .service
-        .get_runner_status(Request::new(GetRunnerStatusRequest {}))
+        .get_runner_status(Request::new(GetRunnerStatusRequest::default()))
         .await
         .unwrap()
         .into_inner();

@@ -23,7 +23,6 @@ use crate::mailbox_view::{Counts, MailboxView};
 pub use crate::registry::Order;
 use crate::registry::{SessionRecord, Usage};
 use crate::service::RunnerService;
-use crate::supervisor::AgentState;
 
 /// The most sessions one page may hold.
 pub const MAX_PAGE: u32 = 500;
@@ -226,12 +225,23 @@ fn session(
         model_requests: usage.requests,
         input_tokens: usage.input_tokens,
         output_tokens: usage.output_tokens,
+        runner: record.runner.unwrap_or_default(),
     }
 }
 
 /// A session's state: the supervisor's for the few with an agent, else idle.
-fn state_in(states: &HashMap<String, AgentState>, id: &str) -> &'static str {
-    states.get(id).map_or("idle", |s| s.as_str())
+fn state_in(states: &States, id: &str) -> &'static str {
+    states.get(id).copied().unwrap_or("idle")
+}
+
+/// The sessions not idle, by id, with their state's name.
+type States = HashMap<String, &'static str>;
+
+/// A state's name as the runner reports it, for one read from another runner.
+fn known_state(name: &str) -> Option<&'static str> {
+    ["queued", "running", "backoff", "unavailable"]
+        .into_iter()
+        .find(|s| *s == name)
 }
 
 fn as_count(n: i64) -> usize {
@@ -239,14 +249,28 @@ fn as_count(n: i64) -> usize {
 }
 
 impl RunnerService {
+    /// A page of sessions. With several runners every session is listed (the registry is
+    /// shared): the states come from every runner (`everywhere`; a call another runner
+    /// forwarded asks for this runner's only), and a session served elsewhere is described
+    /// by its runner.
     pub(crate) async fn list_sessions_page(
         &self,
         req: ListSessionsRequest,
+        everywhere: bool,
     ) -> Result<ListSessionsResponse> {
         let query = ListQuery::parse(&req)?;
         let agent = (!req.agent.is_empty()).then_some(req.agent.as_str());
         let total = u64::try_from(self.registry.count().await?).unwrap_or(0);
-        let states = self.supervisor.states().await;
+        let mut states: States = self
+            .supervisor
+            .states()
+            .await
+            .into_iter()
+            .map(|(id, s)| (id, s.as_str()))
+            .collect();
+        if everywhere {
+            self.add_states_elsewhere(&mut states).await?;
+        }
         let (matched, page) = match query.limit {
             Some(limit) => self.page_of(agent, &states, &query, limit).await?,
             // The whole list: every session is in it anyway.
@@ -256,12 +280,19 @@ impl RunnerService {
                 &query,
             ),
         };
+        let order: Vec<String> = page.iter().map(|(r, _)| r.id.clone()).collect();
+        // Sessions served elsewhere are described by their runners.
+        let (page, mut described) = if everywhere && query.limit.is_some() {
+            self.described_elsewhere(page).await?
+        } else {
+            (page, Vec::new())
+        };
         let ids: Vec<&str> = page.iter().map(|(r, _)| r.id.as_str()).collect();
         let mut usage = self.registry.usage_of_sessions(&ids).await?;
         // Message counts only for a page: the whole list is for callers that want pending.
         let paths = page.iter().map(|(r, _)| self.mailboxes.paths(r)).collect();
         let counts = read_counts(paths, query.limit.is_some(), &self.counts).await;
-        let sessions = page
+        let mut sessions: Vec<Session> = page
             .into_iter()
             .zip(counts)
             .map(|((record, state), counts)| {
@@ -270,12 +301,125 @@ impl RunnerService {
                 session(record, state, starts, counts, used)
             })
             .collect();
+        if !described.is_empty() {
+            // Back in the page's order.
+            sessions.append(&mut described);
+            let place: HashMap<&str, usize> = order
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.as_str(), i))
+                .collect();
+            sessions.sort_by_key(|s| place.get(s.id.as_str()).copied().unwrap_or(usize::MAX));
+        }
         Ok(ListSessionsResponse {
             sessions,
             agent_starts_total: self.supervisor.agent_starts_total(),
             matched: matched as u64,
             total,
         })
+    }
+
+    /// Several runners: adds the states of the sessions the others serve (each live one is
+    /// asked for its sessions with an agent, at most [`MAX_PAGE`] per state), and
+    /// "unavailable" for those of missing runners.
+    async fn add_states_elsewhere(&self, states: &mut States) -> Result<()> {
+        let Some(placement) = &self.placement else {
+            return Ok(());
+        };
+        for peer in placement.peers() {
+            if peer.id == placement.id() {
+                continue;
+            }
+            if !peer.live {
+                for session in self.registry.placed_on(Some(&peer.id)).await? {
+                    states.insert(session.id, "unavailable");
+                }
+                continue;
+            }
+            let mut client = placement.client_of(&peer.url)?;
+            for state in ["queued", "running", "backoff"] {
+                let ask = ListSessionsRequest {
+                    state: state.into(),
+                    limit: MAX_PAGE,
+                    ..Default::default()
+                };
+                let asked = client.list_sessions(placement.forwarded(ask));
+                match tokio::time::timeout(VIEW_TIMEOUT, asked).await {
+                    Ok(Ok(answer)) => {
+                        for session in answer.into_inner().sessions {
+                            if let Some(state) = known_state(&session.agent_state) {
+                                states.insert(session.id, state);
+                            }
+                        }
+                    }
+                    Ok(Err(status)) => {
+                        tracing::debug!(runner = %peer.id, %status, "another runner's states not read");
+                    }
+                    Err(_) => {
+                        // A runner paused or dying: its sessions show idle until it answers.
+                        tracing::debug!(runner = %peer.id, "another runner did not answer in time");
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Several runners: splits a page into the sessions served here (described below) and
+    /// the others, described by their runners, or as unavailable (without counts) when
+    /// theirs is missing or does not answer.
+    async fn described_elsewhere(
+        &self,
+        page: Vec<(SessionRecord, &'static str)>,
+    ) -> Result<(Vec<(SessionRecord, &'static str)>, Vec<Session>)> {
+        let Some(placement) = &self.placement else {
+            return Ok((page, Vec::new()));
+        };
+        let mut here = Vec::new();
+        let mut asking = JoinSet::new();
+        let mut unreadable: Vec<(SessionRecord, &'static str)> = Vec::new();
+        for (record, state) in page {
+            let Some(runner) = record.runner.clone().filter(|r| r != placement.id()) else {
+                here.push((record, state));
+                continue;
+            };
+            match placement.route(&record)? {
+                crate::placement::Route::There { mut client, .. } => {
+                    let ask = placement.forwarded(ferroclaw_proto::v1::GetSessionRequest {
+                        session_id: record.id.clone(),
+                    });
+                    asking.spawn(async move {
+                        let answer = tokio::time::timeout(VIEW_TIMEOUT, client.get_session(ask)).await;
+                        match answer {
+                            Ok(Ok(session)) => Ok(session.into_inner()),
+                            _ => Err((record, state)),
+                        }
+                    });
+                }
+                _ => {
+                    tracing::trace!(session = %record.id, %runner, "its runner is missing");
+                    unreadable.push((record, "unavailable"));
+                }
+            }
+        }
+        let mut described = Vec::new();
+        while let Some(done) = asking.join_next().await {
+            match done {
+                Ok(Ok(session)) => described.push(session),
+                Ok(Err(unanswered)) => unreadable.push(unanswered),
+                Err(e) => tracing::warn!(error = %e, "describing a session failed"),
+            }
+        }
+        if !unreadable.is_empty() {
+            let ids: Vec<&str> = unreadable.iter().map(|(r, _)| r.id.as_str()).collect();
+            let mut usage = self.registry.usage_of_sessions(&ids).await?;
+            for (record, state) in unreadable {
+                let used = usage.remove(&record.id).unwrap_or_default();
+                described.push(session(record, state, 0, Counts::default(), used));
+            }
+        }
+        Ok((here, described))
     }
 
     /// A page cut by the registry: (how many sessions matched, the page with each one's
@@ -285,7 +429,7 @@ impl RunnerService {
     async fn page_of(
         &self,
         agent: Option<&str>,
-        states: &HashMap<String, AgentState>,
+        states: &States,
         query: &ListQuery,
         limit: usize,
     ) -> Result<(usize, Vec<(SessionRecord, &'static str)>)> {
@@ -317,13 +461,30 @@ impl RunnerService {
             Some(state) => {
                 let ids: Vec<&str> = states
                     .iter()
-                    .filter(|(_, s)| s.as_str() == state)
+                    .filter(|(_, s)| **s == state)
                     .map(|(id, _)| id.as_str())
                     .collect();
                 let records = registry.get_many(&ids, agent).await?;
                 Ok(select(records, |id| state_in(states, id), query))
             }
         }
+    }
+
+    /// A session whose runner is missing, as the registry knows it: its state is
+    /// "unavailable", and its files (on that runner) are not read.
+    pub(crate) async fn describe_unavailable(
+        &self,
+        record: SessionRecord,
+        runner: &str,
+    ) -> Result<Session> {
+        let mut usage = self
+            .registry
+            .usage_of_sessions(&[record.id.as_str()])
+            .await?;
+        let used = usage.remove(&record.id).unwrap_or_default();
+        let mut record = record;
+        record.runner = Some(runner.to_string());
+        Ok(session(record, "unavailable", 0, Counts::default(), used))
     }
 
     /// One session with its message counts and tokens.
@@ -356,6 +517,8 @@ mod tests {
             conversation_key: format!("api:{id}"),
             created_at,
             last_activity,
+            runner: None,
+            fence: 0,
         }
     }
 

@@ -285,7 +285,13 @@ impl Supervisor {
         for session in self.inner.backend.leftovers(registry).await? {
             self.ensure(&session).await;
         }
-        for session in registry.list(None).await? {
+        self.recover_sessions(registry.list_here().await?).await;
+        Ok(())
+    }
+
+    /// Starts agents for those of `sessions` that have work (now, or when it is due).
+    pub async fn recover_sessions(&self, sessions: Vec<SessionRecord>) {
+        for session in sessions {
             // One session's broken, tampered or locked files never keep the others from
             // starting.
             let read = async {
@@ -308,7 +314,6 @@ impl Supervisor {
                 Err(e) => self.inner.note_unreadable(&session, &e),
             }
         }
-        Ok(())
     }
 
     /// Ensures the agent at `due_ms` (now if it has passed).

@@ -76,6 +76,17 @@ pub struct RunnerConfig {
     /// The session registry and model usage: `postgres://…` or `sqlite:…`; unset,
     /// `<data_dir>/runner.db`.
     pub database_url: Option<String>,
+    /// Several runners serving different sessions (PostgreSQL only): this runner's id, the
+    /// same across its restarts. Unset: one runner serves every session, and others on the
+    /// same store stand by.
+    pub id: Option<String>,
+    /// Several runners: the URL the other runners call this one at; defaults to
+    /// `http://<listen>` when that names an address others can reach.
+    pub advertise_url: Option<String>,
+    /// Several runners: every runner mounts the sessions' storage at the same path (a
+    /// network volume), so a live runner takes over the sessions of a missing one. Without
+    /// it, a missing runner's sessions wait for it to return.
+    pub shared_storage: bool,
 }
 
 impl Default for RunnerConfig {
@@ -107,6 +118,9 @@ impl Default for RunnerConfig {
             max_rows_per_minute: 6_000,
             outbound_poll_ms: 0,
             database_url: None,
+            id: None,
+            advertise_url: None,
+            shared_storage: false,
         }
     }
 }
@@ -172,6 +186,15 @@ impl RunnerConfig {
         if let Some(v) = get("FERROCLAW_AGENT_OTLP_ENDPOINT").filter(|v| !v.is_empty()) {
             self.agent_otlp_endpoint = Some(v);
         }
+        if let Some(v) = get("FERROCLAW_RUNNER_ID").filter(|v| !v.is_empty()) {
+            self.id = Some(v);
+        }
+        if let Some(v) = get("FERROCLAW_RUNNER_ADVERTISE_URL").filter(|v| !v.is_empty()) {
+            self.advertise_url = Some(v);
+        }
+        if let Some(v) = get("FERROCLAW_RUNNER_SHARED_STORAGE") {
+            self.shared_storage = parse("FERROCLAW_RUNNER_SHARED_STORAGE", &v)?;
+        }
         if let Some(url) = super::database::from_env(get, "runner") {
             self.database_url = Some(url);
         }
@@ -223,7 +246,56 @@ impl RunnerConfig {
                 format!("{url:?} is not an http(s) URL (such as http://collector:4317)"),
             ));
         }
+        if let Some(id) = &self.id {
+            let fine = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !fine {
+                return Err(invalid(
+                    "runner.id",
+                    format!("{id:?}: 1 to 64 letters, digits, '-', '_' or '.'"),
+                ));
+            }
+            let on_postgres = self
+                .database_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"));
+            if !on_postgres {
+                return Err(invalid(
+                    "runner.id",
+                    "several runners share their sessions' registry in PostgreSQL: set \
+                     runner.database_url (or DATABASE_URL) to a postgres:// URL",
+                ));
+            }
+        }
+        if let Some(url) = &self.advertise_url
+            && !is_http_url(url)
+        {
+            return Err(invalid(
+                "runner.advertise_url",
+                format!("{url:?} is not an http(s) URL (such as http://runner-2:50051)"),
+            ));
+        }
         super::database::validate("runner", self.database_url.as_deref())
+    }
+
+    /// Several runners: the URL this one is called at by the others, or why there is none.
+    pub fn own_url(&self, bound: SocketAddr) -> Result<String, ConfigError> {
+        if let Some(url) = &self.advertise_url {
+            return Ok(url.clone());
+        }
+        if bound.ip().is_unspecified() {
+            return Err(invalid(
+                "runner.advertise_url",
+                format!(
+                    "the runner listens on {bound}, which is no address for the other runners \
+                     to call: set runner.advertise_url (FERROCLAW_RUNNER_ADVERTISE_URL)"
+                ),
+            ));
+        }
+        Ok(format!("http://{bound}"))
     }
 }
 
@@ -308,5 +380,55 @@ mod tests {
         c.runner.max_rows_per_batch = 0;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("runner.max_rows_per_batch"), "{err}");
+    }
+
+    #[test]
+    fn several_runners_need_an_id_postgres_and_a_reachable_url() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let mut c = Config::default();
+        c.apply_env(env(&[("FERROCLAW_RUNNER_ID", "runner-2")]))
+            .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("runner.id") && err.contains("PostgreSQL"), "{err}");
+
+        let mut c = Config::default();
+        c.apply_env(env(&[
+            ("FERROCLAW_RUNNER_ID", "runner-2"),
+            ("FERROCLAW_RUNNER_DATABASE_URL", "postgres://db/ferroclaw"),
+            ("FERROCLAW_RUNNER_SHARED_STORAGE", "true"),
+        ]))
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.runner.shared_storage);
+        assert_eq!(
+            c.runner.own_url("127.0.0.1:7000".parse().unwrap()).unwrap(),
+            "http://127.0.0.1:7000"
+        );
+        let err = c
+            .runner
+            .own_url("0.0.0.0:50051".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("advertise_url"), "{err}");
+        c.runner.advertise_url = Some("http://runner-2:50051".into());
+        assert_eq!(
+            c.runner.own_url("0.0.0.0:50051".parse().unwrap()).unwrap(),
+            "http://runner-2:50051"
+        );
+
+        for bad in ["", "a b", "../x", &"x".repeat(65)] {
+            let mut c = Config::default();
+            c.runner.id = Some(bad.to_string());
+            c.runner.database_url = Some("postgres://db/f".into());
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("runner.id"), "{bad:?}: {err}");
+        }
     }
 }

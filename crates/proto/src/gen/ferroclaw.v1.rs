@@ -75,9 +75,13 @@ pub struct Task {
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct GetRunnerStatusRequest {}
+pub struct GetRunnerStatusRequest {
+    /// Only `runner_id` and `runners` (no engine probe): what readiness checks ask.
+    #[prost(bool, tag = "1")]
+    pub runners_only: bool,
+}
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RunnerStatus {
     /// "process" or "docker".
     #[prost(string, tag = "1")]
@@ -103,6 +107,34 @@ pub struct RunnerStatus {
     /// The runner's version (its crate version).
     #[prost(string, tag = "9")]
     pub version: ::prost::alloc::string::String,
+    /// Several runners: this one's id, and every registered runner (empty for a single one).
+    #[prost(string, tag = "10")]
+    pub runner_id: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "11")]
+    pub runners: ::prost::alloc::vec::Vec<RunnerInstance>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RunnerInstance {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Where the other runners call it.
+    #[prost(string, tag = "2")]
+    pub url: ::prost::alloc::string::String,
+    /// The Docker engine its agents run on ("local" for the default socket).
+    #[prost(string, tag = "3")]
+    pub docker_host: ::prost::alloc::string::String,
+    /// Its max_running_agents: its share of new sessions follows it.
+    #[prost(int64, tag = "4")]
+    pub capacity: i64,
+    #[prost(bool, tag = "5")]
+    pub shared_storage: bool,
+    /// False once its lease ran out: it is missing.
+    #[prost(bool, tag = "6")]
+    pub live: bool,
+    /// Sessions placed on it.
+    #[prost(uint64, tag = "7")]
+    pub sessions: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -302,6 +334,10 @@ pub struct EnqueueResponse {
     pub message_id: ::prost::alloc::string::String,
     #[prost(bool, tag = "4")]
     pub duplicate: bool,
+    /// Several runners: set (to the runner's id) when the session's runner is missing. The
+    /// message is kept, and enters the mailbox when that runner is back; `seq` is 0 until then.
+    #[prost(string, tag = "5")]
+    pub waiting_for_runner: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -378,6 +414,10 @@ pub struct SettleResult {
     /// was taken. A refused settlement is not worth retrying.
     #[prost(string, tag = "2")]
     pub refused: ::prost::alloc::string::String,
+    /// Several runners: not taken because the session's runner is missing. Its row comes
+    /// again on that runner's stream once it is back, and is settled then.
+    #[prost(string, tag = "3")]
+    pub waiting_for_runner: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -433,7 +473,7 @@ pub struct Session {
     pub created_at_ms: i64,
     #[prost(int64, tag = "5")]
     pub last_activity_ms: i64,
-    /// "idle", "queued", "running" or "backoff".
+    /// "idle", "queued", "running", "backoff", or "unavailable" (its runner is missing).
     #[prost(string, tag = "6")]
     pub agent_state: ::prost::alloc::string::String,
     /// Inbound messages not yet processed by the agent.
@@ -456,6 +496,10 @@ pub struct Session {
     pub input_tokens: i64,
     #[prost(int64, tag = "13")]
     pub output_tokens: i64,
+    /// Several runners: the one serving the session. Its state is "unavailable" while that
+    /// runner is missing.
+    #[prost(string, tag = "14")]
+    pub runner: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -23,7 +23,7 @@ pub async fn page(State(state): Console, operator: Operator) -> Result<Response,
     // The runner's own state when it answers; the page still renders when it does not.
     let status = if runner {
         RunnerClient::new(app.runner.clone())
-            .get_runner_status(GetRunnerStatusRequest {})
+            .get_runner_status(GetRunnerStatusRequest::default())
             .await
             .ok()
             .map(|r| r.into_inner())
@@ -131,6 +131,7 @@ mod tests {
             sessions: 40,
             agent_starts_total: 12,
             version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
         })
         .into_string();
         assert!(html.contains("does not answer"));

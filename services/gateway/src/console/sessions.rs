@@ -283,6 +283,7 @@ mod tests {
             model_requests: 3,
             input_tokens: 1_500_000,
             output_tokens: 100_000,
+            runner: String::new(),
         }
     }
 

@@ -1,0 +1,81 @@
+//! Messages for sessions whose runner is missing (several runners, no shared storage):
+//! any live runner takes the enqueue, checked as it would be, and keeps it in the
+//! `handoff` table, in order; the session's runner, back, moves them into the session's
+//! mailbox and deletes them. A message is kept under its idempotency key (the message id),
+//! so a repeat is a duplicate here and in the mailbox, and a runner that dies between the
+//! mailbox write and the delete only makes the next move a duplicate.
+
+use prost::Message;
+use sqlx::AnyPool;
+
+use crate::error::{Result, RunnerError};
+use ferroclaw_proto::v1::EnqueueRequest;
+
+/// Messages moved in one round.
+pub const MOVE_AT_ONCE: i64 = 256;
+
+/// One waiting message.
+pub struct Waiting {
+    pub n: i64,
+    pub session_id: String,
+    pub request: EnqueueRequest,
+}
+
+/// Keeps `request` (its idempotency key set to the message id) for `session_id`; `false`
+/// when a message with that id waits already.
+pub async fn keep(pool: &AnyPool, session_id: &str, request: &EnqueueRequest) -> Result<bool> {
+    let kept = sqlx::query(
+        "INSERT INTO handoff (session_id, message_id, request, created_at)
+         VALUES ($1, $2, $3, $4) ON CONFLICT (session_id, message_id) DO NOTHING",
+    )
+    .bind(session_id)
+    .bind(&request.idempotency_key)
+    .bind(request.encode_to_vec())
+    .bind(ferroclaw_mailbox::now_ms())
+    .execute(pool)
+    .await?;
+    Ok(kept.rows_affected() == 1)
+}
+
+/// The oldest waiting messages of the sessions placed on `runner`, in the order they came.
+pub async fn waiting_for(pool: &AnyPool, runner: &str) -> Result<Vec<Waiting>> {
+    let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT h.n, h.session_id, h.request FROM handoff h
+         JOIN sessions s ON s.id = h.session_id
+         WHERE s.runner = $1 ORDER BY h.n LIMIT $2",
+    )
+    .bind(runner)
+    .bind(MOVE_AT_ONCE)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(n, session_id, bytes)| {
+            let request = EnqueueRequest::decode(bytes.as_slice()).map_err(|e| {
+                RunnerError::Config(format!("handoff row {n} of {session_id} is unreadable: {e}"))
+            })?;
+            Ok(Waiting {
+                n,
+                session_id,
+                request,
+            })
+        })
+        .collect()
+}
+
+/// Whether messages of `session_id` wait (a direct enqueue must not pass them).
+pub async fn any_for(pool: &AnyPool, session_id: &str) -> Result<bool> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM handoff WHERE session_id = $1")
+        .bind(session_id)
+        .fetch_one(pool)
+        .await?;
+    Ok(n > 0)
+}
+
+/// Forgets a message once it is in its mailbox.
+pub async fn moved(pool: &AnyPool, n: i64) -> Result<()> {
+    sqlx::query("DELETE FROM handoff WHERE n = $1")
+        .bind(n)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
