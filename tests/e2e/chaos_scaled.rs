@@ -1,8 +1,8 @@
-//! Chaos over the scaled setup: two runners (one active, one standing by) on one session
-//! store, two deliveries, two schedulers and a gateway that lists them all, on one
-//! PostgreSQL database. While 1,000 messages go through, a random runner, delivery or
-//! scheduler is SIGKILLed every 2 s and started again on its address. Every message is
-//! answered exactly once, in order.
+//! Chaos over the scaled setup: two runners on one session store (one active and one
+//! standing by, or two serving different sessions with `runner.id`), two deliveries, two
+//! schedulers and a gateway that lists them all, on one PostgreSQL database. While 1,000
+//! messages go through, a random runner, delivery or scheduler is SIGKILLed every 2 s and
+//! started again on its address. Every message is answered exactly once, in order.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -50,16 +50,24 @@ fn instance<'a>(
     }
 }
 
-/// Stops (SIGKILL when `kill`, else SIGTERM) and starts again an instance on its address.
+/// The runners' ids when they serve different sessions (the cluster's is runner-a).
+const RUNNER_IDS: [&str; 2] = ["runner-a", "runner-b"];
+
+/// Stops (SIGKILL when `kill`, else SIGTERM) and starts again an instance on its address
+/// (a runner with its id, when `placed`).
 async fn replace(
     cluster: &mut Cluster,
     seconds: &mut HashMap<&'static str, ServiceProcess>,
     kind: &'static str,
     i: usize,
     kill: bool,
+    placed: bool,
 ) -> anyhow::Result<()> {
     let p = instance(cluster, seconds, kind, i);
-    let overrides = same_address(kind, p);
+    let mut overrides = same_address(kind, p);
+    if placed && kind == "runner" {
+        overrides.push(("FERROCLAW_RUNNER_ID", RUNNER_IDS[i].into()));
+    }
     if kill {
         p.child.kill().await?;
         p.child.wait().await?;
@@ -98,16 +106,41 @@ async fn reply_lines(http: &reqwest::Client, api: &str, conversation: &str) -> V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_random_instance_killed_every_two_seconds_loses_and_repeats_nothing() -> anyhow::Result<()>
 {
+    chaos("chaos", false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_with_two_runners_serving_different_sessions_loses_and_repeats_nothing()
+-> anyhow::Result<()> {
+    chaos("chaos_placed", true).await
+}
+
+/// The chaos run on database `name`; with `placed`, both runners serve sessions of their
+/// own (shared storage: a runner's sessions move if it stays away past its lease).
+async fn chaos(name: &str, placed: bool) -> anyhow::Result<()> {
     let Some(postgres) = ferroclaw_common::test_postgres::cluster() else {
         return Ok(());
     };
-    let url = postgres.create_database("chaos").await?;
+    let url = postgres.create_database(name).await?;
     let dir = tempfile::tempdir()?;
-    let mut cluster = Cluster::start(dir.path(), &[("DATABASE_URL", url)]).await?;
+    let mut extra = vec![("DATABASE_URL", url)];
+    if placed {
+        extra.push(("FERROCLAW_RUNNER_ID", RUNNER_IDS[0].into()));
+        extra.push(("FERROCLAW_RUNNER_SHARED_STORAGE", "true".into()));
+    }
+    let mut cluster = Cluster::start(dir.path(), &extra).await?;
     let mut seconds: HashMap<&'static str, ServiceProcess> = HashMap::new();
     // Second instances, each told of every instance started before it; then the first
     // ones and the gateway are started again with the full lists.
-    seconds.insert("runner", cluster.start_another("runner", &[]).await?);
+    let second_runner: Vec<(&'static str, String)> = if placed {
+        vec![("FERROCLAW_RUNNER_ID", RUNNER_IDS[1].into())]
+    } else {
+        Vec::new()
+    };
+    seconds.insert(
+        "runner",
+        cluster.start_another("runner", &second_runner).await?,
+    );
     let list =
         |a: &ServiceProcess, b: &ServiceProcess| format!("{},{}", a.grpc_url(), b.grpc_url());
     let runners = list(&cluster.runner, &seconds["runner"]);
@@ -119,7 +152,7 @@ async fn a_random_instance_killed_every_two_seconds_loses_and_repeats_nothing() 
     let deliveries = list(&cluster.delivery, &seconds["delivery"]);
     cluster.envs_set("FERROCLAW_DELIVERY_URL", &deliveries);
     for kind in ["scheduler", "delivery"] {
-        replace(&mut cluster, &mut seconds, kind, 0, false).await?;
+        replace(&mut cluster, &mut seconds, kind, 0, false, placed).await?;
     }
     cluster.restart_gateway().await?;
     let api = cluster.api();
@@ -177,7 +210,7 @@ async fn a_random_instance_killed_every_two_seconds_loses_and_repeats_nothing() 
         let kind = KINDS[(seed % 3) as usize];
         let i = ((seed >> 8) % 2) as usize;
         kills.push(format!("{kind}#{i}"));
-        replace(&mut cluster, &mut seconds, kind, i, true).await?;
+        replace(&mut cluster, &mut seconds, kind, i, true, placed).await?;
     }
     for sender in senders {
         sender.await??;

@@ -203,7 +203,12 @@ fn the_scale_profile_adds_a_second_instance_of_each_service() -> anyhow::Result<
         command,
         project: format!("fcscale{}", std::process::id()),
         dir: dir.path().to_path_buf(),
-        envs: vec![("FERROCLAW_API_TOKEN", "t".into())],
+        envs: vec![
+            ("FERROCLAW_API_TOKEN", "t".into()),
+            // Two runners serving different sessions, as the README has it.
+            ("FERROCLAW_RUNNER_ID", "runner-1".into()),
+            ("FERROCLAW_RUNNER_2_ID", "runner-2".into()),
+        ],
     };
     let services = |profile: &[&str]| -> anyhow::Result<Vec<String>> {
         let mut args = profile.to_vec();
@@ -240,6 +245,17 @@ fn the_scale_profile_adds_a_second_instance_of_each_service() -> anyhow::Result<
         "http://scheduler:50053,http://scheduler-2:50053",
     ] {
         assert!(config.contains(list), "{list} missing from:\n{config}");
+    }
+    for setting in [
+        "FERROCLAW_RUNNER_ID: runner-1",
+        "FERROCLAW_RUNNER_ID: runner-2",
+        "FERROCLAW_RUNNER_ADVERTISE_URL: http://runner:50051",
+        "FERROCLAW_RUNNER_ADVERTISE_URL: http://runner-2:50051",
+    ] {
+        assert!(
+            config.contains(setting),
+            "{setting} missing from:\n{config}"
+        );
     }
     Ok(())
 }

@@ -60,7 +60,9 @@ async fn two_runners(
 /// A client of the runner at `url`, with the installation's internal token.
 fn runner_at(url: &str) -> anyhow::Result<RunnerClient<ferroclaw_common::grpc_auth::GrpcChannel>> {
     let token = ferroclaw_common::grpc_auth::AttachToken::new(Some(INTERNAL_TOKEN))?;
-    Ok(RunnerClient::new(ferroclaw_common::grpc::channel(url, token)?))
+    Ok(RunnerClient::new(ferroclaw_common::grpc::channel(
+        url, token,
+    )?))
 }
 
 /// Waits until every runner of `urls` sees runner-a and runner-b live (each places new
@@ -135,10 +137,16 @@ async fn send_all(
 }
 
 /// Every conversation's replies are `echo: m0` .. `echo: m{n-1}`, each once, in order.
-async fn answered_once(cluster: &Cluster, conversations: &[String], n: usize) -> anyhow::Result<()> {
+async fn answered_once(
+    cluster: &Cluster,
+    conversations: &[String],
+    n: usize,
+) -> anyhow::Result<()> {
     for conversation in conversations {
         let expected: Vec<String> = (0..n).map(|i| format!("echo: m{i}")).collect();
-        let seen = cluster.wait_for_lines(conversation, &expected, WAIT).await?;
+        let seen = cluster
+            .wait_for_lines(conversation, &expected, WAIT)
+            .await?;
         assert_eq!(seen, expected, "{conversation}: every reply once, in order");
     }
     Ok(())
@@ -200,12 +208,20 @@ async fn sessions_wait_for_their_runner_without_shared_storage() -> anyhow::Resu
     for (id, runner, _) in placed.values() {
         let on_a = dir_a.path().join("sessions/main").join(id).exists();
         let on_b = dir_b.path().join("sessions/main").join(id).exists();
-        assert_eq!((on_a, on_b), (runner == "runner-a", runner == "runner-b"), "{id}");
+        assert_eq!(
+            (on_a, on_b),
+            (runner == "runner-a", runner == "runner-b"),
+            "{id}"
+        );
     }
 
     // runner-b dies under load: its sessions' messages wait, the others' go on.
-    let b_addr = second.grpc.ok_or_else(|| anyhow::anyhow!("runner-b address"))?;
-    let b_proxy = second.http.ok_or_else(|| anyhow::anyhow!("runner-b proxy"))?;
+    let b_addr = second
+        .grpc
+        .ok_or_else(|| anyhow::anyhow!("runner-b address"))?;
+    let b_proxy = second
+        .http
+        .ok_or_else(|| anyhow::anyhow!("runner-b proxy"))?;
     let mut second = second;
     let senders = send_all(&cluster, &conversations, 2, 5).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -224,7 +240,11 @@ async fn sessions_wait_for_their_runner_without_shared_storage() -> anyhow::Resu
     println!("runner-b missing after {:?}", killed.elapsed());
     let during = sessions(&*cluster.lock().await).await?;
     for (key, (_, runner, state)) in &during {
-        let expected = if runner == "runner-b" { "unavailable" } else { state.as_str() };
+        let expected = if runner == "runner-b" {
+            "unavailable"
+        } else {
+            state.as_str()
+        };
         assert_eq!(state, expected, "{key} on {runner}");
     }
     assert!(during.values().any(|(_, _, state)| state == "unavailable"));
@@ -283,7 +303,10 @@ async fn with_shared_storage_a_live_runner_takes_over_and_a_stale_one_is_fenced(
     };
     let counts = spread(&placed);
     println!("sessions by runner: {counts:?}");
-    assert!(counts.get("runner-b").copied().unwrap_or(0) >= 8, "{counts:?}");
+    assert!(
+        counts.get("runner-b").copied().unwrap_or(0) >= 8,
+        "{counts:?}"
+    );
 
     // runner-b dies under load: runner-a takes its sessions over within the lease.
     let mut second = second;
@@ -301,7 +324,11 @@ async fn with_shared_storage_a_live_runner_takes_over_and_a_stale_one_is_fenced(
     answered_once(&cluster, &conversations, 4).await?;
     let after = sessions(&cluster).await?;
     println!("all answered {:?} after the kill", killed.elapsed());
-    assert_eq!(spread(&after).get("runner-a"), Some(&CONVERSATIONS), "{after:?}");
+    assert_eq!(
+        spread(&after).get("runner-a"),
+        Some(&CONVERSATIONS),
+        "{after:?}"
+    );
 
     // runner-b comes back and takes new sessions; then it is paused past its lease, its
     // sessions move to runner-a, and once resumed it cannot write to them.
@@ -358,12 +385,18 @@ async fn with_shared_storage_a_live_runner_takes_over_and_a_stale_one_is_fenced(
     let mut to_b = runner_at(&returned.grpc_url())?;
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let stale = tokio::time::timeout(Duration::from_secs(20), to_b.enqueue(request("through-b")))
-        .await;
+    let stale =
+        tokio::time::timeout(Duration::from_secs(20), to_b.enqueue(request("through-b"))).await;
     println!("runner-b's answer after its pause: {stale:?}");
-    assert!(!matches!(stale, Ok(Ok(_))), "a fenced runner took a message");
+    assert!(
+        !matches!(stale, Ok(Ok(_))),
+        "a fenced runner took a message"
+    );
     let status = tokio::time::timeout(Duration::from_secs(20), returned.child.wait()).await??;
-    assert!(!status.success(), "runner-b stops once it finds its lease gone");
+    assert!(
+        !status.success(),
+        "runner-b stops once it finds its lease gone"
+    );
     let ids = inbound_ids(dir.path(), &victim_id).await?;
     assert!(ids.iter().any(|id| id == "through-a"), "{ids:?}");
     assert!(!ids.iter().any(|id| id == "through-b"), "{ids:?}");
@@ -373,13 +406,18 @@ async fn with_shared_storage_a_live_runner_takes_over_and_a_stale_one_is_fenced(
 /// The inbound message ids of a session's mailbox.
 async fn inbound_ids(data_dir: &Path, session_id: &str) -> anyhow::Result<Vec<String>> {
     use sqlx::ConnectOptions;
-    let path = data_dir.join("sessions/main").join(session_id).join("in/inbound.db");
+    let path = data_dir
+        .join("sessions/main")
+        .join(session_id)
+        .join("in/inbound.db");
     let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(&path)
         .read_only(true)
         .connect()
         .await?;
-    Ok(sqlx::query_scalar("SELECT id FROM messages_in ORDER BY seq")
-        .fetch_all(&mut conn)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT id FROM messages_in ORDER BY seq")
+            .fetch_all(&mut conn)
+            .await?,
+    )
 }

@@ -136,12 +136,11 @@ impl HostMailbox {
             return Ok(());
         }
         let path = self.paths.inbound_db();
-        let current: Option<i64> = sqlx::query_scalar(
-            "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fence'",
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .at(&path)?;
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fence'")
+                .fetch_optional(&mut *tx)
+                .await
+                .at(&path)?;
         match current {
             Some(current) if current > held => Err(crate::Error::Fenced {
                 path,
@@ -227,18 +226,18 @@ impl HostMailbox {
             fence_ok(9)
         );
         let inserted: Option<i64> = sqlx::query_scalar(&insert)
-        .bind(max_out)
-        .bind(&msg.id)
-        .bind(msg.content.kind())
-        .bind(crate::now_ms())
-        .bind(msg.process_after)
-        .bind(origin)
-        .bind(msg.content.to_json())
-        .bind(&msg.trace)
-        .bind(self.held_fence())
-        .fetch_optional(&self.inbound)
-        .await
-        .at(&path)?;
+            .bind(max_out)
+            .bind(&msg.id)
+            .bind(msg.content.kind())
+            .bind(crate::now_ms())
+            .bind(msg.process_after)
+            .bind(origin)
+            .bind(msg.content.to_json())
+            .bind(&msg.trace)
+            .bind(self.held_fence())
+            .fetch_optional(&self.inbound)
+            .await
+            .at(&path)?;
         let Some(seq) = inserted else {
             self.check_fence().await?;
             let seq: i64 = sqlx::query_scalar("SELECT seq FROM messages_in WHERE id = $1")
@@ -691,17 +690,41 @@ mod tests {
             process_after: None,
             trace: None,
         };
-        assert!(!old.enqueue(&chat("before")).await.expect("enqueue").duplicate);
+        assert!(
+            !old.enqueue(&chat("before"))
+                .await
+                .expect("enqueue")
+                .duplicate
+        );
 
         // The session is taken over with fence 7.
         let new = HostMailbox::open(paths.clone(), JournalMode::Wal)
             .await
             .expect("open");
         new.hold_fence(7).await.expect("fence 7");
-        let fenced = |r: Result<()>| matches!(r, Err(crate::Error::Fenced { held: 3, current: 7, .. }));
-        assert!(fenced(old.enqueue(&chat("late")).await.map(drop)), "enqueue");
-        assert!(fenced(old.enqueue(&chat("before")).await.map(drop)), "even a repeat");
-        assert!(fenced(old.settle(1, Outcome::Delivered, None, None).await.map(drop)));
+        let fenced = |r: Result<()>| {
+            matches!(
+                r,
+                Err(crate::Error::Fenced {
+                    held: 3,
+                    current: 7,
+                    ..
+                })
+            )
+        };
+        assert!(
+            fenced(old.enqueue(&chat("late")).await.map(drop)),
+            "enqueue"
+        );
+        assert!(
+            fenced(old.enqueue(&chat("before")).await.map(drop)),
+            "even a repeat"
+        );
+        assert!(fenced(
+            old.settle(1, Outcome::Delivered, None, None)
+                .await
+                .map(drop)
+        ));
         let batch = [Settlement {
             out_seq: 1,
             outcome: Outcome::Delivered,
@@ -711,17 +734,27 @@ mod tests {
         assert!(fenced(old.settle_many(&batch).await.map(drop)));
         assert!(fenced(old.replace_tasks(&[]).await));
         assert!(fenced(old.set_meta("agent", "x").await));
-        assert!(fenced(old.hold_fence(3).await), "nor can it take the session back");
+        assert!(
+            fenced(old.hold_fence(3).await),
+            "nor can it take the session back"
+        );
         assert!(!new.enqueue(&chat("late")).await.expect("enqueue").duplicate);
         let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM messages_in ORDER BY seq")
             .fetch_all(&new.inbound)
             .await
             .expect("read");
-        assert_eq!(ids, ["before", "late"], "only the new holder's write landed");
+        assert_eq!(
+            ids,
+            ["before", "late"],
+            "only the new holder's write landed"
+        );
         // A single runner (fence 0) is never fenced.
-        let plain = HostMailbox::open(SessionPaths::new(&dir.path().join("other")), JournalMode::Wal)
-            .await
-            .expect("open");
+        let plain = HostMailbox::open(
+            SessionPaths::new(dir.path().join("other")),
+            JournalMode::Wal,
+        )
+        .await
+        .expect("open");
         plain.enqueue(&chat("x")).await.expect("enqueue");
     }
 

@@ -81,9 +81,7 @@ impl RunnerStreams {
     pub async fn run(mut self, any_runner: GrpcChannel) {
         let mut runner = RunnerClient::new(any_runner);
         loop {
-            let asked = runner.get_runner_status(GetRunnerStatusRequest {
-                runners_only: true,
-            });
+            let asked = runner.get_runner_status(GetRunnerStatusRequest { runners_only: true });
             if let Ok(Ok(status)) = tokio::time::timeout(DISCOVER_EVERY, asked).await {
                 for found in status.into_inner().runners.iter().filter(|r| r.live) {
                     let new = !self.followed.contains(found.url.trim_end_matches('/'));

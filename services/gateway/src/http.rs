@@ -758,9 +758,8 @@ pub(crate) async fn get_session(
 /// answer in time, which the health check reports).
 async fn missing_runners(state: &AppState) -> Vec<String> {
     let mut runner = RunnerClient::new(state.runner.clone());
-    let asked = runner.get_runner_status(ferroclaw_proto::v1::GetRunnerStatusRequest {
-        runners_only: true,
-    });
+    let asked = runner
+        .get_runner_status(ferroclaw_proto::v1::GetRunnerStatusRequest { runners_only: true });
     match tokio::time::timeout(std::time::Duration::from_secs(2), asked).await {
         Ok(Ok(status)) => status
             .into_inner()

@@ -37,21 +37,25 @@ pub async fn keep(pool: &AnyPool, session_id: &str, request: &EnqueueRequest) ->
     Ok(kept.rows_affected() == 1)
 }
 
-/// The oldest waiting messages of the sessions placed on `runner`, in the order they came.
-pub async fn waiting_for(pool: &AnyPool, runner: &str) -> Result<Vec<Waiting>> {
+/// The oldest waiting messages after `after` (a message's `n`) of the sessions placed on
+/// `runner`, in the order they came.
+pub async fn waiting_for(pool: &AnyPool, runner: &str, after: i64) -> Result<Vec<Waiting>> {
     let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
         "SELECT h.n, h.session_id, h.request FROM handoff h
          JOIN sessions s ON s.id = h.session_id
-         WHERE s.runner = $1 ORDER BY h.n LIMIT $2",
+         WHERE s.runner = $1 AND h.n > $3 ORDER BY h.n LIMIT $2",
     )
     .bind(runner)
     .bind(MOVE_AT_ONCE)
+    .bind(after)
     .fetch_all(pool)
     .await?;
     rows.into_iter()
         .map(|(n, session_id, bytes)| {
             let request = EnqueueRequest::decode(bytes.as_slice()).map_err(|e| {
-                RunnerError::Config(format!("handoff row {n} of {session_id} is unreadable: {e}"))
+                RunnerError::Config(format!(
+                    "handoff row {n} of {session_id} is unreadable: {e}"
+                ))
             })?;
             Ok(Waiting {
                 n,

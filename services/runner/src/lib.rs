@@ -83,6 +83,9 @@ pub async fn run(
         config.runner.database_url.as_deref(),
     )?;
     let mut registry = Registry::open(at.clone()).await?;
+    // Several runners: held while this one runs, so a restart on this host knows the
+    // process before it is gone.
+    let mut _sole_here = None;
     let (listener, ready, held_lock, placement) = match &config.runner.id {
         // One runner serves a session store; others stand by until it goes.
         None => {
@@ -96,11 +99,48 @@ pub async fn run(
             else {
                 return Ok(());
             };
+            if let Some(placed) = placement::live_placed_runners(registry.pool(), &at).await? {
+                return Err(RunnerError::Config(format!(
+                    "runners with an id serve this database ({placed}); a runner without \
+                     runner.id would serve their sessions too: give this one an id as well"
+                )));
+            }
             let held = tokio::spawn(standby::keep_lock(lock, shutdown.clone()));
             (listener, ready, Some(held), None)
         }
         // Several runners, each serving the sessions placed on it.
         Some(id) => {
+            // A runner without an id holding the single-runner lock serves every session.
+            let mut lock = ferroclaw_common::service_lock::ServiceLock::new(
+                standby::LOCK,
+                &at,
+                registry.pool(),
+            );
+            // Other runners with an id hold it only for a moment as they start: try again.
+            let mut free = false;
+            for _ in 0..5 {
+                if lock.hold().await? {
+                    free = true;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            if !free {
+                return Err(RunnerError::Config(
+                    "a runner without runner.id serves this database (it holds the runner \
+                     lock); runners with an id cannot serve beside it: give it an id too"
+                        .into(),
+                ));
+            }
+            lock.release().await;
+            let path = data_dir.join(format!("runner-{id}.lock"));
+            let Some(file) = ferroclaw_common::service_lock::try_lock_file(&path)? else {
+                return Err(RunnerError::Config(format!(
+                    "another runner with id {id:?} runs on this host (it holds {})",
+                    path.display()
+                )));
+            };
+            _sole_here = Some(file);
             let Some(placement) =
                 register(&config, id, &listener, registry.pool(), &shutdown).await?
             else {
@@ -297,6 +337,15 @@ pub async fn run(
     }
 }
 
+/// This host's name (the kernel's), or "unknown".
+fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Registers this runner among several (`runner.id`): its row, reachable at its
 /// advertised URL. `None` when shutdown came first.
 async fn register(
@@ -323,6 +372,7 @@ async fn register(
     };
     let me = placement::Registration {
         id: id.to_string(),
+        host: this_host(),
         url,
         docker_host,
         capacity: i64::try_from(config.runner.max_running_agents).unwrap_or(i64::MAX),

@@ -607,7 +607,10 @@ mod tests {
         let registry = Registry::open(&data.join("runner.db"))
             .await
             .expect("registry");
-        let session = registry.get_or_create("main", "c", None).await.expect("session");
+        let session = registry
+            .get_or_create("main", "c", None)
+            .await
+            .expect("session");
         let mailboxes = Arc::new(Mailboxes::new(
             data.clone(),
             JournalMode::Wal,

@@ -55,7 +55,7 @@ pub enum Route {
     /// Runner `runner` serves it: forward the call.
     There {
         runner: String,
-        client: RunnerClient<GrpcChannel>,
+        client: Box<RunnerClient<GrpcChannel>>,
     },
     /// Its runner is missing (its lease ran out).
     Missing { runner: String },
@@ -64,6 +64,9 @@ pub enum Route {
 /// What this runner says of itself in its row.
 pub struct Registration {
     pub id: String,
+    /// The host it runs on. The caller holds the id's lock file on this host, so no other
+    /// process with the id runs here: a row this host left is a dead process's, taken at once.
+    pub host: String,
     pub url: String,
     pub docker_host: String,
     pub capacity: i64,
@@ -87,8 +90,9 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Takes this runner's row, waiting while another live process holds the same id (a
-    /// runner restarted right after a crash waits for its old lease to run out). `None`
+    /// Takes this runner's row, waiting while another live process holds the same id: a
+    /// runner restarted on another host waits for its old lease to run out; restarted on
+    /// the same host (holding the id's lock file there), it takes the row at once. `None`
     /// when shutdown came first.
     pub async fn register(
         pool: AnyPool,
@@ -101,14 +105,16 @@ impl Placement {
         loop {
             let taken = sqlx::query(
                 "INSERT INTO runners
-                     (id, url, docker_host, capacity, shared_storage, instance, started_at, lease_until)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp() + $8 * interval '1 millisecond')
+                     (id, url, docker_host, capacity, shared_storage, instance, host, started_at, lease_until)
+                 VALUES ($1, $2, $3, $4, $5, $6, $9, $7, clock_timestamp() + $8 * interval '1 millisecond')
                  ON CONFLICT (id) DO UPDATE SET
                      url = excluded.url, docker_host = excluded.docker_host,
                      capacity = excluded.capacity, shared_storage = excluded.shared_storage,
-                     instance = excluded.instance, started_at = excluded.started_at,
-                     lease_until = excluded.lease_until
-                 WHERE runners.lease_until < clock_timestamp() OR runners.instance = excluded.instance",
+                     instance = excluded.instance, host = excluded.host,
+                     started_at = excluded.started_at, lease_until = excluded.lease_until
+                 WHERE runners.lease_until < clock_timestamp()
+                    OR runners.instance = excluded.instance
+                    OR runners.host = excluded.host",
             )
             .bind(&me.id)
             .bind(&me.url)
@@ -118,6 +124,7 @@ impl Placement {
             .bind(&instance)
             .bind(ferroclaw_mailbox::now_ms())
             .bind(LEASE.as_millis() as i64)
+            .bind(&me.host)
             .execute(&pool)
             .await?;
             if taken.rows_affected() == 1 {
@@ -184,10 +191,7 @@ impl Placement {
     /// How long the lease surely stands without another renewal (on this host's clock,
     /// counted from before the last renewal's answer, so never longer than the truth).
     pub fn lease_left(&self) -> Duration {
-        let since = self
-            .renewed
-            .lock()
-            .map_or(LEASE, |at| at.elapsed());
+        let since = self.renewed.lock().map_or(LEASE, |at| at.elapsed());
         LEASE.saturating_sub(since)
     }
 
@@ -281,7 +285,7 @@ impl Placement {
         match peer {
             Some(peer) if peer.live => Ok(Route::There {
                 runner: peer.id.clone(),
-                client: self.client_of(&peer.url)?,
+                client: Box::new(self.client_of(&peer.url)?),
             }),
             _ => Ok(Route::Missing {
                 runner: runner.to_string(),
@@ -316,6 +320,23 @@ impl Placement {
         }
         request
     }
+}
+
+/// The live runners with an id on the registry at `at`, named, or `None` (always on
+/// SQLite, where runners have no ids).
+pub async fn live_placed_runners(
+    pool: &AnyPool,
+    at: &ferroclaw_common::service_db::Location,
+) -> Result<Option<String>> {
+    if !matches!(at, ferroclaw_common::service_db::Location::Postgres(_)) {
+        return Ok(None);
+    }
+    let live: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM runners WHERE lease_until > clock_timestamp() ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok((!live.is_empty()).then(|| live.join(", ")))
 }
 
 /// Whether `request` was forwarded by another runner (then it is never forwarded again).
@@ -366,7 +387,11 @@ mod tests {
         for i in 0..10_000 {
             let key = format!("main\napi:c{i}");
             let chosen = rendezvous(&two, &key).unwrap();
-            assert_eq!(rendezvous(&two, &key), Some(chosen), "the same answer twice");
+            assert_eq!(
+                rendezvous(&two, &key),
+                Some(chosen),
+                "the same answer twice"
+            );
             *counts.entry(chosen).or_default() += 1;
         }
         let a = counts["runner-a"];

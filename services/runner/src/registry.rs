@@ -841,7 +841,10 @@ mod tests {
             let reg = Registry::open(&at).await.unwrap();
             for i in 0..23_i64 {
                 let agent = if i % 3 == 0 { "other" } else { "main" };
-                let s = reg.get_or_create(agent, &format!("k{i}"), None).await.unwrap();
+                let s = reg
+                    .get_or_create(agent, &format!("k{i}"), None)
+                    .await
+                    .unwrap();
                 // Four activity times and five creation times for 23 sessions: ties everywhere.
                 sqlx::query(
                     "UPDATE sessions SET last_activity = $1, created_at = $2 WHERE id = $3",

@@ -2,6 +2,7 @@
 //! the moves that follow from it: placing a session never placed, and moving the messages
 //! kept for this runner while it was missing ([`crate::handoff`]) into their mailboxes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::error::{Result, RunnerError};
@@ -87,7 +88,9 @@ impl RunnerService {
     }
 
     /// Moves the messages kept for this runner's sessions while it was missing into their
-    /// mailboxes, in the order they came; how many were moved.
+    /// mailboxes, in the order they came; how many were moved. A session whose mailbox
+    /// refuses one (its files broken, or over its disk quota) keeps its messages for the
+    /// next round, and never holds up the other sessions'.
     pub(crate) async fn move_waiting(&self) -> Result<usize> {
         let Some(placement) = &self.placement else {
             return Ok(0);
@@ -95,20 +98,28 @@ impl RunnerService {
         // One mover at a time: two would not lose anything, but could reorder.
         let _moving = self.moving.lock().await;
         let mut moved = 0;
+        let mut stuck: HashSet<String> = HashSet::new();
+        let mut after = 0;
         loop {
-            let waiting = handoff::waiting_for(placement.pool(), placement.id()).await?;
+            let waiting = handoff::waiting_for(placement.pool(), placement.id(), after).await?;
             if waiting.is_empty() {
                 return Ok(moved);
             }
             for w in waiting {
-                let session = self.registry.get_fresh(&w.session_id).await?;
-                match session {
+                after = w.n;
+                if stuck.contains(&w.session_id) {
+                    continue;
+                }
+                match self.registry.get_fresh(&w.session_id).await? {
                     Some(session) if self.registry.is_here(&session) => {
                         match self.parse_enqueue(&w.request) {
                             Ok(message) => {
-                                self.append(&session, &message).await.map_err(|status| {
-                                    RunnerError::Unavailable(status.message().to_string())
-                                })?;
+                                if let Err(status) = self.append(&session, &message).await {
+                                    tracing::warn!(session = %session.id, %status,
+                                        "kept messages cannot enter the session's mailbox yet");
+                                    stuck.insert(w.session_id);
+                                    continue;
+                                }
                             }
                             Err(e) => {
                                 // Checked when it was kept: only a changed config lands here.
@@ -140,7 +151,9 @@ impl RunnerService {
         };
         placement.registered.elapsed() < window
             || self.taken.lock().is_ok_and(|taken| {
-                taken.get(session_id).is_some_and(|at| at.elapsed() < window)
+                taken
+                    .get(session_id)
+                    .is_some_and(|at| at.elapsed() < window)
             })
     }
 

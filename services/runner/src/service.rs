@@ -5,9 +5,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use ferroclaw_common::config::AgentConfig;
+use ferroclaw_common::grpc_auth::GrpcChannel;
 use ferroclaw_mailbox::{
     Destination, HostMailbox, NewInbound, Origin, Outcome as MailOutcome, Settlement,
 };
+use ferroclaw_proto::v1::runner_client::RunnerClient;
 use ferroclaw_proto::v1::runner_server::Runner;
 use ferroclaw_proto::v1::{
     EnqueueRequest, EnqueueResponse, GetSessionRequest, ListSessionsRequest, ListSessionsResponse,
@@ -15,8 +17,6 @@ use ferroclaw_proto::v1::{
     ReadOutboxFileResponse, Session, SettleBatchRequest, SettleBatchResponse, SettleRequest,
     SettleResponse, SettleResult, SyncTasksRequest, SyncTasksResponse, WatchOutboundRequest,
 };
-use ferroclaw_common::grpc_auth::GrpcChannel;
-use ferroclaw_proto::v1::runner_client::RunnerClient;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -265,14 +265,23 @@ impl Runner for RunnerService {
         match route {
             Route::Here => Ok(Response::new(self.enqueue_here(&session, &message).await?)),
             Route::There { runner, mut client } => {
-                let placement = self.placement.as_ref().ok_or(Status::internal("no placement"))?;
+                let placement = self
+                    .placement
+                    .as_ref()
+                    .ok_or(Status::internal("no placement"))?;
                 tracing::debug!(session = %session.id, %runner, "enqueue forwarded");
-                client.enqueue(placement.forwarded(onward())).await.inspect_err(|_| {
-                    self.registry.forget(&session.id);
-                })
+                client
+                    .enqueue(placement.forwarded(onward()))
+                    .await
+                    .inspect_err(|_| {
+                        self.registry.forget(&session.id);
+                    })
             }
             Route::Missing { runner } => {
-                let placement = self.placement.as_ref().ok_or(Status::internal("no placement"))?;
+                let placement = self
+                    .placement
+                    .as_ref()
+                    .ok_or(Status::internal("no placement"))?;
                 let kept = crate::handoff::keep(placement.pool(), &session.id, &onward()).await?;
                 tracing::info!(session = %session.id, %runner, duplicate = !kept,
                     "enqueue kept until the session's runner is back");
@@ -362,7 +371,7 @@ impl Runner for RunnerService {
             let session = match self.routed(&session_id, forwarded).await {
                 Ok((session, Route::Here)) => session,
                 Ok((_, Route::There { runner, client })) => {
-                    let (_, indices) = elsewhere.entry(runner).or_insert((client, Vec::new()));
+                    let (_, indices) = elsewhere.entry(runner).or_insert((*client, Vec::new()));
                     indices.extend(items.iter().map(|(i, _)| *i));
                     continue;
                 }
@@ -407,9 +416,12 @@ impl Runner for RunnerService {
             };
             // A failure fails the whole call: the caller sends it again, and what was
             // recorded already is recorded once.
-            let answer = client.settle_batch(self.onward(request)?).await.map_err(|e| {
-                Status::unavailable(format!("settling on runner {runner}: {}", e.message()))
-            })?;
+            let answer = client
+                .settle_batch(self.onward(request)?)
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("settling on runner {runner}: {}", e.message()))
+                })?;
             for (i, result) in indices.iter().zip(answer.into_inner().results) {
                 results[*i] = result;
             }
@@ -467,9 +479,9 @@ impl Runner for RunnerService {
         match route {
             Route::Here => Ok(Response::new(self.describe_session(session).await?)),
             Route::There { mut client, .. } => client.get_session(self.onward(req)?).await,
-            Route::Missing { runner } => {
-                Ok(Response::new(self.describe_unavailable(session, &runner).await?))
-            }
+            Route::Missing { runner } => Ok(Response::new(
+                self.describe_unavailable(session, &runner).await?,
+            )),
         }
     }
 

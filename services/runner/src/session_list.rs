@@ -268,9 +268,12 @@ impl RunnerService {
             .into_iter()
             .map(|(id, s)| (id, s.as_str()))
             .collect();
-        if everywhere {
-            self.add_states_elsewhere(&mut states).await?;
-        }
+        // With several runners: the agents the others started, too.
+        let starts_elsewhere = if everywhere {
+            self.add_states_elsewhere(&mut states).await?
+        } else {
+            0
+        };
         let (matched, page) = match query.limit {
             Some(limit) => self.page_of(agent, &states, &query, limit).await?,
             // The whole list: every session is in it anyway.
@@ -313,7 +316,7 @@ impl RunnerService {
         }
         Ok(ListSessionsResponse {
             sessions,
-            agent_starts_total: self.supervisor.agent_starts_total(),
+            agent_starts_total: self.supervisor.agent_starts_total() + starts_elsewhere,
             matched: matched as u64,
             total,
         })
@@ -321,11 +324,12 @@ impl RunnerService {
 
     /// Several runners: adds the states of the sessions the others serve (each live one is
     /// asked for its sessions with an agent, at most [`MAX_PAGE`] per state), and
-    /// "unavailable" for those of missing runners.
-    async fn add_states_elsewhere(&self, states: &mut States) -> Result<()> {
+    /// "unavailable" for those of missing runners; the agents the others started.
+    async fn add_states_elsewhere(&self, states: &mut States) -> Result<u64> {
         let Some(placement) = &self.placement else {
-            return Ok(());
+            return Ok(0);
         };
+        let mut starts = 0;
         for peer in placement.peers() {
             if peer.id == placement.id() {
                 continue;
@@ -337,7 +341,7 @@ impl RunnerService {
                 continue;
             }
             let mut client = placement.client_of(&peer.url)?;
-            for state in ["queued", "running", "backoff"] {
+            for (i, state) in ["queued", "running", "backoff"].into_iter().enumerate() {
                 let ask = ListSessionsRequest {
                     state: state.into(),
                     limit: MAX_PAGE,
@@ -346,7 +350,11 @@ impl RunnerService {
                 let asked = client.list_sessions(placement.forwarded(ask));
                 match tokio::time::timeout(VIEW_TIMEOUT, asked).await {
                     Ok(Ok(answer)) => {
-                        for session in answer.into_inner().sessions {
+                        let answer = answer.into_inner();
+                        if i == 0 {
+                            starts += answer.agent_starts_total;
+                        }
+                        for session in answer.sessions {
                             if let Some(state) = known_state(&session.agent_state) {
                                 states.insert(session.id, state);
                             }
@@ -363,7 +371,7 @@ impl RunnerService {
                 }
             }
         }
-        Ok(())
+        Ok(starts)
     }
 
     /// Several runners: splits a page into the sessions served here (described below) and
@@ -390,7 +398,8 @@ impl RunnerService {
                         session_id: record.id.clone(),
                     });
                     asking.spawn(async move {
-                        let answer = tokio::time::timeout(VIEW_TIMEOUT, client.get_session(ask)).await;
+                        let answer =
+                            tokio::time::timeout(VIEW_TIMEOUT, client.get_session(ask)).await;
                         match answer {
                             Ok(Ok(session)) => Ok(session.into_inner()),
                             _ => Err((record, state)),

@@ -50,21 +50,29 @@ pub async fn keep_placed(
         }
         match service.move_waiting().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(moved = n, "messages kept while this runner was missing are in their mailboxes"),
+            Ok(n) => tracing::info!(
+                moved = n,
+                "messages kept while this runner was missing are in their mailboxes"
+            ),
             Err(e) => tracing::warn!(error = %e, "cannot move kept messages yet"),
         }
         if placement.shared_storage() {
             match take_over(&service, &placement).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(sessions = n, "took over the sessions of a missing runner"),
-                Err(e) => tracing::warn!(error = %e, "cannot take over a missing runner's sessions"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take over a missing runner's sessions")
+                }
             }
         }
     }
 }
 
 fn lost(shutdown: &CancellationToken, why: &str) -> bool {
-    tracing::error!(why, "the runner lost its lease: stopping, so that no two runners serve a session");
+    tracing::error!(
+        why,
+        "the runner lost its lease: stopping, so that no two runners serve a session"
+    );
     crate::metrics::METRICS
         .active
         .with_label_values(&[] as &[&str])
@@ -160,7 +168,10 @@ pub async fn claim_unplaced(
         }
     }
     if claimed > 0 {
-        tracing::info!(sessions = claimed, "placed the sessions whose files are here on this runner");
+        tracing::info!(
+            sessions = claimed,
+            "placed the sessions whose files are here on this runner"
+        );
     }
     Ok(claimed)
 }

@@ -38,6 +38,10 @@ struct Options {
     /// environment: they split the lanes by lease).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     deliveries: u32,
+    /// Runners serving different sessions (more than one needs a PostgreSQL `DATABASE_URL`:
+    /// each gets an id, and they share the data directory).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    runners: u32,
     /// Export every process's spans over OTLP to a collector started by the bench (to
     /// measure what tracing costs).
     #[arg(long)]
@@ -70,6 +74,15 @@ fn options() -> Options {
             .exit();
     }
     let on_postgres = std::env::var("DATABASE_URL").is_ok_and(|u| u.starts_with("postgres"));
+    if options.runners > 1 && !on_postgres {
+        Options::command()
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                "--runners above 1 needs DATABASE_URL=postgres://… (runners share their \
+                 registry only on PostgreSQL)",
+            )
+            .exit();
+    }
     if options.deliveries > 1 && !on_postgres {
         Options::command()
             .error(
@@ -157,7 +170,32 @@ async fn run(options: &Options, env: &[(&'static str, &'static str)]) -> anyhow:
     if let Some(collector) = &collector {
         cluster_env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint()));
     }
-    let cluster = Cluster::start(dir.path(), &cluster_env).await?;
+    if options.runners > 1 {
+        cluster_env.push(("FERROCLAW_RUNNER_ID", "runner-1".into()));
+        cluster_env.push(("FERROCLAW_RUNNER_SHARED_STORAGE", "true".into()));
+    }
+    let mut cluster = Cluster::start(dir.path(), &cluster_env).await?;
+    let mut runners = Vec::new();
+    for n in 2..=options.runners {
+        let id = format!("runner-{n}");
+        runners.push(
+            cluster
+                .start_another("runner", &[("FERROCLAW_RUNNER_ID", id)])
+                .await?,
+        );
+    }
+    if !runners.is_empty() {
+        // Every caller lists every runner; each runner places new sessions over all of them
+        // once it has read the others' leases (every 2 s).
+        let all: Vec<String> = std::iter::once(cluster.runner.grpc_url())
+            .chain(runners.iter().map(|r| r.grpc_url()))
+            .collect();
+        cluster.envs_set("FERROCLAW_RUNNER_URL", &all.join(","));
+        cluster.restart_gateway().await?;
+        cluster.kill_delivery().await?;
+        cluster.restart_delivery().await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
     let mut peers = Vec::new();
     for _ in 1..options.deliveries {
         peers.push(cluster.start_another("delivery", &[]).await?);
@@ -176,7 +214,7 @@ async fn run(options: &Options, env: &[(&'static str, &'static str)]) -> anyhow:
     }
 
     let starts_before = agent_starts_total(&cluster).await?;
-    let cpu_before = cpu(&cluster);
+    let cpu_before = cpu(&cluster, &runners);
     let per_conversation = options.messages / options.conversations as usize;
     let started = Instant::now();
     let runs: Vec<_> = conversations
@@ -189,12 +227,13 @@ async fn run(options: &Options, env: &[(&'static str, &'static str)]) -> anyhow:
     }
     let elapsed = started.elapsed();
     let starts = agent_starts_total(&cluster).await? - starts_before;
-    let cpu_after = cpu(&cluster);
+    let cpu_after = cpu(&cluster, &runners);
     all.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "journal {}  deliveries {}  messages {}  conversations {}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  throughput {:.1} msg/s  agent starts {}  agent starts per message {:.3}",
+        "journal {}  runners {}  deliveries {}  messages {}  conversations {}  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  throughput {:.1} msg/s  agent starts {}  agent starts per message {:.3}",
         options.journal_mode,
+        options.runners,
         options.deliveries,
         all.len(),
         options.conversations,
@@ -230,23 +269,29 @@ async fn run(options: &Options, env: &[(&'static str, &'static str)]) -> anyhow:
         p99: percentile(&all, 0.99),
         throughput: all.len() as f64 / elapsed.as_secs_f64(),
     };
-    for mut peer in peers {
+    for mut peer in peers.into_iter().chain(runners) {
         peer.stop(Duration::from_secs(15)).await?;
     }
     cluster.stop().await?;
     Ok(figures)
 }
 
-/// CPU seconds so far of each service, and of the agents: those the runner has reaped
-/// plus those running.
-fn cpu(cluster: &Cluster) -> Vec<(&'static str, f64)> {
+/// CPU seconds so far of each service (the runners together), and of the agents: those
+/// the runners have reaped plus those running.
+fn cpu(
+    cluster: &Cluster,
+    more_runners: &[ferroclaw_common::launch::ServiceProcess],
+) -> Vec<(&'static str, f64)> {
     let own = |p: &ferroclaw_common::launch::ServiceProcess| {
         p.child
             .id()
             .and_then(ferroclaw_e2e::cpu_times)
             .unwrap_or_default()
     };
-    let runner = own(&cluster.runner);
+    let runner = std::iter::once(&cluster.runner)
+        .chain(more_runners)
+        .map(own)
+        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     let running: f64 = ferroclaw_e2e::agent_processes(&cluster.data_dir)
         .into_iter()
         .filter_map(|(pid, _)| ferroclaw_e2e::cpu_times(pid))
@@ -261,7 +306,7 @@ fn cpu(cluster: &Cluster) -> Vec<(&'static str, f64)> {
     ]
 }
 
-/// Agents the runner started so far, from `GET /v1/sessions`.
+/// Agents the runners started so far, from `GET /v1/sessions`.
 async fn agent_starts_total(cluster: &Cluster) -> anyhow::Result<u64> {
     let (status, listing) = cluster.get("/v1/sessions").await?;
     if status != 200 {

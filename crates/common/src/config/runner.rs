@@ -396,7 +396,10 @@ mod tests {
         c.apply_env(env(&[("FERROCLAW_RUNNER_ID", "runner-2")]))
             .unwrap();
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("runner.id") && err.contains("PostgreSQL"), "{err}");
+        assert!(
+            err.contains("runner.id") && err.contains("PostgreSQL"),
+            "{err}"
+        );
 
         let mut c = Config::default();
         c.apply_env(env(&[

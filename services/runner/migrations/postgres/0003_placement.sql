@@ -7,8 +7,11 @@ CREATE TABLE runners (
     docker_host    TEXT NOT NULL,
     capacity       BIGINT NOT NULL,
     shared_storage BOOLEAN NOT NULL,
-    -- The process holding the row: a second process with the same id waits for the lease.
+    -- The process holding the row: a second process with the same id waits for the lease,
+    -- unless it runs on the same host and holds the id's lock file there (the first one
+    -- is dead then: a restart takes the row at once).
     instance       TEXT NOT NULL,
+    host           TEXT NOT NULL,
     started_at     BIGINT NOT NULL,
     lease_until    TIMESTAMPTZ NOT NULL
 );
