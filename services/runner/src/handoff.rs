@@ -83,3 +83,62 @@ pub async fn moved(pool: &AnyPool, n: i64) -> Result<()> {
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+    use ferroclaw_common::service_db::Location;
+
+    #[tokio::test]
+    async fn kept_messages_come_back_in_order_once_each_for_their_runner() {
+        let Some(cluster) = ferroclaw_common::test_postgres::cluster() else {
+            return;
+        };
+        let url = cluster.create_database("handoff").await.unwrap();
+        let reg = Registry::open(Location::Postgres(url)).await.unwrap();
+        let on_b = reg.get_or_create("main", "k", Some("b")).await.unwrap();
+        let on_a = reg.get_or_create("main", "other", Some("a")).await.unwrap();
+        let message = |session: &str, key: &str| EnqueueRequest {
+            session_id: session.into(),
+            idempotency_key: key.into(),
+            kind: "chat".into(),
+            content_json: format!("{{\"text\":\"{key}\"}}"),
+            ..Default::default()
+        };
+        let pool = reg.pool();
+        assert!(
+            keep(pool, &on_b.id, &message(&on_b.id, "m1"))
+                .await
+                .unwrap()
+        );
+        assert!(keep(pool, &on_a.id, &message(&on_a.id, "x")).await.unwrap());
+        assert!(
+            keep(pool, &on_b.id, &message(&on_b.id, "m2"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !keep(pool, &on_b.id, &message(&on_b.id, "m1"))
+                .await
+                .unwrap(),
+            "a repeat"
+        );
+        assert!(any_for(pool, &on_b.id).await.unwrap());
+
+        let for_b = waiting_for(pool, "b", 0).await.unwrap();
+        let keys: Vec<&str> = for_b
+            .iter()
+            .map(|w| w.request.idempotency_key.as_str())
+            .collect();
+        assert_eq!(keys, ["m1", "m2"], "only b's, in the order they came");
+        let after_first = waiting_for(pool, "b", for_b[0].n).await.unwrap();
+        assert_eq!(after_first.len(), 1);
+        for w in &for_b {
+            moved(pool, w.n).await.unwrap();
+        }
+        assert!(waiting_for(pool, "b", 0).await.unwrap().is_empty());
+        assert!(!any_for(pool, &on_b.id).await.unwrap());
+        assert_eq!(waiting_for(pool, "a", 0).await.unwrap().len(), 1);
+    }
+}

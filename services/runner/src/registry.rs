@@ -686,6 +686,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn placements_take_ever_greater_fencing_tokens_and_move_once() {
+        // Several runners exist only on PostgreSQL.
+        let Some(cluster) = ferroclaw_common::test_postgres::cluster() else {
+            return;
+        };
+        let url = cluster.create_database("placement").await.unwrap();
+        let reg = Registry::open(Location::Postgres(url))
+            .await
+            .unwrap()
+            .placed_as("a");
+        let first = reg.get_or_create("main", "k1", Some("a")).await.unwrap();
+        let second = reg.get_or_create("main", "k2", Some("b")).await.unwrap();
+        assert_eq!(first.runner.as_deref(), Some("a"));
+        assert!(
+            first.fence > 0 && second.fence > first.fence,
+            "{first:?} {second:?}"
+        );
+        assert!(reg.is_here(&first) && !reg.is_here(&second));
+        assert_eq!(reg.list_here().await.unwrap(), vec![first.clone()]);
+
+        // b goes missing; a takes k2 over once, with a greater token.
+        let moved = reg
+            .place(&second.id, Some("b"), "a")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.runner.as_deref(), Some("a"));
+        assert!(moved.fence > second.fence);
+        assert_eq!(reg.place(&second.id, Some("b"), "c").await.unwrap(), None);
+        assert_eq!(reg.get(&second.id).await.unwrap(), Some(moved.clone()));
+        assert_eq!(reg.placed_on(Some("b")).await.unwrap(), vec![]);
+        let counts = reg.placed_counts().await.unwrap();
+        assert_eq!(counts.get("a"), Some(&2));
+
+        // A session from before placement is placed once, whoever asks first.
+        let sqlite_era = reg.get_or_create("main", "old", None).await.unwrap();
+        assert_eq!((sqlite_era.runner.as_deref(), sqlite_era.fence), (None, 0));
+        assert_eq!(reg.placed_on(None).await.unwrap(), vec![sqlite_era.clone()]);
+        let placed = reg.place(&sqlite_era.id, None, "a").await.unwrap().unwrap();
+        assert!(placed.fence > moved.fence);
+        assert_eq!(reg.place(&sqlite_era.id, None, "b").await.unwrap(), None);
+    }
+
+    #[tokio::test]
     async fn usage_adds_up_per_session_and_agent() {
         let dir = tempfile::tempdir().unwrap();
         for at in ferroclaw_common::test_postgres::locations(dir.path(), "runner").await {
