@@ -28,23 +28,6 @@ async fn health(url: &str) -> anyhow::Result<i32> {
     Ok(answer.into_inner().status)
 }
 
-/// Posts `text` until the API takes it (202), with one idempotency key throughout, so a
-/// try cut short by the failover is never enqueued twice.
-async fn post_until_taken(cluster: &Cluster, conversation: &str, text: &str) -> anyhow::Result<()> {
-    let key = format!("{conversation}:{text}");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match cluster.post_message(conversation, text, Some(&key)).await {
-            Ok((202, _)) => return Ok(()),
-            Ok((status, body)) if Instant::now() > deadline => {
-                anyhow::bail!("{conversation}: {text} never taken: {status} {body}")
-            }
-            Err(e) if Instant::now() > deadline => return Err(e),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_runner_takes_over_and_every_message_is_answered_once() -> anyhow::Result<()> {
     let Some(postgres) = ferroclaw_common::test_postgres::cluster() else {
@@ -82,7 +65,7 @@ async fn a_standby_runner_takes_over_and_every_message_is_answered_once() -> any
                     let text = format!("m{n}");
                     {
                         let cluster = cluster.lock().await;
-                        post_until_taken(&cluster, &conversation, &text).await?;
+                        cluster.post_until_taken(&conversation, &text, WAIT).await?;
                     }
                     tokio::time::sleep(Duration::from_millis(150)).await;
                 }
@@ -120,7 +103,9 @@ async fn a_standby_runner_takes_over_and_every_message_is_answered_once() -> any
         ServingStatus::NotServing as i32,
         "a returning runner must not serve beside the active one"
     );
-    post_until_taken(&cluster, "ha-0", "after the return").await?;
+    cluster
+        .post_until_taken("ha-0", "after the return", WAIT)
+        .await?;
     cluster
         .wait_for_lines("ha-0", &["echo: after the return".into()], WAIT)
         .await?;

@@ -94,22 +94,6 @@ async fn until_both_live(urls: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Posts `text` until the API takes it (202), with one idempotency key throughout.
-async fn post_until_taken(cluster: &Cluster, conversation: &str, text: &str) -> anyhow::Result<()> {
-    let key = format!("{conversation}:{text}");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match cluster.post_message(conversation, text, Some(&key)).await {
-            Ok((202, _)) => return Ok(()),
-            Ok((status, body)) if Instant::now() > deadline => {
-                anyhow::bail!("{conversation}: {text} never taken: {status} {body}")
-            }
-            Err(e) if Instant::now() > deadline => return Err(e),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
 /// Sends messages `from..to` to every conversation, each conversation in order.
 async fn send_all(
     cluster: &Arc<Mutex<Cluster>>,
@@ -126,7 +110,9 @@ async fn send_all(
                 for n in from..to {
                     {
                         let cluster = cluster.lock().await;
-                        post_until_taken(&cluster, &conversation, &format!("m{n}")).await?;
+                        cluster
+                            .post_until_taken(&conversation, &format!("m{n}"), WAIT)
+                            .await?;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -338,7 +324,7 @@ async fn with_shared_storage_a_live_runner_takes_over_and_a_stale_one_is_fenced(
     until_both_live(&[cluster.runner.grpc_url(), returned.grpc_url()]).await?;
     let later: Vec<String> = (0..CONVERSATIONS).map(|i| format!("later-{i}")).collect();
     for conversation in &later {
-        post_until_taken(&cluster, conversation, "m0").await?;
+        cluster.post_until_taken(conversation, "m0", WAIT).await?;
     }
     answered_once(&cluster, &later, 1).await?;
     let placed_later = sessions(&cluster).await?;
@@ -405,16 +391,7 @@ async fn with_shared_storage_a_live_runner_takes_over_and_a_stale_one_is_fenced(
 
 /// The inbound message ids of a session's mailbox.
 async fn inbound_ids(data_dir: &Path, session_id: &str) -> anyhow::Result<Vec<String>> {
-    use sqlx::ConnectOptions;
-    let path = data_dir
-        .join("sessions/main")
-        .join(session_id)
-        .join("in/inbound.db");
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&path)
-        .read_only(true)
-        .connect()
-        .await?;
+    let mut conn = ferroclaw_e2e::inbound_db(data_dir, "main", session_id).await?;
     Ok(
         sqlx::query_scalar("SELECT id FROM messages_in ORDER BY seq")
             .fetch_all(&mut conn)

@@ -149,6 +149,29 @@ impl Cluster {
         send(request).await
     }
 
+    /// Posts `text` until the API takes it (202) or `wait` passes, under one idempotency
+    /// key throughout (`<conversation>:<text>`), so a try cut short by a failover is never
+    /// enqueued twice.
+    pub async fn post_until_taken(
+        &self,
+        conversation: &str,
+        text: &str,
+        wait: Duration,
+    ) -> anyhow::Result<()> {
+        let key = format!("{conversation}:{text}");
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.post_message(conversation, text, Some(&key)).await {
+                Ok((202, _)) => return Ok(()),
+                Ok((status, body)) if Instant::now() > deadline => {
+                    bail!("{conversation}: {text} never taken: {status} {body}")
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
     /// `POST /v1/hooks/{source}`.
     pub async fn post_hook(
         &self,
@@ -357,6 +380,25 @@ async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> 
     Ok((status, body))
 }
 
+/// A read-only connection to a session's `inbound.db` under `data_dir`.
+pub async fn inbound_db(
+    data_dir: &Path,
+    agent: &str,
+    session_id: &str,
+) -> anyhow::Result<sqlx::SqliteConnection> {
+    use sqlx::ConnectOptions;
+    let path = data_dir
+        .join("sessions")
+        .join(agent)
+        .join(session_id)
+        .join("in/inbound.db");
+    Ok(sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .read_only(true)
+        .connect()
+        .await?)
+}
+
 /// Pids of the agent processes serving sessions under `data_dir`, by session directory.
 pub fn agent_processes(data_dir: &Path) -> Vec<(u32, String)> {
     let needle = data_dir.join("sessions").display().to_string();
@@ -403,18 +445,7 @@ impl Cluster {
         agent: &str,
         session_id: &str,
     ) -> anyhow::Result<Vec<(String, Value)>> {
-        use sqlx::ConnectOptions;
-        let path = self
-            .data_dir
-            .join("sessions")
-            .join(agent)
-            .join(session_id)
-            .join("in/inbound.db");
-        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .read_only(true)
-            .connect()
-            .await?;
+        let mut conn = inbound_db(&self.data_dir, agent, session_id).await?;
         let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, spec FROM tasks ORDER BY id")
             .fetch_all(&mut conn)
             .await?;

@@ -631,48 +631,9 @@ impl HostMailbox {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn enqueue_takes_the_next_even_seq_and_repeats_nothing() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let host = HostMailbox::open(SessionPaths::new(dir.path()), JournalMode::Wal)
-            .await
-            .expect("open");
-        let message = |id: &str| NewInbound {
-            id: id.into(),
-            content: InboundContent::Chat(crate::content::ChatIn {
-                text: "hi".into(),
-                sender: String::new(),
-                attachments: Vec::new(),
-            }),
-            origin: crate::Origin {
-                channel: "api".into(),
-                conversation: "c".into(),
-                sender: String::new(),
-                reply_to: crate::Destination::Api {
-                    conversation: "c".into(),
-                },
-            },
-            process_after: None,
-            trace: None,
-        };
-        let first = host.enqueue(&message("a")).await.expect("enqueue");
-        let second = host.enqueue(&message("b")).await.expect("enqueue");
-        let again = host.enqueue(&message("a")).await.expect("enqueue");
-        assert_eq!((first.seq, first.duplicate), (2, false));
-        assert_eq!((second.seq, second.duplicate), (4, false));
-        assert_eq!((again.seq, again.duplicate), (2, true));
-    }
-
-    #[tokio::test]
-    async fn a_runner_whose_fence_was_passed_writes_nothing_more() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let paths = SessionPaths::new(dir.path());
-        // Two runners on one session's files (shared storage): the old one holds fence 3.
-        let old = HostMailbox::open(paths.clone(), JournalMode::Wal)
-            .await
-            .expect("open");
-        old.hold_fence(3).await.expect("fence 3");
-        let chat = |id: &str| NewInbound {
+    /// A chat message with id `id`, its text the id too, in API conversation "c".
+    fn chat(id: &str) -> NewInbound {
+        NewInbound {
             id: id.into(),
             content: InboundContent::Chat(crate::content::ChatIn {
                 text: id.into(),
@@ -689,7 +650,32 @@ mod tests {
             },
             process_after: None,
             trace: None,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn enqueue_takes_the_next_even_seq_and_repeats_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = HostMailbox::open(SessionPaths::new(dir.path()), JournalMode::Wal)
+            .await
+            .expect("open");
+        let first = host.enqueue(&chat("a")).await.expect("enqueue");
+        let second = host.enqueue(&chat("b")).await.expect("enqueue");
+        let again = host.enqueue(&chat("a")).await.expect("enqueue");
+        assert_eq!((first.seq, first.duplicate), (2, false));
+        assert_eq!((second.seq, second.duplicate), (4, false));
+        assert_eq!((again.seq, again.duplicate), (2, true));
+    }
+
+    #[tokio::test]
+    async fn a_runner_whose_fence_was_passed_writes_nothing_more() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = SessionPaths::new(dir.path());
+        // Two runners on one session's files (shared storage): the old one holds fence 3.
+        let old = HostMailbox::open(paths.clone(), JournalMode::Wal)
+            .await
+            .expect("open");
+        old.hold_fence(3).await.expect("fence 3");
         assert!(
             !old.enqueue(&chat("before"))
                 .await

@@ -1,6 +1,7 @@
 //! The health page: the four services' readiness (as `/readyz` computes it), the agent
 //! backend and the Docker engine's state, the agents running and queued against the cap,
-//! each instance of a peer given as several, and the version.
+//! each instance of a peer given as several, the runners when several serve different
+//! sessions, and the version.
 
 use axum::extract::State;
 use axum::response::Response;
@@ -88,10 +89,30 @@ pub async fn page(State(state): Console, operator: Operator) -> Result<Response,
     )))
 }
 
-/// The agent backend, the engine's state and the agents against the cap.
+/// The agent backend, the engine's state and the agents against the cap (of the runner
+/// that answered); with several runners, each one and whether it is missing.
 fn runner_facts(status: &RunnerStatus) -> Markup {
     let busy = status.running >= status.max_running_agents && status.max_running_agents > 0;
     html! {
+        @if !status.runners.is_empty() {
+            h2 { "Runners" }
+            table.health.runners {
+                thead { tr { th { "Runner" } th { "State" } th { "Sessions" } th { "Capacity" } th { "Docker host" } } }
+                tbody {
+                    @for r in &status.runners {
+                        tr data-runner=(r.id) {
+                            td { (r.id) @if r.id == status.runner_id { " (answered)" } br; code { (r.url) } }
+                            td { span class={ "outcome " @if r.live { "outcome-ok" } @else { "outcome-failed" } } {
+                                @if r.live { "live" } @else { "missing: its sessions wait" @if r.shared_storage { " or move" } }
+                            } }
+                            td { (r.sessions) }
+                            td { (r.capacity) }
+                            td { (r.docker_host) }
+                        }
+                    }
+                }
+            }
+        }
         h2 { "Agents" }
         ul.facts {
             li data-fact="backend" { "Backend: " (status.backend) }
@@ -138,6 +159,31 @@ mod tests {
         assert!(html.contains("&lt;refused&gt;"));
         assert!(html.contains("Running: 8 of 8 (all slots busy)"));
         assert!(html.contains("Queued for a slot: 3"));
+        assert!(!html.contains("Runners"), "one runner: no table of them");
+        let several = runner_facts(&RunnerStatus {
+            runner_id: "runner-a".into(),
+            runners: vec![
+                ferroclaw_proto::v1::RunnerInstance {
+                    id: "runner-a".into(),
+                    url: "http://a:50051".into(),
+                    live: true,
+                    sessions: 12,
+                    ..Default::default()
+                },
+                ferroclaw_proto::v1::RunnerInstance {
+                    id: "<runner-b>".into(),
+                    url: "http://b:50051".into(),
+                    live: false,
+                    sessions: 7,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        })
+        .into_string();
+        assert!(several.contains("runner-a (answered)"), "{several}");
+        assert!(several.contains("missing: its sessions wait"), "{several}");
+        assert!(several.contains("&lt;runner-b&gt;"), "escaped: {several}");
         let process = runner_facts(&RunnerStatus {
             backend: "process".into(),
             engine_ok: true,
