@@ -474,8 +474,9 @@ mod tests {
             );
         }
         assert!(started.elapsed() < Duration::from_secs(5));
-        // The queued ones never reached the peer: they waited for a slot and ran out of time.
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // (Whether a queued call reaches the peer in the instant the first two time out and
+        // free their slots, or times out itself first, is a race of two timers set together:
+        // CI saw both. The limit is what the count at 300 ms checks.)
     }
 
     #[tokio::test]

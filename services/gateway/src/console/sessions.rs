@@ -225,7 +225,11 @@ fn row(s: &Session, config: &Config, now_ms: i64) -> Markup {
                     a href=(urls::session(&s.id)) { (s.conversation_key) }
                 }
             }
-            td data-label="State" { span class={ "state state-" (state_class(&s.agent_state)) } { (s.agent_state) } }
+            td data-label="State" {
+                span class={ "state state-" (state_class(&s.agent_state)) } { (s.agent_state) }
+                // Several runners: which one serves it (or is missing, when unavailable).
+                @if !s.runner.is_empty() { " " small.runner { "on " (s.runner) } }
+            }
             td data-label="Last activity" title=(time::utc(s.last_activity_ms)) { (time::ago(s.last_activity_ms, now_ms)) }
             td.num data-label="In" { (maybe(s.messages_in)) }
             td.num data-label="Out" { (maybe(s.messages_out)) }
@@ -313,6 +317,23 @@ mod tests {
             total,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_session_of_a_missing_runner_shows_which() {
+        let mut away = session(1, "unavailable");
+        away.runner = "runner-b".into();
+        let here = session(2, "idle");
+        let html = render_rows(
+            &list(vec![away, here], 2, 2),
+            &Page::of(1, 2, PAGE_SIZE),
+            &query("1", "", ""),
+            &priced_config(),
+            0,
+        )
+        .into_string();
+        assert!(html.contains("state-unavailable"), "{html}");
+        assert_eq!(html.matches("on runner-b").count(), 1, "{html}");
     }
 
     #[test]
