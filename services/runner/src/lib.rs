@@ -245,6 +245,7 @@ pub async fn run(
     )?;
     // An agent's idle time counts from its last reply (see `slot_policy`).
     supervisor.watch_output(feed.changes());
+    let feed_for_sweep = feed.clone();
     if let Some(placement) = &placement {
         upkeep::claim_unplaced(&registry, &mailboxes, placement).await?;
     }
@@ -294,6 +295,7 @@ pub async fn run(
     ));
     tokio::spawn(close_idle_mailboxes(
         mailboxes.clone(),
+        feed_for_sweep,
         std::time::Duration::from_secs(config.runner.mailbox_idle_secs.max(1)),
         shutdown.clone(),
     ));
@@ -417,6 +419,7 @@ async fn refresh_gauges(supervisor: Supervisor, registry: Registry, shutdown: Ca
 /// files are given back.
 async fn close_idle_mailboxes(
     mailboxes: Arc<Mailboxes>,
+    feed: Arc<OutboundFeed>,
     idle: std::time::Duration,
     shutdown: CancellationToken,
 ) {
@@ -427,8 +430,9 @@ async fn close_idle_mailboxes(
             _ = shutdown.cancelled() => return,
         }
         let closed = mailboxes.close_idle(idle).await;
-        tracing::trace!(closed, "idle mailbox sweep");
-        if closed > 0 {
+        let forgotten = feed.forget_quiet();
+        tracing::trace!(closed, forgotten, "idle mailbox sweep");
+        if closed > 0 || forgotten > 0 {
             let open = mailboxes.open_count().await;
             tracing::debug!(closed, open, "idle mailboxes closed");
             if open == 0 {

@@ -206,6 +206,12 @@ impl OutboundFeed {
         live
     }
 
+    /// Forgets what the outbound policy keeps of sessions quiet for a minute (see
+    /// [`OutboundPolicy::forget_quiet`]); how many.
+    pub fn forget_quiet(&self) -> usize {
+        self.policy.forget_quiet()
+    }
+
     /// Session ids whose `out/` changed, from now on.
     pub fn changes(&self) -> broadcast::Receiver<String> {
         self.changes.subscribe()
@@ -398,9 +404,11 @@ impl Stream {
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
                 _ = rescan.tick() => {
-                    for session in self.feed.active_sessions().await {
-                        self.scan_session(&session).await?;
+                    let live = self.feed.active_sessions().await;
+                    for session in &live {
+                        self.scan_session(session).await?;
                     }
+                    self.forget_quiet(&live);
                 }
                 _ = self.tx.closed() => return Err(StreamEnd::Disconnected),
                 _ = shutdown.cancelled() => return Ok(()),
@@ -566,6 +574,25 @@ impl Stream {
     }
 
     /// Moves a session's position forward (never back: a resend must not repeat rows).
+    /// Drops the positions of the sessions that are no longer active: a quiet session
+    /// costs the stream no memory. Its rows were read; should it write again, it is read
+    /// from its first unsettled row, and a row in flight at delivery that is sent again is
+    /// kept from going out twice there, as after a reconnect.
+    fn forget_quiet(&mut self, live: &[String]) {
+        let keep: std::collections::HashSet<&str> = live
+            .iter()
+            .map(String::as_str)
+            .chain(self.held.iter().map(String::as_str))
+            .collect();
+        if self.sent_up_to.len() + self.sessions.len() <= keep.len() * 2 {
+            return;
+        }
+        self.sent_up_to.retain(|id, _| keep.contains(id.as_str()));
+        self.sessions.retain(|id, _| keep.contains(id.as_str()));
+        self.sent_up_to.shrink_to_fit();
+        self.sessions.shrink_to_fit();
+    }
+
     fn advance(&mut self, session_id: &str, seq: i64) {
         let at = self.sent_up_to.entry(session_id.to_string()).or_insert(0);
         *at = (*at).max(seq);
@@ -691,6 +718,8 @@ mod tests {
             Some(Duration::from_millis(100)),
         )
         .expect("feed");
+        // Its agent has work, as when rows are written: the streams keep its position.
+        feed.note_active(&session);
         let rx = feed.subscribe("test".into(), shutdown.clone());
         Fixture {
             feed,

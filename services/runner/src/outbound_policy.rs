@@ -97,6 +97,27 @@ impl OutboundPolicy {
         }
     }
 
+    /// Forgets the sessions that sent no row in the last minute: a quiet session costs no
+    /// memory. What is forgotten is read again from its mailbox when it writes (the
+    /// destinations it may use, its inbound seqs); its rate window was empty anyway, and
+    /// its rows were all judged over a minute ago (settled since, or streamed again and
+    /// counted again, which only errs towards the limits). How many were forgotten.
+    pub fn forget_quiet(&self) -> usize {
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return 0;
+        };
+        let before = sessions.len();
+        let now = Instant::now();
+        sessions.retain(|_, guard| {
+            guard
+                .recent
+                .back()
+                .is_some_and(|t| now.duration_since(*t) <= Duration::from_secs(60))
+        });
+        sessions.shrink_to_fit();
+        before - sessions.len()
+    }
+
     /// Rows larger than this come from the mailbox without their content.
     pub fn max_row_bytes(&self) -> usize {
         self.max_row_bytes
@@ -317,6 +338,26 @@ mod tests {
             runner: None,
             fence: 0,
         }
+    }
+
+    #[test]
+    fn sessions_quiet_for_a_minute_are_forgotten() {
+        let policy = policy("");
+        let now = Instant::now();
+        let ago = |secs| now.checked_sub(Duration::from_secs(secs)).unwrap_or(now);
+        {
+            let mut sessions = policy.sessions.lock().unwrap();
+            for (id, last) in [("busy", ago(5)), ("quiet", ago(61)), ("never", now)] {
+                let guard = sessions.entry(id.to_string()).or_default();
+                if id != "never" {
+                    guard.recent.push_back(last);
+                }
+            }
+        }
+        // (and ses_a, whose destinations the fixture taught it, but which sent nothing)
+        assert_eq!(policy.forget_quiet(), 3);
+        let left: Vec<String> = policy.sessions.lock().unwrap().keys().cloned().collect();
+        assert_eq!(left, ["busy"]);
     }
 
     fn policy(toml: &str) -> OutboundPolicy {

@@ -19,7 +19,8 @@ pub struct SessionRecord {
 }
 
 /// Sessions kept in memory at most (forgotten all at once past that: they are read again).
-const KNOWN_SESSIONS: usize = 4096;
+/// The busy ones are what it is for; every idle one kept costs memory that stays.
+const KNOWN_SESSIONS: usize = 1024;
 /// A session's `last_activity` is written at most this often.
 const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -644,7 +645,10 @@ impl Registry {
                 return true;
             }
             if k.touched.len() >= KNOWN_SESSIONS {
-                k.touched.clear();
+                // Only the last second's writes matter.
+                let every = TOUCH_EVERY.as_millis() as i64;
+                k.touched.retain(|_, at| now.saturating_sub(*at) < every);
+                k.touched.shrink_to_fit();
             }
             k.touched.insert(id.to_string(), now);
             false
