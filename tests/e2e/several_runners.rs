@@ -155,6 +155,27 @@ async fn sessions(cluster: &Cluster) -> anyhow::Result<HashMap<String, (String, 
         .collect())
 }
 
+/// Sends `n` messages to every conversation and waits for their answers; then the
+/// sessions as listed, and how many each runner serves.
+async fn answered_and_placed(
+    cluster: &Arc<Mutex<Cluster>>,
+    conversations: &[String],
+    n: usize,
+) -> anyhow::Result<(
+    HashMap<String, (String, String, String)>,
+    HashMap<String, usize>,
+)> {
+    for sender in send_all(cluster, conversations, 0, n).await {
+        sender.await??;
+    }
+    let cluster = cluster.lock().await;
+    answered_once(&cluster, conversations, n).await?;
+    let placed = sessions(&cluster).await?;
+    let counts = spread(&placed);
+    println!("sessions by runner: {counts:?}");
+    Ok((placed, counts))
+}
+
 /// How many sessions each runner serves.
 fn spread(sessions: &HashMap<String, (String, String, String)>) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
@@ -177,16 +198,7 @@ async fn sessions_wait_for_their_runner_without_shared_storage() -> anyhow::Resu
 
     // Both runners serve: the sessions spread, and each session's files are on its
     // runner's disk only.
-    for sender in send_all(&cluster, &conversations, 0, 2).await {
-        sender.await??;
-    }
-    let placed = {
-        let cluster = cluster.lock().await;
-        answered_once(&cluster, &conversations, 2).await?;
-        sessions(&cluster).await?
-    };
-    let counts = spread(&placed);
-    println!("sessions by runner: {counts:?}");
+    let (placed, counts) = answered_and_placed(&cluster, &conversations, 2).await?;
     assert_eq!(placed.len(), CONVERSATIONS);
     for runner in ["runner-a", "runner-b"] {
         assert!(counts.get(runner).copied().unwrap_or(0) >= 8, "{counts:?}");
@@ -279,16 +291,7 @@ async fn with_shared_storage_a_live_runner_takes_over_and_a_stale_one_is_fenced(
     let (cluster, second) = two_runners(database, dir.path(), None).await?;
     let conversations: Vec<String> = (0..CONVERSATIONS).map(|i| format!("shared-{i}")).collect();
     let cluster = Arc::new(Mutex::new(cluster));
-    for sender in send_all(&cluster, &conversations, 0, 1).await {
-        sender.await??;
-    }
-    let placed = {
-        let cluster = cluster.lock().await;
-        answered_once(&cluster, &conversations, 1).await?;
-        sessions(&cluster).await?
-    };
-    let counts = spread(&placed);
-    println!("sessions by runner: {counts:?}");
+    let (_, counts) = answered_and_placed(&cluster, &conversations, 1).await?;
     assert!(
         counts.get("runner-b").copied().unwrap_or(0) >= 8,
         "{counts:?}"

@@ -238,6 +238,22 @@ fn task_spec(t: &ferroclaw_proto::v1::Task) -> serde_json::Value {
     })
 }
 
+/// Goes on when `route` is here; else returns the answer of the session's runner to the
+/// call forwarded there, or the refusal for a missing runner.
+macro_rules! serve_here_or_return {
+    ($service:ident, $session:expr, $route:expr, $req:expr, $call:ident) => {
+        match $route {
+            Route::Here => {}
+            Route::There { mut client, .. } => {
+                return client.$call($service.onward($req)?).await;
+            }
+            Route::Missing { runner } => {
+                return Err(Self::missing(&$session, &runner).into());
+            }
+        }
+    };
+}
+
 type OutboundStream = Pin<Box<dyn Stream<Item = Result<OutboundMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -316,13 +332,7 @@ impl Runner for RunnerService {
         let req = request.into_inner();
         let outcome = settlement_outcome(&req)?;
         let (session, route) = self.routed(&req.session_id, forwarded).await?;
-        match route {
-            Route::Here => {}
-            Route::There { mut client, .. } => {
-                return client.settle(self.onward(req)?).await;
-            }
-            Route::Missing { runner } => return Err(Self::missing(&session, &runner).into()),
-        }
+        serve_here_or_return!(self, session, route, req, settle);
         let mailbox = self.mailboxes.get(&session).await?;
         let none_if_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
         let recorded = mailbox
@@ -436,13 +446,7 @@ impl Runner for RunnerService {
         let forwarded = was_forwarded(&request);
         let req = request.into_inner();
         let (session, route) = self.routed(&req.session_id, forwarded).await?;
-        match route {
-            Route::Here => {}
-            Route::There { mut client, .. } => {
-                return client.sync_tasks(self.onward(req)?).await;
-            }
-            Route::Missing { runner } => return Err(Self::missing(&session, &runner).into()),
-        }
+        serve_here_or_return!(self, session, route, req, sync_tasks);
         let tasks: Vec<(String, String)> = req
             .tasks
             .iter()
@@ -554,13 +558,7 @@ impl Runner for RunnerService {
         let forwarded = was_forwarded(&request);
         let req = request.into_inner();
         let (session, route) = self.routed(&req.session_id, forwarded).await?;
-        match route {
-            Route::Here => {}
-            Route::There { mut client, .. } => {
-                return client.read_outbox_file(self.onward(req)?).await;
-            }
-            Route::Missing { runner } => return Err(Self::missing(&session, &runner).into()),
-        }
+        serve_here_or_return!(self, session, route, req, read_outbox_file);
         let paths = self.mailboxes.paths(&session);
         let (data, name) =
             tokio::task::spawn_blocking(move || session_files::read_outbox_file(&paths, &req.path))
@@ -658,13 +656,7 @@ impl Runner for RunnerService {
             )));
         }
         let (session, route) = self.routed(&req.session_id, forwarded).await?;
-        match route {
-            Route::Here => {}
-            Route::There { mut client, .. } => {
-                return client.reopen_outbound(self.onward(req)?).await;
-            }
-            Route::Missing { runner } => return Err(Self::missing(&session, &runner).into()),
-        }
+        serve_here_or_return!(self, session, route, req, reopen_outbound);
         let mailbox = self.mailboxes.get(&session).await?;
         let reopened = match mailbox
             .reopen_failed(req.out_seq)
