@@ -33,6 +33,22 @@ async fn scrape(addr: Option<std::net::SocketAddr>) -> anyhow::Result<String> {
 }
 
 /// The sum of the samples named `name` whose labels include `labels`.
+/// Scrapes until `done` holds for the text (a metric recorded just after what the test
+/// waited for), or [`WAIT`] has passed; the last text either way.
+async fn scrape_until(
+    addr: Option<std::net::SocketAddr>,
+    done: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = scrape(addr).await?;
+        if done(&text) || std::time::Instant::now() > deadline {
+            return Ok(text);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
@@ -132,19 +148,14 @@ async fn every_service_serves_valid_metrics_that_move() -> anyhow::Result<()> {
     }
 
     // Delivery's stage is recorded right after the reply is stored: give it a moment.
-    let mut delivery = String::new();
-    for _ in 0..50 {
-        delivery = scrape(cluster.delivery.metrics).await?;
-        if sample(
-            &delivery,
+    let delivery = scrape_until(cluster.delivery.metrics, |text| {
+        sample(
+            text,
             "ferroclaw_deliveries_total",
             &[("outcome", "delivered"), ("destination", "api")],
         ) >= 3.0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await?;
     let after = gateway().await?;
     let runner = scrape(cluster.runner.metrics).await?;
     let scheduler = scrape(cluster.scheduler.metrics).await?;
@@ -245,7 +256,16 @@ async fn the_scheduler_records_how_late_runs_fire() -> anyhow::Result<()> {
     cluster
         .wait_for_lines("lagged", &["echo: task lag: tick".into()], WAIT)
         .await?;
-    let scheduler = scrape(cluster.scheduler.metrics).await?;
+    // The scheduler counts a run once it has recorded it, after the runner took the
+    // message: the reply may arrive first.
+    let scheduler = scrape_until(cluster.scheduler.metrics, |text| {
+        sample(
+            text,
+            "ferroclaw_scheduler_runs_total",
+            &[("outcome", "enqueued")],
+        ) > 0.0
+    })
+    .await?;
     assert_eq!(
         sample(
             &scheduler,

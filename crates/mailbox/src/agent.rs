@@ -2,11 +2,11 @@
 
 use std::collections::HashSet;
 
-use sqlx::{Row, SqlitePool};
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use crate::content::{InboundContent, Origin};
-use crate::db::{self, JournalMode};
-use crate::error::{Error, Result, SqliteContext, io_at};
+use crate::db::{Db, JournalMode};
+use crate::error::{Error, Result, io_at};
 use crate::paths::SessionPaths;
 use crate::rows::{InboundRow, NewOutbound};
 use crate::schema;
@@ -24,8 +24,8 @@ pub struct Batch {
 
 pub struct AgentMailbox {
     paths: SessionPaths,
-    inbound: SqlitePool,
-    outbound: SqlitePool,
+    inbound: Db,
+    outbound: Db,
     /// Inbound seqs completed or failed. The agent is the only writer of `processing`, so
     /// this copy stays exact after it is loaded once.
     done: HashSet<i64>,
@@ -46,9 +46,8 @@ impl AgentMailbox {
         for dir in [paths.outbox(), paths.state_dir()] {
             std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         }
-        let out_path = paths.outbound_db();
-        let outbound = db::open_writer(&out_path, mode).await?;
-        schema::init_outbound(&outbound, &out_path).await?;
+        let outbound = Db::open_writer(&paths.outbound_db(), mode)?;
+        schema::init_outbound(&outbound)?;
 
         let in_path = paths.inbound_db();
         let not_ready = |path: std::path::PathBuf| Error::Io {
@@ -61,21 +60,20 @@ impl AgentMailbox {
         if !in_path.exists() {
             return Err(not_ready(in_path));
         }
-        let inbound = db::open_reader(&in_path, None).await?;
+        let inbound = Db::open_reader(&in_path, None)?;
         // Version 0: the runner has created the file but not yet its tables (it is opening
         // it right now). That is "not there yet", not a release mismatch.
-        if !schema::check_version(&inbound, &in_path, schema::INBOUND_VERSION).await? {
-            inbound.close().await;
+        if !schema::check_version(&inbound, schema::INBOUND_VERSION)? {
+            inbound.close();
             return Err(not_ready(in_path));
         }
-        let done = sqlx::query_scalar::<_, i64>(
-            "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",
-        )
-        .fetch_all(&outbound)
-        .await
-        .at(&out_path)?
-        .into_iter()
-        .collect();
+        let done = outbound.read(|conn| {
+            conn.prepare_cached(
+                "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",
+            )?
+            .query_map([], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<HashSet<i64>>>()
+        })?;
         Ok(Self {
             paths,
             inbound,
@@ -91,36 +89,42 @@ impl AgentMailbox {
 
     /// Every active, not yet done inbound message whose time has come, oldest first.
     pub async fn due(&mut self, now: i64) -> Result<Batch> {
-        let path = self.paths.inbound_db();
-        let rows = sqlx::query(
-            "SELECT seq, id, kind, created_at, process_after, state, origin, content, trace
-             FROM messages_in WHERE seq > $1 ORDER BY seq",
-        )
-        .bind(self.floor)
-        .fetch_all(&self.inbound)
-        .await
-        .at(&path)?;
+        let rows = self.inbound.read(|conn| {
+            conn.prepare_cached(
+                "SELECT seq, id, kind, created_at, process_after, state, origin, content, trace
+                 FROM messages_in WHERE seq > ?1 ORDER BY seq",
+            )?
+            .query_map([self.floor], |row| {
+                Ok(Unread {
+                    seq: row.get("seq")?,
+                    id: row.get("id")?,
+                    kind: row.get("kind")?,
+                    created_at: row.get("created_at")?,
+                    process_after: row.get("process_after")?,
+                    state: row.get("state")?,
+                    origin: row.get("origin")?,
+                    content: row.get("content")?,
+                    trace: row.get("trace")?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
         let mut batch = Batch::default();
         let mut floor_moves = true;
         for row in rows {
-            let seq: i64 = row.try_get("seq").at(&path)?;
-            let state: String = row.try_get("state").at(&path)?;
-            if state != "active" || self.done.contains(&seq) {
+            let seq = row.seq;
+            if row.state != "active" || self.done.contains(&seq) {
                 if floor_moves {
                     self.floor = seq;
                 }
                 continue;
             }
             floor_moves = false;
-            let process_after: Option<i64> = row.try_get("process_after").at(&path)?;
-            if let Some(at) = process_after.filter(|at| *at > now) {
+            if let Some(at) = row.process_after.filter(|at| *at > now) {
                 batch.next_due = Some(batch.next_due.map_or(at, |d: i64| d.min(at)));
                 continue;
             }
-            let kind: String = row.try_get("kind").at(&path)?;
-            let content: String = row.try_get("content").at(&path)?;
-            let origin: String = row.try_get("origin").at(&path)?;
-            let origin: Origin = match serde_json::from_str(&origin) {
+            let origin: Origin = match serde_json::from_str(&row.origin) {
                 Ok(o) => o,
                 Err(e) => {
                     // Without an origin there is nowhere to say so; fail it quietly but loudly in logs.
@@ -129,15 +133,15 @@ impl AgentMailbox {
                     continue;
                 }
             };
-            match InboundContent::parse(&kind, &content) {
+            match InboundContent::parse(&row.kind, &row.content) {
                 Ok(content) => batch.rows.push(InboundRow {
                     seq,
-                    id: row.try_get("id").at(&path)?,
-                    created_at: row.try_get("created_at").at(&path)?,
-                    process_after,
+                    id: row.id,
+                    created_at: row.created_at,
+                    process_after: row.process_after,
                     origin,
                     content,
-                    trace: row.try_get("trace").at(&path)?,
+                    trace: row.trace,
                 }),
                 Err(e) => batch.unreadable.push((seq, origin, e.to_string())),
             }
@@ -148,26 +152,25 @@ impl AgentMailbox {
     /// Marks `seqs` as being processed; returns each one's attempt number, in order (1 the
     /// first time, more when a previous agent died holding it).
     pub async fn claim(&mut self, seqs: &[i64]) -> Result<Vec<i64>> {
-        let path = self.paths.outbound_db();
         let now = crate::now_ms();
-        let mut tx = self.outbound.begin().await.at(&path)?;
-        let mut attempts = Vec::with_capacity(seqs.len());
-        for seq in seqs {
-            let attempt: i64 = sqlx::query_scalar(
-                "INSERT INTO processing (in_seq, status, attempt, changed_at)
-                 VALUES ($1, 'processing', 1, $2)
-                 ON CONFLICT (in_seq) DO UPDATE
-                   SET status = 'processing', attempt = processing.attempt + 1, changed_at = $2
-                 RETURNING attempt",
-            )
-            .bind(seq)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await
-            .at(&path)?;
-            attempts.push(attempt);
-        }
-        tx.commit().await.at(&path)?;
+        let attempts = self.outbound.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut attempts = Vec::with_capacity(seqs.len());
+            {
+                let mut claim = tx.prepare_cached(
+                    "INSERT INTO processing (in_seq, status, attempt, changed_at)
+                     VALUES (?1, 'processing', 1, ?2)
+                     ON CONFLICT (in_seq) DO UPDATE
+                       SET status = 'processing', attempt = processing.attempt + 1, changed_at = ?2
+                     RETURNING attempt",
+                )?;
+                for seq in seqs {
+                    attempts.push(claim.query_row(params![seq, now], |r| r.get::<_, i64>(0))?);
+                }
+            }
+            tx.commit()?;
+            Ok(attempts)
+        })?;
         crate::paths::ring(&self.paths.outbound_bell());
         Ok(attempts)
     }
@@ -180,28 +183,29 @@ impl AgentMailbox {
         replies: &[NewOutbound],
         status: BatchStatus,
     ) -> Result<Vec<i64>> {
-        let path = self.paths.outbound_db();
         let now = crate::now_ms();
-        let mut tx = self.outbound.begin().await.at(&path)?;
-        let written = self.insert_replies(&mut tx, replies, now).await?;
         let status_text = match status {
             BatchStatus::Completed => "completed",
             BatchStatus::Failed => "failed",
         };
-        for seq in seqs {
-            sqlx::query(
-                "INSERT INTO processing (in_seq, status, attempt, changed_at)
-                 VALUES ($1, $2, 1, $3)
-                 ON CONFLICT (in_seq) DO UPDATE SET status = $2, changed_at = $3",
-            )
-            .bind(seq)
-            .bind(status_text)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .at(&path)?;
-        }
-        tx.commit().await.at(&path)?;
+        let max_in = self.max_in_seq()?;
+        let replies = encode(replies);
+        let written = self.outbound.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let written = insert_replies(&tx, max_in, &replies, now)?;
+            {
+                let mut mark = tx.prepare_cached(
+                    "INSERT INTO processing (in_seq, status, attempt, changed_at)
+                     VALUES (?1, ?2, 1, ?3)
+                     ON CONFLICT (in_seq) DO UPDATE SET status = ?2, changed_at = ?3",
+                )?;
+                for seq in seqs {
+                    mark.execute(params![seq, status_text, now])?;
+                }
+            }
+            tx.commit()?;
+            Ok(written)
+        })?;
         crate::paths::ring(&self.paths.outbound_bell());
         self.done.extend(seqs.iter().copied());
         Ok(written)
@@ -210,12 +214,14 @@ impl AgentMailbox {
     /// Writes one message at once, outside any batch: a question must reach the user while
     /// the turn that asks it waits for the answer.
     pub async fn send_now(&self, reply: &NewOutbound) -> Result<i64> {
-        let path = self.paths.outbound_db();
-        let mut tx = self.outbound.begin().await.at(&path)?;
-        let written = self
-            .insert_replies(&mut tx, std::slice::from_ref(reply), crate::now_ms())
-            .await?;
-        tx.commit().await.at(&path)?;
+        let max_in = self.max_in_seq()?;
+        let replies = encode(std::slice::from_ref(reply));
+        let written = self.outbound.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let written = insert_replies(&tx, max_in, &replies, crate::now_ms())?;
+            tx.commit()?;
+            Ok(written)
+        })?;
         crate::paths::ring(&self.paths.outbound_bell());
         Ok(written[0])
     }
@@ -226,89 +232,57 @@ impl AgentMailbox {
         &self,
         question_id: &str,
     ) -> Result<Option<(i64, InboundContent)>> {
-        let path = self.paths.inbound_db();
-        let found: Option<(i64, String)> = sqlx::query_as(
-            "SELECT seq, content FROM messages_in
-             WHERE kind = 'system' AND state = 'active'
-               AND json_extract(content, '$.event') = 'question_response'
-               AND json_extract(content, '$.data.question_id') = $1
-             ORDER BY seq LIMIT 1",
-        )
-        .bind(question_id)
-        .fetch_optional(&self.inbound)
-        .await
-        .at(&path)?;
+        let found: Option<(i64, String)> = self.inbound.read(|conn| {
+            conn.prepare_cached(
+                "SELECT seq, content FROM messages_in
+                 WHERE kind = 'system' AND state = 'active'
+                   AND json_extract(content, '$.event') = 'question_response'
+                   AND json_extract(content, '$.data.question_id') = ?1
+                 ORDER BY seq LIMIT 1",
+            )?
+            .query_row([question_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+        })?;
         match found {
             Some((seq, content)) => Ok(Some((seq, InboundContent::parse("system", &content)?))),
             None => Ok(None),
         }
     }
 
-    /// Inserts replies at the next agent seqs inside `tx`.
-    async fn insert_replies(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-        replies: &[NewOutbound],
-        now: i64,
-    ) -> Result<Vec<i64>> {
-        let path = self.paths.outbound_db();
-        let max_out: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM messages_out")
-            .fetch_one(&mut **tx)
-            .await
-            .at(&path)?;
-        let max_in: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM messages_in")
-            .fetch_one(&self.inbound)
-            .await
-            .at(&self.paths.inbound_db())?;
-        let mut next = seq::next_agent(max_out.unwrap_or(0).max(max_in.unwrap_or(0)));
-        let mut written = Vec::with_capacity(replies.len());
-        for reply in replies {
-            let destination =
-                serde_json::to_string(&reply.destination).unwrap_or_else(|_| "{}".into());
-            sqlx::query(
-                "INSERT INTO messages_out (seq, in_reply_to, created_at, kind, destination, content, trace)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(next)
-            .bind(reply.in_reply_to)
-            .bind(now)
-            .bind(reply.content.kind())
-            .bind(destination)
-            .bind(reply.content.to_json())
-            .bind(&reply.trace)
-            .execute(&mut **tx)
-            .await
-            .at(&path)?;
-            written.push(next);
-            next += 2;
-        }
-        Ok(written)
+    /// The largest seq the runner has written: the agent's next seq is above it.
+    fn max_in_seq(&self) -> Result<i64> {
+        let max: Option<i64> = self.inbound.read(|conn| {
+            conn.prepare_cached("SELECT max(seq) FROM messages_in")?
+                .query_row([], |r| r.get(0))
+        })?;
+        Ok(max.unwrap_or(0))
     }
 
     /// The outcome delivery recorded for one of this agent's messages, if any.
     pub async fn delivery_outcome(&self, out_seq: i64) -> Result<Option<(String, Option<String>)>> {
-        sqlx::query_as("SELECT outcome, detail FROM delivered WHERE out_seq = $1")
-            .bind(out_seq)
-            .fetch_optional(&self.inbound)
-            .await
-            .at(&self.paths.inbound_db())
+        self.inbound.read(|conn| {
+            conn.prepare_cached("SELECT outcome, detail FROM delivered WHERE out_seq = ?1")?
+                .query_row([out_seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
     }
 
     /// The session's scheduled tasks as mirrored by the runner: (id, JSON spec), by id.
     pub async fn tasks(&self) -> Result<Vec<(String, String)>> {
-        sqlx::query_as("SELECT id, spec FROM tasks ORDER BY id")
-            .fetch_all(&self.inbound)
-            .await
-            .at(&self.paths.inbound_db())
+        self.inbound.read(|conn| {
+            conn.prepare_cached("SELECT id, spec FROM tasks ORDER BY id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
     }
 
     /// A session fact written by the runner (`meta` table).
     pub async fn meta(&self, key: &str) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
-            .bind(key)
-            .fetch_optional(&self.inbound)
-            .await
-            .at(&self.paths.inbound_db())
+        self.inbound.read(|conn| {
+            conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row([key], |r| r.get(0))
+                .optional()
+        })
     }
 
     /// Touches `out/heartbeat` so the runner can tell a working agent from a stuck one.
@@ -325,7 +299,75 @@ impl AgentMailbox {
     }
 
     pub async fn close(&self) {
-        self.outbound.close().await;
-        self.inbound.close().await;
+        self.outbound.close();
+        self.inbound.close();
     }
+}
+
+/// One inbound row as stored, before its JSON is decoded.
+struct Unread {
+    seq: i64,
+    id: String,
+    kind: String,
+    created_at: i64,
+    process_after: Option<i64>,
+    state: String,
+    origin: String,
+    content: String,
+    trace: Option<String>,
+}
+
+/// A reply's columns, encoded before the transaction that writes it.
+struct EncodedReply<'a> {
+    in_reply_to: Option<i64>,
+    kind: &'static str,
+    destination: String,
+    content: String,
+    trace: Option<&'a str>,
+}
+
+fn encode(replies: &[NewOutbound]) -> Vec<EncodedReply<'_>> {
+    replies
+        .iter()
+        .map(|reply| EncodedReply {
+            in_reply_to: reply.in_reply_to,
+            kind: reply.content.kind(),
+            destination: serde_json::to_string(&reply.destination).unwrap_or_else(|_| "{}".into()),
+            content: reply.content.to_json(),
+            trace: reply.trace.as_deref(),
+        })
+        .collect()
+}
+
+/// Inserts replies at the next agent seqs (above `max_in`, the runner's largest, and every
+/// seq already in `messages_out`) inside `tx`.
+fn insert_replies(
+    tx: &rusqlite::Transaction<'_>,
+    max_in: i64,
+    replies: &[EncodedReply<'_>],
+    now: i64,
+) -> rusqlite::Result<Vec<i64>> {
+    let max_out: Option<i64> = tx
+        .prepare_cached("SELECT max(seq) FROM messages_out")?
+        .query_row([], |r| r.get(0))?;
+    let mut next = seq::next_agent(max_out.unwrap_or(0).max(max_in));
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO messages_out (seq, in_reply_to, created_at, kind, destination, content, trace)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let mut written = Vec::with_capacity(replies.len());
+    for reply in replies {
+        insert.execute(params![
+            next,
+            reply.in_reply_to,
+            now,
+            reply.kind,
+            reply.destination,
+            reply.content,
+            reply.trace
+        ])?;
+        written.push(next);
+        next += 2;
+    }
+    Ok(written)
 }

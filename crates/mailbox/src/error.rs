@@ -7,8 +7,15 @@ pub enum Error {
     Sqlite {
         path: PathBuf,
         #[source]
-        source: sqlx::Error,
+        source: rusqlite::Error,
     },
+    /// A session file SQLite opened is not the one asked for.
+    #[error("{path} refused: {why}")]
+    Refused { path: PathBuf, why: String },
+    /// The mailbox was closed (evicted from the cache, or the session stopped) while a
+    /// call still held it.
+    #[error("{path} is closed")]
+    Closed { path: PathBuf },
     #[error(
         "{path} has mailbox schema version {found}, but this build speaks version {expected}: \
          run an agent and a runner of the same ferroclaw release"
@@ -47,12 +54,12 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Attaches the database path to sqlx errors.
+/// Attaches the database path to SQLite errors.
 pub(crate) trait SqliteContext<T> {
     fn at(self, path: &std::path::Path) -> Result<T>;
 }
 
-impl<T> SqliteContext<T> for std::result::Result<T, sqlx::Error> {
+impl<T> SqliteContext<T> for std::result::Result<T, rusqlite::Error> {
     fn at(self, path: &std::path::Path) -> Result<T> {
         self.map_err(|source| Error::Sqlite {
             path: path.to_path_buf(),

@@ -1,15 +1,14 @@
 //! The runner's side of a session directory: writes `inbound.db`, reads `outbound.db`.
 
 use std::collections::HashSet;
-
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 
-use sqlx::{Row, SqlitePool};
-use tokio::sync::Mutex;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::content::InboundContent;
-use crate::db::{self, JournalMode};
-use crate::error::{Result, SqliteContext, io_at};
+use crate::db::{Db, JournalMode};
+use crate::error::{Result, io_at};
 use crate::paths::SessionPaths;
 use crate::rows::{NewInbound, OutboundRow, Outcome};
 use crate::schema;
@@ -68,29 +67,84 @@ pub enum Reopen {
 
 pub struct HostMailbox {
     paths: SessionPaths,
-    inbound: SqlitePool,
+    inbound: Db,
     /// Opened once the agent has created and initialised `outbound.db`.
-    outbound: Mutex<Option<SqlitePool>>,
+    outbound: Mutex<Option<Arc<Db>>>,
     /// The fencing token this runner holds on the session (0: none, a single runner).
     fence: AtomicI64,
 }
 
 /// A write's guard: true unless the session's fencing token (meta `fence`) is greater than
-/// the one bound to `$F` (0: not fencing). Checked in the writing statement itself, so a
+/// the one bound to `?F` (0: not fencing). Checked in the writing statement itself, so a
 /// takeover that commits first wins, whatever the order the two runners started in.
 fn fence_ok(param: u8) -> String {
     format!(
-        "(${param} = 0 OR coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fence'), 0) <= ${param})"
+        "(?{param} = 0 OR coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fence'), 0) <= ?{param})"
     )
+}
+
+/// One statement, one commit: the seq (the smallest even number above every seq of both
+/// files, see `seq::next_host`) is taken inside the insert, and a repeated id inserts
+/// nothing. The runner is the only writer of this file.
+static ENQUEUE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO messages_in (seq, id, kind, created_at, process_after, state, origin, content, trace)
+         SELECT (max(coalesce((SELECT max(seq) FROM messages_in), 0), ?1, 0) + 2) / 2 * 2,
+                ?2, ?3, ?4, ?5, 'active', ?6, ?7, ?8
+         WHERE {}
+         ON CONFLICT (id) DO NOTHING
+         RETURNING seq",
+        fence_ok(9)
+    )
+});
+
+static SETTLE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO delivered (out_seq, outcome, platform_message_id, detail, at)
+         SELECT ?1, ?2, ?3, ?4, ?5 WHERE {} ON CONFLICT (out_seq) DO NOTHING",
+        fence_ok(6)
+    )
+});
+
+static REOPEN: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "DELETE FROM delivered WHERE out_seq = ?1 AND outcome = 'failed' AND {}",
+        fence_ok(2)
+    )
+});
+
+static SET_META: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO meta (key, value) SELECT ?1, ?2 WHERE {}
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        fence_ok(3)
+    )
+});
+
+/// The fencing token recorded in the session's `inbound.db`, if any.
+fn recorded_fence(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fence'")?
+        .query_row([], |r| r.get(0))
+        .optional()
+}
+
+/// Collects the first column of every row of `sql` bound to `params`.
+fn column<T: rusqlite::types::FromSql>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<T>> {
+    conn.prepare_cached(sql)?
+        .query_map(params, |r| r.get(0))?
+        .collect()
 }
 
 impl HostMailbox {
     /// Creates the session directory and `inbound.db` if needed, and checks its version.
     pub async fn open(paths: SessionPaths, mode: JournalMode) -> Result<Self> {
         paths.create()?;
-        let path = paths.inbound_db();
-        let inbound = db::open_writer(&path, mode).await?;
-        schema::init_inbound(&inbound, &path).await?;
+        let inbound = Db::open_writer(&paths.inbound_db(), mode)?;
+        schema::init_inbound(&inbound)?;
         Ok(Self {
             paths,
             inbound,
@@ -102,48 +156,40 @@ impl HostMailbox {
     /// Takes the session with fencing token `fence` (several runners): recorded in the
     /// mailbox unless a greater one is there, and checked by every write from now on.
     /// Fails with [`Error::Fenced`] when another runner holds a greater one.
+    ///
+    /// [`Error::Fenced`]: crate::Error::Fenced
     pub async fn hold_fence(&self, fence: i64) -> Result<()> {
-        let path = self.paths.inbound_db();
-        sqlx::query(
-            "INSERT INTO meta (key, value) VALUES ('fence', $1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value
-             WHERE CAST(meta.value AS INTEGER) < CAST(excluded.value AS INTEGER)",
-        )
-        .bind(fence.to_string())
-        .execute(&self.inbound)
-        .await
-        .at(&path)?;
+        self.inbound.write(|conn| {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('fence', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value
+                 WHERE CAST(meta.value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+                [fence.to_string()],
+            )
+        })?;
         self.fence.store(fence, Ordering::SeqCst);
-        self.check_fence().await
+        self.check_fence()
     }
 
     /// [`Error::Fenced`] when a greater fencing token than this runner's is recorded.
-    async fn check_fence(&self) -> Result<()> {
+    ///
+    /// [`Error::Fenced`]: crate::Error::Fenced
+    fn check_fence(&self) -> Result<()> {
         if self.held_fence() == 0 {
             return Ok(());
         }
-        let path = self.paths.inbound_db();
-        let mut conn = self.inbound.acquire().await.at(&path)?;
-        self.check_fence_in(&mut conn).await
+        let current = self.inbound.read(|conn| recorded_fence(conn))?;
+        self.fenced(current)
     }
 
-    /// [`HostMailbox::check_fence`] as the first read of a transaction: a takeover that
-    /// commits after it makes the transaction's first write fail (SQLite will not let a
-    /// reader whose snapshot is stale write), so the check holds until the commit.
-    async fn check_fence_in(&self, tx: &mut sqlx::SqliteConnection) -> Result<()> {
+    /// [`Error::Fenced`] when `current`, the recorded token, is greater than this runner's.
+    ///
+    /// [`Error::Fenced`]: crate::Error::Fenced
+    fn fenced(&self, current: Option<i64>) -> Result<()> {
         let held = self.held_fence();
-        if held == 0 {
-            return Ok(());
-        }
-        let path = self.paths.inbound_db();
-        let current: Option<i64> =
-            sqlx::query_scalar("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'fence'")
-                .fetch_optional(&mut *tx)
-                .await
-                .at(&path)?;
         match current {
-            Some(current) if current > held => Err(crate::Error::Fenced {
-                path,
+            Some(current) if held != 0 && current > held => Err(crate::Error::Fenced {
+                path: self.paths.inbound_db(),
                 held,
                 current,
             }),
@@ -165,10 +211,10 @@ impl HostMailbox {
     }
 
     /// The reader of `outbound.db`, or `None` while the agent has not created it.
-    async fn outbound(&self) -> Result<Option<SqlitePool>> {
-        let mut slot = self.outbound.lock().await;
-        if let Some(pool) = slot.as_ref() {
-            return Ok(Some(pool.clone()));
+    fn outbound(&self) -> Result<Option<Arc<Db>>> {
+        let mut slot = self.outbound.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = slot.as_ref() {
+            return Ok(Some(db.clone()));
         }
         let path = self.paths.outbound_db();
         // The agent owns out/: outbound.db must be a regular file in its place, never a
@@ -188,63 +234,57 @@ impl HostMailbox {
         let real = std::fs::canonicalize(out.path())
             .map_err(io_at(out.path()))?
             .join(OUTBOUND_DB);
-        let pool = db::open_reader(&path, Some(real)).await?;
-        if !schema::check_version(&pool, &path, schema::OUTBOUND_VERSION).await? {
-            pool.close().await;
+        let db = Db::open_reader(&path, Some(&real))?;
+        if !schema::check_version(&db, schema::OUTBOUND_VERSION)? {
+            db.close();
             return Ok(None);
         }
-        *slot = Some(pool.clone());
-        Ok(Some(pool))
+        let db = Arc::new(db);
+        *slot = Some(db.clone());
+        Ok(Some(db))
     }
 
-    async fn max_out_seq(&self) -> Result<i64> {
-        let Some(pool) = self.outbound().await? else {
+    fn max_out_seq(&self) -> Result<i64> {
+        let Some(out) = self.outbound()? else {
             return Ok(0);
         };
-        sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM messages_out")
-            .fetch_one(&pool)
-            .await
-            .map(|v| v.unwrap_or(0))
-            .at(&self.paths.outbound_db())
+        out.read(|conn| {
+            conn.prepare_cached("SELECT max(seq) FROM messages_out")?
+                .query_row([], |r| r.get::<_, Option<i64>>(0))
+        })
+        .map(|v| v.unwrap_or(0))
     }
 
     /// Appends a message, or returns the existing row when its id is already there.
     pub async fn enqueue(&self, msg: &NewInbound) -> Result<Enqueued> {
-        let path = self.paths.inbound_db();
-        let max_out = self.max_out_seq().await?;
+        let max_out = self.max_out_seq()?;
         let origin = serde_json::to_string(&msg.origin).unwrap_or_else(|_| "{}".into());
-        // One statement, one commit: the seq (the smallest even number above every seq of
-        // both files, see `seq::next_host`) is taken inside the insert, and a repeated id
-        // inserts nothing. The runner is the only writer of this file.
-        let insert = format!(
-            "INSERT INTO messages_in (seq, id, kind, created_at, process_after, state, origin, content, trace)
-             SELECT (max(coalesce((SELECT max(seq) FROM messages_in), 0), $1, 0) + 2) / 2 * 2,
-                    $2, $3, $4, $5, 'active', $6, $7, $8
-             WHERE {}
-             ON CONFLICT (id) DO NOTHING
-             RETURNING seq",
-            fence_ok(9)
-        );
-        let inserted: Option<i64> = sqlx::query_scalar(&insert)
-            .bind(max_out)
-            .bind(&msg.id)
-            .bind(msg.content.kind())
-            .bind(crate::now_ms())
-            .bind(msg.process_after)
-            .bind(origin)
-            .bind(msg.content.to_json())
-            .bind(&msg.trace)
-            .bind(self.held_fence())
-            .fetch_optional(&self.inbound)
-            .await
-            .at(&path)?;
+        let content = msg.content.to_json();
+        let held = self.held_fence();
+        let inserted = self.inbound.write(|conn| {
+            conn.prepare_cached(&ENQUEUE)?
+                .query_row(
+                    params![
+                        max_out,
+                        msg.id,
+                        msg.content.kind(),
+                        crate::now_ms(),
+                        msg.process_after,
+                        origin,
+                        content,
+                        msg.trace,
+                        held
+                    ],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+        })?;
         let Some(seq) = inserted else {
-            self.check_fence().await?;
-            let seq: i64 = sqlx::query_scalar("SELECT seq FROM messages_in WHERE id = $1")
-                .bind(&msg.id)
-                .fetch_one(&self.inbound)
-                .await
-                .at(&path)?;
+            self.check_fence()?;
+            let seq = self.inbound.read(|conn| {
+                conn.prepare_cached("SELECT seq FROM messages_in WHERE id = ?1")?
+                    .query_row([&msg.id], |r| r.get(0))
+            })?;
             return Ok(Enqueued {
                 seq,
                 id: msg.id.clone(),
@@ -280,61 +320,60 @@ impl HostMailbox {
         max_row_bytes: usize,
         limit: usize,
     ) -> Result<OutboundPage> {
-        let Some(out) = self.outbound().await? else {
+        let Some(out) = self.outbound()? else {
             return Ok(OutboundPage::default());
         };
-        let out_path = self.paths.outbound_db();
-        let rows = sqlx::query(
-            "SELECT seq, in_reply_to, created_at, size,
-                    CASE WHEN size > $2 THEN '' ELSE kind END AS kind,
-                    CASE WHEN size > $2 THEN NULL ELSE trace END AS trace,
-                    CASE WHEN size > $2 THEN '' ELSE destination END AS destination,
-                    CASE WHEN size > $2 THEN '' ELSE content END AS content
-             FROM (SELECT *, length(CAST(content AS BLOB))
-                             + length(CAST(destination AS BLOB))
-                             + ifnull(length(CAST(trace AS BLOB)), 0)
-                             + length(CAST(kind AS BLOB)) AS size
-                   FROM messages_out WHERE seq > $1 ORDER BY seq LIMIT $3)
-             ORDER BY seq",
-        )
-        .bind(after)
-        .bind(i64::try_from(max_row_bytes).unwrap_or(i64::MAX))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&out)
-        .await
-        .at(&out_path)?;
+        let max_row_bytes = i64::try_from(max_row_bytes).unwrap_or(i64::MAX);
+        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = out.read(|conn| {
+            conn.prepare_cached(
+                "SELECT seq, in_reply_to, created_at, size,
+                        CASE WHEN size > ?2 THEN '' ELSE kind END AS kind,
+                        CASE WHEN size > ?2 THEN NULL ELSE trace END AS trace,
+                        CASE WHEN size > ?2 THEN '' ELSE destination END AS destination,
+                        CASE WHEN size > ?2 THEN '' ELSE content END AS content
+                 FROM (SELECT *, length(CAST(content AS BLOB))
+                                 + length(CAST(destination AS BLOB))
+                                 + ifnull(length(CAST(trace AS BLOB)), 0)
+                                 + length(CAST(kind AS BLOB)) AS size
+                       FROM messages_out WHERE seq > ?1 ORDER BY seq LIMIT ?3)
+                 ORDER BY seq",
+            )?
+            .query_map(params![after, max_row_bytes, limit_sql], |row| {
+                Ok(OutboundRow {
+                    seq: row.get("seq")?,
+                    in_reply_to: row.get("in_reply_to")?,
+                    created_at: row.get("created_at")?,
+                    kind: row.get("kind")?,
+                    destination: row.get("destination")?,
+                    content: row.get("content")?,
+                    row_bytes: row.get("size")?,
+                    trace: row.get("trace")?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
         let Some(last) = rows.last() else {
             return Ok(OutboundPage::default());
         };
         let full = rows.len() >= limit;
-        let scanned_up_to: i64 = last.try_get("seq").at(&out_path)?;
-        let settled: HashSet<i64> =
-            sqlx::query_scalar::<_, i64>("SELECT out_seq FROM delivered WHERE out_seq > $1")
-                .bind(after)
-                .fetch_all(&self.inbound)
-                .await
-                .at(&self.paths.inbound_db())?
-                .into_iter()
-                .collect();
-        let mut result = Vec::with_capacity(rows.len());
-        for row in rows {
-            let seq: i64 = row.try_get("seq").at(&out_path)?;
-            if settled.contains(&seq) {
-                continue;
-            }
-            result.push(OutboundRow {
-                seq,
-                in_reply_to: row.try_get("in_reply_to").at(&out_path)?,
-                created_at: row.try_get("created_at").at(&out_path)?,
-                kind: row.try_get("kind").at(&out_path)?,
-                destination: row.try_get("destination").at(&out_path)?,
-                content: row.try_get("content").at(&out_path)?,
-                row_bytes: row.try_get("size").at(&out_path)?,
-                trace: row.try_get("trace").at(&out_path)?,
-            });
-        }
+        let scanned_up_to = last.seq;
+        let settled: HashSet<i64> = self
+            .inbound
+            .read(|conn| {
+                column::<i64>(
+                    conn,
+                    "SELECT out_seq FROM delivered WHERE out_seq > ?1",
+                    [after],
+                )
+            })?
+            .into_iter()
+            .collect();
         Ok(OutboundPage {
-            rows: result,
+            rows: rows
+                .into_iter()
+                .filter(|row| !settled.contains(&row.seq))
+                .collect(),
             more_after: full.then_some(scanned_up_to),
         })
     }
@@ -342,33 +381,37 @@ impl HostMailbox {
     /// Where the host said this session's replies go: the distinct `reply_to` destinations
     /// (JSON) of its inbound rows, each written by the host, never by the agent.
     pub async fn reply_destinations(&self) -> Result<Vec<String>> {
-        sqlx::query_scalar::<_, Option<String>>(
-            "SELECT DISTINCT json_extract(origin, '$.reply_to') FROM messages_in",
-        )
-        .fetch_all(&self.inbound)
-        .await
-        .at(&self.paths.inbound_db())
-        .map(|found| found.into_iter().flatten().collect())
+        let found = self.inbound.read(|conn| {
+            column::<Option<String>>(
+                conn,
+                "SELECT DISTINCT json_extract(origin, '$.reply_to') FROM messages_in",
+                [],
+            )
+        })?;
+        Ok(found.into_iter().flatten().collect())
     }
 
     /// The seqs of inbound messages above `after`, in order.
     pub async fn inbound_seqs_after(&self, after: i64) -> Result<Vec<i64>> {
-        sqlx::query_scalar("SELECT seq FROM messages_in WHERE seq > $1 ORDER BY seq")
-            .bind(after)
-            .fetch_all(&self.inbound)
-            .await
-            .at(&self.paths.inbound_db())
+        self.inbound.read(|conn| {
+            column(
+                conn,
+                "SELECT seq FROM messages_in WHERE seq > ?1 ORDER BY seq",
+                [after],
+            )
+        })
     }
 
     /// The `reply_to` (JSON) of the session's first inbound message: where it lives.
     pub async fn home_destination(&self) -> Result<Option<String>> {
-        sqlx::query_scalar::<_, Option<String>>(
-            "SELECT json_extract(origin, '$.reply_to') FROM messages_in ORDER BY seq LIMIT 1",
-        )
-        .fetch_optional(&self.inbound)
-        .await
-        .at(&self.paths.inbound_db())
-        .map(Option::flatten)
+        let found = self.inbound.read(|conn| {
+            conn.prepare_cached(
+                "SELECT json_extract(origin, '$.reply_to') FROM messages_in ORDER BY seq LIMIT 1",
+            )?
+            .query_row([], |r| r.get::<_, Option<String>>(0))
+            .optional()
+        })?;
+        Ok(found.flatten())
     }
 
     /// Records the outcome of an outbound row. `false`: it was settled before (first wins).
@@ -379,27 +422,23 @@ impl HostMailbox {
         platform_message_id: Option<&str>,
         detail: Option<&str>,
     ) -> Result<bool> {
-        let insert = format!(
-            "INSERT INTO delivered (out_seq, outcome, platform_message_id, detail, at)
-             SELECT $1, $2, $3, $4, $5 WHERE {} ON CONFLICT (out_seq) DO NOTHING",
-            fence_ok(6)
-        );
-        let done = sqlx::query(&insert)
-            .bind(out_seq)
-            .bind(outcome.as_str())
-            .bind(platform_message_id)
-            .bind(detail)
-            .bind(crate::now_ms())
-            .bind(self.held_fence())
-            .execute(&self.inbound)
-            .await
-            .at(&self.paths.inbound_db())?;
-        if done.rows_affected() == 0 {
-            self.check_fence().await?;
+        let held = self.held_fence();
+        let inserted = self.inbound.write(|conn| {
+            conn.prepare_cached(&SETTLE)?.execute(params![
+                out_seq,
+                outcome.as_str(),
+                platform_message_id,
+                detail,
+                crate::now_ms(),
+                held
+            ])
+        })?;
+        if inserted == 0 {
+            self.check_fence()?;
         }
         // No doorbell: an outcome is nothing for the agent to act on, and ringing woke it
         // for every reply it wrote.
-        Ok(done.rows_affected() == 1)
+        Ok(inserted == 1)
     }
 
     /// Makes a row settled as failed unsettled again (an operator's retry), so the outbound
@@ -407,33 +446,28 @@ impl HostMailbox {
     /// writes: the agent cannot reopen anything. Idempotent: a second call finds the row
     /// unsettled and changes nothing.
     pub async fn reopen_failed(&self, out_seq: i64) -> Result<Reopen> {
-        let exists = match self.outbound().await? {
-            Some(out) => sqlx::query_scalar::<_, i64>("SELECT 1 FROM messages_out WHERE seq = $1")
-                .bind(out_seq)
-                .fetch_optional(&out)
-                .await
-                .at(&self.paths.outbound_db())?
+        let exists = match self.outbound()? {
+            Some(out) => out
+                .read(|conn| {
+                    conn.prepare_cached("SELECT 1 FROM messages_out WHERE seq = ?1")?
+                        .query_row([out_seq], |_| Ok(()))
+                        .optional()
+                })?
                 .is_some(),
             None => false,
         };
         if !exists {
             return Ok(Reopen::Unknown);
         }
-        let path = self.paths.inbound_db();
-        let delete = format!(
-            "DELETE FROM delivered WHERE out_seq = $1 AND outcome = 'failed' AND {}",
-            fence_ok(2)
-        );
-        let removed = sqlx::query(&delete)
-            .bind(out_seq)
-            .bind(self.held_fence())
-            .execute(&self.inbound)
-            .await
-            .at(&path)?;
-        if removed.rows_affected() == 1 {
+        let held = self.held_fence();
+        let removed = self.inbound.write(|conn| {
+            conn.prepare_cached(&REOPEN)?
+                .execute(params![out_seq, held])
+        })?;
+        if removed == 1 {
             return Ok(Reopen::Reopened);
         }
-        self.check_fence().await?;
+        self.check_fence()?;
         Ok(match self.outcome(out_seq).await?.as_deref() {
             None => Reopen::Unsettled,
             Some(_) => Reopen::Delivered,
@@ -443,63 +477,79 @@ impl HostMailbox {
     /// Records several outcomes in one transaction (one commit instead of one each); for
     /// each, whether it was recorded (false: the row was already settled).
     pub async fn settle_many(&self, settlements: &[Settlement<'_>]) -> Result<Vec<bool>> {
-        let path = self.paths.inbound_db();
-        let mut tx = self.inbound.begin().await.at(&path)?;
-        self.check_fence_in(&mut tx).await?;
-        let mut recorded = Vec::with_capacity(settlements.len());
         let now = crate::now_ms();
-        for s in settlements {
-            let done = sqlx::query(
-                "INSERT INTO delivered (out_seq, outcome, platform_message_id, detail, at)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (out_seq) DO NOTHING",
-            )
-            .bind(s.out_seq)
-            .bind(s.outcome.as_str())
-            .bind(s.platform_message_id)
-            .bind(s.detail)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .at(&path)?;
-            recorded.push(done.rows_affected() == 1);
-        }
-        tx.commit().await.at(&path)?;
+        let (fence, recorded) = self.inbound.write(|conn| {
+            // IMMEDIATE: the write lock is taken first, so the fence read below holds
+            // until the commit (a takeover cannot commit in between).
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let fence = recorded_fence(&tx)?;
+            if self.fenced(fence).is_err() {
+                return Ok((fence, Vec::new()));
+            }
+            let mut recorded = Vec::with_capacity(settlements.len());
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO delivered (out_seq, outcome, platform_message_id, detail, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (out_seq) DO NOTHING",
+                )?;
+                for s in settlements {
+                    let done = insert.execute(params![
+                        s.out_seq,
+                        s.outcome.as_str(),
+                        s.platform_message_id,
+                        s.detail,
+                        now
+                    ])?;
+                    recorded.push(done == 1);
+                }
+            }
+            tx.commit()?;
+            Ok((fence, recorded))
+        })?;
+        self.fenced(fence)?;
         Ok(recorded)
     }
 
     /// The outcome recorded for `out_seq`, if any.
     pub async fn outcome(&self, out_seq: i64) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT outcome FROM delivered WHERE out_seq = $1")
-            .bind(out_seq)
-            .fetch_optional(&self.inbound)
-            .await
-            .at(&self.paths.inbound_db())
+        self.inbound.read(|conn| {
+            conn.prepare_cached("SELECT outcome FROM delivered WHERE out_seq = ?1")?
+                .query_row([out_seq], |r| r.get(0))
+                .optional()
+        })
     }
 
     /// The inbound seqs the agent marked completed or failed.
-    async fn finished(&self) -> Result<HashSet<i64>> {
-        let Some(out) = self.outbound().await? else {
+    fn finished(&self) -> Result<HashSet<i64>> {
+        let Some(out) = self.outbound()? else {
             return Ok(HashSet::new());
         };
-        Ok(sqlx::query_scalar::<_, i64>(
-            "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",
-        )
-        .fetch_all(&out)
-        .await
-        .at(&self.paths.outbound_db())?
-        .into_iter()
-        .collect())
+        let seqs = out.read(|conn| {
+            column::<i64>(
+                conn,
+                "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",
+                [],
+            )
+        })?;
+        Ok(seqs.into_iter().collect())
     }
 
     /// Inbound work the agent has not completed yet.
     pub async fn pending(&self) -> Result<Pending> {
-        let inbound: Vec<(i64, Option<i64>, i64)> = sqlx::query_as(
-            "SELECT seq, process_after, created_at FROM messages_in WHERE state = 'active'",
-        )
-        .fetch_all(&self.inbound)
-        .await
-        .at(&self.paths.inbound_db())?;
-        let done = self.finished().await?;
+        let inbound = self.inbound.read(|conn| {
+            conn.prepare_cached(
+                "SELECT seq, process_after, created_at FROM messages_in WHERE state = 'active'",
+            )?
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        let done = self.finished()?;
         let mut pending = Pending::default();
         for (seq, process_after, created_at) in inbound {
             if done.contains(&seq) {
@@ -515,52 +565,48 @@ impl HostMailbox {
     /// The inbound seqs that are due (now, unix ms) and that the agent has not finished,
     /// by the host's reading: what an agent that makes progress will not hold for long.
     pub async fn due_unfinished(&self, now: i64) -> Result<Vec<i64>> {
-        let due: Vec<i64> = sqlx::query_scalar(
-            "SELECT seq FROM messages_in WHERE state = 'active'
-               AND ifnull(process_after, created_at) <= $1 ORDER BY seq",
-        )
-        .bind(now)
-        .fetch_all(&self.inbound)
-        .await
-        .at(&self.paths.inbound_db())?;
+        let due: Vec<i64> = self.inbound.read(|conn| {
+            column(
+                conn,
+                "SELECT seq FROM messages_in WHERE state = 'active'
+                   AND ifnull(process_after, created_at) <= ?1 ORDER BY seq",
+                [now],
+            )
+        })?;
         if due.is_empty() {
             return Ok(due);
         }
-        let done = self.finished().await?;
+        let done = self.finished()?;
         Ok(due.into_iter().filter(|s| !done.contains(s)).collect())
     }
 
     /// The inbound seqs the agent has claimed and not finished.
     pub async fn claimed(&self) -> Result<Vec<i64>> {
-        let Some(out) = self.outbound().await? else {
+        let Some(out) = self.outbound()? else {
             return Ok(Vec::new());
         };
-        sqlx::query_scalar("SELECT in_seq FROM processing WHERE status = 'processing'")
-            .fetch_all(&out)
-            .await
-            .at(&self.paths.outbound_db())
+        out.read(|conn| {
+            column(
+                conn,
+                "SELECT in_seq FROM processing WHERE status = 'processing'",
+                [],
+            )
+        })
     }
 
     /// The reply destinations (JSON) of the inbound messages the agent is working on now.
     pub async fn working_destinations(&self) -> Result<Vec<String>> {
-        let Some(out) = self.outbound().await? else {
-            return Ok(Vec::new());
-        };
-        let seqs: Vec<i64> =
-            sqlx::query_scalar("SELECT in_seq FROM processing WHERE status = 'processing'")
-                .fetch_all(&out)
-                .await
-                .at(&self.paths.outbound_db())?;
+        let seqs = self.claimed().await?;
         let mut destinations = Vec::new();
         for seq in seqs {
-            let found: Option<String> = sqlx::query_scalar(
-                "SELECT json_extract(origin, '$.reply_to') FROM messages_in WHERE seq = $1",
-            )
-            .bind(seq)
-            .fetch_optional(&self.inbound)
-            .await
-            .at(&self.paths.inbound_db())?;
-            if let Some(d) = found
+            let found: Option<Option<String>> = self.inbound.read(|conn| {
+                conn.prepare_cached(
+                    "SELECT json_extract(origin, '$.reply_to') FROM messages_in WHERE seq = ?1",
+                )?
+                .query_row([seq], |r| r.get(0))
+                .optional()
+            })?;
+            if let Some(d) = found.flatten()
                 && !destinations.contains(&d)
             {
                 destinations.push(d);
@@ -571,20 +617,13 @@ impl HostMailbox {
 
     /// Sets a session fact (`meta` table): agent name, time zone, default reply origin.
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        let upsert = format!(
-            "INSERT INTO meta (key, value) SELECT $1, $2 WHERE {}
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            fence_ok(3)
-        );
-        let set = sqlx::query(&upsert)
-            .bind(key)
-            .bind(value)
-            .bind(self.held_fence())
-            .execute(&self.inbound)
-            .await
-            .at(&self.paths.inbound_db())?;
-        if set.rows_affected() == 0 {
-            self.check_fence().await?;
+        let held = self.held_fence();
+        let set = self.inbound.write(|conn| {
+            conn.prepare_cached(&SET_META)?
+                .execute(params![key, value, held])
+        })?;
+        if set == 0 {
+            self.check_fence()?;
         }
         Ok(())
     }
@@ -592,24 +631,26 @@ impl HostMailbox {
     /// Replaces the session's task mirror (`tasks` table) with `tasks` as (id, JSON spec),
     /// in one transaction so the agent never sees half of it.
     pub async fn replace_tasks(&self, tasks: &[(String, String)]) -> Result<()> {
-        let path = self.paths.inbound_db();
         let now = crate::now_ms();
-        let mut tx = self.inbound.begin().await.at(&path)?;
-        self.check_fence_in(&mut tx).await?;
-        sqlx::query("DELETE FROM tasks")
-            .execute(&mut *tx)
-            .await
-            .at(&path)?;
-        for (id, spec) in tasks {
-            sqlx::query("INSERT INTO tasks (id, spec, updated_at) VALUES ($1, $2, $3)")
-                .bind(id)
-                .bind(spec)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .at(&path)?;
-        }
-        tx.commit().await.at(&path)?;
+        let fence = self.inbound.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let fence = recorded_fence(&tx)?;
+            if self.fenced(fence).is_err() {
+                return Ok(fence);
+            }
+            tx.execute("DELETE FROM tasks", [])?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO tasks (id, spec, updated_at) VALUES (?1, ?2, ?3)",
+                )?;
+                for (id, spec) in tasks {
+                    insert.execute(params![id, spec, now])?;
+                }
+            }
+            tx.commit()?;
+            Ok(fence)
+        })?;
+        self.fenced(fence)?;
         crate::paths::ring(&self.paths.inbound_bell());
         Ok(())
     }
@@ -620,9 +661,14 @@ impl HostMailbox {
     }
 
     pub async fn close(&self) {
-        self.inbound.close().await;
-        if let Some(out) = self.outbound.lock().await.take() {
-            out.close().await;
+        self.inbound.close();
+        let out = self
+            .outbound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(out) = out {
+            out.close();
         }
     }
 }
@@ -725,9 +771,9 @@ mod tests {
             "nor can it take the session back"
         );
         assert!(!new.enqueue(&chat("late")).await.expect("enqueue").duplicate);
-        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM messages_in ORDER BY seq")
-            .fetch_all(&new.inbound)
-            .await
+        let ids: Vec<String> = new
+            .inbound
+            .read(|conn| column(conn, "SELECT id FROM messages_in ORDER BY seq", []))
             .expect("read");
         assert_eq!(
             ids,

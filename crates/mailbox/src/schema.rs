@@ -1,10 +1,9 @@
 //! Table definitions and the schema version kept in each file's `user_version`.
 
-use std::path::Path;
+use rusqlite::TransactionBehavior;
 
-use sqlx::SqlitePool;
-
-use crate::error::{Error, Result, SqliteContext};
+use crate::db::Db;
+use crate::error::{Error, Result};
 
 /// Bumped whenever either file's layout changes; agent and runner must agree.
 pub const INBOUND_VERSION: i64 = 1;
@@ -58,48 +57,46 @@ CREATE TABLE IF NOT EXISTS processing (
 );
 ";
 
-pub(crate) async fn init_inbound(pool: &SqlitePool, path: &Path) -> Result<()> {
-    init(pool, path, INBOUND_DDL, INBOUND_VERSION).await
+pub(crate) fn init_inbound(db: &Db) -> Result<()> {
+    init(db, INBOUND_DDL, INBOUND_VERSION)
 }
 
-pub(crate) async fn init_outbound(pool: &SqlitePool, path: &Path) -> Result<()> {
-    init(pool, path, OUTBOUND_DDL, OUTBOUND_VERSION).await
+pub(crate) fn init_outbound(db: &Db) -> Result<()> {
+    init(db, OUTBOUND_DDL, OUTBOUND_VERSION)
 }
 
 /// Creates the tables of a new file and stamps its version in the same transaction, or
 /// checks the version of an existing one.
-async fn init(pool: &SqlitePool, path: &Path, ddl: &str, expected: i64) -> Result<()> {
-    let mut tx = pool.begin().await.at(path)?;
-    let found: i64 = sqlx::query_scalar("PRAGMA user_version")
-        .fetch_one(&mut *tx)
-        .await
-        .at(path)?;
-    if found == 0 {
-        // `query` runs every statement of the script on SQLite (`raw_sql` futures are not Send).
-        sqlx::query(ddl).execute(&mut *tx).await.at(path)?;
-        let stamp = format!("PRAGMA user_version = {expected}");
-        sqlx::query(&stamp).execute(&mut *tx).await.at(path)?;
-    } else if found != expected {
-        return Err(Error::SchemaMismatch {
-            path: path.to_path_buf(),
-            found,
+fn init(db: &Db, ddl: &str, expected: i64) -> Result<()> {
+    let found = db.write(|conn| {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found == 0 {
+            tx.execute_batch(ddl)?;
+            tx.execute_batch(&format!("PRAGMA user_version = {expected}"))?;
+            tx.commit()?;
+        }
+        Ok(found)
+    })?;
+    match found {
+        0 => Ok(()),
+        v if v == expected => Ok(()),
+        v => Err(Error::SchemaMismatch {
+            path: db.path().to_path_buf(),
+            found: v,
             expected,
-        });
+        }),
     }
-    tx.commit().await.at(path)
 }
 
 /// Checks the version of a file opened read-only. `Ok(false)`: not initialised yet.
-pub(crate) async fn check_version(pool: &SqlitePool, path: &Path, expected: i64) -> Result<bool> {
-    let found: i64 = sqlx::query_scalar("PRAGMA user_version")
-        .fetch_one(pool)
-        .await
-        .at(path)?;
+pub(crate) fn check_version(db: &Db, expected: i64) -> Result<bool> {
+    let found: i64 = db.read(|conn| conn.query_row("PRAGMA user_version", [], |r| r.get(0)))?;
     match found {
         0 => Ok(false),
         v if v == expected => Ok(true),
         v => Err(Error::SchemaMismatch {
-            path: path.to_path_buf(),
+            path: db.path().to_path_buf(),
             found: v,
             expected,
         }),

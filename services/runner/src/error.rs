@@ -7,6 +7,13 @@ pub enum RunnerError {
     NotFound(String),
     #[error(transparent)]
     Mailbox(#[from] ferroclaw_mailbox::Error),
+    /// A read-only look into a session's files for the operator's lists failed.
+    #[error("sqlite error on {path}: {source}")]
+    MailboxView {
+        path: std::path::PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("session registry: {0}")]
     Registry(#[from] sqlx::Error),
     #[error(transparent)]

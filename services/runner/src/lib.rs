@@ -453,6 +453,19 @@ fn give_memory_back() {
     }
 }
 
+/// Keeps glibc to two heap arenas. By default each thread that allocates may get one of
+/// its own (up to 8 per core), and the threads that stand in for a runtime worker while a
+/// mailbox waits for a lock come and go: their arenas kept a burst's freed memory, which
+/// made the runner hold 226 MB after 2,000 new sessions instead of 78 MB. Two cores'
+/// worth of allocation contention costs less than that.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes a tunable of the allocator; it allocates nothing.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Reports the backend's state through gRPC health (so `/readyz` shows it) and logs each
 /// change; when the engine comes back, agents of waiting sessions start.
 async fn watch_backend(
@@ -496,6 +509,7 @@ async fn watch_backend(
 pub async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     use anyhow::Context;
     use ferroclaw_common::startup;
+    limit_malloc_arenas();
     let (s, proxy) = startup::grpc_and_http_service(
         "runner",
         config,

@@ -66,11 +66,9 @@ enum Outbound {
 }
 
 fn sqlite_at(path: &Path) -> impl FnOnce(sqlx::Error) -> RunnerError + '_ {
-    move |source| {
-        RunnerError::Mailbox(ferroclaw_mailbox::Error::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        })
+    move |source| RunnerError::MailboxView {
+        path: path.to_path_buf(),
+        source,
     }
 }
 

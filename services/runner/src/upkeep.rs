@@ -108,6 +108,9 @@ pub async fn take_over(service: &RunnerService, placement: &Placement) -> Result
             if rendezvous(&shares, &key) != Some(placement.id()) {
                 continue;
             }
+            // Direct enqueues look for kept messages first from before the move commits:
+            // one that sees the session here before it was noted would go ahead of them.
+            service.note_taken(std::slice::from_ref(&session));
             let Some(placed) = service
                 .registry
                 .place(&session.id, Some(&missing.id), placement.id())
@@ -115,8 +118,6 @@ pub async fn take_over(service: &RunnerService, placement: &Placement) -> Result
             else {
                 continue;
             };
-            // Direct enqueues from now on look for kept messages first.
-            service.note_taken(std::slice::from_ref(&placed));
             // The token goes into the mailbox now, before the missing runner could return.
             let held = tokio::time::timeout(Duration::from_secs(5), service.mailboxes.get(&placed));
             match held.await {
