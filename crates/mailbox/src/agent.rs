@@ -60,7 +60,7 @@ impl AgentMailbox {
         if !in_path.exists() {
             return Err(not_ready(in_path));
         }
-        let inbound = Db::open_reader(&in_path, None)?;
+        let inbound = Db::open_reader(&in_path)?;
         // Version 0: the runner has created the file but not yet its tables (it is opening
         // it right now). That is "not there yet", not a release mismatch.
         if !schema::check_version(&inbound, schema::INBOUND_VERSION)? {

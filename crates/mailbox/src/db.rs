@@ -1,21 +1,25 @@
 //! Opening the mailbox databases and running statements on them.
 //!
-//! Statements run on the caller's thread. A mailbox statement on a WAL file takes
-//! microseconds and never waits for the other side (readers and the one writer do not block
-//! each other), so a hop to another thread and back, once per statement, cost more than the
-//! statement: that hop was most of the runner's CPU per message. Two things may wait, and
-//! those run where blocking is allowed (`tokio::task::block_in_place` on a multi-threaded
-//! runtime), so they never stall the other tasks of a service:
+//! Statements on a side's own file run on the caller's thread. A mailbox statement on a WAL
+//! file takes microseconds and never waits for the other side (readers and the one writer
+//! do not block each other), so a hop to another thread and back, once per statement, cost
+//! more than the statement: that hop was most of the runner's CPU per message. What may
+//! wait runs where blocking is allowed (`tokio::task::block_in_place` on a multi-threaded
+//! runtime), so it never stalls the other tasks of a service:
 //! - a statement that finds the file locked by the other side (`SQLITE_BUSY`, which a WAL
 //!   file gives only while it is recovered, and a DELETE-journal file whenever the sides
 //!   meet) is tried again there, waiting up to [`BUSY_TIMEOUT`];
-//! - a commit to a DELETE-journal file, which syncs the file to disk (`synchronous = FULL`).
+//! - a commit to a DELETE-journal file, which syncs the file to disk (`synchronous = FULL`);
+//! - every read of a file a hostile agent may have shaped ([`Db::open_untrusted`]), which
+//!   also runs under a time budget and refuses views and recursive queries.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard, TryLockError};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use crate::error::{Error, Result, SqliteContext};
@@ -66,6 +70,52 @@ pub(crate) struct Db {
     path: PathBuf,
     /// Its writes end in a sync to disk (DELETE journal): they run where blocking is allowed.
     syncs_on_commit: bool,
+    /// Set on a file a hostile agent may have shaped: how long each call may run.
+    budget: Option<Arc<CallBudget>>,
+}
+
+/// How long one call on a file an agent wrote may run before it is interrupted. The host's
+/// reads there take microseconds to milliseconds.
+pub(crate) const UNTRUSTED_CALL_BUDGET: Duration = Duration::from_secs(1);
+
+/// SQLite virtual-machine steps between two looks at the clock.
+const PROGRESS_EVERY: i32 = 10_000;
+
+/// The running call's deadline, which the progress handler reads.
+struct CallBudget {
+    base: Instant,
+    /// Milliseconds after `base` when the running call must stop (`u64::MAX`: none runs).
+    until_ms: AtomicU64,
+}
+
+impl Default for CallBudget {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            until_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl CallBudget {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn start(&self) {
+        let until = self.now_ms() + UNTRUSTED_CALL_BUDGET.as_millis() as u64;
+        self.until_ms.store(until, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.until_ms.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    /// Whether the running call is past its deadline (the progress handler's answer: true
+    /// interrupts the statement).
+    fn spent(&self) -> bool {
+        self.now_ms() > self.until_ms.load(Ordering::Relaxed)
+    }
 }
 
 impl Db {
@@ -96,14 +146,46 @@ impl Db {
         Self::ready(conn, path, mode == JournalMode::Delete)
     }
 
-    /// A read-only connection to the file the other side writes.
-    ///
-    /// `expected`, where given, is the file's real path (the directories above it
-    /// resolved): the host passes it for the agent's `outbound.db`. SQLite resolves every
-    /// link in a name before it opens it, then opens with `O_NOFOLLOW`; so checking the name
-    /// it reports against `expected` after the open catches a link swapped in between the
-    /// caller's check and the open, without a race.
-    pub(crate) fn open_reader(path: &Path, expected: Option<&Path>) -> Result<Self> {
+    /// A read-only connection to the file the other side writes (the agent's look at
+    /// `inbound.db`, which only the runner writes).
+    pub(crate) fn open_reader(path: &Path) -> Result<Self> {
+        let conn = Self::connect_reader(path, None)?;
+        Self::ready(conn, path, false)
+    }
+
+    /// A read-only connection to a file a hostile agent may have shaped (the host's look
+    /// at `outbound.db`), as [`Db::open_reader`] with the link check, and with two guards,
+    /// since its statements run on the service's own threads: the agent must not be able
+    /// to make one run for long.
+    /// - No statement reads through a view or a trigger (the agent could put a view of an
+    ///   endless recursive query where a table belongs), nor recursive queries at all: the
+    ///   authorizer refuses them when a statement is prepared, or prepared again after the
+    ///   agent changed the schema.
+    /// - A call that still runs past [`UNTRUSTED_CALL_BUDGET`] (a huge table where the
+    ///   host expects a few rows) is interrupted and fails.
+    pub(crate) fn open_untrusted(path: &Path, expected: &Path) -> Result<Self> {
+        let conn = Self::connect_reader(path, Some(expected))?;
+        conn.authorizer(Some(|ctx: AuthContext<'_>| {
+            if ctx.accessor.is_some() || matches!(ctx.action, AuthAction::Recursive) {
+                Authorization::Deny
+            } else {
+                Authorization::Allow
+            }
+        }));
+        let budget = Arc::new(CallBudget::default());
+        let watch = budget.clone();
+        conn.progress_handler(PROGRESS_EVERY, Some(move || watch.spent()));
+        let mut db = Self::ready(conn, path, false)?;
+        db.budget = Some(budget);
+        Ok(db)
+    }
+
+    /// Opens `path` read-only. `expected`, where given, is the file's real path (the
+    /// directories above it resolved). SQLite resolves every link in a name before it opens
+    /// it, then opens with `O_NOFOLLOW`; so checking the name it reports against `expected`
+    /// after the open catches a link swapped in between the caller's check and the open,
+    /// without a race.
+    fn connect_reader(path: &Path, expected: Option<&Path>) -> Result<Connection> {
         let conn = may_block(|| {
             Connection::open_with_flags(
                 path,
@@ -130,7 +212,7 @@ impl Db {
                 });
             }
         }
-        Self::ready(conn, path, false)
+        Ok(conn)
     }
 
     /// An opened connection, set up for [`Db::run`]: it reports a lock at once (busy
@@ -142,6 +224,7 @@ impl Db {
             conn: Mutex::new(Some(conn)),
             path: path.to_path_buf(),
             syncs_on_commit,
+            budget: None,
         })
     }
 
@@ -154,7 +237,10 @@ impl Db {
         &self,
         read: impl FnMut(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T> {
-        self.run(false, read)
+        // A file an agent shaped may block a read outside any statement's budget: SQLite
+        // opens its journal or WAL by name, and the agent may have put a FIFO there, whose
+        // open waits for a writer that never comes. Such a read may stall only its own call.
+        self.run(self.budget.is_some(), read)
     }
 
     /// Runs `write` on the connection: statements that write, or a transaction that does.
@@ -183,7 +269,7 @@ impl Db {
             };
             if let Some(mut guard) = attempt {
                 let conn = self.open_conn(&mut guard)?;
-                match work(conn) {
+                match self.within_budget(|| work(conn)) {
                     Err(e) if is_busy(&e) => {}
                     done => return done.at(&self.path),
                 }
@@ -193,10 +279,21 @@ impl Db {
             let mut guard = lock(&self.conn);
             let conn = self.open_conn(&mut guard)?;
             conn.busy_timeout(BUSY_TIMEOUT).at(&self.path)?;
-            let result = work(conn);
+            let result = self.within_budget(|| work(conn));
             conn.busy_timeout(Duration::ZERO).at(&self.path)?;
             result.at(&self.path)
         })
+    }
+
+    /// Runs one call under the connection's budget, if it has one.
+    fn within_budget<T>(&self, call: impl FnOnce() -> T) -> T {
+        let Some(budget) = &self.budget else {
+            return call();
+        };
+        budget.start();
+        let result = call();
+        budget.end();
+        result
     }
 
     fn open_conn<'a>(
@@ -256,7 +353,7 @@ mod tests {
         writer
             .write(|c| c.execute_batch("CREATE TABLE t (v INTEGER)"))
             .expect("create");
-        let reader = Db::open_reader(&path, None).expect("reader");
+        let reader = Db::open_reader(&path).expect("reader");
         // The reader holds a read transaction (DELETE journal: a shared lock) for 200 ms.
         let (held, release) = std::sync::mpsc::channel::<()>();
         let holder = std::thread::spawn({
@@ -296,7 +393,7 @@ mod tests {
         writer
             .write(|c| c.execute_batch("CREATE TABLE t (v INTEGER); INSERT INTO t VALUES (1);"))
             .expect("create");
-        let reader = std::sync::Arc::new(Db::open_reader(&path, None).expect("reader"));
+        let reader = std::sync::Arc::new(Db::open_reader(&path).expect("reader"));
         // Another process's writer holds the file exclusively for 300 ms.
         let (held, release) = std::sync::mpsc::channel::<()>();
         let holder = std::thread::spawn({
@@ -336,5 +433,42 @@ mod tests {
             ticked >= 3,
             "the other task ran {ticked} times while the read waited"
         );
+    }
+
+    /// A call on a file an agent shaped that runs past its budget is interrupted: here a
+    /// plain table, large enough that the query would run for hours.
+    #[test]
+    fn a_long_call_on_an_agents_file_is_interrupted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out.db");
+        let writer = Db::open_writer(&path, JournalMode::Wal).expect("writer");
+        writer
+            .write(|c| {
+                c.execute_batch(
+                    "CREATE TABLE t (v INTEGER);
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+                     INSERT INTO t SELECT i FROM n;",
+                )
+            })
+            .expect("fill");
+        let real = std::fs::canonicalize(&path).expect("real path");
+        let reader = Db::open_untrusted(&path, &real).expect("reader");
+        let started = Instant::now();
+        let endless = reader.read(|c| {
+            c.query_row("SELECT count(*) FROM t a, t b, t c", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        });
+        assert!(
+            matches!(&endless, Err(Error::Sqlite { source, .. })
+                if source.sqlite_error_code() == Some(ErrorCode::OperationInterrupted)),
+            "{endless:?}"
+        );
+        assert!(started.elapsed() >= UNTRUSTED_CALL_BUDGET);
+        // The next call has a budget of its own.
+        let n: i64 = reader
+            .read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)))
+            .expect("a short call");
+        assert_eq!(n, 3000);
     }
 }

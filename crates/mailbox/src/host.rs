@@ -212,7 +212,15 @@ impl HostMailbox {
 
     /// The reader of `outbound.db`, or `None` while the agent has not created it.
     fn outbound(&self) -> Result<Option<Arc<Db>>> {
-        let mut slot = self.outbound.lock().unwrap_or_else(|p| p.into_inner());
+        // Opening it may block (see `Db::read`): a caller waiting for the opener must not
+        // hold a runtime worker meanwhile.
+        let mut slot = match self.outbound.try_lock() {
+            Ok(slot) => slot,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                crate::db::may_block(|| self.outbound.lock().unwrap_or_else(|p| p.into_inner()))
+            }
+        };
         if let Some(db) = slot.as_ref() {
             return Ok(Some(db.clone()));
         }
@@ -234,7 +242,7 @@ impl HostMailbox {
         let real = std::fs::canonicalize(out.path())
             .map_err(io_at(out.path()))?
             .join(OUTBOUND_DB);
-        let db = Db::open_reader(&path, Some(&real))?;
+        let db = crate::db::may_block(|| Db::open_untrusted(&path, &real))?;
         if !schema::check_version(&db, schema::OUTBOUND_VERSION)? {
             db.close();
             return Ok(None);
@@ -867,6 +875,134 @@ mod tests {
                 .await
                 .expect("settle")
         );
+        agent.close().await;
+    }
+
+    /// An agent swaps its `messages_out` table for a view of an endless recursive query,
+    /// after the host has read it once (its statements prepared): the host's reads fail
+    /// at once instead of running forever on the runner's threads.
+    #[test]
+    fn a_view_an_agent_puts_in_place_of_a_table_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = SessionPaths::new(dir.path());
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            let outcome = runtime.block_on(async {
+                let host = HostMailbox::open(paths.clone(), JournalMode::Wal)
+                    .await
+                    .expect("open");
+                let agent = crate::AgentMailbox::open(paths.clone(), JournalMode::Wal)
+                    .await
+                    .expect("agent open");
+                let reply = crate::NewOutbound {
+                    in_reply_to: None,
+                    destination: crate::Destination::Api {
+                        conversation: "c".into(),
+                    },
+                    content: crate::OutboundContent::Chat(crate::content::ChatOut {
+                        text: "hi".into(),
+                    }),
+                    trace: None,
+                };
+                agent.send_now(&reply).await.expect("write");
+                let before = host.unsettled_after(0, usize::MAX).await.expect("read");
+                assert_eq!(before.len(), 1);
+                let hostile = rusqlite::Connection::open(paths.outbound_db()).expect("open");
+                hostile
+                    .execute_batch(
+                        "DROP TABLE messages_out;
+                         CREATE VIEW messages_out AS
+                           WITH RECURSIVE r(seq) AS (SELECT 1 UNION ALL SELECT seq + 1 FROM r)
+                           SELECT seq, NULL AS in_reply_to, 0 AS created_at, 'chat' AS kind,
+                                  '{}' AS destination, '{}' AS content, NULL AS trace
+                           FROM r WHERE seq < 0;",
+                    )
+                    .expect("swap in a view");
+                let read = host.unsettled_after(0, usize::MAX).await.map(|r| r.len());
+                let enqueue = host.enqueue(&chat("a")).await.map(|e| e.seq);
+                (read, enqueue)
+            });
+            let _ = done.send(outcome);
+        });
+        let (read, enqueue) = finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the host's reads came back");
+        for (what, result) in [("read", read.map(drop)), ("enqueue", enqueue.map(drop))] {
+            let text = format!("{:?}", result.expect_err(what));
+            assert!(text.contains("not authorized"), "{what}: {text}");
+        }
+    }
+
+    /// An agent plants a FIFO where SQLite looks for `outbound.db`'s journal: the host's
+    /// read of it waits in `open` for a writer. That wait holds only its own call: another
+    /// task on the runtime's one worker keeps running meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_fifo_an_agent_plants_stalls_only_the_read_that_meets_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = SessionPaths::new(dir.path());
+        let host = Arc::new(
+            HostMailbox::open(paths.clone(), JournalMode::Delete)
+                .await
+                .expect("open"),
+        );
+        let agent = crate::AgentMailbox::open(paths.clone(), JournalMode::Delete)
+            .await
+            .expect("agent open");
+        let reply = crate::NewOutbound {
+            in_reply_to: None,
+            destination: crate::Destination::Api {
+                conversation: "c".into(),
+            },
+            content: crate::OutboundContent::Chat(crate::content::ChatOut { text: "hi".into() }),
+            trace: None,
+        };
+        agent.send_now(&reply).await.expect("write");
+        assert_eq!(
+            host.unsettled_after(0, usize::MAX)
+                .await
+                .expect("read")
+                .len(),
+            1
+        );
+        let fifo = paths.out_dir().join("outbound.db-journal");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+
+        let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ticker = tokio::spawn({
+            let ticks = ticks.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        let read = tokio::spawn({
+            let host = host.clone();
+            async move { host.unsettled_after(0, usize::MAX).await.map(|r| r.len()) }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let ticked = ticks.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(!read.is_finished(), "the read waits in the FIFO's open");
+        assert!(
+            ticked >= 5,
+            "the other task ran {ticked} times while the read waited"
+        );
+        // A writer comes: the open returns, and the read goes on (an empty journal).
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .expect("open the FIFO for writing");
+        drop(writer);
+        let _ = read.await.expect("join");
+        ticker.abort();
         agent.close().await;
     }
 
