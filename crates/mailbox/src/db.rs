@@ -341,9 +341,39 @@ pub(crate) fn may_block<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// A task that counts every 10 ms it gets to run: whether the runtime's workers are free.
+#[cfg(test)]
+pub(crate) fn ticker() -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    let ticks = Arc::new(AtomicU64::new(0));
+    let counting = ticks.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            counting.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (ticks, task)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Another connection runs `sql` (which takes a lock), holds it for `ms`, and commits;
+    /// returns once the lock is held.
+    fn hold(path: &Path, sql: &'static str, ms: u64) -> std::thread::JoinHandle<()> {
+        let (held, release) = std::sync::mpsc::channel::<()>();
+        let path = path.to_path_buf();
+        let holder = std::thread::spawn(move || {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(sql).expect("lock");
+            held.send(()).expect("send");
+            std::thread::sleep(Duration::from_millis(ms));
+            conn.execute_batch("COMMIT").expect("commit");
+        });
+        release.recv().expect("held");
+        holder
+    }
 
     #[test]
     fn a_locked_file_is_waited_for_not_reported() {
@@ -354,20 +384,8 @@ mod tests {
             .write(|c| c.execute_batch("CREATE TABLE t (v INTEGER)"))
             .expect("create");
         let reader = Db::open_reader(&path).expect("reader");
-        // The reader holds a read transaction (DELETE journal: a shared lock) for 200 ms.
-        let (held, release) = std::sync::mpsc::channel::<()>();
-        let holder = std::thread::spawn({
-            let path = path.clone();
-            move || {
-                let conn = Connection::open(&path).expect("open");
-                conn.execute_batch("BEGIN; SELECT count(*) FROM t;")
-                    .expect("begin");
-                held.send(()).expect("send");
-                std::thread::sleep(Duration::from_millis(200));
-                conn.execute_batch("COMMIT").expect("commit");
-            }
-        });
-        release.recv().expect("held");
+        // A reader holds a read transaction (DELETE journal: a shared lock) for 200 ms.
+        let holder = hold(&path, "BEGIN; SELECT count(*) FROM t;", 200);
         writer
             .write(|c| c.execute("INSERT INTO t VALUES (1)", []))
             .expect("the write waits for the lock instead of failing");
@@ -395,29 +413,8 @@ mod tests {
             .expect("create");
         let reader = std::sync::Arc::new(Db::open_reader(&path).expect("reader"));
         // Another process's writer holds the file exclusively for 300 ms.
-        let (held, release) = std::sync::mpsc::channel::<()>();
-        let holder = std::thread::spawn({
-            let path = path.clone();
-            move || {
-                let conn = Connection::open(&path).expect("open");
-                conn.execute_batch("BEGIN EXCLUSIVE; INSERT INTO t VALUES (2);")
-                    .expect("lock");
-                held.send(()).expect("send");
-                std::thread::sleep(Duration::from_millis(300));
-                conn.execute_batch("COMMIT").expect("commit");
-            }
-        });
-        release.recv().expect("held");
-        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let ticker = tokio::spawn({
-            let ticks = ticks.clone();
-            async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-            }
-        });
+        let holder = hold(&path, "BEGIN EXCLUSIVE; INSERT INTO t VALUES (2);", 300);
+        let (ticks, ticker) = ticker();
         // On the runtime's one worker, as a service's calls are.
         let n: i64 = tokio::spawn(async move {
             reader.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)))
@@ -425,7 +422,7 @@ mod tests {
         .await
         .expect("join")
         .expect("the read waits for the lock instead of failing");
-        let ticked = ticks.load(std::sync::atomic::Ordering::SeqCst);
+        let ticked = ticks.load(Ordering::SeqCst);
         ticker.abort();
         holder.join().expect("holder");
         assert_eq!(n, 2, "it read after the other side's commit");

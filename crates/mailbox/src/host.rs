@@ -707,6 +707,18 @@ mod tests {
         }
     }
 
+    /// The agent's chat reply `text` to API conversation "c".
+    fn reply(text: &str) -> crate::NewOutbound {
+        crate::NewOutbound {
+            in_reply_to: None,
+            destination: crate::Destination::Api {
+                conversation: "c".into(),
+            },
+            content: crate::OutboundContent::Chat(crate::content::ChatOut { text: text.into() }),
+            trace: None,
+        }
+    }
+
     #[tokio::test]
     async fn enqueue_takes_the_next_even_seq_and_repeats_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -812,14 +824,6 @@ mod tests {
         let agent = crate::AgentMailbox::open(paths, JournalMode::Wal)
             .await
             .expect("agent open");
-        let reply = |text: &str| crate::NewOutbound {
-            in_reply_to: None,
-            destination: crate::Destination::Api {
-                conversation: "c".into(),
-            },
-            content: crate::OutboundContent::Chat(crate::content::ChatOut { text: text.into() }),
-            trace: None,
-        };
         let failed = agent.send_now(&reply("lost")).await.expect("write");
         let delivered = agent.send_now(&reply("sent")).await.expect("write");
         let later = agent.send_now(&reply("later")).await.expect("write");
@@ -897,17 +901,7 @@ mod tests {
                 let agent = crate::AgentMailbox::open(paths.clone(), JournalMode::Wal)
                     .await
                     .expect("agent open");
-                let reply = crate::NewOutbound {
-                    in_reply_to: None,
-                    destination: crate::Destination::Api {
-                        conversation: "c".into(),
-                    },
-                    content: crate::OutboundContent::Chat(crate::content::ChatOut {
-                        text: "hi".into(),
-                    }),
-                    trace: None,
-                };
-                agent.send_now(&reply).await.expect("write");
+                agent.send_now(&reply("hi")).await.expect("write");
                 let before = host.unsettled_after(0, usize::MAX).await.expect("read");
                 assert_eq!(before.len(), 1);
                 let hostile = rusqlite::Connection::open(paths.outbound_db()).expect("open");
@@ -951,15 +945,7 @@ mod tests {
         let agent = crate::AgentMailbox::open(paths.clone(), JournalMode::Delete)
             .await
             .expect("agent open");
-        let reply = crate::NewOutbound {
-            in_reply_to: None,
-            destination: crate::Destination::Api {
-                conversation: "c".into(),
-            },
-            content: crate::OutboundContent::Chat(crate::content::ChatOut { text: "hi".into() }),
-            trace: None,
-        };
-        agent.send_now(&reply).await.expect("write");
+        agent.send_now(&reply("hi")).await.expect("write");
         assert_eq!(
             host.unsettled_after(0, usize::MAX)
                 .await
@@ -974,22 +960,13 @@ mod tests {
             .expect("mkfifo");
         assert!(made.success());
 
-        let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let ticker = tokio::spawn({
-            let ticks = ticks.clone();
-            async move {
-                loop {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-            }
-        });
+        let (ticks, ticker) = crate::db::ticker();
         let read = tokio::spawn({
             let host = host.clone();
             async move { host.unsettled_after(0, usize::MAX).await.map(|r| r.len()) }
         });
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let ticked = ticks.load(std::sync::atomic::Ordering::SeqCst);
+        let ticked = ticks.load(Ordering::SeqCst);
         assert!(!read.is_finished(), "the read waits in the FIFO's open");
         assert!(
             ticked >= 5,
