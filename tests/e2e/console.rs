@@ -300,6 +300,7 @@ async fn the_console_in_a_real_browser() -> anyhow::Result<()> {
     cluster
         .wait_for_lines("plans", &["echo: task digest: summarise".into()], WAIT)
         .await?;
+    cluster.runs("t-console", 1).await?;
     page.navigate(&format!("{api}/ui/tasks")).await?;
     page.click(&format!("{row} a[href$='/runs']")).await?;
     page.wait_for("location.pathname === '/ui/tasks/t-console/runs'", WAIT)

@@ -133,6 +133,25 @@ impl Cluster {
         anyhow::bail!("task {id} never appeared")
     }
 
+    /// The runs of task `id` from `GET /v1/tasks/{id}/runs`, once there are `at_least`: the
+    /// scheduler records a run after the runner took its message, so the run's reply may
+    /// arrive first.
+    pub async fn runs(&self, id: &str, at_least: usize) -> anyhow::Result<Vec<Value>> {
+        let mut runs = Vec::new();
+        for _ in 0..100 {
+            let (_, body) = self.get(&format!("/v1/tasks/{id}/runs")).await?;
+            runs = body["runs"].as_array().cloned().unwrap_or_default();
+            if runs.len() >= at_least {
+                return Ok(runs);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        anyhow::bail!(
+            "task {id} has {} runs, not {at_least}: {runs:?}",
+            runs.len()
+        )
+    }
+
     /// `POST /v1/messages`; returns the status and JSON body.
     pub async fn post_message(
         &self,
