@@ -122,16 +122,6 @@ impl CallBudget {
 impl Db {
     /// The one connection that may write the file. One writer per file: its owner opens it.
     pub(crate) fn open_writer(path: &Path, mode: JournalMode) -> Result<Self> {
-        let conn = may_block(|| {
-            Connection::open_with_flags(
-                path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE
-                    | OpenFlags::SQLITE_OPEN_CREATE
-                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-        })
-        .at(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT).at(path)?;
         // DELETE needs FULL to survive power loss uncorrupted; WAL is safe with NORMAL, which
         // skips the fsync per commit (a power cut may lose the last commits, never
         // consistency; a process crash loses nothing either way).
@@ -139,9 +129,17 @@ impl Db {
             JournalMode::Delete => ("delete", "full"),
             JournalMode::Wal => ("wal", "normal"),
         };
-        may_block(|| {
+        let conn = may_block(|| {
+            let conn = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_CREATE
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
             conn.query_row(&format!("PRAGMA journal_mode = {journal}"), [], |_| Ok(()))?;
-            conn.execute_batch(&format!("PRAGMA synchronous = {synchronous}"))
+            conn.execute_batch(&format!("PRAGMA synchronous = {synchronous}"))?;
+            Ok(conn)
         })
         .at(path)?;
         Self::ready(conn, path, mode == JournalMode::Delete)
@@ -360,6 +358,14 @@ pub(crate) fn ticker() -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
 mod tests {
     use super::*;
 
+    /// `x.db` in `dir`, its writer open, after the writer ran `sql`.
+    fn file_with(dir: &Path, mode: JournalMode, sql: &str) -> (PathBuf, Db) {
+        let path = dir.join("x.db");
+        let writer = Db::open_writer(&path, mode).expect("writer");
+        writer.write(|c| c.execute_batch(sql)).expect("set up");
+        (path, writer)
+    }
+
     /// Another connection runs `sql` (which takes a lock), holds it for `ms`, and commits;
     /// returns once the lock is held.
     fn hold(path: &Path, sql: &'static str, ms: u64) -> std::thread::JoinHandle<()> {
@@ -379,11 +385,11 @@ mod tests {
     #[test]
     fn a_locked_file_is_waited_for_not_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("x.db");
-        let writer = Db::open_writer(&path, JournalMode::Delete).expect("writer");
-        writer
-            .write(|c| c.execute_batch("CREATE TABLE t (v INTEGER)"))
-            .expect("create");
+        let (path, writer) = file_with(
+            dir.path(),
+            JournalMode::Delete,
+            "CREATE TABLE t (v INTEGER)",
+        );
         let reader = Db::open_reader(&path).expect("reader");
         // A reader holds a read transaction (DELETE journal: a shared lock) for 200 ms.
         let holder = hold(&path, "BEGIN; SELECT count(*) FROM t;", 200);
@@ -407,11 +413,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_read_that_meets_a_lock_waits_without_stalling_other_tasks() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("x.db");
-        let writer = Db::open_writer(&path, JournalMode::Delete).expect("writer");
-        writer
-            .write(|c| c.execute_batch("CREATE TABLE t (v INTEGER); INSERT INTO t VALUES (1);"))
-            .expect("create");
+        let (path, _writer) = file_with(
+            dir.path(),
+            JournalMode::Delete,
+            "CREATE TABLE t (v INTEGER); INSERT INTO t VALUES (1);",
+        );
         let reader = std::sync::Arc::new(Db::open_reader(&path).expect("reader"));
         // Another process's writer holds the file exclusively for 300 ms.
         let holder = hold(&path, "BEGIN EXCLUSIVE; INSERT INTO t VALUES (2);", 300);
@@ -438,17 +444,13 @@ mod tests {
     #[test]
     fn a_long_call_on_an_agents_file_is_interrupted() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("out.db");
-        let writer = Db::open_writer(&path, JournalMode::Wal).expect("writer");
-        writer
-            .write(|c| {
-                c.execute_batch(
-                    "CREATE TABLE t (v INTEGER);
-                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
-                     INSERT INTO t SELECT i FROM n;",
-                )
-            })
-            .expect("fill");
+        let (path, _writer) = file_with(
+            dir.path(),
+            JournalMode::Wal,
+            "CREATE TABLE t (v INTEGER);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+             INSERT INTO t SELECT i FROM n;",
+        );
         let real = std::fs::canonicalize(&path).expect("real path");
         let reader = Db::open_untrusted(&path, &real).expect("reader");
         let started = Instant::now();

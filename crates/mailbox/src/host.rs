@@ -486,36 +486,45 @@ impl HostMailbox {
     /// each, whether it was recorded (false: the row was already settled).
     pub async fn settle_many(&self, settlements: &[Settlement<'_>]) -> Result<Vec<bool>> {
         let now = crate::now_ms();
-        let (fence, recorded) = self.inbound.write(|conn| {
-            // IMMEDIATE: the write lock is taken first, so the fence read below holds
-            // until the commit (a takeover cannot commit in between).
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let fence = recorded_fence(&tx)?;
-            if self.fenced(fence).is_err() {
-                return Ok((fence, Vec::new()));
-            }
+        self.write_fenced(|tx| {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO delivered (out_seq, outcome, platform_message_id, detail, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (out_seq) DO NOTHING",
+            )?;
             let mut recorded = Vec::with_capacity(settlements.len());
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO delivered (out_seq, outcome, platform_message_id, detail, at)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (out_seq) DO NOTHING",
-                )?;
-                for s in settlements {
-                    let done = insert.execute(params![
-                        s.out_seq,
-                        s.outcome.as_str(),
-                        s.platform_message_id,
-                        s.detail,
-                        now
-                    ])?;
-                    recorded.push(done == 1);
-                }
+            for s in settlements {
+                let done = insert.execute(params![
+                    s.out_seq,
+                    s.outcome.as_str(),
+                    s.platform_message_id,
+                    s.detail,
+                    now
+                ])?;
+                recorded.push(done == 1);
             }
+            Ok(recorded)
+        })
+    }
+
+    /// Runs `work` in one transaction on `inbound.db` and commits it, unless another
+    /// runner's greater fencing token is recorded ([`Error::Fenced`]: nothing is written).
+    /// IMMEDIATE: the write lock is taken first, so the token read holds until the commit
+    /// (a takeover cannot commit in between).
+    ///
+    /// [`Error::Fenced`]: crate::Error::Fenced
+    fn write_fenced<T>(
+        &self,
+        mut work: impl FnMut(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        self.inbound.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Err(fenced) = self.fenced(recorded_fence(&tx)?) {
+                return Ok(Err(fenced));
+            }
+            let done = work(&tx)?;
             tx.commit()?;
-            Ok((fence, recorded))
-        })?;
-        self.fenced(fence)?;
-        Ok(recorded)
+            Ok(Ok(done))
+        })?
     }
 
     /// The outcome recorded for `out_seq`, if any.
@@ -640,25 +649,15 @@ impl HostMailbox {
     /// in one transaction so the agent never sees half of it.
     pub async fn replace_tasks(&self, tasks: &[(String, String)]) -> Result<()> {
         let now = crate::now_ms();
-        let fence = self.inbound.write(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let fence = recorded_fence(&tx)?;
-            if self.fenced(fence).is_err() {
-                return Ok(fence);
-            }
+        self.write_fenced(|tx| {
             tx.execute("DELETE FROM tasks", [])?;
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO tasks (id, spec, updated_at) VALUES (?1, ?2, ?3)",
-                )?;
-                for (id, spec) in tasks {
-                    insert.execute(params![id, spec, now])?;
-                }
+            let mut insert =
+                tx.prepare_cached("INSERT INTO tasks (id, spec, updated_at) VALUES (?1, ?2, ?3)")?;
+            for (id, spec) in tasks {
+                insert.execute(params![id, spec, now])?;
             }
-            tx.commit()?;
-            Ok(fence)
+            Ok(())
         })?;
-        self.fenced(fence)?;
         crate::paths::ring(&self.paths.inbound_bell());
         Ok(())
     }

@@ -573,7 +573,6 @@ impl Stream {
         Ok(())
     }
 
-    /// Moves a session's position forward (never back: a resend must not repeat rows).
     /// Drops the positions of the sessions that are no longer active: a quiet session
     /// costs the stream no memory. Its rows were read; should it write again, it is read
     /// from its first unsettled row, and a row in flight at delivery that is sent again is
@@ -593,6 +592,7 @@ impl Stream {
         self.sessions.shrink_to_fit();
     }
 
+    /// Moves a session's position forward (never back: a resend must not repeat rows).
     fn advance(&mut self, session_id: &str, seq: i64) {
         let at = self.sent_up_to.entry(session_id.to_string()).or_insert(0);
         *at = (*at).max(seq);
