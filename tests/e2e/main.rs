@@ -33,5 +33,6 @@ mod scheduler_standby;
 mod service_instances;
 mod several_runners;
 mod slots;
+mod stuck_agent_file;
 mod traces;
 mod webhooks;

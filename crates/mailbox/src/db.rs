@@ -162,6 +162,9 @@ impl Db {
     ///   agent changed the schema.
     /// - A call that still runs past [`UNTRUSTED_CALL_BUDGET`] (a huge table where the
     ///   host expects a few rows) is interrupted and fails.
+    ///
+    /// What no budget inside SQLite can interrupt (an `open` of a FIFO the agent planted as
+    /// the journal) is why its calls run on a blocking thread: see `agent_file`.
     pub(crate) fn open_untrusted(path: &Path, expected: &Path) -> Result<Self> {
         let conn = Self::connect_reader(path, Some(expected))?;
         conn.authorizer(Some(|ctx: AuthContext<'_>| {
@@ -236,10 +239,7 @@ impl Db {
         &self,
         read: impl FnMut(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T> {
-        // A file an agent shaped may block a read outside any statement's budget: SQLite
-        // opens its journal or WAL by name, and the agent may have put a FIFO there, whose
-        // open waits for a writer that never comes. Such a read may stall only its own call.
-        self.run(self.budget.is_some(), read)
+        self.run(false, read)
     }
 
     /// Runs `write` on the connection: statements that write, or a transaction that does.
@@ -277,7 +277,13 @@ impl Db {
         may_block(|| {
             let mut guard = lock(&self.conn);
             let conn = self.open_conn(&mut guard)?;
-            conn.busy_timeout(BUSY_TIMEOUT).at(&self.path)?;
+            // The agent may hold its own file locked for ever: wait no longer than a call
+            // there may run.
+            let patience = match self.budget {
+                Some(_) => UNTRUSTED_CALL_BUDGET,
+                None => BUSY_TIMEOUT,
+            };
+            conn.busy_timeout(patience).at(&self.path)?;
             let result = self.within_budget(|| work(conn));
             conn.busy_timeout(Duration::ZERO).at(&self.path)?;
             result.at(&self.path)

@@ -12,6 +12,17 @@ pub enum Error {
     /// A session file SQLite opened is not the one asked for.
     #[error("{path} refused: {why}")]
     Refused { path: PathBuf, why: String },
+    /// A call on the agent's file did not return in time: something the agent put in
+    /// `out/` holds it (a FIFO where SQLite opens the journal). The session's replies are
+    /// not read until it returns; no other session waits for it.
+    #[error(
+        "{path}: a call on the agent's file did not return within {waited:?}; something in \
+         out/ holds it, and the session's replies wait until it returns"
+    )]
+    Stuck {
+        path: PathBuf,
+        waited: std::time::Duration,
+    },
     /// The mailbox was closed (evicted from the cache, or the session stopped) while a
     /// call still held it.
     #[error("{path} is closed")]

@@ -1,18 +1,18 @@
 //! The runner's side of a session directory: writes `inbound.db`, reads `outbound.db`.
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use crate::agent_file::AgentFile;
 use crate::content::InboundContent;
 use crate::db::{Db, JournalMode};
-use crate::error::{Result, io_at};
+use crate::error::Result;
 use crate::paths::SessionPaths;
 use crate::rows::{NewInbound, OutboundRow, Outcome};
 use crate::schema;
-use crate::session_fs::{self, FileType};
 
 /// Result of an enqueue: the row's seq and id, and whether it was already there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,9 +40,6 @@ pub struct Pending {
     pub next_due: Option<i64>,
 }
 
-/// The agent's database, directly in `out/`.
-const OUTBOUND_DB: &str = "outbound.db";
-
 /// What happened to one outbound row, for [`HostMailbox::settle_many`].
 #[derive(Debug, Clone, Copy)]
 pub struct Settlement<'a> {
@@ -68,10 +65,14 @@ pub enum Reopen {
 pub struct HostMailbox {
     paths: SessionPaths,
     inbound: Db,
-    /// Opened once the agent has created and initialised `outbound.db`.
-    outbound: Mutex<Option<Arc<Db>>>,
+    /// The agent's `outbound.db`, read through its guards.
+    outbound: AgentFile,
     /// The fencing token this runner holds on the session (0: none, a single runner).
     fence: AtomicI64,
+    /// Every inbound seq up to this one was finished by the agent, by the host's last look
+    /// (0: none known yet). Reads of unfinished work look above it: they cost what is new,
+    /// not the session's whole history.
+    finished_up_to: AtomicI64,
 }
 
 /// A write's guard: true unless the session's fencing token (meta `fence`) is greater than
@@ -146,10 +147,11 @@ impl HostMailbox {
         let inbound = Db::open_writer(&paths.inbound_db(), mode)?;
         schema::init_inbound(&inbound)?;
         Ok(Self {
+            outbound: AgentFile::new(paths.clone()),
             paths,
             inbound,
-            outbound: Mutex::new(None),
             fence: AtomicI64::new(0),
+            finished_up_to: AtomicI64::new(0),
         })
     }
 
@@ -210,62 +212,20 @@ impl HostMailbox {
         &self.paths
     }
 
-    /// The reader of `outbound.db`, or `None` while the agent has not created it.
-    fn outbound(&self) -> Result<Option<Arc<Db>>> {
-        // Opening it may block (see `Db::read`): a caller waiting for the opener must not
-        // hold a runtime worker meanwhile.
-        let mut slot = match self.outbound.try_lock() {
-            Ok(slot) => slot,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                crate::db::may_block(|| self.outbound.lock().unwrap_or_else(|p| p.into_inner()))
-            }
-        };
-        if let Some(db) = slot.as_ref() {
-            return Ok(Some(db.clone()));
-        }
-        let path = self.paths.outbound_db();
-        // The agent owns out/: outbound.db must be a regular file in its place, never a
-        // link to another session's file or a host file, nor a FIFO that would stall us.
-        let out = session_fs::Dir::open(&self.paths.out_dir())?;
-        match out.entry(OUTBOUND_DB)? {
-            None => return Ok(None),
-            Some(entry) if entry.kind != FileType::RegularFile => {
-                return Err(session_fs::FsError::NotRegular {
-                    path,
-                    kind: session_fs::kind_name(entry.kind),
-                }
-                .into());
-            }
-            Some(_) => {}
-        }
-        let real = std::fs::canonicalize(out.path())
-            .map_err(io_at(out.path()))?
-            .join(OUTBOUND_DB);
-        let db = crate::db::may_block(|| Db::open_untrusted(&path, &real))?;
-        if !schema::check_version(&db, schema::OUTBOUND_VERSION)? {
-            db.close();
-            return Ok(None);
-        }
-        let db = Arc::new(db);
-        *slot = Some(db.clone());
-        Ok(Some(db))
-    }
-
-    fn max_out_seq(&self) -> Result<i64> {
-        let Some(out) = self.outbound()? else {
-            return Ok(0);
-        };
-        out.read(|conn| {
-            conn.prepare_cached("SELECT max(seq) FROM messages_out")?
-                .query_row([], |r| r.get::<_, Option<i64>>(0))
-        })
-        .map(|v| v.unwrap_or(0))
+    async fn max_out_seq(&self) -> Result<i64> {
+        let max = self
+            .outbound
+            .read(|conn| {
+                conn.prepare_cached("SELECT max(seq) FROM messages_out")?
+                    .query_row([], |r| r.get::<_, Option<i64>>(0))
+            })
+            .await?;
+        Ok(max.flatten().unwrap_or(0))
     }
 
     /// Appends a message, or returns the existing row when its id is already there.
     pub async fn enqueue(&self, msg: &NewInbound) -> Result<Enqueued> {
-        let max_out = self.max_out_seq()?;
+        let max_out = self.max_out_seq().await?;
         let origin = serde_json::to_string(&msg.origin).unwrap_or_else(|_| "{}".into());
         let content = msg.content.to_json();
         let held = self.held_fence();
@@ -328,12 +288,9 @@ impl HostMailbox {
         max_row_bytes: usize,
         limit: usize,
     ) -> Result<OutboundPage> {
-        let Some(out) = self.outbound()? else {
-            return Ok(OutboundPage::default());
-        };
         let max_row_bytes = i64::try_from(max_row_bytes).unwrap_or(i64::MAX);
         let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = out.read(|conn| {
+        let read = self.outbound.read(move |conn| {
             conn.prepare_cached(
                 "SELECT seq, in_reply_to, created_at, size,
                         CASE WHEN size > ?2 THEN '' ELSE kind END AS kind,
@@ -360,7 +317,8 @@ impl HostMailbox {
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()
-        })?;
+        });
+        let rows = read.await?.unwrap_or_default();
         let Some(last) = rows.last() else {
             return Ok(OutboundPage::default());
         };
@@ -454,16 +412,16 @@ impl HostMailbox {
     /// writes: the agent cannot reopen anything. Idempotent: a second call finds the row
     /// unsettled and changes nothing.
     pub async fn reopen_failed(&self, out_seq: i64) -> Result<Reopen> {
-        let exists = match self.outbound()? {
-            Some(out) => out
-                .read(|conn| {
-                    conn.prepare_cached("SELECT 1 FROM messages_out WHERE seq = ?1")?
-                        .query_row([out_seq], |_| Ok(()))
-                        .optional()
-                })?
-                .is_some(),
-            None => false,
-        };
+        let exists = self
+            .outbound
+            .read(move |conn| {
+                conn.prepare_cached("SELECT 1 FROM messages_out WHERE seq = ?1")?
+                    .query_row([out_seq], |_| Ok(()))
+                    .optional()
+            })
+            .await?
+            .flatten()
+            .is_some();
         if !exists {
             return Ok(Reopen::Unknown);
         }
@@ -536,28 +494,31 @@ impl HostMailbox {
         })
     }
 
-    /// The inbound seqs the agent marked completed or failed.
-    fn finished(&self) -> Result<HashSet<i64>> {
-        let Some(out) = self.outbound()? else {
-            return Ok(HashSet::new());
-        };
-        let seqs = out.read(|conn| {
-            column::<i64>(
-                conn,
-                "SELECT in_seq FROM processing WHERE status IN ('completed', 'failed')",
-                [],
-            )
-        })?;
-        Ok(seqs.into_iter().collect())
+    /// The inbound seqs above `after` the agent marked completed or failed.
+    async fn finished_after(&self, after: i64) -> Result<HashSet<i64>> {
+        let seqs = self
+            .outbound
+            .read(move |conn| {
+                column::<i64>(
+                    conn,
+                    "SELECT in_seq FROM processing
+                     WHERE status IN ('completed', 'failed') AND in_seq > ?1",
+                    [after],
+                )
+            })
+            .await?;
+        Ok(seqs.unwrap_or_default().into_iter().collect())
     }
 
     /// Inbound work the agent has not completed yet.
     pub async fn pending(&self) -> Result<Pending> {
+        let floor = self.finished_up_to.load(Ordering::SeqCst);
         let inbound = self.inbound.read(|conn| {
             conn.prepare_cached(
-                "SELECT seq, process_after, created_at FROM messages_in WHERE state = 'active'",
+                "SELECT seq, process_after, created_at FROM messages_in
+                 WHERE state = 'active' AND seq > ?1 ORDER BY seq",
             )?
-            .query_map([], |r| {
+            .query_map([floor], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, Option<i64>>(1)?,
@@ -566,49 +527,58 @@ impl HostMailbox {
             })?
             .collect::<rusqlite::Result<Vec<_>>>()
         })?;
-        let done = self.finished()?;
+        let done = self.finished_after(floor).await?;
         let mut pending = Pending::default();
+        // The finished rows before the first unfinished one move the floor up.
+        let mut finished_up_to = floor;
         for (seq, process_after, created_at) in inbound {
             if done.contains(&seq) {
+                if pending.count == 0 {
+                    finished_up_to = seq;
+                }
                 continue;
             }
             pending.count += 1;
             let due = process_after.unwrap_or(created_at);
             pending.next_due = Some(pending.next_due.map_or(due, |d: i64| d.min(due)));
         }
+        self.finished_up_to
+            .fetch_max(finished_up_to, Ordering::SeqCst);
         Ok(pending)
     }
 
     /// The inbound seqs that are due (now, unix ms) and that the agent has not finished,
     /// by the host's reading: what an agent that makes progress will not hold for long.
     pub async fn due_unfinished(&self, now: i64) -> Result<Vec<i64>> {
+        let floor = self.finished_up_to.load(Ordering::SeqCst);
         let due: Vec<i64> = self.inbound.read(|conn| {
             column(
                 conn,
-                "SELECT seq FROM messages_in WHERE state = 'active'
+                "SELECT seq FROM messages_in WHERE state = 'active' AND seq > ?2
                    AND ifnull(process_after, created_at) <= ?1 ORDER BY seq",
-                [now],
+                [now, floor],
             )
         })?;
         if due.is_empty() {
             return Ok(due);
         }
-        let done = self.finished()?;
+        let done = self.finished_after(floor).await?;
         Ok(due.into_iter().filter(|s| !done.contains(s)).collect())
     }
 
     /// The inbound seqs the agent has claimed and not finished.
     pub async fn claimed(&self) -> Result<Vec<i64>> {
-        let Some(out) = self.outbound()? else {
-            return Ok(Vec::new());
-        };
-        out.read(|conn| {
-            column(
-                conn,
-                "SELECT in_seq FROM processing WHERE status = 'processing'",
-                [],
-            )
-        })
+        let claimed = self
+            .outbound
+            .read(|conn| {
+                column(
+                    conn,
+                    "SELECT in_seq FROM processing WHERE status = 'processing'",
+                    [],
+                )
+            })
+            .await?;
+        Ok(claimed.unwrap_or_default())
     }
 
     /// The reply destinations (JSON) of the inbound messages the agent is working on now.
@@ -669,20 +639,15 @@ impl HostMailbox {
 
     pub async fn close(&self) {
         self.inbound.close();
-        let out = self
-            .outbound
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(out) = out {
-            out.close();
-        }
+        self.outbound.close();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
+    use std::sync::Arc;
 
     /// A chat message with id `id`, its text the id too, in API conversation "c".
     fn chat(id: &str) -> NewInbound {
@@ -891,6 +856,7 @@ mod tests {
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
                 .build()
                 .expect("runtime");
             let outcome = runtime.block_on(async {
@@ -929,11 +895,72 @@ mod tests {
         }
     }
 
-    /// An agent plants a FIFO where SQLite looks for `outbound.db`'s journal: the host's
-    /// read of it waits in `open` for a writer. That wait holds only its own call: another
-    /// task on the runtime's one worker keeps running meanwhile.
+    /// The host's look at unfinished work starts above the rows finished before the first
+    /// unfinished one: a finished row stays finished for it, even if the agent's own record
+    /// of it is gone later, and a row finished out of order moves nothing until the rows
+    /// before it are finished too.
+    #[tokio::test]
+    async fn pending_work_is_read_above_what_was_finished_in_order() {
+        use crate::agent::BatchStatus;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = SessionPaths::new(dir.path());
+        let host = HostMailbox::open(paths.clone(), JournalMode::Wal)
+            .await
+            .expect("open");
+        let mut agent = crate::AgentMailbox::open(paths.clone(), JournalMode::Wal)
+            .await
+            .expect("agent open");
+        let mut seqs = Vec::new();
+        for id in ["m1", "m2", "m3", "m4"] {
+            seqs.push(host.enqueue(&chat(id)).await.expect("enqueue").seq);
+        }
+        let finish = async |agent: &mut crate::AgentMailbox, seqs: &[i64]| {
+            agent
+                .finish(seqs, &[], BatchStatus::Completed)
+                .await
+                .expect("finish");
+        };
+        finish(&mut agent, &[seqs[0], seqs[2]]).await;
+        let pending = host.pending().await.expect("pending");
+        assert_eq!(pending.count, 2);
+        assert_eq!(host.finished_up_to.load(Ordering::SeqCst), seqs[0]);
+        assert_eq!(
+            host.due_unfinished(i64::MAX).await.expect("due"),
+            vec![seqs[1], seqs[3]]
+        );
+
+        finish(&mut agent, &[seqs[1]]).await;
+        assert_eq!(host.pending().await.expect("pending").count, 1);
+        assert_eq!(host.finished_up_to.load(Ordering::SeqCst), seqs[2]);
+
+        // The agent's record of its first three rows is gone: the host does not look there
+        // again, so they are not work again.
+        let tamper = rusqlite::Connection::open(paths.outbound_db()).expect("open");
+        tamper
+            .execute("DELETE FROM processing WHERE in_seq <= ?1", [seqs[2]])
+            .expect("delete");
+        assert_eq!(host.pending().await.expect("pending").count, 1);
+        assert_eq!(
+            host.due_unfinished(i64::MAX).await.expect("due"),
+            vec![seqs[3]]
+        );
+        finish(&mut agent, &[seqs[3]]).await;
+        assert_eq!(host.pending().await.expect("pending"), Pending::default());
+        assert_eq!(host.finished_up_to.load(Ordering::SeqCst), seqs[3]);
+        agent.close().await;
+    }
+
+    /// An agent plants a FIFO where SQLite looks for `outbound.db`'s journal (DELETE mode):
+    /// the host's read waits in the FIFO's `open`, which nothing inside SQLite can
+    /// interrupt. That read holds one blocking thread and the session's turn; its caller
+    /// gets `Stuck` after `CALL_WAIT` and the runtime's other tasks run meanwhile. Later
+    /// calls on the session get `Stuck` at once instead of piling up threads behind it, and
+    /// once the agent lets go, reads work again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn a_fifo_an_agent_plants_stalls_only_the_read_that_meets_it() {
+    async fn a_fifo_an_agent_plants_stalls_only_its_own_session() {
+        use crate::agent_file::CALL_WAIT;
+        use std::time::Instant;
+
         let dir = tempfile::tempdir().expect("tempdir");
         let paths = SessionPaths::new(dir.path());
         let host = Arc::new(
@@ -960,24 +987,59 @@ mod tests {
         assert!(made.success());
 
         let (ticks, ticker) = crate::db::ticker();
-        let read = tokio::spawn({
-            let host = host.clone();
-            async move { host.unsettled_after(0, usize::MAX).await.map(|r| r.len()) }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let ticked = ticks.load(Ordering::SeqCst);
-        assert!(!read.is_finished(), "the read waits in the FIFO's open");
+        let started = Instant::now();
+        let stuck = host.unsettled_after(0, usize::MAX).await;
         assert!(
-            ticked >= 5,
+            matches!(stuck, Err(Error::Stuck { .. })),
+            "the read gives up: {stuck:?}"
+        );
+        assert!(started.elapsed() >= CALL_WAIT);
+        let ticked = ticks.load(Ordering::SeqCst);
+        assert!(
+            ticked >= 50,
             "the other task ran {ticked} times while the read waited"
         );
-        // A writer comes: the open returns, and the read goes on (an empty journal).
+
+        // The stuck call still holds the session's turn: the next calls, a read and an
+        // enqueue (which reads the agent's highest seq), fail without waiting for it.
+        let started = Instant::now();
+        let again = host.unsettled_after(0, usize::MAX).await;
+        assert!(matches!(again, Err(Error::Stuck { .. })), "{again:?}");
+        let enqueued = host.enqueue(&chat("m1")).await;
+        assert!(matches!(enqueued, Err(Error::Stuck { .. })), "{enqueued:?}");
+        // So does a mailbox for the session opened anew (the runner closes idle ones): the
+        // turn belongs to the file.
+        host.close().await;
+        let reopened = HostMailbox::open(paths.clone(), JournalMode::Delete)
+            .await
+            .expect("open again");
+        let again = reopened.unsettled_after(0, usize::MAX).await;
+        assert!(matches!(again, Err(Error::Stuck { .. })), "{again:?}");
+        assert!(
+            started.elapsed() < CALL_WAIT / 2,
+            "they did not wait for the stuck call: {:?}",
+            started.elapsed()
+        );
+        let host = reopened;
+
+        // The agent lets go (a writer opens the FIFO, which it then removes): the stuck
+        // call returns, and the session's reads and enqueues work again.
         let writer = std::fs::OpenOptions::new()
             .write(true)
             .open(&fifo)
             .expect("open the FIFO for writing");
         drop(writer);
-        let _ = read.await.expect("join");
+        std::fs::remove_file(&fifo).expect("remove the FIFO");
+        let mut read = host.unsettled_after(0, usize::MAX).await;
+        for _ in 0..100 {
+            if !matches!(read, Err(Error::Stuck { .. })) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            read = host.unsettled_after(0, usize::MAX).await;
+        }
+        assert_eq!(read.expect("read after the agent let go").len(), 1);
+        host.enqueue(&chat("m1")).await.expect("enqueue");
         ticker.abort();
         agent.close().await;
     }

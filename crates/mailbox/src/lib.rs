@@ -6,6 +6,7 @@
 //! odd ones, each the smallest above the largest seq in either file, so they never collide.
 
 pub mod agent;
+mod agent_file;
 /// The message schema, re-exported for the mailbox's two sides.
 pub use ferroclaw_content as content;
 mod db;

@@ -161,7 +161,11 @@ fn main() -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(program, args))?;
+    let ran = runtime.block_on(run(program, args));
+    // A read stuck on a file an agent planted (runner) holds a blocking thread, which a
+    // plain drop of the runtime would wait for without end.
+    runtime.shutdown_timeout(ferroclaw_runner::BLOCKING_GRACE);
+    ran?;
     Ok(ExitCode::SUCCESS)
 }
 

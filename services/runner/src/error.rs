@@ -56,6 +56,11 @@ impl From<RunnerError> for tonic::Status {
             RunnerError::Mailbox(ferroclaw_mailbox::Error::Fenced { .. }) => {
                 tonic::Status::unavailable(e.to_string())
             }
+            // The session's agent holds its own file: the session waits, nothing else does.
+            RunnerError::Mailbox(ferroclaw_mailbox::Error::Stuck { .. }) => {
+                tracing::warn!(error = %e, "session mailbox stuck");
+                tonic::Status::unavailable(e.to_string())
+            }
             RunnerError::Mailbox(ferroclaw_mailbox::Error::File(f)) if f.is_tampering() => {
                 tonic::Status::failed_precondition(format!(
                     "the session is stopped: its files were tampered with ({f})"

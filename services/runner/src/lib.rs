@@ -442,6 +442,10 @@ async fn close_idle_mailboxes(
     }
 }
 
+/// How long the process waits, once served, for blocking calls still running: a read stuck
+/// on a FIFO an agent planted never returns by itself.
+pub const BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Returns freed heap to the system once the last mailbox closed: their connections' page
 /// caches are freed, but glibc keeps freed memory in its arenas otherwise, and a quiet
 /// runner would go on holding its busiest hour's memory.

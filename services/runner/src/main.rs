@@ -11,8 +11,14 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    ferroclaw_runner::serve(args.config.as_deref()).await
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let served = runtime.block_on(ferroclaw_runner::serve(args.config.as_deref()));
+    // A read stuck on a file an agent planted holds a blocking thread, which a plain drop
+    // of the runtime would wait for without end.
+    runtime.shutdown_timeout(ferroclaw_runner::BLOCKING_GRACE);
+    served
 }

@@ -510,7 +510,15 @@ impl Stream {
                     &e,
                     RunnerError::Mailbox(ferroclaw_mailbox::Error::File(f)) if f.is_tampering()
                 );
-                if tampered {
+                // Said once already, when the read first did not answer in time; the
+                // agent may ring for more as often as it likes.
+                let stuck = matches!(
+                    &e,
+                    RunnerError::Mailbox(ferroclaw_mailbox::Error::Stuck { .. })
+                );
+                if stuck {
+                    tracing::debug!(session = %session.id, error = %e, "the session's replies wait");
+                } else if tampered {
                     tracing::error!(session = %session.id, agent = %session.agent, error = %e,
                         "session files tampered with: its replies are not served");
                 } else {

@@ -8,7 +8,10 @@
 //! `forge`, it writes rows of its own choosing: to another user's conversation, an unrouted
 //! Discord channel, another webhook source's callback, a task that answers elsewhere, a
 //! 30 MiB row and 10,000 rows in one batch. Told `hang`, it holds the batch forever while
-//! touching its heartbeat, counting its starts in `out/state/hang-starts`.
+//! touching its heartbeat, counting its starts in `out/state/hang-starts`. Told `jam`, it
+//! answers, then plants a FIFO where SQLite opens its `outbound.db`'s journal and rings the
+//! runner's doorbell while holding the batch: the runner's next read of that file waits in
+//! the FIFO's `open` for a writer that never comes.
 
 use std::path::Path;
 
@@ -156,6 +159,21 @@ fn plant(session: &Path, agent: &Path) -> serde_json::Value {
     })
 }
 
+/// A FIFO as `out/outbound.db-journal` (left as it is when one is there already).
+fn jam(session: &Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let journal = session.join("out/outbound.db-journal");
+    let name = std::ffi::CString::new(journal.as_os_str().as_bytes())?;
+    // SAFETY: a valid C string; mkfifo only creates a file.
+    if unsafe { libc::mkfifo(name.as_ptr(), 0o600) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     // In a container the mounts are /session and /agent; the process backend passes paths.
@@ -217,6 +235,25 @@ async fn main() -> anyhow::Result<()> {
                 content,
                 trace: None,
             };
+            if told == "jam" {
+                let answer = mailbox
+                    .send_now(&reply(OutboundContent::Chat(ChatOut {
+                        text: "jammed".into(),
+                    })))
+                    .await?;
+                // Jam only once the answer is out, so the test sees it.
+                while mailbox.delivery_outcome(answer).await?.is_none() {
+                    mailbox.touch_heartbeat()?;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                jam(&session_dir)?;
+                let paths = SessionPaths::new(&session_dir);
+                loop {
+                    ferroclaw_mailbox::paths::ring(&paths.outbound_bell());
+                    mailbox.touch_heartbeat()?;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
             let text = if told == "plant" {
                 plant(&session_dir, &agent_dir).to_string()
             } else {
