@@ -1,7 +1,7 @@
 //! An agent that jams its own `outbound.db` (a FIFO where SQLite opens the file's journal)
 //! holds up its own session only: the runner gives up on that file's calls, other sessions
-//! are answered, messages to the jammed one get a clear 503, and the runner still stops
-//! cleanly.
+//! are answered, the session list answers, messages to the jammed one get a clear 503, and
+//! the runner still stops cleanly.
 
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,9 @@ async fn an_agent_that_jams_its_file_holds_up_only_its_own_session() -> anyhow::
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     eprintln!("refused: {refusal}");
+    // The session list (the console's, the API's) reads every session's files: it answers.
+    let (status, listed) = cluster.get("/v1/sessions").await?;
+    assert_eq!(status, 200, "{listed}");
 
     // Every other session goes on being answered (this agent answers a batch once: one
     // message at a time).

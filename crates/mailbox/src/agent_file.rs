@@ -121,9 +121,8 @@ impl AgentFile {
         if let Ok(turn) = self.turn.clone().try_lock_owned() {
             return Ok(turn);
         }
-        let since = self.busy_since.load(Ordering::SeqCst);
-        let running = Duration::from_millis(now_ms().saturating_sub(since));
-        if since != IDLE && running >= CALL_WAIT {
+        let running = running_for(&self.busy_since).unwrap_or_default();
+        if running >= CALL_WAIT {
             return Err(self.stuck());
         }
         tokio::time::timeout(
@@ -150,6 +149,23 @@ impl AgentFile {
             db.close();
         }
     }
+}
+
+/// How long the call that holds the turn has been running; `None` when none runs.
+fn running_for(busy_since: &AtomicU64) -> Option<Duration> {
+    let since = busy_since.load(Ordering::SeqCst);
+    (since != IDLE).then(|| Duration::from_millis(now_ms().saturating_sub(since)))
+}
+
+/// Whether a call on the agent file at `paths` has run past [`CALL_WAIT`] and still holds
+/// its turn: other readers of that file (the console's view) should not try it either.
+pub(crate) fn is_stuck(paths: &SessionPaths) -> bool {
+    let turns = TURNS.lock().unwrap_or_else(|p| p.into_inner());
+    turns
+        .get(&paths.outbound_db())
+        .is_some_and(|(turn, busy_since)| {
+            turn.strong_count() > 0 && running_for(busy_since).is_some_and(|r| r >= CALL_WAIT)
+        })
 }
 
 /// The connection in `slot`, opened first if needed; `None` while the agent has not

@@ -212,6 +212,14 @@ impl HostMailbox {
         &self.paths
     }
 
+    /// Whether a read of the session's `outbound.db` has not returned for longer than a
+    /// caller waits (see [`Error::Stuck`]): whoever else would read that file, skip it.
+    ///
+    /// [`Error::Stuck`]: crate::Error::Stuck
+    pub fn agent_file_stuck(paths: &SessionPaths) -> bool {
+        crate::agent_file::is_stuck(paths)
+    }
+
     async fn max_out_seq(&self) -> Result<i64> {
         let max = self
             .outbound

@@ -17,8 +17,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferroclaw_mailbox::SessionPaths;
 use ferroclaw_mailbox::session_fs::{self, FileType, FsError};
+use ferroclaw_mailbox::{HostMailbox, SessionPaths};
 use ferroclaw_proto::v1::SessionMessage;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Connection, Row};
@@ -321,6 +321,11 @@ impl MailboxView {
 /// when the agent has not created (or initialised) it yet.
 async fn attach_outbound(conn: &mut SqliteConnection, paths: &SessionPaths) -> Result<bool> {
     let path = paths.outbound_db();
+    // The mailbox's own read of it is stuck (a FIFO the agent planted as its journal): an
+    // attach would wait in the same open, for ever, on this connection's thread.
+    if HostMailbox::agent_file_stuck(paths) {
+        return Err(refused(&path, "a read of it has not returned".into()));
+    }
     let file_error = |e: FsError| RunnerError::Mailbox(e.into());
     // The agent owns out/: outbound.db must be a regular file in its place, never a link
     // to another session's file or a host file, nor a FIFO that would stall the open.
@@ -629,6 +634,49 @@ pub(crate) mod tests {
         assert_eq!(view.latest_inbound(10).await.unwrap()[0].state, "pending");
         view.close().await;
         host.close().await;
+    }
+
+    /// The agent jams its file (a FIFO as its journal) and the mailbox's read of it is
+    /// stuck: a view does not try that file, so it answers instead of waiting for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_file_the_mailbox_found_stuck_is_not_attached() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = SessionPaths::new(dir.path().join("s"));
+        let host = HostMailbox::open(paths.clone(), JournalMode::Delete)
+            .await
+            .unwrap();
+        host.enqueue(&chat_in("a", "hi", "")).await.unwrap();
+        let agent = AgentMailbox::open(paths.clone(), JournalMode::Delete)
+            .await
+            .unwrap();
+        agent.send_now(&chat_out("hello")).await.unwrap();
+        let fifo = paths.out_dir().join("outbound.db-journal");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(!HostMailbox::agent_file_stuck(&paths));
+        let stuck = host.unsettled_after(0, usize::MAX).await;
+        assert!(
+            matches!(stuck, Err(ferroclaw_mailbox::Error::Stuck { .. })),
+            "{stuck:?}"
+        );
+        assert!(HostMailbox::agent_file_stuck(&paths));
+        let mut view = tokio::time::timeout(Duration::from_secs(5), MailboxView::open(&paths))
+            .await
+            .expect("the view answers")
+            .unwrap()
+            .unwrap();
+        assert_eq!(view.counts(true).await.messages_in, Some(1));
+        assert_eq!(view.counts(true).await.messages_out, None);
+        view.close().await;
+        // Let the stuck read go (a writer opens the FIFO) before the test ends.
+        drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+        std::fs::remove_file(&fifo).unwrap();
+        agent.close().await;
     }
 
     #[tokio::test]
