@@ -151,6 +151,18 @@ impl AgentFile {
     }
 }
 
+impl Drop for AgentFile {
+    /// Forgets the file's turn when nothing else holds it (no other `AgentFile`, no call
+    /// still running), so a quiet runner keeps no entry per session it ever read.
+    fn drop(&mut self) {
+        let mut turns = TURNS.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the map's lock nobody can take a new hold of this turn meanwhile.
+        if Arc::strong_count(&self.turn) == 1 {
+            turns.remove(&self.paths.outbound_db());
+        }
+    }
+}
+
 /// How long the call that holds the turn has been running; `None` when none runs.
 fn running_for(busy_since: &AtomicU64) -> Option<Duration> {
     let since = busy_since.load(Ordering::SeqCst);
@@ -203,4 +215,31 @@ fn open_checked(paths: &SessionPaths) -> Result<Option<Db>> {
         return Ok(None);
     }
     Ok(Some(db))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(paths: &SessionPaths) -> bool {
+        TURNS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&paths.outbound_db())
+    }
+
+    /// The map of turns holds a file while an `AgentFile` for it lives, and forgets it
+    /// with the last one.
+    #[test]
+    fn a_files_turn_is_forgotten_with_its_last_holder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = SessionPaths::new(dir.path());
+        let first = AgentFile::new(paths.clone());
+        let second = AgentFile::new(paths.clone());
+        assert!(Arc::ptr_eq(&first.turn, &second.turn), "one turn per file");
+        drop(first);
+        assert!(known(&paths));
+        drop(second);
+        assert!(!known(&paths));
+    }
 }
