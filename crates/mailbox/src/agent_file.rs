@@ -191,30 +191,41 @@ fn open<'a>(paths: &SessionPaths, slot: &'a mut Option<Db>) -> Result<Option<&'a
 
 /// Opens `outbound.db` if it is a regular file in `out/` with the current schema.
 fn open_checked(paths: &SessionPaths) -> Result<Option<Db>> {
-    let path = paths.outbound_db();
-    // The agent owns out/: outbound.db must be a regular file in its place, never a link
-    // to another session's file or a host file, nor a FIFO.
-    let out = session_fs::Dir::open(&paths.out_dir())?;
+    let Some(real) = outbound_db_in_place(paths)? else {
+        return Ok(None);
+    };
+    let db = Db::open_untrusted(&paths.outbound_db(), &real)?;
+    if !schema::check_version(&db, schema::OUTBOUND_VERSION)? {
+        db.close();
+        return Ok(None);
+    }
+    Ok(Some(db))
+}
+
+/// The real path of the agent's `outbound.db` (the directories above it resolved), once
+/// it is a regular file in its place; `None` while `out/` or the file is not there. The
+/// agent owns `out/`: a link there (to another session's file or a host file) or a FIFO
+/// (whose open would stall the reader) is refused. What SQLite then opens by this name is
+/// compared with it after the open, which catches a link swapped in between.
+pub(crate) fn outbound_db_in_place(paths: &SessionPaths) -> Result<Option<PathBuf>> {
+    let out = match session_fs::Dir::open(&paths.out_dir()) {
+        Ok(out) => out,
+        Err(session_fs::FsError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     match out.entry(OUTBOUND_DB)? {
         None => return Ok(None),
         Some(entry) if entry.kind != FileType::RegularFile => {
             return Err(session_fs::FsError::NotRegular {
-                path,
+                path: paths.outbound_db(),
                 kind: session_fs::kind_name(entry.kind),
             }
             .into());
         }
         Some(_) => {}
     }
-    let real = std::fs::canonicalize(out.path())
-        .map_err(io_at(out.path()))?
-        .join(OUTBOUND_DB);
-    let db = Db::open_untrusted(&path, &real)?;
-    if !schema::check_version(&db, schema::OUTBOUND_VERSION)? {
-        db.close();
-        return Ok(None);
-    }
-    Ok(Some(db))
+    let real = std::fs::canonicalize(out.path()).map_err(io_at(out.path()))?;
+    Ok(Some(real.join(OUTBOUND_DB)))
 }
 
 #[cfg(test)]

@@ -9,9 +9,12 @@
 //! - a statement that finds the file locked by the other side (`SQLITE_BUSY`, which a WAL
 //!   file gives only while it is recovered, and a DELETE-journal file whenever the sides
 //!   meet) is tried again there, waiting up to [`BUSY_TIMEOUT`];
-//! - a commit to a DELETE-journal file, which syncs the file to disk (`synchronous = FULL`);
-//! - every read of a file a hostile agent may have shaped ([`Db::open_untrusted`]), which
-//!   also runs under a time budget and refuses views and recursive queries.
+//! - a commit to a DELETE-journal file, which syncs the file to disk (`synchronous = FULL`).
+//!
+//! A file a hostile agent may have shaped ([`Db::open_untrusted`]) is the exception: its
+//! calls run under a time budget and refuse views and recursive queries, and its only user
+//! (`agent_file`) runs them on a blocking thread of their own, which its callers do not
+//! wait on for ever.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

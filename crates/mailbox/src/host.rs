@@ -220,6 +220,15 @@ impl HostMailbox {
         crate::agent_file::is_stuck(paths)
     }
 
+    /// The real path of the session's `outbound.db` once it is a regular file in its place
+    /// in `out/`, checked as the mailbox checks it before it opens the file; `None` while
+    /// it is not there. A link or FIFO there is refused ([`Error::File`]).
+    ///
+    /// [`Error::File`]: crate::Error::File
+    pub fn agent_file_in_place(paths: &SessionPaths) -> Result<Option<std::path::PathBuf>> {
+        crate::agent_file::outbound_db_in_place(paths)
+    }
+
     async fn max_out_seq(&self) -> Result<i64> {
         let max = self
             .outbound

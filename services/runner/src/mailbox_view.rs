@@ -17,7 +17,6 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferroclaw_mailbox::session_fs::{self, FileType, FsError};
 use ferroclaw_mailbox::{HostMailbox, SessionPaths};
 use ferroclaw_proto::v1::SessionMessage;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
@@ -25,8 +24,6 @@ use sqlx::{ConnectOptions, Connection, Row};
 
 use crate::error::{Result, RunnerError};
 
-/// The agent's database, directly in `out/`.
-const OUTBOUND_DB: &str = "outbound.db";
 /// A view waits at most this long for a lock the writer (runner or agent) holds.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(500);
 /// Content longer than this (bytes) is not loaded: a placeholder says how long it was.
@@ -326,30 +323,9 @@ async fn attach_outbound(conn: &mut SqliteConnection, paths: &SessionPaths) -> R
     if HostMailbox::agent_file_stuck(paths) {
         return Err(refused(&path, "a read of it has not returned".into()));
     }
-    let file_error = |e: FsError| RunnerError::Mailbox(e.into());
-    // The agent owns out/: outbound.db must be a regular file in its place, never a link
-    // to another session's file or a host file, nor a FIFO that would stall the open.
-    let out = match session_fs::Dir::open(&paths.out_dir()) {
-        Ok(out) => out,
-        Err(FsError::NotFound { .. }) => return Ok(false),
-        Err(e) => return Err(file_error(e)),
+    let Some(real) = HostMailbox::agent_file_in_place(paths)? else {
+        return Ok(false);
     };
-    match out.entry(OUTBOUND_DB).map_err(file_error)? {
-        None => return Ok(false),
-        Some(entry) if entry.kind != FileType::RegularFile => {
-            return Err(file_error(FsError::NotRegular {
-                path,
-                kind: session_fs::kind_name(entry.kind),
-            }));
-        }
-        Some(_) => {}
-    }
-    let real = std::fs::canonicalize(out.path())
-        .map_err(|source| RunnerError::Io {
-            path: out.path().to_path_buf(),
-            source,
-        })?
-        .join(OUTBOUND_DB);
     let name = real
         .to_str()
         .ok_or_else(|| refused(&path, "the path is not UTF-8".into()))?;
